@@ -1,0 +1,29 @@
+//! The bus carries published messages to every shard that holds a
+//! subscriber of their conversation.
+//!
+//! Delivery is at-least-once and may reorder across publishers; the
+//! receiving [`Hub`](crate::hub::Hub) restores offset order, drops
+//! duplicates and fills gaps from the store. Engines: [`memory`] (shards in
+//! one process); Redis pub/sub follows.
+
+pub mod memory;
+
+use async_trait::async_trait;
+
+use crate::protocol::{ConvId, Message};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Sends a stored message to every shard holding its conversation.
+    async fn publish(&self, msg: &Message) -> Result<(), BusError>;
+    /// This shard now has subscribers in `conv`.
+    async fn hold(&self, conv: &ConvId) -> Result<(), BusError>;
+    /// This shard has no subscribers left in `conv`.
+    async fn release(&self, conv: &ConvId) -> Result<(), BusError>;
+}

@@ -1,0 +1,340 @@
+//! One WebSocket connection: a reader loop that executes client commands and
+//! a writer task that drains the connection's bounded outbound queue.
+//!
+//! The connection ends on client close, idle timeout, token expiry, protocol
+//! violation, slow consumption or server drain; each has its close code
+//! (see [`close`]). On the way out it leaves every conversation it joined.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Message as WsMessage, Utf8Bytes};
+use tracing::Instrument;
+
+use crate::hub::{ConnCtl, ConnGuard, Out, Outlet};
+use crate::protocol::{self, ClientFrame, ConvId, ErrorCode, MAX_HISTORY_PAGE, ServerFrame, close};
+use crate::server::Shard;
+use crate::store::{NewMessage, Page};
+use portico_common::auth::{Claims, now_secs};
+
+/// Conversations one connection may be subscribed to at once.
+pub const MAX_SUBSCRIPTIONS: usize = 100;
+/// Conversations whose membership a connection remembers (publish checks).
+const MEMBERSHIP_CACHE: usize = 256;
+/// Frames written before one flush.
+const WRITE_BATCH: usize = 64;
+
+/// Serves an upgraded connection until it ends.
+pub async fn serve<S>(shard: Arc<Shard>, ws: WebSocketStream<S>, claims: Claims, guard: ConnGuard)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let span = tracing::info_span!("conn", id = guard.id, user = %claims.sub, shard = shard.hub.shard());
+    async move {
+        let (sink, stream) = ws.split();
+        let (tx, rx) = mpsc::channel(shard.cfg.outbound_queue);
+        let ctl = Arc::new(ConnCtl::new(shard.shutdown.child_token()));
+        let outlet = Outlet {
+            id: guard.id,
+            tx,
+            ctl: ctl.clone(),
+        };
+        let heartbeat = Duration::from_secs(shard.cfg.heartbeat_secs);
+        let writer = tokio::spawn(write_loop(sink, rx, ctl.clone(), heartbeat));
+
+        let mut conn = Conn {
+            shard: shard.clone(),
+            claims,
+            outlet,
+            subscribed: HashSet::new(),
+            members: HashSet::new(),
+        };
+        conn.send(&ServerFrame::Welcome {
+            user: &conn.claims.sub,
+            shard: shard.hub.shard(),
+            protocol: protocol::SUBPROTOCOL,
+        });
+        conn.read_loop(stream).await;
+        if let Some((code, reason)) = ctl.reason() {
+            tracing::debug!(code, reason, "closing");
+        }
+        ctl.token().cancel();
+        let _ = writer.await;
+        for conv in conn.subscribed.drain() {
+            shard.hub.unsubscribe(conn.outlet.id, &conv).await;
+        }
+        drop(guard);
+    }
+    .instrument(span)
+    .await
+}
+
+struct Conn {
+    shard: Arc<Shard>,
+    claims: Claims,
+    outlet: Outlet,
+    subscribed: HashSet<ConvId>,
+    /// Conversations this user was found to be a member of.
+    members: HashSet<ConvId>,
+}
+
+impl Conn {
+    fn send(&self, frame: &ServerFrame<'_>) {
+        self.outlet.send(Out::Frame(frame.to_json().into()));
+    }
+
+    fn error(&self, code: ErrorCode, conv: Option<&ConvId>) {
+        metrics::counter!("portico_chat_errors_total", "code" => format!("{code:?}")).increment(1);
+        self.send(&ServerFrame::error(code, conv));
+    }
+
+    async fn read_loop<St>(&mut self, mut stream: St)
+    where
+        St: futures_util::Stream<Item = Result<WsMessage, WsError>> + Unpin,
+    {
+        let idle = Duration::from_secs(self.shard.cfg.idle_timeout_secs);
+        let expires_in = Duration::from_secs(self.claims.exp.saturating_sub(now_secs()));
+        let expiry = tokio::time::sleep(expires_in);
+        tokio::pin!(expiry);
+        let ctl = self.outlet.ctl.clone();
+        loop {
+            let next = tokio::select! {
+                _ = ctl.token().cancelled() => {
+                    if ctl.reason().is_none() {
+                        ctl.close(close::GOING_AWAY, "server shutting down");
+                    }
+                    return;
+                }
+                _ = &mut expiry => return ctl.close(close::TOKEN_EXPIRED, "token expired"),
+                r = tokio::time::timeout(idle, stream.next()) => r,
+            };
+            let msg = match next {
+                Err(_) => return ctl.close(close::IDLE_TIMEOUT, "idle timeout"),
+                Ok(None) => return,
+                Ok(Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. })))) => {
+                    return ctl.close(close::TOO_BIG, "message too big");
+                }
+                Ok(Some(Err(WsError::Protocol(_)))) => {
+                    return ctl.close(close::PROTOCOL_ERROR, "protocol error");
+                }
+                Ok(Some(Err(_))) => return,
+                Ok(Some(Ok(m))) => m,
+            };
+            match msg {
+                WsMessage::Text(text) => {
+                    metrics::counter!("portico_chat_frames_in_total").increment(1);
+                    self.handle(&text).await;
+                }
+                WsMessage::Binary(_) => self.error(ErrorCode::BinaryNotSupported, None),
+                WsMessage::Close(_) => return,
+                // Pings are answered by tungstenite; pongs only reset `idle`.
+                WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => {}
+            }
+        }
+    }
+
+    async fn handle(&mut self, text: &str) {
+        let frame = match protocol::parse(text) {
+            Ok(f) => f,
+            Err(code) => return self.error(code, None),
+        };
+        match frame {
+            ClientFrame::Ping => self.send(&ServerFrame::Pong),
+            ClientFrame::Subscribe { conv, since } => self.subscribe(conv, since).await,
+            ClientFrame::Unsubscribe { conv } => {
+                if !self.subscribed.remove(&conv) {
+                    return self.error(ErrorCode::NotSubscribed, Some(&conv));
+                }
+                self.shard.hub.unsubscribe(self.outlet.id, &conv).await;
+                self.send(&ServerFrame::Unsubscribed { conv: &conv });
+            }
+            ClientFrame::Publish { conv, id, body } => self.publish(conv, id, body).await,
+            ClientFrame::History { conv, before, limit } => {
+                if !self.is_member(&conv).await {
+                    return;
+                }
+                let limit = limit.unwrap_or(50).clamp(1, MAX_HISTORY_PAGE);
+                let page = Page::Before(before.unwrap_or(u64::MAX));
+                match self.shard.hub.store().page(&conv, page, limit).await {
+                    Ok(messages) => self.send(&ServerFrame::History {
+                        conv: &conv,
+                        messages: &messages,
+                    }),
+                    Err(e) => {
+                        tracing::warn!(%conv, error = %e, "history failed");
+                        self.error(ErrorCode::Unavailable, Some(&conv));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, conv: ConvId, since: Option<u64>) {
+        if self.subscribed.contains(&conv) {
+            // Re-subscribing restarts the subscription (e.g. to resume).
+            self.shard.hub.unsubscribe(self.outlet.id, &conv).await;
+            self.subscribed.remove(&conv);
+        } else if self.subscribed.len() >= MAX_SUBSCRIPTIONS {
+            return self.error(ErrorCode::TooManySubscriptions, Some(&conv));
+        }
+        // Counted before the await so that a concurrent drop cleans it up.
+        self.subscribed.insert(conv.clone());
+        let hub = self.shard.hub.clone();
+        match hub.subscribe(&self.outlet, &conv, &self.claims.sub, since).await {
+            Ok(_) => {
+                self.remember_member(&conv);
+            }
+            Err(refused) => {
+                self.subscribed.remove(&conv);
+                self.error(refused.0, Some(&conv));
+            }
+        }
+    }
+
+    async fn publish(&mut self, conv: ConvId, id: String, body: String) {
+        if let Err(not_until) = self.shard.limiter.check_key(&self.claims.sub) {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                &governor::clock::DefaultClock::default(),
+            ));
+            metrics::counter!("portico_chat_rate_limited_total").increment(1);
+            return self.send(&ServerFrame::Error {
+                code: ErrorCode::RateLimited,
+                message: ErrorCode::RateLimited.message(),
+                conv: Some(&conv),
+                retry_after_ms: Some(wait.as_millis() as u64 + 1),
+            });
+        }
+        if !self.is_member(&conv).await {
+            return;
+        }
+        let new = NewMessage {
+            client_id: id,
+            from: self.claims.sub.clone(),
+            body,
+        };
+        let appended = match self.shard.hub.store().append(&conv, new).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(%conv, error = %e, "publish not stored");
+                return self.error(ErrorCode::Unavailable, Some(&conv));
+            }
+        };
+        metrics::counter!("portico_chat_messages_in_total").increment(1);
+        let m = &appended.message;
+        // Republished even when a duplicate: the first attempt may have died
+        // between store and bus; hubs drop what they already delivered.
+        if let Err(e) = self.shard.hub.bus().publish(m).await {
+            // Stored, so acknowledged; members catch up via gap fill or resume.
+            metrics::counter!("portico_chat_bus_errors_total").increment(1);
+            tracing::warn!(conv = %m.conv, offset = m.offset, error = %e, "bus publish failed");
+        }
+        self.send(&ServerFrame::Ack {
+            conv: &m.conv,
+            id: &m.id,
+            offset: m.offset,
+            duplicate: appended.duplicate,
+        });
+    }
+
+    /// Checks membership (cached after the first yes); sends the error.
+    async fn is_member(&mut self, conv: &ConvId) -> bool {
+        if self.members.contains(conv) {
+            return true;
+        }
+        match self.shard.hub.store().is_member(conv, &self.claims.sub).await {
+            Ok(true) => {
+                self.remember_member(conv);
+                true
+            }
+            Ok(false) => {
+                self.error(ErrorCode::NotMember, Some(conv));
+                false
+            }
+            Err(e) => {
+                tracing::warn!(%conv, error = %e, "membership check failed");
+                self.error(ErrorCode::Unavailable, Some(conv));
+                false
+            }
+        }
+    }
+
+    fn remember_member(&mut self, conv: &ConvId) {
+        if self.members.len() >= MEMBERSHIP_CACHE {
+            self.members.clear();
+        }
+        self.members.insert(conv.clone());
+    }
+}
+
+async fn write_loop<Si>(mut sink: Si, mut rx: mpsc::Receiver<Out>, ctl: Arc<ConnCtl>, heartbeat: Duration)
+where
+    Si: futures_util::Sink<WsMessage, Error = WsError> + Unpin,
+{
+    let mut ping = tokio::time::interval(heartbeat);
+    ping.tick().await;
+    let token = ctl.token().clone();
+    loop {
+        let step = async {
+            tokio::select! {
+                biased;
+                item = rx.recv() => {
+                    let Some(item) = item else { return Ok(false) };
+                    feed(&mut sink, item).await?;
+                    // Write what else is queued, then flush once.
+                    for _ in 0..WRITE_BATCH {
+                        match rx.try_recv() {
+                            Ok(item) => feed(&mut sink, item).await?,
+                            Err(_) => break,
+                        }
+                    }
+                    sink.flush().await?;
+                    Ok(true)
+                }
+                _ = ping.tick() => sink.send(WsMessage::Ping(Default::default())).await.map(|_| true),
+            }
+        };
+        let going = tokio::select! {
+            _ = token.cancelled() => break,
+            r = step => r,
+        };
+        match going {
+            Ok(true) => {}
+            Ok(false) | Err(_) => {
+                token.cancel();
+                return;
+            }
+        }
+    }
+    let (code, reason) = ctl.reason().unwrap_or((close::NORMAL, ""));
+    let frame = CloseFrame {
+        code: code.into(),
+        reason: Utf8Bytes::from_static(reason),
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        sink.send(WsMessage::Close(Some(frame))).await?;
+        sink.close().await
+    })
+    .await;
+}
+
+async fn feed<Si>(sink: &mut Si, item: Out) -> Result<(), WsError>
+where
+    Si: futures_util::Sink<WsMessage, Error = WsError> + Unpin,
+{
+    match item {
+        Out::Frame(t) => sink.feed(WsMessage::Text(t)).await,
+        Out::Batch(frames) => {
+            for t in frames {
+                sink.feed(WsMessage::Text(t)).await?;
+            }
+            Ok(())
+        }
+    }
+}

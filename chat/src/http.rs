@@ -1,0 +1,315 @@
+//! The shard's HTTP surface: the WebSocket handshake at `/ws`, the REST API
+//! under `/api/`, the demo page and token endpoint, and the operational
+//! endpoints (`/metrics`, `/healthz`, `/readyz`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use hyper_util::rt::TokioIo;
+use portico_common::admin::{self, Readiness};
+use portico_common::auth::{AuthError, Claims, handshake_token};
+use serde::Deserialize;
+use serde_json::json;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+use crate::protocol::{self, ConvId, MAX_HISTORY_PAGE};
+use crate::server::Shard;
+use crate::store::{Page, StoreError};
+
+/// The demo conversation every demo user joins.
+pub const DEMO_LOBBY: &str = "lobby";
+/// Largest REST request body.
+const MAX_BODY: usize = 64 * 1024;
+
+pub fn router(shard: Arc<Shard>) -> Router {
+    let store = shard.hub.store().clone();
+    let ready = Readiness::new(move || {
+        let store = store.clone();
+        async move { store.ping().await.map_err(|e| e.to_string()) }
+    });
+    let mut app = Router::new()
+        .route("/ws", get(ws_handshake))
+        .route("/api/conversations", post(create_conversation))
+        .route("/api/conversations/{id}/messages", get(list_messages));
+    if shard.cfg.demo {
+        app = app
+            .route("/", get(|| async { Html(include_str!("demo.html")) }))
+            .route(
+                "/demo.js",
+                get(|| async {
+                    (
+                        [(header::CONTENT_TYPE, "text/javascript")],
+                        include_str!("demo.js"),
+                    )
+                }),
+            )
+            .route(
+                "/demo.css",
+                get(|| async { ([(header::CONTENT_TYPE, "text/css")], include_str!("demo.css")) }),
+            )
+            .route("/demo/token", get(demo_token));
+    }
+    app.layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(shard)
+        .merge(admin::router(ready))
+}
+
+/// An API error: status plus a JSON body `{"error": code, "message": …}`.
+pub struct ApiError(StatusCode, &'static str, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1, "message": self.2 }))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NoSuchConversation(_) => ApiError(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+            StoreError::Exists(_) => ApiError(StatusCode::CONFLICT, "exists", e.to_string()),
+            StoreError::Full(_) => ApiError(StatusCode::INSUFFICIENT_STORAGE, "full", e.to_string()),
+            StoreError::Unavailable(_) => {
+                tracing::warn!(error = %e, "store unavailable");
+                ApiError(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "storage unavailable".into(),
+                )
+            }
+        }
+    }
+}
+
+fn unauthorized(e: AuthError) -> ApiError {
+    ApiError(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
+}
+
+/// The bearer token of a REST request.
+fn bearer(shard: &Shard, headers: &HeaderMap) -> Result<Claims, ApiError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing bearer token".into(),
+            )
+        })?;
+    shard.tokens.verify(token).map_err(unauthorized)
+}
+
+/// The WebSocket handshake: origin check, token, connection limit, then 101.
+async fn ws_handshake(State(shard): State<Arc<Shard>>, mut req: Request) -> Response {
+    let h = req.headers();
+    let refuse = |status: StatusCode, why: &str| (status, format!("{why}\n")).into_response();
+    let is_upgrade = h
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let Some(key) = h.get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        return refuse(StatusCode::BAD_REQUEST, "not a WebSocket handshake");
+    };
+    if !is_upgrade || h.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v != "13") {
+        return refuse(StatusCode::BAD_REQUEST, "not a WebSocket version 13 handshake");
+    }
+    // Cross-site WebSocket hijacking: a browser always sends Origin.
+    if let Some(origin) = h.get(header::ORIGIN) {
+        let ok = origin.to_str().is_ok_and(|o| {
+            shard
+                .cfg
+                .allowed_origins
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(o))
+        });
+        if !ok {
+            return refuse(StatusCode::FORBIDDEN, "origin not allowed");
+        }
+    }
+    let (token, offered_protocol) = match handshake_token(h, req.uri().query(), protocol::SUBPROTOCOL) {
+        Some(t) => t,
+        None => return refuse(StatusCode::UNAUTHORIZED, "missing token"),
+    };
+    let claims = match shard.tokens.verify(&token) {
+        Ok(c) => c,
+        Err(e) => return refuse(StatusCode::UNAUTHORIZED, &e.to_string()),
+    };
+    let Some(guard) = shard.hub.admit() else {
+        metrics::counter!("portico_chat_connections_refused_total").increment(1);
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "shard full");
+    };
+    if shard.shutdown.is_cancelled() {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "shard draining");
+    }
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return refuse(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
+    };
+    let cfg = ws_config(shard.cfg.max_message_bytes);
+    let task_shard = shard.clone();
+    shard.tracker.spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let ws =
+                    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(cfg)).await;
+                crate::conn::serve(task_shard, ws, claims, guard).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        }
+    });
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let rh = resp.headers_mut();
+    rh.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    rh.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    let accept = derive_accept_key(key.as_bytes());
+    rh.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        accept.parse().expect("base64 is a valid header value"),
+    );
+    if offered_protocol {
+        rh.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(protocol::SUBPROTOCOL),
+        );
+    }
+    resp
+}
+
+/// Small buffers: most of a shard's memory is per-connection buffers.
+fn ws_config(max_message: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(256 * 1024)
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateConversation {
+    /// Optional; a random id is chosen when absent.
+    id: Option<String>,
+    /// Other members; the caller is always a member.
+    members: Vec<String>,
+}
+
+async fn create_conversation(
+    State(shard): State<Arc<Shard>>,
+    headers: HeaderMap,
+    body: Result<Json<CreateConversation>, axum::extract::rejection::JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let claims = bearer(&shard, &headers)?;
+    let Json(req) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
+    let id = match req.id {
+        Some(id) => ConvId::parse(&id).map_err(|c| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                "invalid_conversation",
+                c.message().into(),
+            )
+        })?,
+        None => ConvId::parse(&format!("c-{:016x}", rand::random::<u64>())).expect("generated ids are valid"),
+    };
+    let mut members = req.members;
+    if members
+        .iter()
+        .any(|m| m.is_empty() || m.len() > portico_common::auth::MAX_SUBJECT_LEN)
+    {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "invalid_member",
+            "member ids are 1-128 bytes".into(),
+        ));
+    }
+    members.push(claims.sub);
+    members.sort();
+    members.dedup();
+    shard.hub.store().create_conversation(&id, &members).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "id": id, "members": members }))))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    before: Option<u64>,
+    limit: Option<u32>,
+}
+
+async fn list_messages(
+    State(shard): State<Arc<Shard>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let claims = bearer(&shard, &headers)?;
+    let Query(q) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
+    let conv = ConvId::parse(&id).map_err(|c| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "invalid_conversation",
+            c.message().into(),
+        )
+    })?;
+    let store = shard.hub.store();
+    if !store.is_member(&conv, &claims.sub).await? {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "not_member",
+            "not a member of this conversation".into(),
+        ));
+    }
+    let limit = q.limit.unwrap_or(50).clamp(1, MAX_HISTORY_PAGE);
+    let messages = store
+        .page(&conv, Page::Before(q.before.unwrap_or(u64::MAX)), limit)
+        .await?;
+    Ok(Json(json!({ "conv": conv, "messages": messages })))
+}
+
+/// Creates the demo lobby (idempotent; several shards may share a store).
+pub async fn ensure_demo_lobby(shard: &Shard) {
+    let lobby = ConvId::parse(DEMO_LOBBY).expect("valid id");
+    match shard.hub.store().create_conversation(&lobby, &[]).await {
+        Ok(()) | Err(StoreError::Exists(_)) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot create demo lobby"),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DemoQuery {
+    user: String,
+}
+
+/// Development only (`chat.demo = true`): a token for any user name, who
+/// joins the lobby.
+async fn demo_token(
+    State(shard): State<Arc<Shard>>,
+    query: Result<Query<DemoQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
+    if !protocol::is_id(&q.user) || q.user.len() > 32 {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "invalid_user",
+            "user must be 1-32 of A-Z a-z 0-9 _ -".into(),
+        ));
+    }
+    let lobby = ConvId::parse(DEMO_LOBBY).expect("valid id");
+    shard.hub.store().add_member(&lobby, &q.user).await?;
+    let token = shard.tokens.issue(&q.user, &[], Duration::from_secs(12 * 3600));
+    Ok(Json(
+        json!({ "token": token, "user": q.user, "conv": DEMO_LOBBY }),
+    ))
+}

@@ -1,0 +1,407 @@
+//! The shard's registry: who is subscribed to what, and the fan-out of
+//! messages to them in offset order, exactly once per subscriber.
+//!
+//! Per conversation held on this shard, [`Hub`] keeps the next offset it
+//! expects; messages from the bus that arrive early wait in a bounded
+//! reorder buffer, duplicates are dropped, and a gap that does not close by
+//! itself within [`GAP_WAIT`] is filled from the store. Each subscriber has
+//! a cursor (the last offset it was sent), which makes the hand-over from
+//! history (resume) to live messages seamless.
+//!
+//! All state sits in a `DashMap` and is touched only in short synchronous
+//! sections: no lock is held across an `.await`. Sending to a connection is
+//! `try_send` on its bounded queue; a full queue closes the connection as a
+//! slow consumer instead of buffering without end.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::Bus;
+use crate::protocol::{ConvId, ErrorCode, Message, ServerFrame, close};
+use crate::store::{Page, Store};
+
+/// Most messages replayed by one resume; beyond it the client pages history.
+pub const MAX_RESUME: u64 = 1000;
+/// How long an out-of-order message waits for the gap before it is filled
+/// from the store.
+pub const GAP_WAIT: Duration = Duration::from_millis(250);
+/// Messages held per conversation while waiting for a gap.
+const MAX_PENDING: usize = 4096;
+
+pub type ConnId = u64;
+
+/// One item of a connection's outbound queue.
+#[derive(Debug)]
+pub enum Out {
+    Frame(Utf8Bytes),
+    /// Several frames that count as one queue slot (a resume replay).
+    Batch(Vec<Utf8Bytes>),
+}
+
+/// Lets the hub close a connection (slow consumer) and the connection say why.
+#[derive(Debug, Default)]
+pub struct ConnCtl {
+    reason: OnceLock<(u16, &'static str)>,
+    token: CancellationToken,
+}
+
+impl ConnCtl {
+    pub fn new(token: CancellationToken) -> Self {
+        ConnCtl {
+            reason: OnceLock::new(),
+            token,
+        }
+    }
+    /// Asks the connection to close with `code`; the first reason wins.
+    pub fn close(&self, code: u16, reason: &'static str) {
+        let _ = self.reason.set((code, reason));
+        self.token.cancel();
+    }
+    pub fn reason(&self) -> Option<(u16, &'static str)> {
+        self.reason.get().copied()
+    }
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+}
+
+/// What a connection gives the hub so it can be sent frames.
+#[derive(Debug, Clone)]
+pub struct Outlet {
+    pub id: ConnId,
+    pub tx: mpsc::Sender<Out>,
+    pub ctl: Arc<ConnCtl>,
+}
+
+impl Outlet {
+    /// Queues one item; a full queue closes the connection as slow.
+    pub fn send(&self, item: Out) -> bool {
+        match self.tx.try_send(item) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if self.ctl.reason().is_none() {
+                    metrics::counter!("portico_chat_slow_consumers_total").increment(1);
+                }
+                self.ctl.close(close::SLOW_CONSUMER, "slow consumer");
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+struct Sub {
+    outlet: Outlet,
+    /// Last offset this subscriber was sent (or chose to skip).
+    cursor: u64,
+    /// While the subscription is syncing: live messages seen meanwhile.
+    syncing: Option<Vec<(u64, Utf8Bytes)>>,
+}
+
+#[derive(Default)]
+struct ConvState {
+    /// Next offset to fan out; `None` until the first subscriber synced.
+    next: Option<u64>,
+    pending: BTreeMap<u64, Message>,
+    subs: HashMap<ConnId, Sub>,
+    fill_scheduled: bool,
+}
+
+/// Why a subscription was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused(pub ErrorCode);
+
+/// The registry of one shard.
+pub struct Hub {
+    shard: u16,
+    store: Arc<dyn Store>,
+    bus: OnceLock<Arc<dyn Bus>>,
+    convs: DashMap<ConvId, ConvState>,
+    next_conn: AtomicU64,
+    connections: AtomicUsize,
+    max_connections: usize,
+    sync_buffer: usize,
+}
+
+impl Hub {
+    pub fn new(shard: u16, store: Arc<dyn Store>, max_connections: usize, queue: usize) -> Arc<Self> {
+        Arc::new(Hub {
+            shard,
+            store,
+            bus: OnceLock::new(),
+            convs: DashMap::new(),
+            next_conn: AtomicU64::new(1),
+            connections: AtomicUsize::new(0),
+            max_connections,
+            sync_buffer: queue,
+        })
+    }
+
+    /// Connects the hub to its bus (once, at start-up).
+    pub fn set_bus(&self, bus: Arc<dyn Bus>) {
+        let _ = self.bus.set(bus);
+    }
+
+    pub fn bus(&self) -> &Arc<dyn Bus> {
+        self.bus.get().expect("bus set at start-up")
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn shard(&self) -> u16 {
+        self.shard
+    }
+
+    /// Reserves a connection slot; `None` when the shard is full.
+    pub fn admit(self: &Arc<Self>) -> Option<ConnGuard> {
+        let n = self.connections.fetch_add(1, Ordering::AcqRel);
+        if n >= self.max_connections {
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        metrics::gauge!("portico_chat_connections", "shard" => self.shard.to_string()).increment(1.0);
+        Some(ConnGuard {
+            hub: self.clone(),
+            id: self.next_conn.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    /// Subscribes `outlet` to `conv`. With `since`, everything after that
+    /// offset is replayed first. Returns the newest offset at subscription.
+    pub async fn subscribe(
+        self: &Arc<Self>,
+        outlet: &Outlet,
+        conv: &ConvId,
+        user: &str,
+        since: Option<u64>,
+    ) -> Result<u64, Refused> {
+        let unavailable = |e: &dyn std::fmt::Display| {
+            tracing::warn!(%conv, error = %e, "subscribe failed");
+            Refused(ErrorCode::Unavailable)
+        };
+        match self.store.is_member(conv, user).await {
+            Ok(true) => {}
+            Ok(false) => return Err(Refused(ErrorCode::NotMember)),
+            Err(e) => return Err(unavailable(&e)),
+        }
+        let first = {
+            let mut st = self.convs.entry(conv.clone()).or_default();
+            let first = st.subs.is_empty();
+            st.subs.insert(
+                outlet.id,
+                Sub {
+                    outlet: outlet.clone(),
+                    cursor: 0,
+                    syncing: Some(Vec::new()),
+                },
+            );
+            first
+        };
+        if first && let Err(e) = self.bus().hold(conv).await {
+            self.unsubscribe(outlet.id, conv).await;
+            return Err(unavailable(&e));
+        }
+        let latest = match self.store.latest_offset(conv).await {
+            Ok(l) => l,
+            Err(e) => {
+                self.unsubscribe(outlet.id, conv).await;
+                return Err(unavailable(&e));
+            }
+        };
+        let history = match since {
+            Some(s) if latest.saturating_sub(s) > MAX_RESUME => {
+                self.unsubscribe(outlet.id, conv).await;
+                return Err(Refused(ErrorCode::ResumeTooFar));
+            }
+            Some(s) if s < latest => match self.store.page(conv, Page::After(s), MAX_RESUME as u32).await {
+                Ok(h) => h,
+                Err(e) => {
+                    self.unsubscribe(outlet.id, conv).await;
+                    return Err(unavailable(&e));
+                }
+            },
+            _ => Vec::new(),
+        };
+
+        let Some(mut st) = self.convs.get_mut(conv) else {
+            return Ok(latest); // the connection went away meanwhile
+        };
+        if st.next.is_none() {
+            st.next = Some(latest + 1);
+            self.drain_pending(conv, &mut st);
+        }
+        let Some(sub) = st.subs.get_mut(&outlet.id) else {
+            return Ok(latest);
+        };
+        let mut cursor = since.unwrap_or(latest).min(latest);
+        let mut batch = vec![Utf8Bytes::from(
+            ServerFrame::Subscribed { conv, offset: latest }.to_json(),
+        )];
+        for m in &history {
+            if m.offset > cursor {
+                batch.push(ServerFrame::Message(m).to_json().into());
+                cursor = m.offset;
+            }
+        }
+        for (offset, text) in sub.syncing.take().unwrap_or_default() {
+            if offset > cursor {
+                batch.push(text);
+                cursor = offset;
+            }
+        }
+        sub.cursor = cursor;
+        sub.outlet.send(Out::Batch(batch));
+        Ok(latest)
+    }
+
+    /// Removes one subscription; the last one on this shard releases the
+    /// conversation on the bus.
+    pub async fn unsubscribe(&self, conn: ConnId, conv: &ConvId) {
+        let emptied = {
+            if let Some(mut st) = self.convs.get_mut(conv) {
+                st.subs.remove(&conn);
+            }
+            self.convs.remove_if(conv, |_, st| st.subs.is_empty()).is_some()
+        };
+        if emptied && let Err(e) = self.bus().release(conv).await {
+            tracing::warn!(%conv, error = %e, "bus release failed");
+        }
+    }
+
+    /// A message from the bus: fan out in order, exactly once per subscriber.
+    pub fn deliver(self: &Arc<Self>, msg: Message) {
+        let conv = msg.conv.clone();
+        let Some(mut st) = self.convs.get_mut(&conv) else {
+            return; // nobody here holds this conversation
+        };
+        match st.next {
+            Some(next) if msg.offset < next => {} // duplicate
+            Some(next) if msg.offset == next => {
+                self.fan_out(&mut st, &msg);
+                st.next = Some(next + 1);
+                self.drain_pending(&conv, &mut st);
+            }
+            _ => {
+                // Early (or before the first sync): wait for the gap.
+                if st.pending.len() < MAX_PENDING {
+                    st.pending.insert(msg.offset, msg);
+                }
+                if st.next.is_some() && !st.fill_scheduled {
+                    st.fill_scheduled = true;
+                    self.schedule_gap_fill(conv.clone());
+                }
+            }
+        }
+    }
+
+    fn drain_pending(&self, _conv: &ConvId, st: &mut ConvState) {
+        let Some(mut next) = st.next else { return };
+        while let Some((&offset, _)) = st.pending.first_key_value() {
+            if offset < next {
+                st.pending.pop_first();
+            } else if offset == next {
+                let (_, m) = st.pending.pop_first().expect("checked non-empty");
+                self.fan_out(st, &m);
+                next += 1;
+            } else {
+                break;
+            }
+        }
+        st.next = Some(next);
+    }
+
+    fn fan_out(&self, st: &mut ConvState, msg: &Message) {
+        let text = Utf8Bytes::from(ServerFrame::Message(msg).to_json());
+        let mut sent = 0u64;
+        for sub in st.subs.values_mut() {
+            if msg.offset <= sub.cursor {
+                continue;
+            }
+            if let Some(buf) = &mut sub.syncing {
+                if buf.len() >= self.sync_buffer {
+                    sub.outlet.ctl.close(close::SLOW_CONSUMER, "slow consumer");
+                } else {
+                    buf.push((msg.offset, text.clone()));
+                }
+                continue;
+            }
+            sub.cursor = msg.offset;
+            if sub.outlet.send(Out::Frame(text.clone())) {
+                sent += 1;
+            }
+        }
+        let shard = self.shard.to_string();
+        metrics::counter!("portico_chat_deliveries_total", "shard" => shard.clone()).increment(sent);
+        let age = crate::store::now_millis().saturating_sub(msg.ts) as f64 / 1000.0;
+        metrics::histogram!("portico_chat_fanout_latency_seconds", "shard" => shard).record(age);
+    }
+
+    /// After [`GAP_WAIT`], loads missing offsets from the store.
+    fn schedule_gap_fill(self: &Arc<Self>, conv: ConvId) {
+        let hub = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(GAP_WAIT).await;
+            let Some(hub) = hub.upgrade() else { return };
+            let gap = hub.convs.get_mut(&conv).and_then(|mut st| {
+                st.fill_scheduled = false;
+                let next = st.next?;
+                let first = *st.pending.keys().next()?;
+                (first > next).then_some((next, first))
+            });
+            let Some((next, first)) = gap else { return };
+            let want = (first - next).min(MAX_RESUME) as u32;
+            match hub.store.page(&conv, Page::After(next - 1), want).await {
+                Ok(found) => {
+                    let found_any = !found.is_empty();
+                    for m in found {
+                        hub.deliver(m);
+                    }
+                    if !found_any && let Some(mut st) = hub.convs.get_mut(&conv) {
+                        // The store no longer has them: skip ahead, loudly.
+                        tracing::warn!(%conv, from = next, to = first, "history gap cannot be filled");
+                        if st.next == Some(next) {
+                            st.next = Some(first);
+                            hub.drain_pending(&conv, &mut st);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%conv, error = %e, "gap fill failed; retrying");
+                    if let Some(mut st) = hub.convs.get_mut(&conv)
+                        && !st.fill_scheduled
+                    {
+                        st.fill_scheduled = true;
+                        drop(st);
+                        hub.schedule_gap_fill(conv);
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// A reserved connection slot; released on drop.
+pub struct ConnGuard {
+    hub: Arc<Hub>,
+    pub id: ConnId,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.hub.connections.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!("portico_chat_connections", "shard" => self.hub.shard.to_string()).decrement(1.0);
+    }
+}

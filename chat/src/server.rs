@@ -1,0 +1,164 @@
+//! A chat shard: its HTTP listener, engines and drain on shutdown.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use portico_common::auth::Tokens;
+use portico_config::{AuthConfig, ChatConfig};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::bus::Bus;
+use crate::bus::memory::MemoryBus;
+use crate::hub::Hub;
+use crate::store::Store;
+use crate::store::memory::MemoryStore;
+
+/// The engines a shard runs on.
+#[derive(Clone)]
+pub struct Engines {
+    pub store: Arc<dyn Store>,
+    pub bus: BusEngine,
+}
+
+#[derive(Clone)]
+pub enum BusEngine {
+    Memory(Arc<MemoryBus>),
+}
+
+impl Engines {
+    /// In-memory engines, shared by every shard given a clone.
+    pub fn memory() -> Self {
+        Engines {
+            store: Arc::new(MemoryStore::default()),
+            bus: BusEngine::Memory(Arc::new(MemoryBus::default())),
+        }
+    }
+}
+
+/// Why a shard could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("auth.jwt_secret is not set (PORTICO_AUTH__JWT_SECRET)")]
+    NoSecret,
+    #[error("{0}")]
+    Engine(String),
+}
+
+/// Everything a connection or request handler of this shard needs.
+pub struct Shard {
+    pub cfg: ChatConfig,
+    pub hub: Arc<Hub>,
+    pub tokens: Tokens,
+    pub limiter: DefaultKeyedRateLimiter<String>,
+    /// Fires when the shard drains; connections close with "going away".
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+/// A bound, not yet serving shard.
+pub struct Bound {
+    shard: Arc<Shard>,
+    listener: TcpListener,
+}
+
+impl Bound {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+    pub fn shard(&self) -> &Arc<Shard> {
+        &self.shard
+    }
+}
+
+/// Creates the shard and binds its listener.
+pub async fn bind(cfg: ChatConfig, auth: &AuthConfig, engines: Engines) -> Result<Bound, StartError> {
+    if auth.jwt_secret.is_empty() {
+        return Err(StartError::NoSecret);
+    }
+    let addr = cfg.listen.0;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let hub = Hub::new(
+        cfg.shard_id,
+        engines.store.clone(),
+        cfg.max_connections,
+        cfg.outbound_queue,
+    );
+    let bus: Arc<dyn Bus> = match &engines.bus {
+        BusEngine::Memory(m) => {
+            m.attach(&hub);
+            m.clone()
+        }
+    };
+    hub.set_bus(bus);
+    let per_sec = NonZeroU32::new(cfg.publish_per_sec).expect("validated: publish_per_sec > 0");
+    let burst = per_sec.saturating_mul(NonZeroU32::new(2).expect("2 > 0"));
+    let shard = Arc::new(Shard {
+        tokens: Tokens::new(&auth.jwt_secret),
+        limiter: RateLimiter::keyed(Quota::per_second(per_sec).allow_burst(burst)),
+        hub,
+        cfg,
+        shutdown: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+    });
+    if shard.cfg.demo {
+        crate::http::ensure_demo_lobby(&shard).await;
+    }
+    Ok(Bound { shard, listener })
+}
+
+impl Bound {
+    /// Serves until `stop` fires, then drains: refuses new connections,
+    /// closes WebSockets with 1001 (reconnect), waits up to
+    /// `chat.drain_secs` for them to go.
+    pub async fn serve(self, stop: CancellationToken) -> std::io::Result<()> {
+        let Bound { shard, listener } = self;
+        tracing::info!(addr = %listener.local_addr()?, shard = shard.cfg.shard_id, "chat shard listening");
+        let app = crate::http::router(shard.clone());
+        let limiter_gc = {
+            let shard = shard.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(30));
+                loop {
+                    tokio::select! {
+                        _ = shard.shutdown.cancelled() => return,
+                        _ = tick.tick() => {
+                            // governor keeps every key until told otherwise.
+                            shard.limiter.retain_recent();
+                            shard.limiter.shrink_to_fit();
+                        }
+                    }
+                }
+            })
+        };
+        // Drain WebSockets as soon as the stop comes, in parallel with HTTP.
+        let drain_ws = shard.shutdown.clone();
+        let http_stop = stop.clone();
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            drain_ws.cancel();
+        });
+        let server =
+            axum::serve(listener, app).with_graceful_shutdown(async move { http_stop.cancelled().await });
+        let result = server.await;
+        shard.tracker.close();
+        let drain = Duration::from_secs(shard.cfg.drain_secs.max(1));
+        if tokio::time::timeout(drain, shard.tracker.wait()).await.is_err() {
+            tracing::warn!(left = shard.tracker.len(), "connections still open after drain");
+        }
+        limiter_gc.abort();
+        tracing::info!(shard = shard.cfg.shard_id, "chat shard stopped");
+        result
+    }
+}

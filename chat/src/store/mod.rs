@@ -1,0 +1,71 @@
+//! History storage: conversations, members and messages with offsets.
+//!
+//! The store assigns offsets: `append` gives each new message the next
+//! offset of its conversation, atomically, and returns the stored message
+//! again (flagged `duplicate`) when the same sender retries the same client
+//! id. Engines: [`memory`] (one process, `portico up`); PostgreSQL follows.
+
+pub mod memory;
+
+use async_trait::async_trait;
+
+use crate::protocol::{ConvId, Message};
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("conversation {0} does not exist")]
+    NoSuchConversation(ConvId),
+    #[error("conversation {0} already exists")]
+    Exists(ConvId),
+    #[error("store is full: {0}")]
+    Full(&'static str),
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A message to append; the store fills in offset and time.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub client_id: String,
+    pub from: String,
+    pub body: String,
+}
+
+/// The result of an append.
+#[derive(Debug, Clone)]
+pub struct Appended {
+    pub message: Message,
+    /// The same sender already published this client id: nothing new stored.
+    pub duplicate: bool,
+}
+
+/// Which page of history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Page {
+    /// Oldest first, offsets greater than this (resume).
+    After(u64),
+    /// Newest `limit` messages below this offset, returned oldest first.
+    Before(u64),
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn create_conversation(&self, conv: &ConvId, members: &[String]) -> Result<(), StoreError>;
+    async fn add_member(&self, conv: &ConvId, user: &str) -> Result<(), StoreError>;
+    async fn is_member(&self, conv: &ConvId, user: &str) -> Result<bool, StoreError>;
+    async fn append(&self, conv: &ConvId, msg: NewMessage) -> Result<Appended, StoreError>;
+    /// Messages of one page, oldest first, at most `limit`.
+    async fn page(&self, conv: &ConvId, page: Page, limit: u32) -> Result<Vec<Message>, StoreError>;
+    /// The newest offset (0 for an empty conversation).
+    async fn latest_offset(&self, conv: &ConvId) -> Result<u64, StoreError>;
+    /// A cheap round trip to the backend, for `/readyz`.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+pub fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

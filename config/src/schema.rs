@@ -1,0 +1,305 @@
+//! The configuration schema and its defaults (the embedded, one-machine setup).
+//!
+//! Every struct denies unknown keys, so a typo is an error, not a silently
+//! ignored setting. Defaults live in the `Default` impls and nowhere else.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ListenAddr, Secret};
+
+/// The whole configuration; each binary reads the sections it needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PorticoConfig {
+    /// Where state lives: generated certificates and secrets of `up`.
+    pub data_dir: PathBuf,
+    pub log: LogConfig,
+    pub auth: AuthConfig,
+    pub gateway: GatewayConfig,
+    pub chat: ChatConfig,
+    pub jobs: JobsConfig,
+    /// Only read by `portico up`.
+    pub up: UpConfig,
+}
+
+impl Default for PorticoConfig {
+    fn default() -> Self {
+        PorticoConfig {
+            data_dir: PathBuf::from("data"),
+            log: LogConfig::default(),
+            auth: AuthConfig::default(),
+            gateway: GatewayConfig::default(),
+            chat: ChatConfig::default(),
+            jobs: JobsConfig::default(),
+            up: UpConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Pretty on a terminal, JSON otherwise (systemd, CI, files).
+    Auto,
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `info,portico_chat=debug`.
+    /// `RUST_LOG`, when set, wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Auto,
+            level: "info,pingora_core=warn,pingora_proxy=warn,pingora_load_balancing=warn".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HS256 key that signs user tokens (at least 32 bytes). Required by the
+    /// service binaries; `portico up` generates one under `data_dir`.
+    pub jwt_secret: Secret,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Plain HTTP: redirects to HTTPS.
+    pub http_listen: ListenAddr,
+    pub https_listen: ListenAddr,
+    /// `/metrics`, `/healthz`, `/readyz` (keep it private).
+    pub admin_listen: ListenAddr,
+    /// Names the certificate is for.
+    pub hostnames: Vec<String>,
+    /// The chat shards that `/ws` and the chat API are routed to.
+    pub chat_shards: Vec<ListenAddr>,
+    /// The jobs service, routed under `/api/jobs/`.
+    pub jobs_upstream: ListenAddr,
+    /// Worker threads of the proxy.
+    pub threads: usize,
+    /// SIGTERM: seconds to keep serving open connections before closing.
+    pub grace_period_secs: u64,
+    /// Then at most this long for services to stop.
+    pub shutdown_timeout_secs: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            http_listen: ListenAddr::new([127, 0, 0, 1], 8080),
+            https_listen: ListenAddr::new([127, 0, 0, 1], 8443),
+            admin_listen: ListenAddr::new([127, 0, 0, 1], 9180),
+            hostnames: vec!["localhost".into()],
+            chat_shards: vec![
+                ListenAddr::new([127, 0, 0, 1], 9101),
+                ListenAddr::new([127, 0, 0, 1], 9102),
+            ],
+            jobs_upstream: ListenAddr::new([127, 0, 0, 1], 9300),
+            threads: 2,
+            grace_period_secs: 2,
+            shutdown_timeout_secs: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusKind {
+    /// In-process: one process holds every shard (`portico up`).
+    Memory,
+    /// Redis pub/sub between shard processes.
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// In memory: history is lost on restart.
+    Memory,
+    /// PostgreSQL.
+    Postgres,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChatConfig {
+    /// WebSocket (`/ws`), HTTP API, `/metrics`, `/healthz`, `/readyz`.
+    pub listen: ListenAddr,
+    /// This shard's number, in metrics and logs.
+    pub shard_id: u16,
+    pub bus: BusKind,
+    /// Required when `bus = "redis"`.
+    pub redis_url: Option<String>,
+    pub store: StoreKind,
+    /// Required when `store = "postgres"`. Secret: it may hold a password.
+    pub postgres_url: Option<Secret>,
+    /// PostgreSQL connection pool size.
+    pub postgres_pool: usize,
+    /// Browser `Origin`s allowed to open a WebSocket (empty: any origin is
+    /// refused unless it is absent, as for non-browser clients).
+    pub allowed_origins: Vec<String>,
+    /// Open WebSockets this shard accepts; more get HTTP 503.
+    pub max_connections: usize,
+    /// Largest accepted WebSocket message, in bytes.
+    pub max_message_bytes: usize,
+    /// Frames queued for one client before it counts as a slow consumer.
+    pub outbound_queue: usize,
+    /// Server ping interval.
+    pub heartbeat_secs: u64,
+    /// A client silent this long is disconnected.
+    pub idle_timeout_secs: u64,
+    /// Messages a user may publish per second (burst = 2×).
+    pub publish_per_sec: u32,
+    /// Issue demo tokens at `/demo/token` (development only).
+    pub demo: bool,
+    /// SIGTERM: seconds given to clients to receive the close frame.
+    pub drain_secs: u64,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        ChatConfig {
+            listen: ListenAddr::new([127, 0, 0, 1], 9101),
+            shard_id: 1,
+            bus: BusKind::Memory,
+            redis_url: None,
+            store: StoreKind::Memory,
+            postgres_url: None,
+            postgres_pool: 16,
+            allowed_origins: vec![
+                "https://localhost:8443".into(),
+                "http://localhost:9101".into(),
+                "http://127.0.0.1:9101".into(),
+            ],
+            max_connections: 50_000,
+            max_message_bytes: 16 * 1024,
+            outbound_queue: 256,
+            heartbeat_secs: 25,
+            idle_timeout_secs: 60,
+            publish_per_sec: 20,
+            demo: false,
+            drain_secs: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobsConfig {
+    /// REST API, `/metrics`, `/healthz`, `/readyz`.
+    pub listen: ListenAddr,
+    /// PostgreSQL for the task queue; none: an in-memory queue (`up`).
+    pub postgres_url: Option<Secret>,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig {
+            listen: ListenAddr::new([127, 0, 0, 1], 9300),
+            postgres_url: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpConfig {
+    /// Chat shards to run; shard N listens on `chat.listen` port + N - 1.
+    pub chat_shards: u16,
+}
+
+impl Default for UpConfig {
+    fn default() -> Self {
+        UpConfig { chat_shards: 2 }
+    }
+}
+
+impl PorticoConfig {
+    /// Checks what types alone cannot; returns the offending key.
+    pub(crate) fn validate(&self) -> Result<(), (String, String)> {
+        fn bad(key: &str, msg: impl Into<String>) -> Result<(), (String, String)> {
+            Err((key.to_string(), msg.into()))
+        }
+        let s = self.auth.jwt_secret.expose();
+        if !s.is_empty() && s.len() < 32 {
+            return bad("auth.jwt_secret", "must be at least 32 bytes long");
+        }
+        let g = &self.gateway;
+        if g.hostnames.is_empty() {
+            return bad("gateway.hostnames", "must name at least one host");
+        }
+        for h in &g.hostnames {
+            if !is_hostname(h) {
+                return bad("gateway.hostnames", format!("`{h}` is not a valid hostname"));
+            }
+        }
+        if g.chat_shards.is_empty() {
+            return bad("gateway.chat_shards", "must list at least one shard");
+        }
+        if g.threads == 0 || g.threads > 256 {
+            return bad("gateway.threads", "must be between 1 and 256");
+        }
+        let c = &self.chat;
+        if c.bus == BusKind::Redis && c.redis_url.is_none() {
+            return bad("chat.redis_url", "is required when chat.bus = \"redis\"");
+        }
+        if let Some(url) = &c.redis_url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            return bad("chat.redis_url", "must start with redis:// or rediss://");
+        }
+        if c.store == StoreKind::Postgres && c.postgres_url.is_none() {
+            return bad("chat.postgres_url", "is required when chat.store = \"postgres\"");
+        }
+        if c.postgres_pool == 0 {
+            return bad("chat.postgres_pool", "must be at least 1");
+        }
+        if c.max_connections == 0 {
+            return bad("chat.max_connections", "must be at least 1");
+        }
+        if !(256..=1 << 20).contains(&c.max_message_bytes) {
+            return bad("chat.max_message_bytes", "must be between 256 and 1048576");
+        }
+        if c.outbound_queue < 8 {
+            return bad("chat.outbound_queue", "must be at least 8");
+        }
+        if c.heartbeat_secs == 0 || c.idle_timeout_secs <= c.heartbeat_secs {
+            return bad(
+                "chat.idle_timeout_secs",
+                "must be greater than chat.heartbeat_secs (and heartbeat_secs > 0)",
+            );
+        }
+        if c.publish_per_sec == 0 {
+            return bad("chat.publish_per_sec", "must be at least 1");
+        }
+        if self.up.chat_shards == 0 || self.up.chat_shards > 16 {
+            return bad("up.chat_shards", "must be between 1 and 16");
+        }
+        Ok(())
+    }
+}
+
+/// RFC 1123 hostname (letters, digits, hyphens; labels of 1–63).
+pub fn is_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}

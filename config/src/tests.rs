@@ -1,0 +1,120 @@
+#![allow(clippy::result_large_err)] // figment::Error is large; tests only.
+
+use super::*;
+use figment::Jail;
+
+fn err(jail_setup: impl FnOnce(&mut Jail) -> figment::error::Result<Option<&'static str>>) -> String {
+    let mut out = String::new();
+    Jail::expect_with(|jail| {
+        let file = jail_setup(jail)?;
+        out = load(file.map(Path::new))
+            .expect_err("config must be refused")
+            .to_string();
+        Ok(())
+    });
+    out
+}
+
+#[test]
+fn defaults_are_valid_and_embedded() {
+    Jail::expect_with(|_| {
+        let c = load(None).expect("defaults load");
+        assert_eq!(c.chat.bus, BusKind::Memory);
+        assert_eq!(c.chat.store, StoreKind::Memory);
+        assert_eq!(c.gateway.https_listen.port(), 8443);
+        Ok(())
+    });
+}
+
+#[test]
+fn layers_file_then_env() {
+    Jail::expect_with(|jail| {
+        jail.create_file("p.toml", "[chat]\nlisten = \"127.0.0.1:7000\"\nshard_id = 3\n")?;
+        jail.set_env("PORTICO_CHAT__SHARD_ID", "9");
+        let c = load(Some(Path::new("p.toml"))).expect("loads");
+        assert_eq!(c.chat.listen.port(), 7000, "file overrides default");
+        assert_eq!(c.chat.shard_id, 9, "env overrides file");
+        Ok(())
+    });
+}
+
+#[test]
+fn unknown_key_is_named_with_its_file() {
+    let e = err(|j| {
+        j.create_file("p.toml", "[chat]\nlisten_addr = \"127.0.0.1:7000\"\n")?;
+        Ok(Some("p.toml"))
+    });
+    assert!(e.contains("p.toml"), "{e}");
+    assert!(e.contains("listen_addr"), "{e}");
+    assert!(!e.contains('\n'), "one line: {e}");
+}
+
+#[test]
+fn wrong_type_is_named() {
+    let e = err(|j| {
+        j.create_file("p.toml", "[chat]\nmax_connections = \"many\"\n")?;
+        Ok(Some("p.toml"))
+    });
+    assert!(e.contains("chat.max_connections"), "{e}");
+}
+
+#[test]
+fn port_out_of_range_is_named() {
+    let e = err(|j| {
+        j.create_file("p.toml", "[gateway]\nhttps_listen = \"127.0.0.1:70000\"\n")?;
+        Ok(Some("p.toml"))
+    });
+    assert!(e.contains("gateway.https_listen"), "{e}");
+    assert!(e.contains("out of range"), "{e}");
+}
+
+#[test]
+fn env_error_names_the_variable() {
+    let e = err(|j| {
+        j.set_env("PORTICO_CHAT__LISTEN", "nowhere");
+        Ok(None)
+    });
+    assert!(e.contains("chat.listen"), "{e}");
+    assert!(e.contains("PORTICO_CHAT__LISTEN"), "{e}");
+}
+
+#[test]
+fn missing_file_is_an_error() {
+    let e = err(|_| Ok(Some("does-not-exist.toml")));
+    assert!(e.contains("does-not-exist.toml"), "{e}");
+}
+
+#[test]
+fn cross_field_rules_name_the_key() {
+    let e = err(|j| {
+        j.create_file("p.toml", "[chat]\nbus = \"redis\"\n")?;
+        Ok(Some("p.toml"))
+    });
+    assert!(e.contains("chat.redis_url"), "{e}");
+    let e = err(|j| {
+        j.set_env("PORTICO_AUTH__JWT_SECRET", "short");
+        Ok(None)
+    });
+    assert!(e.contains("auth.jwt_secret"), "{e}");
+    assert!(!e.contains("short"), "a secret is never echoed: {e}");
+}
+
+#[test]
+fn secret_is_not_printed() {
+    let s = Secret::new("hunter2-hunter2");
+    assert!(!format!("{s:?}").contains("hunter2"));
+}
+
+#[test]
+fn listen_addr_parsing() {
+    assert!("127.0.0.1:1".parse::<ListenAddr>().is_ok());
+    assert!("[::1]:80".parse::<ListenAddr>().is_ok());
+    assert!(
+        "127.0.0.1:0"
+            .parse::<ListenAddr>()
+            .unwrap_err()
+            .contains("out of range")
+    );
+    assert!("127.0.0.1".parse::<ListenAddr>().is_err());
+    assert!("example.com:80".parse::<ListenAddr>().is_err());
+}

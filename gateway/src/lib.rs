@@ -1,0 +1,173 @@
+//! Portico gateway: the public HTTPS edge, built on Pingora.
+//!
+//! [`build`] assembles a Pingora server from the configuration: the HTTPS
+//! listener ([`proxy`], certificates from [`tls`]), the plain-HTTP redirect
+//! ([`redirect`]), health checks of the chat shards and the admin endpoints.
+//! [`run`] blocks until the stop token or a signal ends it: SIGTERM/SIGINT
+//! drain gracefully, SIGQUIT hands the listening sockets to a new process
+//! started with `--upgrade` (zero-downtime restart).
+
+pub mod headers;
+pub mod proxy;
+pub mod redirect;
+pub mod routes;
+pub mod tls;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::lb::LoadBalancer;
+use pingora::lb::health_check::TcpHealthCheck;
+use pingora::lb::selection::consistent::KetamaHashing;
+use pingora::listeners::tls::TlsSettings;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::services::background::{BackgroundService, background_service};
+use portico_common::admin::{self, Readiness};
+use portico_common::auth::Tokens;
+use portico_config::PorticoConfig;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+/// Why the gateway could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("auth.jwt_secret is not set (PORTICO_AUTH__JWT_SECRET)")]
+    NoSecret,
+    #[error("chat shard list: {0}")]
+    Shards(std::io::Error),
+    #[error("pingora: {0}")]
+    Pingora(String),
+}
+
+/// Builds the gateway. `upgrade`: take the listening sockets over from a
+/// running gateway (graceful upgrade, see ARCHITECTURE.md).
+pub fn build(cfg: &PorticoConfig, upgrade: bool) -> Result<Server, GatewayError> {
+    let g = &cfg.gateway;
+    if cfg.auth.jwt_secret.is_empty() {
+        return Err(GatewayError::NoSecret);
+    }
+    let certs = tls::CertStore::open(&cfg.data_dir.join("certs"))?;
+    certs.ensure_self_signed(&g.hostnames)?;
+
+    let conf = ServerConf {
+        threads: g.threads,
+        grace_period_seconds: Some(g.grace_period_secs),
+        graceful_shutdown_timeout_seconds: Some(g.shutdown_timeout_secs),
+        upgrade_sock: cfg.data_dir.join("gateway-upgrade.sock").display().to_string(),
+        pid_file: cfg.data_dir.join("gateway.pid").display().to_string(),
+        ..ServerConf::default()
+    };
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let mut shards = LoadBalancer::<KetamaHashing>::try_from_iter(g.chat_shards.iter().map(|a| a.0))
+        .map_err(GatewayError::Shards)?;
+    shards.set_health_check(TcpHealthCheck::new());
+    shards.health_check_frequency = Some(Duration::from_secs(1));
+    let health = background_service("chat shard health", shards);
+
+    let edge = proxy::Edge {
+        routes: routes::Routes {
+            jobs: g.jobs_upstream.0,
+        },
+        chat: health.task(),
+        tokens: Tokens::new(&cfg.auth.jwt_secret),
+    };
+    let mut https = pingora::proxy::http_proxy_service_with_name(&server.configuration, edge, "https");
+    let mut settings = TlsSettings::with_callbacks(Box::new(NoCallbacks))
+        .map_err(|e| GatewayError::Pingora(e.to_string()))?;
+    settings.set_cert_resolver(certs.resolver());
+    settings.enable_h2();
+    https.add_tls_with_settings(&g.https_listen.to_string(), None, settings);
+
+    let mut http = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        redirect::Redirect {
+            https_port: g.https_listen.port(),
+        },
+        "http redirect",
+    );
+    http.add_tcp(&g.http_listen.to_string());
+
+    let admin = background_service(
+        "admin",
+        AdminEndpoints {
+            addr: g.admin_listen.0,
+        },
+    );
+
+    server.add_service(health);
+    server.add_service(https);
+    server.add_service(http);
+    server.add_service(admin);
+    Ok(server)
+}
+
+/// Runs the server until `stop` fires or a signal arrives; blocks.
+pub fn run(server: Server, stop: CancellationToken) {
+    tracing::info!("gateway starting");
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals { stop }),
+    });
+    tracing::info!("gateway stopped");
+}
+
+/// Maps our stop token and the Unix signals onto Pingora's shutdown kinds.
+struct Signals {
+    stop: CancellationToken,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        let mut quit = signal(SignalKind::quit()).expect("install SIGQUIT handler");
+        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+        tokio::select! {
+            _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
+            // SIGINT drains like SIGTERM: a Ctrl-C must not cut requests.
+            _ = term.recv() => ShutdownSignal::GracefulTerminate,
+            _ = int.recv() => ShutdownSignal::GracefulTerminate,
+            _ = self.stop.cancelled() => ShutdownSignal::GracefulTerminate,
+        }
+    }
+}
+
+/// TLS callbacks: none yet (the certificate comes from the resolver).
+struct NoCallbacks;
+
+#[async_trait]
+impl pingora::listeners::TlsAccept for NoCallbacks {}
+
+/// `/metrics`, `/healthz`, `/readyz` on the private admin address.
+struct AdminEndpoints {
+    addr: std::net::SocketAddr,
+}
+
+#[async_trait]
+impl BackgroundService for AdminEndpoints {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let listener = match tokio::net::TcpListener::bind(self.addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(addr = %self.addr, error = %e, "cannot listen for admin endpoints");
+                return;
+            }
+        };
+        let _ = portico_common::telemetry::metrics();
+        let app = admin::router(Readiness::always());
+        let stopped = async move {
+            let _ = shutdown.changed().await;
+        };
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped).await {
+            tracing::error!(error = %e, "admin endpoints failed");
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! The HTTPS proxy: a thin `ProxyHttp` that picks the upstream from the
+//! route table, sets the proxy and security headers, and records metrics
+//! and the access log.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::http::ResponseHeader;
+use pingora::lb::LoadBalancer;
+use pingora::lb::selection::consistent::KetamaHashing;
+use pingora::prelude::*;
+use portico_common::auth::{Tokens, handshake_token};
+
+use crate::routes::{Route, Routes};
+
+/// The chat protocol a WebSocket client offers (see chat/PROTOCOL.md).
+const CHAT_SUBPROTOCOL: &str = "portico.v1";
+/// Upgraded connections may stay idle this long (above the chat heartbeat).
+const WS_IDLE: Duration = Duration::from_secs(120);
+
+pub struct Edge {
+    pub routes: Routes,
+    pub chat: Arc<LoadBalancer<KetamaHashing>>,
+    pub tokens: Tokens,
+}
+
+pub struct Ctx {
+    route: Route,
+    started: Instant,
+    client_ip: Option<IpAddr>,
+}
+
+impl Edge {
+    /// The key that pins a client to a chat shard: its user id when the
+    /// token verifies, else its IP address.
+    fn sticky_key(&self, session: &Session, client_ip: Option<IpAddr>) -> Vec<u8> {
+        let req = session.req_header();
+        if let Some((token, _)) = handshake_token(&req.headers, req.uri.query(), CHAT_SUBPROTOCOL)
+            && let Ok(claims) = self.tokens.verify(&token)
+        {
+            return format!("user:{}", claims.sub).into_bytes();
+        }
+        format!("ip:{}", client_ip.map(|ip| ip.to_string()).unwrap_or_default()).into_bytes()
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Edge {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            route: Route::Chat,
+            started: Instant::now(),
+            client_ip: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        ctx.client_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        ctx.route = self.routes.route(session.req_header().uri.path());
+        if session.is_upgrade_req() {
+            // Pingora's fixed 60 s read timeout would cut idle WebSockets.
+            session.set_read_timeout(Some(WS_IDLE));
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let addr = match ctx.route {
+            Route::Chat => {
+                let key = self.sticky_key(session, ctx.client_ip);
+                self.chat
+                    .select(&key, 256)
+                    .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no healthy chat shard"))?
+                    .addr
+            }
+            Route::Jobs(addr) => pingora::protocols::l4::socket::SocketAddr::Inet(addr),
+        };
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        peer.options.connection_timeout = Some(Duration::from_secs(3));
+        peer.options.read_timeout = Some(Duration::from_secs(30));
+        if session.is_upgrade_req() {
+            peer.options.read_timeout = Some(WS_IDLE);
+        }
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        // Never pass on what the client claims; say what we saw.
+        for h in [
+            "x-forwarded-for",
+            "x-real-ip",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "forwarded",
+        ] {
+            upstream.remove_header(h);
+        }
+        if let Some(ip) = ctx.client_ip {
+            upstream.insert_header("x-forwarded-for", ip.to_string())?;
+            upstream.insert_header("x-real-ip", ip.to_string())?;
+        }
+        upstream.insert_header("x-forwarded-proto", "https")?;
+        if let Some(host) = session.req_header().headers.get(http::header::HOST).cloned() {
+            upstream.insert_header("x-forwarded-host", host)?;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        _ctx: &mut Ctx,
+    ) -> Result<()> {
+        crate::headers::secure(resp)
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let elapsed = ctx.started.elapsed();
+        let route = ctx.route.name();
+        metrics::counter!("portico_gateway_requests_total", "route" => route, "status" => status.to_string())
+            .increment(1);
+        metrics::histogram!("portico_gateway_request_duration_seconds", "route" => route)
+            .record(elapsed.as_secs_f64());
+        let req = session.req_header();
+        tracing::info!(
+            target: "access",
+            client = ?ctx.client_ip,
+            method = %req.method,
+            path = req.uri.path(),
+            status,
+            route,
+            ms = elapsed.as_millis() as u64,
+            error = e.map(|e| e.to_string()),
+        );
+    }
+}

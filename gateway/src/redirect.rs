@@ -1,0 +1,50 @@
+//! Plain HTTP: every request is redirected to HTTPS with 308 (the method
+//! and body are kept). ACME HTTP-01 challenges will be answered here first.
+
+use async_trait::async_trait;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+
+pub struct Redirect {
+    /// The public HTTPS port (omitted from the URL when 443).
+    pub https_port: u16,
+}
+
+#[async_trait]
+impl ProxyHttp for Redirect {
+    type CTX = ();
+    fn new_ctx(&self) {}
+
+    async fn request_filter(&self, session: &mut Session, _ctx: &mut ()) -> Result<bool> {
+        let req = session.req_header();
+        let host = req
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name).to_string())
+            .filter(|h| portico_config::is_hostname(h) || h.parse::<std::net::IpAddr>().is_ok());
+        let Some(host) = host else {
+            session.respond_error(400).await?;
+            return Ok(true);
+        };
+        let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let port = if self.https_port == 443 {
+            String::new()
+        } else {
+            format!(":{}", self.https_port)
+        };
+        let mut resp = ResponseHeader::build(308, Some(3))?;
+        resp.insert_header("location", format!("https://{host}{port}{path}"))?;
+        resp.insert_header("content-length", "0")?;
+        resp.insert_header("connection", "close")?;
+        session.write_response_header(Box::new(resp), true).await?;
+        Ok(true)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
+        Err(Error::explain(
+            ErrorType::InternalError,
+            "redirect has no upstream",
+        ))
+    }
+}

@@ -1,0 +1,171 @@
+//! `portico up`: gateway + chat shards + jobs in one process.
+//!
+//! The chat shards and the jobs service run on one Tokio runtime in a
+//! helper thread, sharing in-memory engines; Pingora runs the gateway on the
+//! main thread with its own runtimes. One cancellation token, fired by
+//! SIGTERM/SIGINT, stops both sides.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::mpsc;
+
+use anyhow::Context;
+use portico_config::{PorticoConfig, Secret};
+use tokio_util::sync::CancellationToken;
+
+pub fn run(mut cfg: PorticoConfig) -> ExitCode {
+    portico_common::telemetry::init_tracing(&cfg.log);
+    if let Err(e) = prepare(&mut cfg) {
+        tracing::error!(error = format!("{e:#}"), "cannot start");
+        return ExitCode::FAILURE;
+    }
+    let stop = CancellationToken::new();
+    let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<()>>();
+    let backend = {
+        let cfg = cfg.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || backends(cfg, stop, ready_tx))
+    };
+    match ready_rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::error!(error = format!("{e:#}"), "cannot start");
+            return ExitCode::FAILURE;
+        }
+        Err(_) => return ExitCode::FAILURE,
+    }
+    let server = match portico_gateway::build(&cfg, false) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "gateway cannot start");
+            stop.cancel();
+            let _ = backend.join();
+            return ExitCode::FAILURE;
+        }
+    };
+    let g = &cfg.gateway;
+    let host = &g.hostnames[0];
+    println!();
+    println!(
+        "  Portico is up: https://{host}:{}/  (self-signed certificate)",
+        g.https_listen.port()
+    );
+    println!(
+        "  chat shards: {:?}  jobs: {}  metrics: http://{}/metrics",
+        g.chat_shards, g.jobs_upstream, g.admin_listen
+    );
+    println!("  Ctrl-C stops everything.");
+    println!();
+    portico_gateway::run(server, stop.clone());
+    stop.cancel();
+    match backend.join() {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
+    }
+}
+
+/// Derives the one-process layout from the configuration: demo on, shard
+/// N on `chat.listen` + N - 1, and a JWT secret kept under `data_dir`.
+fn prepare(cfg: &mut PorticoConfig) -> anyhow::Result<()> {
+    fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    if cfg.auth.jwt_secret.is_empty() {
+        cfg.auth.jwt_secret = load_or_create_secret(&cfg.data_dir.join("jwt-secret"))?;
+    }
+    cfg.chat.demo = true;
+    let base = cfg.chat.listen;
+    let ports = (0..cfg.up.chat_shards).map(|i| {
+        base.port()
+            .checked_add(i)
+            .context("chat.listen port + shards > 65535")
+    });
+    cfg.gateway.chat_shards = ports
+        .map(|p| p.map(|p| base.with_port(p)))
+        .collect::<anyhow::Result<_>>()?;
+    cfg.gateway.jobs_upstream = cfg.jobs.listen;
+    let https = format!(
+        "https://{}:{}",
+        cfg.gateway.hostnames[0],
+        cfg.gateway.https_listen.port()
+    );
+    if !cfg.chat.allowed_origins.contains(&https) {
+        cfg.chat.allowed_origins.push(https);
+    }
+    Ok(())
+}
+
+fn load_or_create_secret(path: &Path) -> anyhow::Result<Secret> {
+    if let Ok(s) = fs::read_to_string(path) {
+        let s = s.trim();
+        anyhow::ensure!(
+            s.len() >= 32,
+            "{} holds a secret shorter than 32 bytes",
+            path.display()
+        );
+        return Ok(Secret::new(s));
+    }
+    let secret: String = (0..48).map(|_| format!("{:02x}", rand_byte())).collect();
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(secret.as_bytes())?;
+    Ok(Secret::new(secret))
+}
+
+fn rand_byte() -> u8 {
+    rand::random()
+}
+
+/// The Tokio side: chat shards and jobs, until `stop`.
+fn backends(
+    cfg: PorticoConfig,
+    stop: CancellationToken,
+    ready: mpsc::Sender<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        portico_common::shutdown::cancel_on_signal(stop.clone());
+        let started: anyhow::Result<_> = async {
+            let engines = portico_chat::Engines::memory();
+            let mut shards = Vec::new();
+            for (i, addr) in cfg.gateway.chat_shards.iter().enumerate() {
+                let mut c = cfg.chat.clone();
+                c.listen = *addr;
+                c.shard_id = i as u16 + 1;
+                shards.push(portico_chat::bind(c, &cfg.auth, engines.clone()).await?);
+            }
+            let jobs = portico_jobs::bind(&cfg.jobs).await?;
+            Ok((shards, jobs))
+        }
+        .await;
+        let (shards, jobs) = match started {
+            Ok(s) => {
+                let _ = ready.send(Ok(()));
+                s
+            }
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return Ok(());
+            }
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        for shard in shards {
+            tasks.spawn(shard.serve(stop.clone()));
+        }
+        tasks.spawn(jobs.serve(stop.clone()));
+        let mut result = Ok(());
+        while let Some(r) = tasks.join_next().await {
+            if let Ok(Err(e)) | Err(e) = r.map_err(std::io::Error::other) {
+                tracing::error!(error = %e, "service failed");
+                result = Err(e.into());
+                stop.cancel();
+            }
+        }
+        result
+    })
+}
