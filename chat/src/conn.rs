@@ -62,10 +62,12 @@ where
             protocol: protocol::SUBPROTOCOL,
         });
         conn.read_loop(stream).await;
+        if ctl.reason().is_none() {
+            ctl.close(close::NORMAL, ""); // the client left
+        }
         if let Some((code, reason)) = ctl.reason() {
             tracing::debug!(code, reason, "closing");
         }
-        ctl.token().cancel();
         let _ = writer.await;
         for conv in conn.subscribed.drain() {
             shard.hub.unsubscribe(conn.outlet.id, &conv).await;
@@ -146,7 +148,7 @@ impl Conn {
             Err(code) => return self.error(code, None),
         };
         match frame {
-            ClientFrame::Ping => self.send(&ServerFrame::Pong),
+            ClientFrame::Ping {} => self.send(&ServerFrame::Pong),
             ClientFrame::Subscribe { conv, since } => self.subscribe(conv, since).await,
             ClientFrame::Unsubscribe { conv } => {
                 if !self.subscribed.remove(&conv) {
@@ -312,7 +314,8 @@ where
             }
         }
     }
-    let (code, reason) = ctl.reason().unwrap_or((close::NORMAL, ""));
+    // Cancelled without a reason: the shard's drain got here first.
+    let (code, reason) = ctl.reason().unwrap_or((close::GOING_AWAY, "server shutting down"));
     let frame = CloseFrame {
         code: code.into(),
         reason: Utf8Bytes::from_static(reason),

@@ -22,7 +22,10 @@ fn main() -> std::process::ExitCode {
         Err(code) => return code,
     };
     portico_common::cli::run_async(cfg, |cfg, stop| async move {
-        let bound = portico_chat::bind(cfg.chat.clone(), &cfg.auth, portico_chat::Engines::memory()).await?;
+        let bound = {
+            let engines = portico_chat::Engines::from_config(&cfg.chat).await?;
+            portico_chat::bind(cfg.chat.clone(), &cfg.auth, engines).await?
+        };
         bound.serve(stop).await?;
         Ok(())
     })

@@ -82,7 +82,7 @@ pub enum ClientFrame {
         #[serde(default)]
         limit: Option<u32>,
     },
-    Ping,
+    Ping {},
 }
 
 /// Stable error codes, sent in `{"type":"error","code":…}` frames.
@@ -269,7 +269,7 @@ mod tests {
                 since: Some(4)
             })
         );
-        assert_eq!(parse(r#"{"type":"ping"}"#), Ok(ClientFrame::Ping));
+        assert_eq!(parse(r#"{"type":"ping"}"#), Ok(ClientFrame::Ping {}));
     }
 
     #[test]

@@ -31,6 +31,17 @@ pub enum BusEngine {
 }
 
 impl Engines {
+    /// The engines `cfg` names, connected.
+    pub async fn from_config(cfg: &ChatConfig) -> Result<Self, StartError> {
+        use portico_config::{BusKind, StoreKind};
+        match (cfg.bus, cfg.store) {
+            (BusKind::Memory, StoreKind::Memory) => Ok(Engines::memory()),
+            (bus, store) => Err(StartError::Engine(format!(
+                "chat.bus = {bus:?} / chat.store = {store:?}: only the memory engines exist in this build"
+            ))),
+        }
+    }
+
     /// In-memory engines, shared by every shard given a clone.
     pub fn memory() -> Self {
         Engines {

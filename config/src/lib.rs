@@ -31,6 +31,9 @@ pub enum ConfigError {
     /// The file named on the command line does not exist or cannot be read.
     #[error("config file {}: {reason}", path.display())]
     File { path: PathBuf, reason: String },
+    /// A file is not valid TOML.
+    #[error("{source_name}: {message}")]
+    Syntax { source_name: String, message: String },
     /// A value in a layer does not fit the schema (unknown key, wrong type…).
     #[error("{source_name}: key `{key}`: {message}")]
     Parse {
@@ -100,16 +103,21 @@ fn parse_error(figment: &Figment, e: figment::Error) -> ConfigError {
             .map(|md| source_of(md, &e.path))
             .unwrap_or_else(|| "configuration".to_string()),
     };
-    let key = if key.is_empty() {
-        "(top level)".to_string()
-    } else {
-        key
-    };
-    ConfigError::Parse {
-        source_name,
-        key,
-        message: e.kind.to_string(),
+    if key.is_empty() {
+        return ConfigError::Syntax { source_name, message: one_line(&e.kind.to_string()) };
     }
+    ConfigError::Parse { source_name, key, message: one_line(&e.kind.to_string()) }
+}
+
+/// TOML errors come with a source excerpt over several lines; keep the
+/// position and the explanation, drop the excerpt.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.contains('|'))
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// `["chat", "listen"]` → `PORTICO_CHAT__LISTEN`.

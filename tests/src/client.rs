@@ -1,0 +1,199 @@
+//! Clients for tests: HTTPS (trusting a given certificate) and a WebSocket
+//! client speaking the chat protocol.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+pub const RECV_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A rustls client config that trusts exactly `ca_pem`.
+pub fn tls_config(ca_pem: &[u8], alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(cert.expect("PEM certificate")).expect("add root");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(cfg)
+}
+
+/// An HTTPS client that trusts `ca_pem` and resolves `localhost` to us.
+pub fn https_client(ca_pem: &[u8]) -> reqwest::Client {
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem).expect("PEM"))
+        .https_only(true)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("https client")
+}
+
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// A chat protocol client.
+pub struct Ws {
+    inner: WebSocketStream<Pin<Box<dyn Io>>>,
+}
+
+/// How a connection attempt ended when it was refused.
+#[derive(Debug)]
+pub enum Refused {
+    Status(u16),
+    Other(String),
+}
+
+impl Ws {
+    /// Connects to `ws://127.0.0.1:port/ws` with `token` as a subprotocol.
+    pub async fn connect(port: u16, token: &str) -> Result<Ws, Refused> {
+        Ws::connect_with(port, Some(token), None, &[]).await
+    }
+
+    /// Connects over TLS to `wss://localhost:port/ws`.
+    pub async fn connect_tls(port: u16, token: &str, ca_pem: &[u8]) -> Result<Ws, Refused> {
+        Ws::connect_with(port, Some(token), Some(ca_pem), &[]).await
+    }
+
+    /// The general form: optional token, optional TLS, extra headers.
+    pub async fn connect_with(
+        port: u16,
+        token: Option<&str>,
+        ca_pem: Option<&[u8]>,
+        headers: &[(&str, &str)],
+    ) -> Result<Ws, Refused> {
+        let scheme = if ca_pem.is_some() { "wss" } else { "ws" };
+        let mut req = format!("{scheme}://localhost:{port}/ws").into_client_request().expect("request");
+        let protocols = match token {
+            Some(t) => format!("portico.v1, bearer.{t}"),
+            None => "portico.v1".to_string(),
+        };
+        req.headers_mut().insert("sec-websocket-protocol", protocols.parse().expect("header"));
+        for (k, v) in headers {
+            req.headers_mut().insert(
+                tungstenite::http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                v.parse().expect("value"),
+            );
+        }
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| Refused::Other(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let stream: Pin<Box<dyn Io>> = match ca_pem {
+            None => Box::pin(tcp),
+            Some(pem) => {
+                let connector = tokio_rustls::TlsConnector::from(tls_config(pem, &[b"http/1.1"]));
+                let name = ServerName::try_from("localhost").expect("name");
+                Box::pin(connector.connect(name, tcp).await.map_err(|e| Refused::Other(e.to_string()))?)
+            }
+        };
+        match tokio_tungstenite::client_async(req, stream).await {
+            Ok((inner, _)) => Ok(Ws { inner }),
+            Err(tungstenite::Error::Http(resp)) => Err(Refused::Status(resp.status().as_u16())),
+            Err(e) => Err(Refused::Other(e.to_string())),
+        }
+    }
+
+    pub async fn send(&mut self, frame: Value) {
+        self.inner.send(Message::Text(frame.to_string().into())).await.expect("send frame");
+    }
+
+    pub async fn send_raw(&mut self, msg: Message) {
+        self.inner.send(msg).await.expect("send raw frame");
+    }
+
+    /// The next JSON frame (pings skipped); panics after [`RECV_TIMEOUT`].
+    pub async fn recv(&mut self) -> Value {
+        match self.next_frame(RECV_TIMEOUT).await {
+            Some(Ok(v)) => v,
+            Some(Err(close)) => panic!("connection closed with {close:?} while waiting for a frame"),
+            None => panic!("no frame within {RECV_TIMEOUT:?}"),
+        }
+    }
+
+    /// Frames until one of type `kind` (others are returned alongside).
+    pub async fn recv_type(&mut self, kind: &str) -> Value {
+        loop {
+            let f = self.recv().await;
+            if f["type"] == kind {
+                return f;
+            }
+        }
+    }
+
+    /// `None` if nothing arrives within `wait` (to show absence).
+    pub async fn try_recv(&mut self, wait: Duration) -> Option<Value> {
+        match self.next_frame(wait).await {
+            Some(Ok(v)) => Some(v),
+            Some(Err(close)) => panic!("connection closed with {close:?}"),
+            None => None,
+        }
+    }
+
+    /// Waits for the server's close frame and returns its code.
+    pub async fn expect_close(&mut self) -> u16 {
+        loop {
+            match self.next_frame(RECV_TIMEOUT).await {
+                Some(Ok(_)) => continue,
+                Some(Err(code)) => return code,
+                None => panic!("no close within {RECV_TIMEOUT:?}"),
+            }
+        }
+    }
+
+    /// `Ok(json)`, `Err(close code)` (0 when the stream just ended) or
+    /// `None` on timeout.
+    async fn next_frame(&mut self, wait: Duration) -> Option<Result<Value, u16>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let msg = match tokio::time::timeout_at(deadline, self.inner.next()).await {
+                Err(_) => return None,
+                Ok(None) | Ok(Some(Err(_))) => return Some(Err(0)),
+                Ok(Some(Ok(m))) => m,
+            };
+            match msg {
+                Message::Text(t) => return Some(Ok(serde_json::from_str(&t).expect("server sends JSON"))),
+                Message::Close(frame) => return Some(Err(frame.map_or(1005, |f| u16::from(f.code)))),
+                _ => continue,
+            }
+        }
+    }
+}
+
+/// A token for `user` signed with the test secret (as an app backend would).
+pub fn token(user: &str) -> String {
+    token_with_exp(user, unix_now() + 3600)
+}
+
+/// A token with a given expiry (seconds since the epoch).
+pub fn token_with_exp(user: &str, exp: u64) -> String {
+    sign(crate::TEST_SECRET, user, exp)
+}
+
+/// An HS256 JWT, hand-assembled so tests do not share the code under test.
+pub fn sign(secret: &str, user: &str, exp: u64) -> String {
+    use base64::Engine;
+    let b64 = |d: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d);
+    let header = b64(br#"{"alg":"HS256","typ":"JWT"}"#);
+    let claims = b64(serde_json::json!({ "sub": user, "exp": exp, "roles": [] }).to_string().as_bytes());
+    let input = format!("{header}.{claims}");
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let sig = ring::hmac::sign(&key, input.as_bytes());
+    format!("{input}.{}", b64(sig.as_ref()))
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs()
+}

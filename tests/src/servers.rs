@@ -1,0 +1,267 @@
+//! Real servers for tests: Redis, PostgreSQL, and Portico's own services.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use crate::proc::Proc;
+use crate::{TEST_SECRET, bins, free_port};
+
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Waits until `probe` succeeds, failing the test with `proc`'s log if the
+/// process dies or the deadline passes.
+fn wait_until(proc: &mut Proc, what: &str, mut probe: impl FnMut() -> bool) {
+    let deadline = Instant::now() + START_TIMEOUT;
+    while !probe() {
+        if !proc.is_running() {
+            panic!("{} exited before {what}:\n{}", proc.name, proc.log());
+        }
+        if Instant::now() > deadline {
+            panic!("{} not {what} after {START_TIMEOUT:?}:\n{}", proc.name, proc.log());
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// `GET path` over plain HTTP/1.0; the status code, if any answer came.
+pub fn http_status(port: u16, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+// ---------------------------------------------------------------- Redis --
+
+/// A throwaway `redis-server` on a free port, no persistence.
+pub struct Redis {
+    proc: Option<Proc>,
+    pub port: u16,
+    dir: TempDir,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut r = Redis { proc: None, port: free_port(), dir };
+        r.restart();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (SIGKILL: as abrupt as a crash).
+    pub fn stop(&mut self) {
+        self.proc = None;
+    }
+
+    /// (Re)starts the server on the same port.
+    pub fn restart(&mut self) {
+        self.proc = None;
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path());
+        let mut proc = Proc::spawn("redis-server", cmd, &self.dir.path().join("redis.log"));
+        let port = self.port;
+        wait_until(&mut proc, "answering PING", || redis_ping(port));
+        self.proc = Some(proc);
+    }
+}
+
+fn redis_ping(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut buf = [0u8; 7];
+    s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+// ----------------------------------------------------------- PostgreSQL --
+
+/// A throwaway PostgreSQL cluster (`initdb` into a temporary directory,
+/// `postgres` on a free loopback port, trust authentication).
+pub struct Postgres {
+    proc: Option<Proc>,
+    pub port: u16,
+    dir: TempDir,
+}
+
+/// Where Debian keeps the server binaries (not on PATH).
+fn pg_bin(name: &str) -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin").join(name)).collect())
+        .unwrap_or_default();
+    versions.retain(|p| p.exists());
+    versions.sort();
+    versions.pop().unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// Runs as the `postgres` user when we are root (PostgreSQL refuses root).
+/// `setpriv` execs in place, so killing the child kills the server.
+fn as_postgres(program: &Path) -> Command {
+    let root = std::env::var("USER").map(|u| u == "root").unwrap_or(false)
+        || Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    if root {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+impl Postgres {
+    pub fn start() -> Postgres {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _ = Command::new("chown").arg("-R").arg("postgres:postgres").arg(dir.path()).status();
+        let data = dir.path().join("data");
+        let out = as_postgres(&pg_bin("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync", "--no-instructions"])
+            .output()
+            .expect("run initdb (is PostgreSQL installed? run ./scripts/test)");
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let mut pg = Postgres { proc: None, port: free_port(), dir };
+        pg.restart();
+        pg
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops the server (fast shutdown: open sessions are cut).
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.stop("INT", Duration::from_secs(10));
+        }
+    }
+
+    /// (Re)starts the server on the same port and data directory.
+    pub fn restart(&mut self) {
+        self.stop();
+        let mut cmd = as_postgres(&pg_bin("postgres"));
+        cmd.arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-p", &self.port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", self.dir.path().display()))
+            .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]);
+        let log = self.dir.path().join("postgres.log");
+        let mut proc = Proc::spawn("postgres", cmd, &log);
+        let port = self.port;
+        wait_until(&mut proc, "accepting connections", || {
+            Command::new("pg_isready")
+                .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        self.proc = Some(proc);
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // Before the directory goes: a killed postmaster leaves backends.
+        self.stop();
+    }
+}
+
+// ------------------------------------------------------ Portico services --
+
+/// One of Portico's binaries, on free ports, with its own data directory.
+pub struct Service {
+    pub proc: Proc,
+    /// Where the service answers `/healthz` (plain HTTP).
+    pub health_port: u16,
+    pub dir: TempDir,
+}
+
+impl Service {
+    /// Starts `bin` with `args` and `PORTICO_*` variables `env` (plus a test
+    /// JWT secret, JSON logs and a private data directory); waits for
+    /// `/healthz` on `health_port`.
+    pub fn start(bin: &Path, args: &[&str], env: &[(&str, String)], health_port: u16) -> Service {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .env_remove("PORTICO_CONFIG")
+            .env("PORTICO_AUTH__JWT_SECRET", TEST_SECRET)
+            .env("PORTICO_LOG__FORMAT", "json")
+            .env("PORTICO_DATA_DIR", dir.path());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let name = bin.file_name().and_then(|n| n.to_str()).unwrap_or("service").to_string();
+        let mut proc = Proc::spawn(&name, cmd, &dir.path().join("service.log"));
+        wait_until(&mut proc, "healthy", || http_status(health_port, "/healthz") == Some(200));
+        Service { proc, health_port, dir }
+    }
+
+    /// A chat shard on a free port with the in-memory engines.
+    pub fn chat(extra: &[(&str, String)]) -> (Service, u16) {
+        let port = free_port();
+        let mut env = vec![("PORTICO_CHAT__LISTEN", format!("127.0.0.1:{port}"))];
+        env.extend(extra.iter().cloned());
+        (Service::start(&bins::chat(), &[], &env, port), port)
+    }
+
+    /// The jobs service on a free port.
+    pub fn jobs() -> (Service, u16) {
+        let port = free_port();
+        let env = [("PORTICO_JOBS__LISTEN", format!("127.0.0.1:{port}"))];
+        (Service::start(&bins::jobs(), &[], &env, port), port)
+    }
+}
+
+/// The ports of a `portico up` (or gateway) under test.
+#[derive(Debug, Clone, Copy)]
+pub struct EdgePorts {
+    pub http: u16,
+    pub https: u16,
+    pub admin: u16,
+}
+
+impl EdgePorts {
+    pub fn free() -> EdgePorts {
+        EdgePorts { http: free_port(), https: free_port(), admin: free_port() }
+    }
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("PORTICO_GATEWAY__HTTP_LISTEN", format!("127.0.0.1:{}", self.http)),
+            ("PORTICO_GATEWAY__HTTPS_LISTEN", format!("127.0.0.1:{}", self.https)),
+            ("PORTICO_GATEWAY__ADMIN_LISTEN", format!("127.0.0.1:{}", self.admin)),
+            ("PORTICO_GATEWAY__GRACE_PERIOD_SECS", "1".to_string()),
+        ]
+    }
+}
+
+/// The whole stack in one process: `portico up` on free ports.
+pub fn up() -> (Service, EdgePorts) {
+    let edge = EdgePorts::free();
+    let chat = crate::free_port_pair();
+    let jobs = free_port();
+    let mut env = edge.env();
+    env.push(("PORTICO_CHAT__LISTEN", format!("127.0.0.1:{chat}")));
+    env.push(("PORTICO_JOBS__LISTEN", format!("127.0.0.1:{jobs}")));
+    env.push(("PORTICO_CHAT__ALLOWED_ORIGINS", format!("[\"https://localhost:{}\"]", edge.https)));
+    let svc = Service::start(&bins::portico(), &["up"], &env, edge.admin);
+    (svc, edge)
+}
+
+impl Service {
+    /// The self-signed certificate the gateway generated.
+    pub fn certificate(&self, host: &str) -> Vec<u8> {
+        std::fs::read(self.dir.path().join("certs").join(format!("{host}.crt"))).expect("gateway certificate")
+    }
+}
