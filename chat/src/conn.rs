@@ -315,7 +315,9 @@ where
         }
     }
     // Cancelled without a reason: the shard's drain got here first.
-    let (code, reason) = ctl.reason().unwrap_or((close::GOING_AWAY, "server shutting down"));
+    let (code, reason) = ctl
+        .reason()
+        .unwrap_or((close::GOING_AWAY, "server shutting down"));
     let frame = CloseFrame {
         code: code.into(),
         reason: Utf8Bytes::from_static(reason),

@@ -104,9 +104,16 @@ fn parse_error(figment: &Figment, e: figment::Error) -> ConfigError {
             .unwrap_or_else(|| "configuration".to_string()),
     };
     if key.is_empty() {
-        return ConfigError::Syntax { source_name, message: one_line(&e.kind.to_string()) };
+        return ConfigError::Syntax {
+            source_name,
+            message: one_line(&e.kind.to_string()),
+        };
     }
-    ConfigError::Parse { source_name, key, message: one_line(&e.kind.to_string()) }
+    ConfigError::Parse {
+        source_name,
+        key,
+        message: one_line(&e.kind.to_string()),
+    }
 }
 
 /// TOML errors come with a source excerpt over several lines; keep the

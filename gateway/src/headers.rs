@@ -38,7 +38,9 @@ mod tests {
         let packed = enc.finish().unwrap();
         assert!(packed.len() < text.len() / 50, "compressed: {}", packed.len());
         let mut out = String::new();
-        flate2::read::GzDecoder::new(&packed[..]).read_to_string(&mut out).unwrap();
+        flate2::read::GzDecoder::new(&packed[..])
+            .read_to_string(&mut out)
+            .unwrap();
         assert_eq!(out, text);
     }
 }

@@ -9,7 +9,10 @@ use std::sync::Mutex;
 fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     // target/debug/deps/portico_tests-hash → target/debug
-    exe.parent().and_then(|d| d.parent()).expect("test binary lives in target/<profile>/deps").to_path_buf()
+    exe.parent()
+        .and_then(|d| d.parent())
+        .expect("test binary lives in target/<profile>/deps")
+        .to_path_buf()
 }
 
 /// The path of binary `name` of package `package`, building it if missing.

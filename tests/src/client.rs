@@ -77,26 +77,36 @@ impl Ws {
         headers: &[(&str, &str)],
     ) -> Result<Ws, Refused> {
         let scheme = if ca_pem.is_some() { "wss" } else { "ws" };
-        let mut req = format!("{scheme}://localhost:{port}/ws").into_client_request().expect("request");
+        let mut req = format!("{scheme}://localhost:{port}/ws")
+            .into_client_request()
+            .expect("request");
         let protocols = match token {
             Some(t) => format!("portico.v1, bearer.{t}"),
             None => "portico.v1".to_string(),
         };
-        req.headers_mut().insert("sec-websocket-protocol", protocols.parse().expect("header"));
+        req.headers_mut()
+            .insert("sec-websocket-protocol", protocols.parse().expect("header"));
         for (k, v) in headers {
             req.headers_mut().insert(
                 tungstenite::http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
                 v.parse().expect("value"),
             );
         }
-        let tcp = TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| Refused::Other(e.to_string()))?;
+        let tcp = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| Refused::Other(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
         let stream: Pin<Box<dyn Io>> = match ca_pem {
             None => Box::pin(tcp),
             Some(pem) => {
                 let connector = tokio_rustls::TlsConnector::from(tls_config(pem, &[b"http/1.1"]));
                 let name = ServerName::try_from("localhost").expect("name");
-                Box::pin(connector.connect(name, tcp).await.map_err(|e| Refused::Other(e.to_string()))?)
+                Box::pin(
+                    connector
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|e| Refused::Other(e.to_string()))?,
+                )
             }
         };
         match tokio_tungstenite::client_async(req, stream).await {
@@ -107,7 +117,10 @@ impl Ws {
     }
 
     pub async fn send(&mut self, frame: Value) {
-        self.inner.send(Message::Text(frame.to_string().into())).await.expect("send frame");
+        self.inner
+            .send(Message::Text(frame.to_string().into()))
+            .await
+            .expect("send frame");
     }
 
     pub async fn send_raw(&mut self, msg: Message) {
@@ -187,7 +200,9 @@ pub fn sign(secret: &str, user: &str, exp: u64) -> String {
     use base64::Engine;
     let b64 = |d: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d);
     let header = b64(br#"{"alg":"HS256","typ":"JWT"}"#);
-    let claims = b64(serde_json::json!({ "sub": user, "exp": exp, "roles": [] }).to_string().as_bytes());
+    let claims = b64(serde_json::json!({ "sub": user, "exp": exp, "roles": [] })
+        .to_string()
+        .as_bytes());
     let input = format!("{header}.{claims}");
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
     let sig = ring::hmac::sign(&key, input.as_bytes());
@@ -195,5 +210,8 @@ pub fn sign(secret: &str, user: &str, exp: u64) -> String {
 }
 
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
 }

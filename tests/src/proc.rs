@@ -22,7 +22,11 @@ impl Proc {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name} ({:?}): {e}", cmd.get_program()));
-        Proc { name: name.to_string(), child, log: log.to_path_buf() }
+        Proc {
+            name: name.to_string(),
+            child,
+            log: log.to_path_buf(),
+        }
     }
 
     pub fn pid(&self) -> u32 {

@@ -22,7 +22,11 @@ fn wait_until(proc: &mut Proc, what: &str, mut probe: impl FnMut() -> bool) {
             panic!("{} exited before {what}:\n{}", proc.name, proc.log());
         }
         if Instant::now() > deadline {
-            panic!("{} not {what} after {START_TIMEOUT:?}:\n{}", proc.name, proc.log());
+            panic!(
+                "{} not {what} after {START_TIMEOUT:?}:\n{}",
+                proc.name,
+                proc.log()
+            );
         }
         std::thread::sleep(Duration::from_millis(25));
     }
@@ -50,7 +54,11 @@ pub struct Redis {
 impl Redis {
     pub fn start() -> Redis {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut r = Redis { proc: None, port: free_port(), dir };
+        let mut r = Redis {
+            proc: None,
+            port: free_port(),
+            dir,
+        };
         r.restart();
         r
     }
@@ -68,9 +76,18 @@ impl Redis {
     pub fn restart(&mut self) {
         self.proc = None;
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(self.dir.path());
+        cmd.args([
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(self.dir.path());
         let mut proc = Proc::spawn("redis-server", cmd, &self.dir.path().join("redis.log"));
         let port = self.port;
         wait_until(&mut proc, "answering PING", || redis_ping(port));
@@ -79,7 +96,9 @@ impl Redis {
 }
 
 fn redis_ping(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
     let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
     let mut buf = [0u8; 7];
     s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
@@ -98,7 +117,11 @@ pub struct Postgres {
 /// Where Debian keeps the server binaries (not on PATH).
 fn pg_bin(name: &str) -> PathBuf {
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin").join(name)).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin").join(name))
+                .collect()
+        })
         .unwrap_or_default();
     versions.retain(|p| p.exists());
     versions.sort();
@@ -109,10 +132,14 @@ fn pg_bin(name: &str) -> PathBuf {
 /// `setpriv` execs in place, so killing the child kills the server.
 fn as_postgres(program: &Path) -> Command {
     let root = std::env::var("USER").map(|u| u == "root").unwrap_or(false)
-        || Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+        || Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
     if root {
         let mut c = Command::new("setpriv");
-        c.args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--"]).arg(program);
+        c.args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--"])
+            .arg(program);
         c
     } else {
         Command::new(program)
@@ -122,16 +149,37 @@ fn as_postgres(program: &Path) -> Command {
 impl Postgres {
     pub fn start() -> Postgres {
         let dir = tempfile::tempdir().expect("tempdir");
-        let _ = Command::new("chown").arg("-R").arg("postgres:postgres").arg(dir.path()).status();
+        let _ = Command::new("chown")
+            .arg("-R")
+            .arg("postgres:postgres")
+            .arg(dir.path())
+            .status();
         let data = dir.path().join("data");
         let out = as_postgres(&pg_bin("initdb"))
             .arg("-D")
             .arg(&data)
-            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync", "--no-instructions"])
+            .args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--no-instructions",
+            ])
             .output()
             .expect("run initdb (is PostgreSQL installed? run ./scripts/test)");
-        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        let mut pg = Postgres { proc: None, port: free_port(), dir };
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut pg = Postgres {
+            proc: None,
+            port: free_port(),
+            dir,
+        };
         pg.restart();
         pg
     }
@@ -156,7 +204,14 @@ impl Postgres {
             .args(["-p", &self.port.to_string(), "-c", "listen_addresses=127.0.0.1"])
             .arg("-c")
             .arg(format!("unix_socket_directories={}", self.dir.path().display()))
-            .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]);
+            .args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ]);
         let log = self.dir.path().join("postgres.log");
         let mut proc = Proc::spawn("postgres", cmd, &log);
         let port = self.port;
@@ -202,10 +257,20 @@ impl Service {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let name = bin.file_name().and_then(|n| n.to_str()).unwrap_or("service").to_string();
+        let name = bin
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("service")
+            .to_string();
         let mut proc = Proc::spawn(&name, cmd, &dir.path().join("service.log"));
-        wait_until(&mut proc, "healthy", || http_status(health_port, "/healthz") == Some(200));
-        Service { proc, health_port, dir }
+        wait_until(&mut proc, "healthy", || {
+            http_status(health_port, "/healthz") == Some(200)
+        });
+        Service {
+            proc,
+            health_port,
+            dir,
+        }
     }
 
     /// A chat shard on a free port with the in-memory engines.
@@ -234,13 +299,23 @@ pub struct EdgePorts {
 
 impl EdgePorts {
     pub fn free() -> EdgePorts {
-        EdgePorts { http: free_port(), https: free_port(), admin: free_port() }
+        EdgePorts {
+            http: free_port(),
+            https: free_port(),
+            admin: free_port(),
+        }
     }
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![
             ("PORTICO_GATEWAY__HTTP_LISTEN", format!("127.0.0.1:{}", self.http)),
-            ("PORTICO_GATEWAY__HTTPS_LISTEN", format!("127.0.0.1:{}", self.https)),
-            ("PORTICO_GATEWAY__ADMIN_LISTEN", format!("127.0.0.1:{}", self.admin)),
+            (
+                "PORTICO_GATEWAY__HTTPS_LISTEN",
+                format!("127.0.0.1:{}", self.https),
+            ),
+            (
+                "PORTICO_GATEWAY__ADMIN_LISTEN",
+                format!("127.0.0.1:{}", self.admin),
+            ),
             ("PORTICO_GATEWAY__GRACE_PERIOD_SECS", "1".to_string()),
         ]
     }
@@ -254,7 +329,10 @@ pub fn up() -> (Service, EdgePorts) {
     let mut env = edge.env();
     env.push(("PORTICO_CHAT__LISTEN", format!("127.0.0.1:{chat}")));
     env.push(("PORTICO_JOBS__LISTEN", format!("127.0.0.1:{jobs}")));
-    env.push(("PORTICO_CHAT__ALLOWED_ORIGINS", format!("[\"https://localhost:{}\"]", edge.https)));
+    env.push((
+        "PORTICO_CHAT__ALLOWED_ORIGINS",
+        format!("[\"https://localhost:{}\"]", edge.https),
+    ));
     let svc = Service::start(&bins::portico(), &["up"], &env, edge.admin);
     (svc, edge)
 }

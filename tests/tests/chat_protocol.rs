@@ -36,7 +36,8 @@ async fn join(port: u16, user: &str, conv: &str, since: Option<u64>) -> Ws {
 }
 
 async fn publish(ws: &mut Ws, conv: &str, id: &str, body: &str) -> Value {
-    ws.send(json!({"type": "publish", "conv": conv, "id": id, "body": body})).await;
+    ws.send(json!({"type": "publish", "conv": conv, "id": id, "body": body}))
+        .await;
     ws.recv_type("ack").await
 }
 
@@ -58,8 +59,17 @@ async fn members_receive_every_message_once_in_order() {
         publishers.push(ws);
     }
     for i in 0..20 {
-        let ack = publish(&mut publishers[i % 3], "g1", &format!("m{i}"), &format!("hello {i}")).await;
-        assert_eq!((ack["duplicate"].as_bool(), ack["offset"].as_u64()), (Some(false), Some(i as u64 + 1)));
+        let ack = publish(
+            &mut publishers[i % 3],
+            "g1",
+            &format!("m{i}"),
+            &format!("hello {i}"),
+        )
+        .await;
+        assert_eq!(
+            (ack["duplicate"].as_bool(), ack["offset"].as_u64()),
+            (Some(false), Some(i as u64 + 1))
+        );
     }
     for ws in &mut clients {
         let mut offsets = Vec::new();
@@ -70,7 +80,11 @@ async fn members_receive_every_message_once_in_order() {
             }
         }
         assert_eq!(offsets, (1..=20).collect::<Vec<u64>>());
-        assert!(ws.try_recv(Duration::from_millis(200)).await.is_none_or(|f| f["type"] != "message"));
+        assert!(
+            ws.try_recv(Duration::from_millis(200))
+                .await
+                .is_none_or(|f| f["type"] != "message")
+        );
     }
 }
 
@@ -104,8 +118,14 @@ async fn resume_gets_exactly_what_was_missed_and_retries_are_not_stored_twice() 
     assert_eq!(bodies, (1..=5).map(|i| format!("missed {i}")).collect::<Vec<_>>());
     publish(&mut alice, "dm", "a6", "live").await;
     let live = bob.recv().await;
-    assert_eq!((live["body"].as_str(), live["offset"].as_u64()), (Some("live"), Some(7)));
-    assert!(bob.try_recv(Duration::from_millis(200)).await.is_none(), "nothing twice");
+    assert_eq!(
+        (live["body"].as_str(), live["offset"].as_u64()),
+        (Some("live"), Some(7))
+    );
+    assert!(
+        bob.try_recv(Duration::from_millis(200)).await.is_none(),
+        "nothing twice"
+    );
 }
 
 #[tokio::test]
@@ -121,12 +141,17 @@ async fn non_members_are_refused_and_the_connection_stays_usable() {
     ] {
         eve.send(frame).await;
         let e = eve.recv().await;
-        assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("not_member")));
+        assert_eq!(
+            (e["type"].as_str(), e["code"].as_str()),
+            (Some("error"), Some("not_member"))
+        );
     }
     eve.send(json!({"type": "ping"})).await;
     assert_eq!(eve.recv().await["type"], "pong");
     let r = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{port}/api/conversations/private/messages"))
+        .get(format!(
+            "http://127.0.0.1:{port}/api/conversations/private/messages"
+        ))
         .bearer_auth(token("eve"))
         .send()
         .await
@@ -139,14 +164,25 @@ async fn expired_forged_and_missing_tokens_are_refused_at_connect() {
     let (_svc, port) = shard().await;
     let expired = token_with_exp("alice", unix_now() - 600);
     let forged = sign("another-secret-another-secret-another", "alice", unix_now() + 600);
-    for (what, t) in [("expired", Some(expired.as_str())), ("forged", Some(forged.as_str())), ("missing", None)] {
+    for (what, t) in [
+        ("expired", Some(expired.as_str())),
+        ("forged", Some(forged.as_str())),
+        ("missing", None),
+    ] {
         match Ws::connect_with(port, t, None, &[]).await {
             Err(Refused::Status(401)) => {}
             Err(other) => panic!("{what}: expected 401, got {other:?}"),
             Ok(_) => panic!("{what} token was accepted"),
         }
     }
-    match Ws::connect_with(port, Some(&token("a")), None, &[("origin", "https://evil.example")]).await {
+    match Ws::connect_with(
+        port,
+        Some(&token("a")),
+        None,
+        &[("origin", "https://evil.example")],
+    )
+    .await
+    {
         Err(Refused::Status(403)) => {}
         other => panic!("foreign origin: expected 403, got {:?}", other.err()),
     }
@@ -161,7 +197,10 @@ async fn bad_frames_get_documented_errors_and_the_shard_keeps_serving() {
         ("{not json", "bad_frame"),
         (r#"{"type":"dance"}"#, "unknown_type"),
         (r#"{"type":"subscribe","conv":"../etc"}"#, "invalid_conversation"),
-        (r#"{"type":"publish","conv":"c","id":"m","body":""}"#, "invalid_body"),
+        (
+            r#"{"type":"publish","conv":"c","id":"m","body":""}"#,
+            "invalid_body",
+        ),
         (r#"{"type":"unsubscribe","conv":"c"}"#, "not_subscribed"),
     ];
     for (raw, code) in cases {

@@ -44,11 +44,31 @@ fn assert_refused(bin: &std::path::Path, body: Option<&str>, env: &[(&str, &str)
 #[test]
 fn every_binary_refuses_bad_config_with_exit_2() {
     for bin in [bins::portico(), bins::chat(), bins::jobs(), bins::gateway()] {
-        assert_refused(&bin, Some("[chat]\nlisten_adress = \"127.0.0.1:1\"\n"), &[], &["chat", "listen_adress"]);
-        assert_refused(&bin, Some("[chat]\nmax_connections = \"lots\"\n"), &[], &["chat.max_connections"]);
-        assert_refused(&bin, Some("[jobs]\nlisten = \"127.0.0.1:99999\"\n"), &[], &["jobs.listen", "out of range"]);
+        assert_refused(
+            &bin,
+            Some("[chat]\nlisten_adress = \"127.0.0.1:1\"\n"),
+            &[],
+            &["chat", "listen_adress"],
+        );
+        assert_refused(
+            &bin,
+            Some("[chat]\nmax_connections = \"lots\"\n"),
+            &[],
+            &["chat.max_connections"],
+        );
+        assert_refused(
+            &bin,
+            Some("[jobs]\nlisten = \"127.0.0.1:99999\"\n"),
+            &[],
+            &["jobs.listen", "out of range"],
+        );
         assert_refused(&bin, None, &[], &["missing.toml"]);
-        assert_refused(&bin, Some(""), &[("PORTICO_GATEWAY__THREADS", "0")], &["gateway.threads"]);
+        assert_refused(
+            &bin,
+            Some(""),
+            &[("PORTICO_GATEWAY__THREADS", "0")],
+            &["gateway.threads"],
+        );
         assert_refused(&bin, Some("[chat\n"), &[], &["portico.toml"]);
     }
 }
@@ -65,6 +85,11 @@ fn a_good_config_passes_the_check() {
             cmd.arg("--check-config");
         }
         let out = cmd.output().unwrap();
-        assert!(out.status.success(), "{}: {}", bin.display(), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            bin.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

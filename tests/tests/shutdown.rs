@@ -14,8 +14,17 @@ const LIMIT: Duration = Duration::from_secs(10);
 fn assert_clean_exit(svc: &mut Service) {
     let start = Instant::now();
     svc.proc.signal("TERM");
-    let status = svc.proc.wait_exit(LIMIT).unwrap_or_else(|| panic!("{} still running after {LIMIT:?}", svc.proc.name));
-    assert_eq!(status.code(), Some(0), "{} exit status; log:\n{}", svc.proc.name, svc.proc.log());
+    let status = svc
+        .proc
+        .wait_exit(LIMIT)
+        .unwrap_or_else(|| panic!("{} still running after {LIMIT:?}", svc.proc.name));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{} exit status; log:\n{}",
+        svc.proc.name,
+        svc.proc.log()
+    );
     eprintln!("{} stopped in {:?}", svc.proc.name, start.elapsed());
 }
 

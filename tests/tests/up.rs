@@ -23,47 +23,89 @@ async fn demo_page_over_https_and_two_tabs_talk() {
     // Two "tabs": each gets a demo token and joins the lobby over wss.
     let mut tabs = Vec::new();
     for user in ["alice", "bob"] {
-        let t: serde_json::Value = http.get(format!("{base}/demo/token?user={user}")).send().await.unwrap().json().await.unwrap();
+        let t: serde_json::Value = http
+            .get(format!("{base}/demo/token?user={user}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         let origin = format!("https://localhost:{}", edge.https);
         let token = t["token"].as_str().unwrap().to_string();
-        let mut ws = Ws::connect_with(edge.https, Some(&token), Some(&ca), &[("origin", &origin)]).await.expect("wss connect");
+        let mut ws = Ws::connect_with(edge.https, Some(&token), Some(&ca), &[("origin", &origin)])
+            .await
+            .expect("wss connect");
         assert_eq!(ws.recv().await["type"], "welcome");
         ws.send(json!({"type": "subscribe", "conv": "lobby"})).await;
         assert_eq!(ws.recv_type("subscribed").await["conv"], "lobby");
         tabs.push(ws);
     }
-    tabs[0].send(json!({"type": "publish", "conv": "lobby", "id": "m1", "body": "hi bob"})).await;
+    tabs[0]
+        .send(json!({"type": "publish", "conv": "lobby", "id": "m1", "body": "hi bob"}))
+        .await;
     let got = tabs[1].recv_type("message").await;
     assert_eq!(got["body"], "hi bob");
     assert_eq!(got["from"], "alice");
     // The sender gets its ack and, being subscribed, the message once.
     let mut sender_saw = [tabs[0].recv().await, tabs[0].recv().await];
     sender_saw.sort_by_key(|f| f["type"].as_str().unwrap_or_default().to_string());
-    assert_eq!((sender_saw[0]["type"].as_str(), &sender_saw[0]["offset"]), (Some("ack"), &got["offset"]));
-    assert_eq!((sender_saw[1]["type"].as_str(), &sender_saw[1]["offset"]), (Some("message"), &got["offset"]));
-    assert!(tabs[1].try_recv(Duration::from_millis(300)).await.is_none(), "delivered once");
+    assert_eq!(
+        (sender_saw[0]["type"].as_str(), &sender_saw[0]["offset"]),
+        (Some("ack"), &got["offset"])
+    );
+    assert_eq!(
+        (sender_saw[1]["type"].as_str(), &sender_saw[1]["offset"]),
+        (Some("message"), &got["offset"])
+    );
+    assert!(
+        tabs[1].try_recv(Duration::from_millis(300)).await.is_none(),
+        "delivered once"
+    );
 }
 
 #[tokio::test]
 async fn https_speaks_h2_and_http_redirects() {
     let (svc, edge) = up();
     let ca = svc.certificate("localhost");
-    let resp = https_client(&ca).get(format!("https://localhost:{}/healthz", edge.https)).send().await.unwrap();
+    let resp = https_client(&ca)
+        .get(format!("https://localhost:{}/healthz", edge.https))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.version(), reqwest::Version::HTTP_2);
 
-    let plain = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
-    let r = plain.get(format!("http://localhost:{}/a?b=1", edge.http)).send().await.unwrap();
+    let plain = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = plain
+        .get(format!("http://localhost:{}/a?b=1", edge.http))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 308);
-    assert_eq!(r.headers()["location"], format!("https://localhost:{}/a?b=1", edge.https));
+    assert_eq!(
+        r.headers()["location"],
+        format!("https://localhost:{}/a?b=1", edge.https)
+    );
 
     // TLS 1.3 is what a modern client gets; plain text on the TLS port fails.
     let cfg = tls_config(&ca, &[b"h2"]);
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", edge.https)).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", edge.https))
+        .await
+        .unwrap();
     let tls = tokio_rustls::TlsConnector::from(cfg)
         .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .unwrap();
-    assert_eq!(tls.get_ref().1.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
-    let err = plain.get(format!("http://localhost:{}/", edge.https)).send().await;
+    assert_eq!(
+        tls.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    let err = plain
+        .get(format!("http://localhost:{}/", edge.https))
+        .send()
+        .await;
     assert!(err.is_err(), "plain HTTP on the TLS port must fail: {err:?}");
 }
