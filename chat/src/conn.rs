@@ -230,19 +230,21 @@ impl Conn {
         };
         metrics::counter!("portico_chat_messages_in_total").increment(1);
         let m = &appended.message;
-        // Republished even when a duplicate: the first attempt may have died
-        // between store and bus; hubs drop what they already delivered.
-        if let Err(e) = self.shard.hub.bus().publish(m).await {
-            // Stored, so acknowledged; members catch up via gap fill or resume.
-            metrics::counter!("portico_chat_bus_errors_total").increment(1);
-            tracing::warn!(conv = %m.conv, offset = m.offset, error = %e, "bus publish failed");
-        }
+        // Stored, hence acknowledged before the bus is asked: an ack promises
+        // durability, and delivery does not wait on the bus.
         self.send(&ServerFrame::Ack {
             conv: &m.conv,
             id: &m.id,
             offset: m.offset,
             duplicate: appended.duplicate,
         });
+        // Republished even when a duplicate: the first attempt may have died
+        // between store and bus; hubs drop what they already delivered.
+        if let Err(e) = self.shard.hub.bus().publish(m).await {
+            // Members catch up via gap fill, reconnect catch-up or resume.
+            metrics::counter!("portico_chat_bus_errors_total").increment(1);
+            tracing::warn!(conv = %m.conv, offset = m.offset, error = %e, "bus publish failed");
+        }
     }
 
     /// Checks membership (cached after the first yes); sends the error.

@@ -31,10 +31,13 @@ pub const DEMO_LOBBY: &str = "lobby";
 const MAX_BODY: usize = 64 * 1024;
 
 pub fn router(shard: Arc<Shard>) -> Router {
-    let store = shard.hub.store().clone();
+    let hub = shard.hub.clone();
     let ready = Readiness::new(move || {
-        let store = store.clone();
-        async move { store.ping().await.map_err(|e| e.to_string()) }
+        let hub = hub.clone();
+        async move {
+            hub.store().ping().await.map_err(|e| e.to_string())?;
+            hub.bus().ready().await.map_err(|e| e.to_string())
+        }
     });
     let mut app = Router::new()
         .route("/ws", get(ws_handshake))

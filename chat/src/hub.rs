@@ -281,6 +281,35 @@ impl Hub {
         }
     }
 
+    /// Whether any subscriber on this shard holds `conv`.
+    pub fn holds(&self, conv: &ConvId) -> bool {
+        self.convs.contains_key(conv)
+    }
+
+    /// Loads from the store whatever the bus may have lost (after a
+    /// reconnect or an overflow) for every conversation held here.
+    pub async fn catch_up(self: &Arc<Self>) {
+        let held: Vec<(ConvId, u64)> = self
+            .convs
+            .iter()
+            .filter_map(|e| e.value().next.map(|n| (e.key().clone(), n)))
+            .collect();
+        for (conv, next) in held {
+            match self
+                .store
+                .page(&conv, Page::After(next - 1), MAX_RESUME as u32)
+                .await
+            {
+                Ok(found) => {
+                    for m in found {
+                        self.deliver(m);
+                    }
+                }
+                Err(e) => tracing::warn!(%conv, error = %e, "catch-up failed"),
+            }
+        }
+    }
+
     /// A message from the bus: fan out in order, exactly once per subscriber.
     pub fn deliver(self: &Arc<Self>, msg: Message) {
         let conv = msg.conv.clone();

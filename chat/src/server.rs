@@ -14,9 +14,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::bus::Bus;
 use crate::bus::memory::MemoryBus;
+use crate::bus::redis::RedisBus;
 use crate::hub::Hub;
 use crate::store::Store;
 use crate::store::memory::MemoryStore;
+use crate::store::postgres::PgStore;
 
 /// The engines a shard runs on.
 #[derive(Clone)]
@@ -27,19 +29,29 @@ pub struct Engines {
 
 #[derive(Clone)]
 pub enum BusEngine {
+    /// Shared by the shards of one process.
     Memory(Arc<MemoryBus>),
+    /// Each shard connects its own clients to this URL.
+    Redis(String),
 }
 
 impl Engines {
     /// The engines `cfg` names, connected.
     pub async fn from_config(cfg: &ChatConfig) -> Result<Self, StartError> {
         use portico_config::{BusKind, StoreKind};
-        match (cfg.bus, cfg.store) {
-            (BusKind::Memory, StoreKind::Memory) => Ok(Engines::memory()),
-            (bus, store) => Err(StartError::Engine(format!(
-                "chat.bus = {bus:?} / chat.store = {store:?}: only the memory engines exist in this build"
-            ))),
-        }
+        let store: Arc<dyn Store> = match (cfg.store, &cfg.postgres_url) {
+            (StoreKind::Postgres, Some(url)) => Arc::new(
+                PgStore::connect(url.expose(), cfg.postgres_pool)
+                    .await
+                    .map_err(|e| StartError::Engine(format!("PostgreSQL store: {e}")))?,
+            ),
+            _ => Arc::new(MemoryStore::default()),
+        };
+        let bus = match (cfg.bus, &cfg.redis_url) {
+            (BusKind::Redis, Some(url)) => BusEngine::Redis(url.clone()),
+            _ => BusEngine::Memory(Arc::new(MemoryBus::default())),
+        };
+        Ok(Engines { store, bus })
     }
 
     /// In-memory engines, shared by every shard given a clone.
@@ -111,6 +123,9 @@ pub async fn bind(cfg: ChatConfig, auth: &AuthConfig, engines: Engines) -> Resul
             m.attach(&hub);
             m.clone()
         }
+        BusEngine::Redis(url) => RedisBus::connect(url, &hub)
+            .await
+            .map_err(|e| StartError::Engine(format!("Redis bus: {e}")))?,
     };
     hub.set_bus(bus);
     let per_sec = NonZeroU32::new(cfg.publish_per_sec).expect("validated: publish_per_sec > 0");

@@ -76,6 +76,31 @@ impl Ws {
         ca_pem: Option<&[u8]>,
         headers: &[(&str, &str)],
     ) -> Result<Ws, Refused> {
+        let tcp = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| Refused::Other(e.to_string()))?;
+        Ws::handshake(tcp, port, token, ca_pem, headers).await
+    }
+
+    /// A client whose socket receive buffer is tiny: with nobody reading
+    /// it, the server's queue for it fills fast (slow-consumer tests).
+    pub async fn connect_slow(port: u16, token: &str) -> Result<Ws, Refused> {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        let tcp = sock
+            .connect(([127, 0, 0, 1], port).into())
+            .await
+            .map_err(|e| Refused::Other(e.to_string()))?;
+        Ws::handshake(tcp, port, Some(token), None, &[]).await
+    }
+
+    async fn handshake(
+        tcp: TcpStream,
+        port: u16,
+        token: Option<&str>,
+        ca_pem: Option<&[u8]>,
+        headers: &[(&str, &str)],
+    ) -> Result<Ws, Refused> {
         let scheme = if ca_pem.is_some() { "wss" } else { "ws" };
         let mut req = format!("{scheme}://localhost:{port}/ws")
             .into_client_request()
@@ -92,9 +117,6 @@ impl Ws {
                 v.parse().expect("value"),
             );
         }
-        let tcp = TcpStream::connect(("127.0.0.1", port))
-            .await
-            .map_err(|e| Refused::Other(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
         let stream: Pin<Box<dyn Io>> = match ca_pem {
             None => Box::pin(tcp),
@@ -114,6 +136,38 @@ impl Ws {
             Err(tungstenite::Error::Http(resp)) => Err(Refused::Status(resp.status().as_u16())),
             Err(e) => Err(Refused::Other(e.to_string())),
         }
+    }
+
+    /// Connects as `user`, reads the welcome and subscribes to `conv`
+    /// (resuming after `since`); the `subscribed` frame is left unread.
+    pub async fn join(port: u16, user: &str, conv: &str, since: Option<u64>) -> Ws {
+        let mut ws = Ws::connect(port, &token(user)).await.expect("connect");
+        assert_eq!(ws.recv().await["type"], "welcome");
+        let mut sub = serde_json::json!({"type": "subscribe", "conv": conv});
+        if let Some(s) = since {
+            sub["since"] = serde_json::json!(s);
+        }
+        ws.send(sub).await;
+        ws
+    }
+
+    /// Publishes and waits for the `ack` (frames before it are dropped).
+    pub async fn publish(&mut self, conv: &str, id: &str, body: &str) -> Value {
+        self.send(serde_json::json!({"type": "publish", "conv": conv, "id": id, "body": body}))
+            .await;
+        self.recv_type("ack").await
+    }
+
+    /// The next `count` messages' offsets (other frames skipped).
+    pub async fn offsets(&mut self, count: usize) -> Vec<u64> {
+        let mut out = Vec::with_capacity(count);
+        while out.len() < count {
+            let f = self.recv().await;
+            if f["type"] == "message" {
+                out.push(f["offset"].as_u64().expect("offset"));
+            }
+        }
+        out
     }
 
     pub async fn send(&mut self, frame: Value) {
@@ -183,6 +237,19 @@ impl Ws {
             }
         }
     }
+}
+
+/// Creates a conversation over a shard's REST API as `owner`.
+pub async fn create_conversation(port: u16, owner: &str, id: &str, members: &[&str]) {
+    let r = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/api/conversations"))
+        .bearer_auth(token(owner))
+        .json(&serde_json::json!({ "id": id, "members": members }))
+        .send()
+        .await
+        .expect("create conversation");
+    let status = r.status();
+    assert_eq!(status, 201, "{}", r.text().await.unwrap_or_default());
 }
 
 /// A token for `user` signed with the test secret (as an app backend would).

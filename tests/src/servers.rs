@@ -343,3 +343,38 @@ impl Service {
         std::fs::read(self.dir.path().join("certs").join(format!("{host}.crt"))).expect("gateway certificate")
     }
 }
+
+/// Chat shards as separate processes on real Redis (bus) and PostgreSQL
+/// (store).
+pub struct ChatCluster {
+    pub shards: Vec<(Service, u16)>,
+    pub redis: Redis,
+    pub pg: Postgres,
+}
+
+impl ChatCluster {
+    pub fn start(shards: usize, extra: &[(&str, String)]) -> ChatCluster {
+        let redis = Redis::start();
+        let pg = Postgres::start();
+        let mut env = vec![
+            ("PORTICO_CHAT__BUS", "redis".to_string()),
+            ("PORTICO_CHAT__REDIS_URL", redis.url()),
+            ("PORTICO_CHAT__STORE", "postgres".to_string()),
+            ("PORTICO_CHAT__POSTGRES_URL", pg.url()),
+            ("PORTICO_CHAT__PUBLISH_PER_SEC", "100000".to_string()),
+        ];
+        env.extend(extra.iter().cloned());
+        let shards = (1..=shards)
+            .map(|i| {
+                let mut e = env.clone();
+                e.push(("PORTICO_CHAT__SHARD_ID", i.to_string()));
+                Service::chat(&e)
+            })
+            .collect();
+        ChatCluster { shards, redis, pg }
+    }
+
+    pub fn port(&self, shard: usize) -> u16 {
+        self.shards[shard].1
+    }
+}

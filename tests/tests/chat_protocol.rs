@@ -3,42 +3,15 @@
 
 use std::time::Duration;
 
-use portico_tests::client::{Refused, Ws, sign, token, token_with_exp, unix_now};
+use portico_tests::client::{
+    Refused, Ws, create_conversation as create_conv, sign, token, token_with_exp, unix_now,
+};
 use portico_tests::servers::Service;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 async fn shard() -> (Service, u16) {
     Service::chat(&[("PORTICO_CHAT__MAX_MESSAGE_BYTES", "4096".into())])
-}
-
-/// Creates a conversation over the REST API as `owner`.
-async fn create_conv(port: u16, owner: &str, id: &str, members: &[&str]) {
-    let r = reqwest::Client::new()
-        .post(format!("http://127.0.0.1:{port}/api/conversations"))
-        .bearer_auth(token(owner))
-        .json(&json!({ "id": id, "members": members }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-}
-
-async fn join(port: u16, user: &str, conv: &str, since: Option<u64>) -> Ws {
-    let mut ws = Ws::connect(port, &token(user)).await.expect("connect");
-    assert_eq!(ws.recv().await["type"], "welcome");
-    let mut sub = json!({"type": "subscribe", "conv": conv});
-    if let Some(s) = since {
-        sub["since"] = json!(s);
-    }
-    ws.send(sub).await;
-    ws
-}
-
-async fn publish(ws: &mut Ws, conv: &str, id: &str, body: &str) -> Value {
-    ws.send(json!({"type": "publish", "conv": conv, "id": id, "body": body}))
-        .await;
-    ws.recv_type("ack").await
 }
 
 #[tokio::test]
@@ -47,7 +20,7 @@ async fn members_receive_every_message_once_in_order() {
     create_conv(port, "alice", "g1", &["bob", "carol"]).await;
     let mut clients = Vec::new();
     for u in ["alice", "bob", "carol"] {
-        let mut ws = join(port, u, "g1", None).await;
+        let mut ws = Ws::join(port, u, "g1", None).await;
         assert_eq!(ws.recv().await["type"], "subscribed");
         clients.push(ws);
     }
@@ -59,27 +32,16 @@ async fn members_receive_every_message_once_in_order() {
         publishers.push(ws);
     }
     for i in 0..20 {
-        let ack = publish(
-            &mut publishers[i % 3],
-            "g1",
-            &format!("m{i}"),
-            &format!("hello {i}"),
-        )
-        .await;
+        let ack = publishers[i % 3]
+            .publish("g1", &format!("m{i}"), &format!("hello {i}"))
+            .await;
         assert_eq!(
             (ack["duplicate"].as_bool(), ack["offset"].as_u64()),
             (Some(false), Some(i as u64 + 1))
         );
     }
     for ws in &mut clients {
-        let mut offsets = Vec::new();
-        while offsets.len() < 20 {
-            let f = ws.recv().await;
-            if f["type"] == "message" {
-                offsets.push(f["offset"].as_u64().unwrap());
-            }
-        }
-        assert_eq!(offsets, (1..=20).collect::<Vec<u64>>());
+        assert_eq!(ws.offsets(20).await, (1..=20).collect::<Vec<u64>>());
         assert!(
             ws.try_recv(Duration::from_millis(200))
                 .await
@@ -92,22 +54,24 @@ async fn members_receive_every_message_once_in_order() {
 async fn resume_gets_exactly_what_was_missed_and_retries_are_not_stored_twice() {
     let (_svc, port) = shard().await;
     create_conv(port, "alice", "dm", &["bob"]).await;
-    let mut alice = join(port, "alice", "dm", None).await;
+    let mut alice = Ws::join(port, "alice", "dm", None).await;
     alice.recv_type("subscribed").await;
-    let mut bob = join(port, "bob", "dm", None).await;
+    let mut bob = Ws::join(port, "bob", "dm", None).await;
     bob.recv_type("subscribed").await;
-    publish(&mut alice, "dm", "a0", "before").await;
+    alice.publish("dm", "a0", "before").await;
     let seen = bob.recv_type("message").await["offset"].as_u64().unwrap();
     drop(bob);
 
     for i in 1..=5 {
-        publish(&mut alice, "dm", &format!("a{i}"), &format!("missed {i}")).await;
+        alice
+            .publish("dm", &format!("a{i}"), &format!("missed {i}"))
+            .await;
     }
-    let retry = publish(&mut alice, "dm", "a3", "missed 3").await;
+    let retry = alice.publish("dm", "a3", "missed 3").await;
     assert_eq!(retry["duplicate"], true);
     assert_eq!(retry["offset"], 4);
 
-    let mut bob = join(port, "bob", "dm", Some(seen)).await;
+    let mut bob = Ws::join(port, "bob", "dm", Some(seen)).await;
     assert_eq!(bob.recv().await["type"], "subscribed");
     let mut bodies = Vec::new();
     for _ in 0..5 {
@@ -116,7 +80,7 @@ async fn resume_gets_exactly_what_was_missed_and_retries_are_not_stored_twice() 
         bodies.push(m["body"].as_str().unwrap().to_string());
     }
     assert_eq!(bodies, (1..=5).map(|i| format!("missed {i}")).collect::<Vec<_>>());
-    publish(&mut alice, "dm", "a6", "live").await;
+    alice.publish("dm", "a6", "live").await;
     let live = bob.recv().await;
     assert_eq!(
         (live["body"].as_str(), live["offset"].as_u64()),

@@ -4,9 +4,10 @@
 //! Delivery is at-least-once and may reorder across publishers; the
 //! receiving [`Hub`](crate::hub::Hub) restores offset order, drops
 //! duplicates and fills gaps from the store. Engines: [`memory`] (shards in
-//! one process); Redis pub/sub follows.
+//! one process) and [`redis`] (pub/sub between processes).
 
 pub mod memory;
+pub mod redis;
 
 use async_trait::async_trait;
 
@@ -26,4 +27,8 @@ pub trait Bus: Send + Sync + 'static {
     async fn hold(&self, conv: &ConvId) -> Result<(), BusError>;
     /// This shard has no subscribers left in `conv`.
     async fn release(&self, conv: &ConvId) -> Result<(), BusError>;
+    /// Whether the bus is usable now (for `/readyz`).
+    async fn ready(&self) -> Result<(), BusError> {
+        Ok(())
+    }
 }

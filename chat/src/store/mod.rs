@@ -6,6 +6,7 @@
 //! id. Engines: [`memory`] (one process, `portico up`); PostgreSQL follows.
 
 pub mod memory;
+pub mod postgres;
 
 use async_trait::async_trait;
 

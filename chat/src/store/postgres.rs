@@ -1,0 +1,298 @@
+//! The PostgreSQL store (deadpool-postgres), for production shards.
+//!
+//! Offsets come from `conversations.latest_offset`, incremented under the
+//! conversation's row lock in the same transaction that inserts the
+//! message, so they are dense and assigned once. `UNIQUE (conv, sender,
+//! client_id)` makes retries idempotent. Indexes: the messages primary key
+//! `(conv, offset)` serves "latest messages of a conversation";
+//! `members_by_user` serves "conversations of a user".
+//!
+//! Every call has a deadline ([`QUERY_TIMEOUT`]): with the database down a
+//! publish fails fast with `Unavailable` instead of hanging.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+use super::{Appended, NewMessage, Page, Store, StoreError, now_millis};
+use crate::protocol::{ConvId, Message};
+
+/// Longest any store call may take, pool wait included.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Schema versions, applied in order, each once (see [`PgStore::connect`]).
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE conversations (
+    id            text PRIMARY KEY,
+    latest_offset bigint NOT NULL DEFAULT 0,
+    created_at    timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE members (
+    conv        text NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    user_id     text NOT NULL,
+    read_offset bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (conv, user_id)
+);
+CREATE INDEX members_by_user ON members (user_id, conv);
+CREATE TABLE messages (
+    conv      text   NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    "offset"  bigint NOT NULL,
+    client_id text   NOT NULL,
+    sender    text   NOT NULL,
+    ts        bigint NOT NULL,
+    body      text   NOT NULL,
+    PRIMARY KEY (conv, "offset"),
+    UNIQUE (conv, sender, client_id)
+);
+"#];
+
+/// Any number that both shards agree on: serializes concurrent migrations.
+const MIGRATION_LOCK: i64 = 0x706f_7274_6963_6f01;
+
+pub struct PgStore {
+    pool: Pool,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl PgStore {
+    /// Connects (the URL is checked, the server need not be up yet) and
+    /// applies pending migrations when it is.
+    pub async fn connect(url: &str, pool_size: usize) -> Result<Self, StoreError> {
+        let cfg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Unavailable(format!("chat.postgres_url: {e}")))?;
+        let mgr = Manager::from_config(
+            cfg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(QUERY_TIMEOUT))
+            .create_timeout(Some(QUERY_TIMEOUT))
+            .recycle_timeout(Some(QUERY_TIMEOUT))
+            .build()
+            .map_err(unavailable)?;
+        let store = PgStore { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        deadline(async {
+            let mut client = self.pool.get().await.map_err(unavailable)?;
+            let tx = client.transaction().await.map_err(unavailable)?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+                .await
+                .map_err(unavailable)?;
+            tx.batch_execute("CREATE TABLE IF NOT EXISTS chat_schema (version int NOT NULL)")
+                .await
+                .map_err(unavailable)?;
+            let done: i64 = tx
+                .query_one("SELECT count(*) FROM chat_schema", &[])
+                .await
+                .map_err(unavailable)?
+                .get(0);
+            for (i, sql) in MIGRATIONS.iter().enumerate().skip(done as usize) {
+                tx.batch_execute(sql).await.map_err(unavailable)?;
+                tx.execute("INSERT INTO chat_schema VALUES ($1)", &[&(i as i32 + 1)])
+                    .await
+                    .map_err(unavailable)?;
+                tracing::info!(version = i + 1, "chat schema migrated");
+            }
+            tx.commit().await.map_err(unavailable)
+        })
+        .await
+    }
+}
+
+async fn deadline<T>(f: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+    tokio::time::timeout(QUERY_TIMEOUT, f)
+        .await
+        .unwrap_or_else(|_| Err(StoreError::Unavailable("database call timed out".into())))
+}
+
+fn message(conv: &ConvId, row: &tokio_postgres::Row) -> Message {
+    Message {
+        conv: conv.clone(),
+        offset: row.get::<_, i64>("offset") as u64,
+        id: row.get("client_id"),
+        from: row.get("sender"),
+        ts: row.get::<_, i64>("ts") as u64,
+        body: row.get("body"),
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn create_conversation(&self, conv: &ConvId, members: &[String]) -> Result<(), StoreError> {
+        deadline(async {
+            let mut client = self.pool.get().await.map_err(unavailable)?;
+            let tx = client.transaction().await.map_err(unavailable)?;
+            let inserted = tx
+                .execute(
+                    "INSERT INTO conversations (id) VALUES ($1) ON CONFLICT DO NOTHING",
+                    &[&conv.as_str()],
+                )
+                .await
+                .map_err(unavailable)?;
+            if inserted == 0 {
+                return Err(StoreError::Exists(conv.clone()));
+            }
+            tx.execute(
+                "INSERT INTO members (conv, user_id) SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING",
+                &[&conv.as_str(), &members],
+            )
+            .await
+            .map_err(unavailable)?;
+            tx.commit().await.map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn add_member(&self, conv: &ConvId, user: &str) -> Result<(), StoreError> {
+        deadline(async {
+            let client = self.pool.get().await.map_err(unavailable)?;
+            client
+                .execute(
+                    "INSERT INTO members (conv, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    &[&conv.as_str(), &user],
+                )
+                .await
+                .map_err(|e| match e.code() {
+                    Some(&SqlState::FOREIGN_KEY_VIOLATION) => StoreError::NoSuchConversation(conv.clone()),
+                    _ => unavailable(e),
+                })?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn is_member(&self, conv: &ConvId, user: &str) -> Result<bool, StoreError> {
+        deadline(async {
+            let client = self.pool.get().await.map_err(unavailable)?;
+            let row = client
+                .query_opt(
+                    "SELECT 1 FROM members WHERE conv = $1 AND user_id = $2",
+                    &[&conv.as_str(), &user],
+                )
+                .await
+                .map_err(unavailable)?;
+            Ok(row.is_some())
+        })
+        .await
+    }
+
+    async fn append(&self, conv: &ConvId, msg: NewMessage) -> Result<Appended, StoreError> {
+        deadline(async {
+            let mut client = self.pool.get().await.map_err(unavailable)?;
+            let tx = client.transaction().await.map_err(unavailable)?;
+            // The row lock serializes appends to one conversation.
+            let offset: i64 = tx
+                .query_opt(
+                    "UPDATE conversations SET latest_offset = latest_offset + 1 WHERE id = $1 RETURNING latest_offset",
+                    &[&conv.as_str()],
+                )
+                .await
+                .map_err(unavailable)?
+                .ok_or_else(|| StoreError::NoSuchConversation(conv.clone()))?
+                .get(0);
+            let existing = tx
+                .query_opt(
+                    r#"SELECT "offset", client_id, sender, ts, body FROM messages
+                       WHERE conv = $1 AND sender = $2 AND client_id = $3"#,
+                    &[&conv.as_str(), &msg.from, &msg.client_id],
+                )
+                .await
+                .map_err(unavailable)?;
+            if let Some(row) = existing {
+                // A retry: roll the increment back, answer with the original.
+                drop(tx);
+                return Ok(Appended { message: message(conv, &row), duplicate: true });
+            }
+            let ts = now_millis() as i64;
+            tx.execute(
+                r#"INSERT INTO messages (conv, "offset", client_id, sender, ts, body) VALUES ($1, $2, $3, $4, $5, $6)"#,
+                &[&conv.as_str(), &offset, &msg.client_id, &msg.from, &ts, &msg.body],
+            )
+            .await
+            .map_err(unavailable)?;
+            tx.commit().await.map_err(unavailable)?;
+            let message = Message {
+                conv: conv.clone(),
+                offset: offset as u64,
+                id: msg.client_id,
+                from: msg.from,
+                ts: ts as u64,
+                body: msg.body,
+            };
+            Ok(Appended { message, duplicate: false })
+        })
+        .await
+    }
+
+    async fn page(&self, conv: &ConvId, page: Page, limit: u32) -> Result<Vec<Message>, StoreError> {
+        deadline(async {
+            let client = self.pool.get().await.map_err(unavailable)?;
+            let limit = i64::from(limit);
+            let rows = match page {
+                Page::After(after) => {
+                    client
+                        .query(
+                            r#"SELECT "offset", client_id, sender, ts, body FROM messages
+                               WHERE conv = $1 AND "offset" > $2 ORDER BY "offset" LIMIT $3"#,
+                            &[&conv.as_str(), &(after.min(i64::MAX as u64) as i64), &limit],
+                        )
+                        .await
+                }
+                Page::Before(before) => {
+                    client
+                        .query(
+                            r#"SELECT * FROM (SELECT "offset", client_id, sender, ts, body FROM messages
+                               WHERE conv = $1 AND "offset" < $2 ORDER BY "offset" DESC LIMIT $3) p
+                               ORDER BY "offset""#,
+                            &[&conv.as_str(), &(before.min(i64::MAX as u64) as i64), &limit],
+                        )
+                        .await
+                }
+            }
+            .map_err(unavailable)?;
+            Ok(rows.iter().map(|r| message(conv, r)).collect())
+        })
+        .await
+    }
+
+    async fn latest_offset(&self, conv: &ConvId) -> Result<u64, StoreError> {
+        deadline(async {
+            let client = self.pool.get().await.map_err(unavailable)?;
+            let row = client
+                .query_opt(
+                    "SELECT latest_offset FROM conversations WHERE id = $1",
+                    &[&conv.as_str()],
+                )
+                .await
+                .map_err(unavailable)?
+                .ok_or_else(|| StoreError::NoSuchConversation(conv.clone()))?;
+            Ok(row.get::<_, i64>(0) as u64)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        deadline(async {
+            let client = self.pool.get().await.map_err(unavailable)?;
+            client.simple_query("SELECT 1").await.map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+}
