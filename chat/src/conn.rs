@@ -19,15 +19,15 @@ use tokio_tungstenite::tungstenite::{Message as WsMessage, Utf8Bytes};
 use tracing::Instrument;
 
 use crate::hub::{ConnCtl, ConnGuard, Out, Outlet};
-use crate::protocol::{self, ClientFrame, ConvId, ErrorCode, MAX_HISTORY_PAGE, ServerFrame, close};
+use crate::protocol::{
+    self, ClientFrame, ConvId, ErrorCode, Event, EventKind, MAX_HISTORY_PAGE, ServerFrame, close,
+};
 use crate::server::Shard;
-use crate::store::{NewMessage, Page};
+use crate::store::{NewMessage, Page, StoreError};
 use portico_common::auth::{Claims, now_secs};
 
 /// Conversations one connection may be subscribed to at once.
 pub const MAX_SUBSCRIPTIONS: usize = 100;
-/// Conversations whose membership a connection remembers (publish checks).
-const MEMBERSHIP_CACHE: usize = 256;
 /// Frames written before one flush.
 const WRITE_BATCH: usize = 64;
 
@@ -43,6 +43,7 @@ where
         let ctl = Arc::new(ConnCtl::new(shard.shutdown.child_token()));
         let outlet = Outlet {
             id: guard.id,
+            user: Arc::from(claims.sub.as_str()),
             tx,
             ctl: ctl.clone(),
         };
@@ -54,7 +55,6 @@ where
             claims,
             outlet,
             subscribed: HashSet::new(),
-            members: HashSet::new(),
         };
         conn.send(&ServerFrame::Welcome {
             user: &conn.claims.sub,
@@ -83,8 +83,6 @@ struct Conn {
     claims: Claims,
     outlet: Outlet,
     subscribed: HashSet<ConvId>,
-    /// Conversations this user was found to be a member of.
-    members: HashSet<ConvId>,
 }
 
 impl Conn {
@@ -155,7 +153,46 @@ impl Conn {
                     return self.error(ErrorCode::NotSubscribed, Some(&conv));
                 }
                 self.shard.hub.unsubscribe(self.outlet.id, &conv).await;
-                self.send(&ServerFrame::Unsubscribed { conv: &conv });
+                self.send(&ServerFrame::Unsubscribed {
+                    conv: &conv,
+                    reason: None,
+                });
+            }
+            ClientFrame::Typing { conv } => {
+                if !self.subscribed.contains(&conv) {
+                    return self.error(ErrorCode::NotSubscribed, Some(&conv));
+                }
+                if self.rate_limited(&conv) {
+                    return;
+                }
+                self.event(conv, EventKind::Typing).await;
+            }
+            ClientFrame::Read { conv, offset } => {
+                match self
+                    .shard
+                    .hub
+                    .store()
+                    .mark_read(&conv, &self.claims.sub, offset)
+                    .await
+                {
+                    Ok(offset) => self.event(conv, EventKind::Read { offset }).await,
+                    Err(e) => self.store_error(&conv, e),
+                }
+            }
+            ClientFrame::Presence { conv } => {
+                if !self.is_member(&conv).await {
+                    return;
+                }
+                match self.shard.hub.bus().presence(&conv).await {
+                    Ok(users) => self.send(&ServerFrame::Presence {
+                        conv: &conv,
+                        users: &users,
+                    }),
+                    Err(e) => {
+                        tracing::warn!(%conv, error = %e, "presence failed");
+                        self.error(ErrorCode::Unavailable, Some(&conv));
+                    }
+                }
             }
             ClientFrame::Publish { conv, id, body } => self.publish(conv, id, body).await,
             ClientFrame::History { conv, before, limit } => {
@@ -190,9 +227,7 @@ impl Conn {
         self.subscribed.insert(conv.clone());
         let hub = self.shard.hub.clone();
         match hub.subscribe(&self.outlet, &conv, &self.claims.sub, since).await {
-            Ok(_) => {
-                self.remember_member(&conv);
-            }
+            Ok(_) => {}
             Err(refused) => {
                 self.subscribed.remove(&conv);
                 self.error(refused.0, Some(&conv));
@@ -200,80 +235,85 @@ impl Conn {
         }
     }
 
-    async fn publish(&mut self, conv: ConvId, id: String, body: String) {
-        if let Err(not_until) = self.shard.limiter.check_key(&self.claims.sub) {
-            let wait = not_until.wait_time_from(governor::clock::Clock::now(
-                &governor::clock::DefaultClock::default(),
-            ));
-            metrics::counter!("portico_chat_rate_limited_total").increment(1);
-            return self.send(&ServerFrame::Error {
-                code: ErrorCode::RateLimited,
-                message: ErrorCode::RateLimited.message(),
-                conv: Some(&conv),
-                retry_after_ms: Some(wait.as_millis() as u64 + 1),
-            });
+    /// Charges the user's publish budget; on refusal answers `rate_limited`.
+    fn rate_limited(&self, conv: &ConvId) -> bool {
+        let Err(not_until) = self.shard.limiter.check_key(&self.claims.sub) else {
+            return false;
+        };
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(
+            &governor::clock::DefaultClock::default(),
+        ));
+        metrics::counter!("portico_chat_rate_limited_total").increment(1);
+        self.send(&ServerFrame::Error {
+            code: ErrorCode::RateLimited,
+            message: ErrorCode::RateLimited.message(),
+            conv: Some(conv),
+            retry_after_ms: Some(wait.as_millis() as u64 + 1),
+        });
+        true
+    }
+
+    /// Broadcasts an ephemeral event from this user.
+    async fn event(&self, conv: ConvId, event: EventKind) {
+        let ev = Event {
+            conv,
+            user: self.claims.sub.clone(),
+            event,
+        };
+        if let Err(e) = self.shard.hub.bus().publish_event(&ev).await {
+            tracing::debug!(conv = %ev.conv, error = %e, "event not sent");
         }
-        if !self.is_member(&conv).await {
+    }
+
+    fn store_error(&self, conv: &ConvId, e: StoreError) {
+        match e {
+            StoreError::NotMember(_) | StoreError::NoSuchConversation(_) => {
+                self.error(ErrorCode::NotMember, Some(conv))
+            }
+            e => {
+                metrics::counter!("portico_chat_store_errors_total").increment(1);
+                tracing::warn!(%conv, error = %e, "store call failed");
+                self.error(ErrorCode::Unavailable, Some(conv))
+            }
+        }
+    }
+
+    async fn publish(&mut self, conv: ConvId, id: String, body: String) {
+        if self.rate_limited(&conv) {
             return;
         }
+        // Membership is checked by the store, atomically with the append.
         let new = NewMessage {
             client_id: id,
             from: self.claims.sub.clone(),
             body,
+            members_only: true,
         };
-        let appended = match self.shard.hub.store().append(&conv, new).await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(%conv, error = %e, "publish not stored");
-                return self.error(ErrorCode::Unavailable, Some(&conv));
-            }
-        };
-        metrics::counter!("portico_chat_messages_in_total").increment(1);
-        let m = &appended.message;
-        // Stored, hence acknowledged before the bus is asked: an ack promises
-        // durability, and delivery does not wait on the bus.
-        self.send(&ServerFrame::Ack {
-            conv: &m.conv,
-            id: &m.id,
-            offset: m.offset,
-            duplicate: appended.duplicate,
-        });
-        // Republished even when a duplicate: the first attempt may have died
-        // between store and bus; hubs drop what they already delivered.
-        if let Err(e) = self.shard.hub.bus().publish(m).await {
-            // Members catch up via gap fill, reconnect catch-up or resume.
-            metrics::counter!("portico_chat_bus_errors_total").increment(1);
-            tracing::warn!(conv = %m.conv, offset = m.offset, error = %e, "bus publish failed");
+        match self.shard.publish(&conv, new).await {
+            Ok(a) => self.send(&ServerFrame::Ack {
+                conv: &a.message.conv,
+                id: &a.message.id,
+                offset: a.message.offset,
+                duplicate: a.duplicate,
+            }),
+            Err(e) => self.store_error(&conv, e),
         }
     }
 
-    /// Checks membership (cached after the first yes); sends the error.
-    async fn is_member(&mut self, conv: &ConvId) -> bool {
-        if self.members.contains(conv) {
-            return true;
-        }
+    /// Checks membership (asked each time: members can be removed); on
+    /// `false` the error was sent.
+    async fn is_member(&self, conv: &ConvId) -> bool {
         match self.shard.hub.store().is_member(conv, &self.claims.sub).await {
-            Ok(true) => {
-                self.remember_member(conv);
-                true
-            }
+            Ok(true) => true,
             Ok(false) => {
                 self.error(ErrorCode::NotMember, Some(conv));
                 false
             }
             Err(e) => {
-                tracing::warn!(%conv, error = %e, "membership check failed");
-                self.error(ErrorCode::Unavailable, Some(conv));
+                self.store_error(conv, e);
                 false
             }
         }
-    }
-
-    fn remember_member(&mut self, conv: &ConvId) {
-        if self.members.len() >= MEMBERSHIP_CACHE {
-            self.members.clear();
-        }
-        self.members.insert(conv.clone());
     }
 }
 

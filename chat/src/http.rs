@@ -11,7 +11,7 @@ use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use hyper_util::rt::TokioIo;
 use portico_common::admin::{self, Readiness};
 use portico_common::auth::{AuthError, Claims, handshake_token};
@@ -21,9 +21,9 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
-use crate::protocol::{self, ConvId, MAX_HISTORY_PAGE};
+use crate::protocol::{self, ConvId, Event, EventKind, MAX_HISTORY_PAGE};
 use crate::server::Shard;
-use crate::store::{Page, StoreError};
+use crate::store::{NewMessage, Page, StoreError};
 
 /// The demo conversation every demo user joins.
 pub const DEMO_LOBBY: &str = "lobby";
@@ -41,8 +41,16 @@ pub fn router(shard: Arc<Shard>) -> Router {
     });
     let mut app = Router::new()
         .route("/ws", get(ws_handshake))
-        .route("/api/conversations", post(create_conversation))
-        .route("/api/conversations/{id}/messages", get(list_messages));
+        .route(
+            "/api/conversations",
+            post(create_conversation).get(list_conversations),
+        )
+        .route(
+            "/api/conversations/{id}/messages",
+            get(list_messages).post(post_message),
+        )
+        .route("/api/conversations/{id}/members", post(add_member))
+        .route("/api/conversations/{id}/members/{user}", delete(remove_member));
     if shard.cfg.demo {
         app = app
             .route("/", get(|| async { Html(include_str!("demo.html")) }))
@@ -80,6 +88,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NoSuchConversation(_) => ApiError(StatusCode::NOT_FOUND, "not_found", e.to_string()),
             StoreError::Exists(_) => ApiError(StatusCode::CONFLICT, "exists", e.to_string()),
+            StoreError::NotMember(_) => ApiError(StatusCode::FORBIDDEN, "not_member", e.to_string()),
             StoreError::Full(_) => ApiError(StatusCode::INSUFFICIENT_STORAGE, "full", e.to_string()),
             StoreError::Unavailable(_) => {
                 tracing::warn!(error = %e, "store unavailable");
@@ -236,11 +245,164 @@ async fn create_conversation(
             "member ids are 1-128 bytes".into(),
         ));
     }
-    members.push(claims.sub);
+    if !claims.has_role(SERVICE_ROLE) {
+        members.push(claims.sub);
+    }
     members.sort();
     members.dedup();
     shard.hub.store().create_conversation(&id, &members).await?;
     Ok((StatusCode::CREATED, Json(json!({ "id": id, "members": members }))))
+}
+
+/// The role of other Portico services (e.g. jobs publishing progress):
+/// they may create conversations and publish without being members.
+pub const SERVICE_ROLE: &str = "service";
+
+fn parse_conv(id: &str) -> Result<ConvId, ApiError> {
+    ConvId::parse(id).map_err(|c| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "invalid_conversation",
+            c.message().into(),
+        )
+    })
+}
+
+fn bad_request(e: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
+}
+
+/// Members (and services) may manage a conversation.
+async fn require_member(shard: &Shard, conv: &ConvId, claims: &Claims) -> Result<(), ApiError> {
+    if claims.has_role(SERVICE_ROLE) || shard.hub.store().is_member(conv, &claims.sub).await? {
+        Ok(())
+    } else {
+        Err(StoreError::NotMember(conv.clone()).into())
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    limit: Option<u32>,
+}
+
+/// The caller's conversations with their last message and unread count.
+async fn list_conversations(
+    State(shard): State<Arc<Shard>>,
+    headers: HeaderMap,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let claims = bearer(&shard, &headers)?;
+    let Query(q) = query.map_err(|e| bad_request(e.body_text()))?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 200);
+    let list = shard.hub.store().conversations_of(&claims.sub, limit).await?;
+    Ok(Json(json!({ "conversations": list })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PostMessage {
+    /// The client's idempotency key.
+    id: String,
+    body: String,
+}
+
+/// Publishes over HTTP (services, e.g. jobs progress events, or users).
+async fn post_message(
+    State(shard): State<Arc<Shard>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Json<PostMessage>, axum::extract::rejection::JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let claims = bearer(&shard, &headers)?;
+    let Json(req) = body.map_err(|e| bad_request(e.body_text()))?;
+    let conv = parse_conv(&id)?;
+    if !protocol::is_id(&req.id) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "invalid_message_id",
+            "id must be 1-64 of A-Z a-z 0-9 _ -".into(),
+        ));
+    }
+    if req.body.is_empty() || req.body.len() > protocol::MAX_BODY_BYTES {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "body must be 1 to 4096 bytes".into(),
+        ));
+    }
+    let msg = NewMessage {
+        client_id: req.id,
+        from: claims.sub.clone(),
+        body: req.body,
+        members_only: !claims.has_role(SERVICE_ROLE),
+    };
+    let a = shard.publish(&conv, msg).await?;
+    let status = if a.duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((
+        status,
+        Json(json!({ "conv": conv, "offset": a.message.offset, "duplicate": a.duplicate })),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddMember {
+    user: String,
+}
+
+async fn add_member(
+    State(shard): State<Arc<Shard>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Json<AddMember>, axum::extract::rejection::JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let claims = bearer(&shard, &headers)?;
+    let Json(req) = body.map_err(|e| bad_request(e.body_text()))?;
+    let conv = parse_conv(&id)?;
+    if req.user.is_empty() || req.user.len() > portico_common::auth::MAX_SUBJECT_LEN {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "invalid_member",
+            "member ids are 1-128 bytes".into(),
+        ));
+    }
+    require_member(&shard, &conv, &claims).await?;
+    shard.hub.store().add_member(&conv, &req.user).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Removes a member (a member may remove anyone, or leave); their live
+/// subscriptions end with `unsubscribed` (`reason: removed`).
+async fn remove_member(
+    State(shard): State<Arc<Shard>>,
+    headers: HeaderMap,
+    Path((id, user)): Path<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    let claims = bearer(&shard, &headers)?;
+    let conv = parse_conv(&id)?;
+    require_member(&shard, &conv, &claims).await?;
+    if !shard.hub.store().remove_member(&conv, &user).await? {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{user} is not a member"),
+        ));
+    }
+    let ev = Event {
+        conv,
+        user,
+        event: EventKind::Removed,
+    };
+    if let Err(e) = shard.hub.bus().publish_event(&ev).await {
+        tracing::warn!(error = %e, "removal event not sent; subscriptions end on reconnect");
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Deserialize)]

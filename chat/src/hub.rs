@@ -24,7 +24,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
-use crate::protocol::{ConvId, ErrorCode, Message, ServerFrame, close};
+use crate::protocol::{ConvId, ErrorCode, Event, EventKind, Message, ServerFrame, close};
 use crate::store::{Page, Store};
 
 /// Most messages replayed by one resume; beyond it the client pages history.
@@ -76,6 +76,8 @@ impl ConnCtl {
 #[derive(Debug, Clone)]
 pub struct Outlet {
     pub id: ConnId,
+    /// The connection's user.
+    pub user: Arc<str>,
     pub tx: mpsc::Sender<Out>,
     pub ctl: Arc<ConnCtl>,
 }
@@ -111,6 +113,8 @@ struct ConvState {
     next: Option<u64>,
     pending: BTreeMap<u64, Message>,
     subs: HashMap<ConnId, Sub>,
+    /// Synced subscriptions per user on this shard (presence).
+    users: HashMap<Arc<str>, u32>,
     fill_scheduled: bool,
 }
 
@@ -264,18 +268,102 @@ impl Hub {
         }
         sub.cursor = cursor;
         sub.outlet.send(Out::Batch(batch));
+        let count = st.users.entry(outlet.user.clone()).or_insert(0);
+        *count += 1;
+        let joined = *count == 1;
+        drop(st);
+        if joined {
+            self.announce(conv, &outlet.user, EventKind::Joined).await;
+        }
         Ok(latest)
+    }
+
+    /// Publishes a presence change (best effort: logged on failure).
+    async fn announce(&self, conv: &ConvId, user: &str, kind: EventKind) {
+        let online = matches!(kind, EventKind::Joined);
+        let bus = self.bus();
+        let ev = Event {
+            conv: conv.clone(),
+            user: user.to_string(),
+            event: kind,
+        };
+        if let Err(e) = bus.set_presence(conv, user, online).await {
+            tracing::debug!(%conv, error = %e, "presence update failed");
+        }
+        if let Err(e) = bus.publish_event(&ev).await {
+            tracing::debug!(%conv, error = %e, "presence event not sent");
+        }
+    }
+
+    /// An ephemeral event from the bus: to every synced subscriber (typing
+    /// events not back to their author). A `removed` event also ends the
+    /// removed user's subscriptions here.
+    pub fn deliver_event(&self, ev: &Event) {
+        let Some(mut st) = self.convs.get_mut(&ev.conv) else {
+            return;
+        };
+        let text = Utf8Bytes::from(ServerFrame::Event(ev).to_json());
+        let mut removed = Vec::new();
+        for (id, sub) in st.subs.iter() {
+            if sub.syncing.is_some() || (ev.event == EventKind::Typing && *sub.outlet.user == *ev.user) {
+                continue;
+            }
+            sub.outlet.send(Out::Frame(text.clone()));
+            if ev.event == EventKind::Removed && *sub.outlet.user == *ev.user {
+                let bye = ServerFrame::Unsubscribed {
+                    conv: &ev.conv,
+                    reason: Some("removed"),
+                };
+                sub.outlet.send(Out::Frame(bye.to_json().into()));
+                removed.push(*id);
+            }
+        }
+        for id in removed {
+            st.subs.remove(&id);
+        }
+        if ev.event == EventKind::Removed {
+            st.users.remove(ev.user.as_str());
+        }
+    }
+
+    /// Users subscribed to `conv` on this shard.
+    pub fn local_users(&self, conv: &ConvId) -> Vec<String> {
+        self.convs
+            .get(conv)
+            .map(|st| st.users.keys().map(|u| u.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Every (conversation, users) held on this shard, for presence refresh.
+    pub fn local_presence(&self) -> Vec<(ConvId, Vec<String>)> {
+        self.convs
+            .iter()
+            .filter(|e| !e.users.is_empty())
+            .map(|e| (e.key().clone(), e.users.keys().map(|u| u.to_string()).collect()))
+            .collect()
     }
 
     /// Removes one subscription; the last one on this shard releases the
     /// conversation on the bus.
     pub async fn unsubscribe(&self, conn: ConnId, conv: &ConvId) {
+        let mut left = None;
         let emptied = {
-            if let Some(mut st) = self.convs.get_mut(conv) {
-                st.subs.remove(&conn);
+            if let Some(mut st) = self.convs.get_mut(conv)
+                && let Some(sub) = st.subs.remove(&conn)
+                && sub.syncing.is_none()
+                && let Some(n) = st.users.get_mut(&sub.outlet.user)
+            {
+                *n -= 1;
+                if *n == 0 {
+                    st.users.remove(&sub.outlet.user);
+                    left = Some(sub.outlet.user.clone());
+                }
             }
             self.convs.remove_if(conv, |_, st| st.subs.is_empty()).is_some()
         };
+        if let Some(user) = left {
+            self.announce(conv, &user, EventKind::Left).await;
+        }
         if emptied && let Err(e) = self.bus().release(conv).await {
             tracing::warn!(%conv, error = %e, "bus release failed");
         }

@@ -82,6 +82,19 @@ pub enum ClientFrame {
         #[serde(default)]
         limit: Option<u32>,
     },
+    /// "I am typing" (ephemeral; other members get a `typing` event).
+    Typing {
+        conv: ConvId,
+    },
+    /// Read receipt: everything up to `offset` has been read.
+    Read {
+        conv: ConvId,
+        offset: u64,
+    },
+    /// Who is online in a conversation.
+    Presence {
+        conv: ConvId,
+    },
     Ping {},
 }
 
@@ -180,7 +193,16 @@ fn classify(text: &str, e: &serde_json::Error) -> ErrorCode {
         #[serde(borrow, rename = "type")]
         kind: Option<std::borrow::Cow<'a, str>>,
     }
-    let known = ["subscribe", "unsubscribe", "publish", "history", "ping"];
+    let known = [
+        "subscribe",
+        "unsubscribe",
+        "publish",
+        "history",
+        "typing",
+        "read",
+        "presence",
+        "ping",
+    ];
     match serde_json::from_str::<Tagged>(text) {
         Ok(Tagged { kind: Some(k) }) if !known.contains(&k.as_ref()) => ErrorCode::UnknownType,
         _ if e.to_string().contains("conversation id") => ErrorCode::InvalidConversation,
@@ -202,6 +224,31 @@ pub struct Message {
     pub body: String,
 }
 
+/// Ephemeral events: not stored, no offset, best effort (a client that
+/// misses one asks again: `presence`, `history`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub conv: ConvId,
+    pub user: String,
+    pub event: EventKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EventKind {
+    Typing,
+    /// The user's first connection subscribed to the conversation.
+    Joined,
+    /// The user's last connection left it.
+    Left,
+    /// The user's read receipt moved to `offset`.
+    Read {
+        offset: u64,
+    },
+    /// The user was removed from the conversation.
+    Removed,
+}
+
 /// Frames the server sends. Serialized once per message, shared by every
 /// recipient on a shard.
 #[derive(Debug, Serialize)]
@@ -218,6 +265,13 @@ pub enum ServerFrame<'a> {
     },
     Unsubscribed {
         conv: &'a ConvId,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'static str>,
+    },
+    Event(&'a Event),
+    Presence {
+        conv: &'a ConvId,
+        users: &'a [String],
     },
     Message(&'a Message),
     Ack {

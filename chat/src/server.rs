@@ -16,9 +16,10 @@ use crate::bus::Bus;
 use crate::bus::memory::MemoryBus;
 use crate::bus::redis::RedisBus;
 use crate::hub::Hub;
-use crate::store::Store;
+use crate::protocol::ConvId;
 use crate::store::memory::MemoryStore;
 use crate::store::postgres::PgStore;
+use crate::store::{Appended, NewMessage, Store, StoreError};
 
 /// The engines a shard runs on.
 #[derive(Clone)]
@@ -86,6 +87,24 @@ pub struct Shard {
     /// Fires when the shard drains; connections close with "going away".
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
+}
+
+impl Shard {
+    /// Stores a message (assigning its offset) and hands it to the bus.
+    /// `Ok` means stored: the message is durable whatever the bus does.
+    pub async fn publish(&self, conv: &ConvId, msg: NewMessage) -> Result<Appended, StoreError> {
+        let appended = self.hub.store().append(conv, msg).await?;
+        metrics::counter!("portico_chat_messages_in_total").increment(1);
+        let m = &appended.message;
+        // Republished even when a duplicate: the first attempt may have died
+        // between store and bus; hubs drop what they already delivered.
+        if let Err(e) = self.hub.bus().publish(m).await {
+            // Members catch up via gap fill, reconnect catch-up or resume.
+            metrics::counter!("portico_chat_bus_errors_total").increment(1);
+            tracing::warn!(conv = %m.conv, offset = m.offset, error = %e, "bus publish failed");
+        }
+        Ok(appended)
+    }
 }
 
 /// A bound, not yet serving shard.

@@ -209,6 +209,20 @@ impl Ws {
         }
     }
 
+    /// Whether no `message` frame arrives within `wait` (other frames, such
+    /// as presence events, are skipped).
+    pub async fn no_message_within(&mut self, wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.try_recv(left).await {
+                None => return true,
+                Some(f) if f["type"] == "message" => return false,
+                Some(_) => {}
+            }
+        }
+    }
+
     /// Waits for the server's close frame and returns its code.
     pub async fn expect_close(&mut self) -> u16 {
         loop {
@@ -264,10 +278,19 @@ pub fn token_with_exp(user: &str, exp: u64) -> String {
 
 /// An HS256 JWT, hand-assembled so tests do not share the code under test.
 pub fn sign(secret: &str, user: &str, exp: u64) -> String {
+    sign_with_roles(secret, user, exp, &[])
+}
+
+/// A token for a user or service with `roles` (e.g. `service`).
+pub fn token_with_roles(user: &str, roles: &[&str]) -> String {
+    sign_with_roles(crate::TEST_SECRET, user, unix_now() + 3600, roles)
+}
+
+fn sign_with_roles(secret: &str, user: &str, exp: u64, roles: &[&str]) -> String {
     use base64::Engine;
     let b64 = |d: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d);
     let header = b64(br#"{"alg":"HS256","typ":"JWT"}"#);
-    let claims = b64(serde_json::json!({ "sub": user, "exp": exp, "roles": [] })
+    let claims = b64(serde_json::json!({ "sub": user, "exp": exp, "roles": roles })
         .to_string()
         .as_bytes());
     let input = format!("{header}.{claims}");

@@ -41,7 +41,7 @@ async fn two_shards_deliver_everything_once_in_order() {
     for ws in &mut members {
         assert_eq!(ws.offsets(total as usize).await, (1..=total).collect::<Vec<_>>());
         assert!(
-            ws.try_recv(Duration::from_millis(300)).await.is_none(),
+            ws.no_message_within(Duration::from_millis(300)).await,
             "nothing twice"
         );
     }
@@ -83,8 +83,8 @@ async fn resume_on_another_shard_is_lossless_and_retries_dedupe() {
         );
     }
     alice.publish("dm", "m6", "live").await;
-    assert_eq!(bob.recv().await["offset"], 7);
-    assert!(bob.try_recv(Duration::from_millis(300)).await.is_none());
+    assert_eq!(bob.recv_type("message").await["offset"], 7);
+    assert!(bob.no_message_within(Duration::from_millis(300)).await);
 }
 
 /// Redis restarts mid-conversation: shards reconnect on their own, what

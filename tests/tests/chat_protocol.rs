@@ -42,11 +42,7 @@ async fn members_receive_every_message_once_in_order() {
     }
     for ws in &mut clients {
         assert_eq!(ws.offsets(20).await, (1..=20).collect::<Vec<u64>>());
-        assert!(
-            ws.try_recv(Duration::from_millis(200))
-                .await
-                .is_none_or(|f| f["type"] != "message")
-        );
+        assert!(ws.no_message_within(Duration::from_millis(200)).await);
     }
 }
 
@@ -81,13 +77,13 @@ async fn resume_gets_exactly_what_was_missed_and_retries_are_not_stored_twice() 
     }
     assert_eq!(bodies, (1..=5).map(|i| format!("missed {i}")).collect::<Vec<_>>());
     alice.publish("dm", "a6", "live").await;
-    let live = bob.recv().await;
+    let live = bob.recv_type("message").await;
     assert_eq!(
         (live["body"].as_str(), live["offset"].as_u64()),
         (Some("live"), Some(7))
     );
     assert!(
-        bob.try_recv(Duration::from_millis(200)).await.is_none(),
+        bob.no_message_within(Duration::from_millis(200)).await,
         "nothing twice"
     );
 }

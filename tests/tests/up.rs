@@ -59,7 +59,7 @@ async fn demo_page_over_https_and_two_tabs_talk() {
         (Some("message"), &got["offset"])
     );
     assert!(
-        tabs[1].try_recv(Duration::from_millis(300)).await.is_none(),
+        tabs[1].no_message_within(Duration::from_millis(300)).await,
         "delivered once"
     );
 }

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 
 use super::{Bus, BusError};
 use crate::hub::Hub;
-use crate::protocol::{ConvId, Message};
+use crate::protocol::{ConvId, Event, Message};
 
 /// Shared by all shards of one process.
 #[derive(Default)]
@@ -24,17 +24,38 @@ impl MemoryBus {
     }
 }
 
+impl MemoryBus {
+    fn hubs(&self) -> Vec<Arc<Hub>> {
+        let hubs = self.hubs.read().expect("bus lock poisoned");
+        hubs.iter().filter_map(Weak::upgrade).collect()
+    }
+}
+
 #[async_trait]
 impl Bus for MemoryBus {
     async fn publish(&self, msg: &Message) -> Result<(), BusError> {
-        let hubs: Vec<Arc<Hub>> = {
-            let hubs = self.hubs.read().expect("bus lock poisoned");
-            hubs.iter().filter_map(Weak::upgrade).collect()
-        };
-        for hub in hubs {
+        for hub in self.hubs() {
             hub.deliver(msg.clone());
         }
         Ok(())
+    }
+
+    async fn publish_event(&self, ev: &Event) -> Result<(), BusError> {
+        for hub in self.hubs() {
+            hub.deliver_event(ev);
+        }
+        Ok(())
+    }
+
+    async fn set_presence(&self, _conv: &ConvId, _user: &str, _online: bool) -> Result<(), BusError> {
+        Ok(()) // every hub is in this process: `presence` asks them directly
+    }
+
+    async fn presence(&self, conv: &ConvId) -> Result<Vec<String>, BusError> {
+        let mut users: Vec<String> = self.hubs().iter().flat_map(|h| h.local_users(conv)).collect();
+        users.sort();
+        users.dedup();
+        Ok(users)
     }
 
     async fn hold(&self, _conv: &ConvId) -> Result<(), BusError> {

@@ -11,7 +11,7 @@ pub mod redis;
 
 use async_trait::async_trait;
 
-use crate::protocol::{ConvId, Message};
+use crate::protocol::{ConvId, Event, Message};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -23,6 +23,12 @@ pub enum BusError {
 pub trait Bus: Send + Sync + 'static {
     /// Sends a stored message to every shard holding its conversation.
     async fn publish(&self, msg: &Message) -> Result<(), BusError>;
+    /// Sends an ephemeral event to every shard holding its conversation.
+    async fn publish_event(&self, ev: &Event) -> Result<(), BusError>;
+    /// Records whether `user` has a connection on this shard in `conv`.
+    async fn set_presence(&self, conv: &ConvId, user: &str, online: bool) -> Result<(), BusError>;
+    /// Users with a connection in `conv` on any shard, sorted.
+    async fn presence(&self, conv: &ConvId) -> Result<Vec<String>, BusError>;
     /// This shard now has subscribers in `conv`.
     async fn hold(&self, conv: &ConvId) -> Result<(), BusError>;
     /// This shard has no subscribers left in `conv`.

@@ -15,15 +15,17 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use fred::clients::SubscriberClient;
+use fred::interfaces::{KeysInterface, SortedSetsInterface};
 use fred::prelude::{
     Builder, Client, ClientLike, Config, EventInterface, PubsubInterface, ReconnectPolicy, TcpConfig,
 };
+use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{Bus, BusError};
 use crate::hub::Hub;
-use crate::protocol::{ConvId, Message};
+use crate::protocol::{ConvId, Event, Message};
 
 /// Messages a shard may fall behind on its subscription before it catches
 /// up from the store instead.
@@ -31,8 +33,24 @@ const RECEIVE_BUFFER: usize = 16 * 1024;
 /// A publish waits at most this long for Redis (e.g. while it reconnects).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Presence entries live this long unless refreshed (a crashed shard's
+/// users drop out after it).
+const PRESENCE_TTL_SECS: u64 = 60;
+
 fn channel(conv: &ConvId) -> String {
     format!("portico:conv:{{{conv}}}")
+}
+
+fn presence_key(conv: &ConvId) -> String {
+    format!("portico:presence:{{{conv}}}")
+}
+
+/// What travels on a conversation's channel.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "k", content = "v", rename_all = "snake_case")]
+enum BusFrame {
+    Message(Message),
+    Event(Event),
 }
 
 fn err(e: impl std::fmt::Display) -> BusError {
@@ -78,6 +96,7 @@ impl RedisBus {
             subscriptions: Mutex::new(()),
         });
         bus.clone().spawn_receiver();
+        bus.clone().spawn_presence_refresh();
         bus.clone().spawn_reconnect_watch();
         Ok(bus)
     }
@@ -90,8 +109,9 @@ impl RedisBus {
             loop {
                 let Some(hub) = hub.upgrade() else { return };
                 match rx.recv().await {
-                    Ok(msg) => match msg.value.as_bytes().map(serde_json::from_slice::<Message>) {
-                        Some(Ok(m)) => hub.deliver(m),
+                    Ok(msg) => match msg.value.as_bytes().map(serde_json::from_slice::<BusFrame>) {
+                        Some(Ok(BusFrame::Message(m))) => hub.deliver(m),
+                        Some(Ok(BusFrame::Event(e))) => hub.deliver_event(&e),
                         _ => tracing::warn!(channel = %msg.channel, "ignoring a malformed bus message"),
                     },
                     Err(RecvError::Lagged(n)) => {
@@ -106,6 +126,32 @@ impl RedisBus {
                 }
             }
         });
+    }
+
+    /// Keeps this shard's presence entries alive while its users stay.
+    fn spawn_presence_refresh(self: Arc<Self>) {
+        let weak = Arc::downgrade(&self);
+        drop(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(PRESENCE_TTL_SECS / 3));
+            loop {
+                tick.tick().await;
+                let Some(bus) = weak.upgrade() else { return };
+                let Some(hub) = bus.hub.upgrade() else { return };
+                for (conv, users) in hub.local_presence() {
+                    for user in users {
+                        if let Err(e) = bus.set_presence(&conv, &user, true).await {
+                            tracing::debug!(error = %e, "presence refresh failed");
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    fn presence_member(&self, user: &str) -> String {
+        let shard = self.hub.upgrade().map_or(0, |h| h.shard());
+        format!("{user}\u{0}{shard}")
     }
 
     /// After a reconnect: resubscribe, then fetch what was missed.
@@ -132,13 +178,60 @@ impl RedisBus {
 #[async_trait]
 impl Bus for RedisBus {
     async fn publish(&self, msg: &Message) -> Result<(), BusError> {
-        let payload = serde_json::to_vec(msg).expect("messages serialize");
+        let payload = serde_json::to_vec(&BusFrame::Message(msg.clone())).expect("messages serialize");
         let _: i64 = self
             .publisher
             .publish(channel(&msg.conv), payload)
             .await
             .map_err(err)?;
         Ok(())
+    }
+
+    async fn publish_event(&self, ev: &Event) -> Result<(), BusError> {
+        let payload = serde_json::to_vec(&BusFrame::Event(ev.clone())).expect("events serialize");
+        let _: i64 = self
+            .publisher
+            .publish(channel(&ev.conv), payload)
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+
+    async fn set_presence(&self, conv: &ConvId, user: &str, online: bool) -> Result<(), BusError> {
+        let key = presence_key(conv);
+        let member = self.presence_member(user);
+        if online {
+            let until = (portico_common::auth::now_secs() + PRESENCE_TTL_SECS) as f64;
+            let _: i64 = self
+                .publisher
+                .zadd(&key, None, None, false, false, (until, member))
+                .await
+                .map_err(err)?;
+            let _: i64 = self
+                .publisher
+                .expire(&key, 2 * PRESENCE_TTL_SECS as i64, None)
+                .await
+                .map_err(err)?;
+        } else {
+            let _: i64 = self.publisher.zrem(&key, member).await.map_err(err)?;
+        }
+        Ok(())
+    }
+
+    async fn presence(&self, conv: &ConvId) -> Result<Vec<String>, BusError> {
+        let now = portico_common::auth::now_secs() as f64;
+        let members: Vec<String> = self
+            .publisher
+            .zrangebyscore(presence_key(conv), now, "+inf", false, None)
+            .await
+            .map_err(err)?;
+        let mut users: Vec<String> = members
+            .into_iter()
+            .filter_map(|m| m.split('\u{0}').next().map(str::to_string))
+            .collect();
+        users.sort();
+        users.dedup();
+        Ok(users)
     }
 
     async fn hold(&self, conv: &ConvId) -> Result<(), BusError> {

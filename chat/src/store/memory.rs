@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
-use super::{Appended, NewMessage, Page, Store, StoreError, now_millis};
+use super::{Appended, ConvSummary, NewMessage, Page, Store, StoreError, now_millis};
 use crate::protocol::{ConvId, Message};
 
 /// Limits that keep memory bounded whatever clients do.
@@ -30,7 +30,8 @@ impl Default for Limits {
 
 #[derive(Default)]
 struct Conv {
-    members: HashSet<String>,
+    /// Member → read receipt (last offset read).
+    members: HashMap<String, u64>,
     /// Retained messages; `messages[i].offset == first_offset + i`.
     messages: VecDeque<Message>,
     latest: u64,
@@ -41,6 +42,9 @@ struct Conv {
 #[derive(Default)]
 pub struct MemoryStore {
     convs: DashMap<ConvId, Conv>,
+    /// User → their conversations. Locked only after (never while holding)
+    /// a `convs` entry is released, so the two maps cannot deadlock.
+    by_user: DashMap<String, HashSet<ConvId>>,
     limits: Limits,
 }
 
@@ -48,6 +52,7 @@ impl MemoryStore {
     pub fn new(limits: Limits) -> Self {
         MemoryStore {
             convs: DashMap::new(),
+            by_user: DashMap::new(),
             limits,
         }
     }
@@ -63,15 +68,18 @@ impl Store for MemoryStore {
             return Err(StoreError::Full("too many members"));
         }
         match self.convs.entry(conv.clone()) {
-            Entry::Occupied(_) => Err(StoreError::Exists(conv.clone())),
+            Entry::Occupied(_) => return Err(StoreError::Exists(conv.clone())),
             Entry::Vacant(v) => {
                 v.insert(Conv {
-                    members: members.iter().cloned().collect(),
+                    members: members.iter().map(|m| (m.clone(), 0)).collect(),
                     ..Conv::default()
                 });
-                Ok(())
             }
         }
+        for m in members {
+            self.by_user.entry(m.clone()).or_default().insert(conv.clone());
+        }
+        Ok(())
     }
 
     async fn add_member(&self, conv: &ConvId, user: &str) -> Result<(), StoreError> {
@@ -79,15 +87,76 @@ impl Store for MemoryStore {
             .convs
             .get_mut(conv)
             .ok_or_else(|| StoreError::NoSuchConversation(conv.clone()))?;
-        if c.members.len() >= self.limits.members_per_conversation && !c.members.contains(user) {
+        if c.members.len() >= self.limits.members_per_conversation && !c.members.contains_key(user) {
             return Err(StoreError::Full("too many members"));
         }
-        c.members.insert(user.to_string());
+        c.members.entry(user.to_string()).or_insert(0);
+        drop(c);
+        self.by_user
+            .entry(user.to_string())
+            .or_default()
+            .insert(conv.clone());
         Ok(())
     }
 
+    async fn remove_member(&self, conv: &ConvId, user: &str) -> Result<bool, StoreError> {
+        let mut c = self
+            .convs
+            .get_mut(conv)
+            .ok_or_else(|| StoreError::NoSuchConversation(conv.clone()))?;
+        let was = c.members.remove(user).is_some();
+        drop(c);
+        if let Some(mut convs) = self.by_user.get_mut(user) {
+            convs.remove(conv);
+        }
+        self.by_user.remove_if(user, |_, convs| convs.is_empty());
+        Ok(was)
+    }
+
+    async fn mark_read(&self, conv: &ConvId, user: &str, offset: u64) -> Result<u64, StoreError> {
+        let mut c = self
+            .convs
+            .get_mut(conv)
+            .ok_or_else(|| StoreError::NoSuchConversation(conv.clone()))?;
+        let latest = c.latest;
+        let read = c
+            .members
+            .get_mut(user)
+            .ok_or_else(|| StoreError::NotMember(conv.clone()))?;
+        *read = (*read).max(offset.min(latest));
+        Ok(*read)
+    }
+
+    async fn conversations_of(&self, user: &str, limit: u32) -> Result<Vec<ConvSummary>, StoreError> {
+        let ids: Vec<ConvId> = self
+            .by_user
+            .get(user)
+            .map(|c| c.iter().cloned().collect())
+            .unwrap_or_default();
+        let mut out: Vec<ConvSummary> = ids
+            .iter()
+            .filter_map(|id| {
+                let c = self.convs.get(id)?;
+                let read_offset = *c.members.get(user)?;
+                Some(ConvSummary {
+                    id: id.clone(),
+                    latest_offset: c.latest,
+                    read_offset,
+                    unread: c.latest - read_offset,
+                    last_message: c.messages.back().cloned(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            let ts = |s: &ConvSummary| s.last_message.as_ref().map_or(0, |m| m.ts);
+            ts(b).cmp(&ts(a)).then_with(|| a.id.cmp(&b.id))
+        });
+        out.truncate(limit as usize);
+        Ok(out)
+    }
+
     async fn is_member(&self, conv: &ConvId, user: &str) -> Result<bool, StoreError> {
-        Ok(self.convs.get(conv).is_some_and(|c| c.members.contains(user)))
+        Ok(self.convs.get(conv).is_some_and(|c| c.members.contains_key(user)))
     }
 
     async fn append(&self, conv: &ConvId, msg: NewMessage) -> Result<Appended, StoreError> {
@@ -95,6 +164,9 @@ impl Store for MemoryStore {
             .convs
             .get_mut(conv)
             .ok_or_else(|| StoreError::NoSuchConversation(conv.clone()))?;
+        if msg.members_only && !c.members.contains_key(&msg.from) {
+            return Err(StoreError::NotMember(conv.clone()));
+        }
         let key = (msg.from, msg.client_id);
         if let Some(&offset) = c.seen.get(&key) {
             let first = c.messages.front().map_or(0, |m| m.offset);
@@ -175,6 +247,7 @@ mod tests {
             client_id: id.into(),
             from: "u".into(),
             body: "b".into(),
+            members_only: false,
         }
     }
 
@@ -185,6 +258,23 @@ mod tests {
         assert_eq!(s.append(&conv(), msg("a")).await.unwrap().message.offset, 1);
         assert_eq!(s.append(&conv(), msg("b")).await.unwrap().message.offset, 2);
         let again = s.append(&conv(), msg("a")).await.unwrap();
+        let stranger = NewMessage {
+            from: "eve".into(),
+            members_only: true,
+            ..msg("z")
+        };
+        assert!(matches!(
+            s.append(&conv(), stranger).await,
+            Err(StoreError::NotMember(_))
+        ));
+        assert_eq!(
+            s.mark_read(&conv(), "u", 99).await.unwrap(),
+            2,
+            "capped at the newest"
+        );
+        assert_eq!(s.mark_read(&conv(), "u", 1).await.unwrap(), 2, "never back");
+        let list = s.conversations_of("u", 10).await.unwrap();
+        assert_eq!((list.len(), list[0].unread), (1, 0));
         assert!(again.duplicate);
         assert_eq!(again.message.offset, 1);
         assert_eq!(s.latest_offset(&conv()).await.unwrap(), 2);

@@ -19,6 +19,8 @@ pub enum StoreError {
     NoSuchConversation(ConvId),
     #[error("conversation {0} already exists")]
     Exists(ConvId),
+    #[error("not a member of conversation {0}")]
+    NotMember(ConvId),
     #[error("store is full: {0}")]
     Full(&'static str),
     #[error("store unavailable: {0}")]
@@ -31,6 +33,20 @@ pub struct NewMessage {
     pub client_id: String,
     pub from: String,
     pub body: String,
+    /// Refuse unless `from` is a member (checked atomically with the
+    /// append). Only trusted services publish without it.
+    pub members_only: bool,
+}
+
+/// One line of a user's conversation list.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ConvSummary {
+    pub id: ConvId,
+    pub latest_offset: u64,
+    /// The user's read receipt: the last offset they have read.
+    pub read_offset: u64,
+    pub unread: u64,
+    pub last_message: Option<Message>,
 }
 
 /// The result of an append.
@@ -54,6 +70,13 @@ pub enum Page {
 pub trait Store: Send + Sync + 'static {
     async fn create_conversation(&self, conv: &ConvId, members: &[String]) -> Result<(), StoreError>;
     async fn add_member(&self, conv: &ConvId, user: &str) -> Result<(), StoreError>;
+    /// Removes a member; `false` if they were not one.
+    async fn remove_member(&self, conv: &ConvId, user: &str) -> Result<bool, StoreError>;
+    /// Moves the user's read receipt forward (never back, never past the
+    /// newest offset); returns the receipt now stored.
+    async fn mark_read(&self, conv: &ConvId, user: &str, offset: u64) -> Result<u64, StoreError>;
+    /// The user's conversations, most recently active first.
+    async fn conversations_of(&self, user: &str, limit: u32) -> Result<Vec<ConvSummary>, StoreError>;
     async fn is_member(&self, conv: &ConvId, user: &str) -> Result<bool, StoreError>;
     async fn append(&self, conv: &ConvId, msg: NewMessage) -> Result<Appended, StoreError>;
     /// Messages of one page, oldest first, at most `limit`.

@@ -17,7 +17,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
-use super::{Appended, NewMessage, Page, Store, StoreError, now_millis};
+use super::{Appended, ConvSummary, NewMessage, Page, Store, StoreError, now_millis};
 use crate::protocol::{ConvId, Message};
 
 /// Longest any store call may take, pool wait included.
@@ -177,6 +177,77 @@ impl Store for PgStore {
         .await
     }
 
+    async fn remove_member(&self, conv: &ConvId, user: &str) -> Result<bool, StoreError> {
+        deadline(async {
+            let client = self.pool.get().await.map_err(unavailable)?;
+            let n = client
+                .execute(
+                    "DELETE FROM members WHERE conv = $1 AND user_id = $2",
+                    &[&conv.as_str(), &user],
+                )
+                .await
+                .map_err(unavailable)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn mark_read(&self, conv: &ConvId, user: &str, offset: u64) -> Result<u64, StoreError> {
+        deadline(async {
+            let client = self.pool.get().await.map_err(unavailable)?;
+            let offset = offset.min(i64::MAX as u64) as i64;
+            let row = client
+                .query_opt(
+                    "UPDATE members m SET read_offset = GREATEST(m.read_offset, LEAST($3, c.latest_offset))
+                     FROM conversations c WHERE c.id = m.conv AND m.conv = $1 AND m.user_id = $2
+                     RETURNING m.read_offset",
+                    &[&conv.as_str(), &user, &offset],
+                )
+                .await
+                .map_err(unavailable)?
+                .ok_or_else(|| StoreError::NotMember(conv.clone()))?;
+            Ok(row.get::<_, i64>(0) as u64)
+        })
+        .await
+    }
+
+    async fn conversations_of(&self, user: &str, limit: u32) -> Result<Vec<ConvSummary>, StoreError> {
+        deadline(async {
+            let client = self.pool.get().await.map_err(unavailable)?;
+            let rows = client
+                .query(
+                    r#"SELECT c.id, c.latest_offset, m.read_offset,
+                              msg."offset", msg.client_id, msg.sender, msg.ts, msg.body
+                       FROM members m
+                       JOIN conversations c ON c.id = m.conv
+                       LEFT JOIN messages msg ON msg.conv = c.id AND msg."offset" = c.latest_offset
+                       WHERE m.user_id = $1
+                       ORDER BY msg.ts DESC NULLS LAST, c.id
+                       LIMIT $2"#,
+                    &[&user, &i64::from(limit)],
+                )
+                .await
+                .map_err(unavailable)?;
+            rows.iter()
+                .map(|r| {
+                    let id = ConvId::parse(r.get::<_, &str>("id"))
+                        .map_err(|_| unavailable("bad conversation id in database"))?;
+                    let latest = r.get::<_, i64>("latest_offset") as u64;
+                    let read = r.get::<_, i64>("read_offset") as u64;
+                    let last_message = r.get::<_, Option<i64>>("offset").map(|_| message(&id, r));
+                    Ok(ConvSummary {
+                        id,
+                        latest_offset: latest,
+                        read_offset: read,
+                        unread: latest - read,
+                        last_message,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
     async fn is_member(&self, conv: &ConvId, user: &str) -> Result<bool, StoreError> {
         deadline(async {
             let client = self.pool.get().await.map_err(unavailable)?;
@@ -196,15 +267,18 @@ impl Store for PgStore {
         deadline(async {
             let mut client = self.pool.get().await.map_err(unavailable)?;
             let tx = client.transaction().await.map_err(unavailable)?;
-            // The row lock serializes appends to one conversation.
+            // The row lock serializes appends to one conversation; the
+            // membership check rides in the same statement.
             let offset: i64 = tx
                 .query_opt(
-                    "UPDATE conversations SET latest_offset = latest_offset + 1 WHERE id = $1 RETURNING latest_offset",
-                    &[&conv.as_str()],
+                    "UPDATE conversations SET latest_offset = latest_offset + 1 WHERE id = $1
+                     AND (NOT $3 OR EXISTS (SELECT 1 FROM members WHERE conv = $1 AND user_id = $2))
+                     RETURNING latest_offset",
+                    &[&conv.as_str(), &msg.from, &msg.members_only],
                 )
                 .await
                 .map_err(unavailable)?
-                .ok_or_else(|| StoreError::NoSuchConversation(conv.clone()))?
+                .ok_or_else(|| StoreError::NotMember(conv.clone()))?
                 .get(0);
             let existing = tx
                 .query_opt(
