@@ -1,0 +1,352 @@
+//! `portico-loadtest bench`: the whole stack on real servers, the standard
+//! scenarios, and the results files.
+//!
+//! Starts Redis and PostgreSQL through the test harness, two chat shards and
+//! the gateway (binaries of this build's profile: run it with `--release`),
+//! then runs each scenario through the gateway while sampling every server
+//! process's RSS and CPU, and writes `loadtest/results/<scenario>.json` and
+//! `loadtest/results/README.md`.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use portico_config::Secret;
+use portico_tests::servers::{EdgePorts, Postgres, Redis, Service};
+use portico_tests::{TEST_SECRET, bins};
+use serde_json::json;
+
+use crate::generator::{self, Scenario};
+use crate::report::{Report, ServerUsage};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Scenarios to run: fanout, dm, idle, proxy (default: all).
+    #[arg(long, value_delimiter = ',', default_value = "fanout,dm,idle,proxy")]
+    pub scenarios: Vec<String>,
+    /// Divide connection counts and durations by 10 (a smoke run).
+    #[arg(long)]
+    pub quick: bool,
+    /// Where results go.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
+    pub out: PathBuf,
+}
+
+struct Stack {
+    shards: Vec<(Service, u16)>,
+    gateway: Service,
+    edge: EdgePorts,
+    _redis: Redis,
+    _pg: Postgres,
+}
+
+fn start_stack() -> Stack {
+    let redis = Redis::start();
+    let pg = Postgres::start();
+    let common = |extra: Vec<(&'static str, String)>| {
+        let mut env = vec![("PORTICO_LOG__LEVEL", "warn".to_string())];
+        env.extend(extra);
+        env
+    };
+    let shards: Vec<(Service, u16)> = (1..=2)
+        .map(|i| {
+            Service::chat(&common(vec![
+                ("PORTICO_CHAT__SHARD_ID", i.to_string()),
+                ("PORTICO_CHAT__BUS", "redis".into()),
+                ("PORTICO_CHAT__REDIS_URL", redis.url()),
+                ("PORTICO_CHAT__STORE", "postgres".into()),
+                ("PORTICO_CHAT__POSTGRES_URL", pg.url()),
+                ("PORTICO_CHAT__POSTGRES_POOL", "32".into()),
+                ("PORTICO_CHAT__PUBLISH_PER_SEC", "1000000".into()),
+                ("PORTICO_CHAT__MAX_CONNECTIONS", "200000".into()),
+                ("PORTICO_CHAT__OUTBOUND_QUEUE", "1024".into()),
+            ]))
+        })
+        .collect();
+    let edge = EdgePorts::free();
+    let shard_list = format!(
+        "[{}]",
+        shards
+            .iter()
+            .map(|(_, p)| format!("\"127.0.0.1:{p}\""))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let mut env = common(edge.env());
+    env.push(("PORTICO_GATEWAY__CHAT_SHARDS", shard_list));
+    env.push(("PORTICO_GATEWAY__THREADS", "2".into()));
+    let gateway = Service::start(&bins::gateway(), &[], &env, edge.admin);
+    Stack {
+        shards,
+        gateway,
+        edge,
+        _redis: redis,
+        _pg: pg,
+    }
+}
+
+/// Samples RSS (keeping the peak) and chat connection gauges while a
+/// scenario runs.
+struct Sampler {
+    procs: Vec<(String, u32, Option<u16>)>,
+    peak: Arc<Mutex<Vec<(u64, u64)>>>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Sampler {
+    fn start(stack: &Stack) -> Sampler {
+        let mut procs: Vec<(String, u32, Option<u16>)> = stack
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, (s, port))| (format!("chat shard {}", i + 1), s.proc.pid(), Some(*port)))
+            .collect();
+        procs.push(("gateway".into(), stack.gateway.proc.pid(), None));
+        let peak = Arc::new(Mutex::new(vec![(0u64, 0u64); procs.len()]));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (p2, peak2, stop2) = (procs.clone(), peak.clone(), stop.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            while !stop2.is_cancelled() {
+                for (i, (_, pid, port)) in p2.iter().enumerate() {
+                    let rss = crate::sys::rss_bytes(*pid).unwrap_or(0);
+                    let conns = match port {
+                        Some(p) => chat_connections(&http, *p).await,
+                        None => 0,
+                    };
+                    let mut peak = peak2.lock().expect("sampler lock");
+                    if rss > peak[i].0 {
+                        peak[i] = (rss, conns.max(peak[i].1));
+                    } else {
+                        peak[i].1 = peak[i].1.max(conns);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        Sampler { procs, peak, stop }
+    }
+
+    fn finish(self, before: &[(u64, Duration)], total_conns: u64) -> Vec<ServerUsage> {
+        self.stop.cancel();
+        let peak = self.peak.lock().expect("sampler lock").clone();
+        self.procs
+            .iter()
+            .enumerate()
+            .map(|(i, (name, pid, port))| {
+                let (rss_after, conns) = peak[i];
+                let conns = if port.is_some() { conns } else { total_conns };
+                let cpu = crate::sys::cpu_time(*pid)
+                    .unwrap_or_default()
+                    .saturating_sub(before[i].1);
+                let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+                ServerUsage {
+                    name: name.clone(),
+                    rss_before_mib: mib(before[i].0),
+                    rss_after_mib: mib(rss_after),
+                    connections: conns,
+                    rss_per_connection_kib: if conns > 0 {
+                        rss_after.saturating_sub(before[i].0) as f64 / 1024.0 / conns as f64
+                    } else {
+                        0.0
+                    },
+                    cpu_secs: cpu.as_secs_f64(),
+                }
+            })
+            .collect()
+    }
+}
+
+async fn chat_connections(http: &reqwest::Client, port: u16) -> u64 {
+    let Ok(r) = http.get(format!("http://127.0.0.1:{port}/metrics")).send().await else {
+        return 0;
+    };
+    let text = r.text().await.unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with("portico_chat_connections{"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+fn snapshot(stack: &Stack) -> Vec<(u64, Duration)> {
+    let pids: Vec<u32> = stack
+        .shards
+        .iter()
+        .map(|(s, _)| s.proc.pid())
+        .chain([stack.gateway.proc.pid()])
+        .collect();
+    pids.iter()
+        .map(|p| {
+            (
+                crate::sys::rss_bytes(*p).unwrap_or(0),
+                crate::sys::cpu_time(*p).unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// Loopback source addresses for the generator: 127.0.0.2 … 127.0.0.(1+n).
+fn sources(n: u8) -> Vec<IpAddr> {
+    (2..2 + n)
+        .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)))
+        .collect()
+}
+
+pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let stack = tokio::task::spawn_blocking(start_stack).await?;
+    let cert = stack.gateway.certificate("localhost");
+    let scale = if args.quick { 10 } else { 1 };
+    let secs = |s: u64| Duration::from_secs((s / scale).max(3));
+    let mut rows = Vec::new();
+    let mut failed = false;
+    for name in &args.scenarios {
+        let (conns, group, rate, dur) = match name.as_str() {
+            "fanout" => (1_000, 100, 1_000, secs(30)),
+            "dm" => (10_000, 2, 2_000, secs(30)),
+            "idle" => (50_000, 2, 0, secs(30)),
+            "proxy" => {
+                let r = proxy(&stack).await?;
+                std::fs::write(args.out.join("proxy.json"), serde_json::to_string_pretty(&r)?)?;
+                rows.push(format!(
+                    "| proxy | wrk -t2 -c64 -d10s | gateway {:.0} req/s vs direct {:.0} req/s ({:.0}%) | added p99 {:.2} ms | | | | |",
+                    r["gateway_rps"].as_f64().unwrap_or(0.0),
+                    r["direct_rps"].as_f64().unwrap_or(0.0),
+                    r["ratio_pct"].as_f64().unwrap_or(0.0),
+                    r["added_p99_ms"].as_f64().unwrap_or(0.0),
+                ));
+                continue;
+            }
+            other => anyhow::bail!("unknown scenario {other} (fanout, dm, idle, proxy)"),
+        };
+        let conns = conns / scale as usize;
+        let rate = rate / scale as u32;
+        eprintln!("== {name}: {conns} connections, groups of {group}, {rate} msg/s, {dur:?}");
+        let scenario = Scenario {
+            urls: vec![format!("wss://localhost:{}/ws", stack.edge.https).parse()?],
+            api: format!("https://localhost:{}/", stack.edge.https).parse()?,
+            ca: Some(cert.clone()),
+            secret: Secret::new(TEST_SECRET),
+            connections: conns,
+            connect_rate: 5_000,
+            group_size: group,
+            rate,
+            duration: dur,
+            sources: sources(8),
+            body_bytes: 64,
+            prefix: format!("{name}{:x}", portico_common::auth::now_secs()),
+            drain: Duration::from_secs(5),
+        };
+        let before = snapshot(&stack);
+        let sampler = Sampler::start(&stack);
+        let mut report: Report = generator::run(scenario).await?;
+        report.servers = sampler.finish(&before, report.connections_ok);
+        println!("\n== {name}\n{}", report.table());
+        std::fs::write(
+            args.out.join(format!("{name}.json")),
+            serde_json::to_string_pretty(&report)?,
+        )?;
+        let problems = report.problems(0, 1.0);
+        failed |= !problems.is_empty();
+        for p in &problems {
+            eprintln!("{name}: {p}");
+        }
+        let per_conn = |n: &str| {
+            report
+                .servers
+                .iter()
+                .filter(|s| s.name.starts_with(n))
+                .map(|s| format!("{:.1}", s.rss_per_connection_kib))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        let l = &report.latency_ms;
+        rows.push(format!(
+            "| {name} | {} conns, groups of {group}, {rate} msg/s, {}s | {:.0} deliveries/s | p50 {:.2} / p99 {:.2} / p99.9 {:.2} ms | {} lost, {} dup | {} KiB | {} KiB | {:.1} s |",
+            report.connections_ok,
+            dur.as_secs(),
+            report.deliveries_per_sec,
+            l.p50,
+            l.p99,
+            l.p999,
+            report.deliveries_lost,
+            report.deliveries_duplicated,
+            per_conn("chat"),
+            per_conn("gateway"),
+            report.generator_cpu_secs,
+        ));
+    }
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let table = format!(
+        "# Benchmark results\n\nMeasured on commit `{commit}` with `cargo run --release -p loadtest -- bench{}` \
+         (2 cores, load generator on the same machine, everything through the gateway over TLS).\n\n\
+         | scenario | load | throughput | latency (publish→receive) | delivery | RSS/conn (shards) | RSS/conn (gateway) | generator CPU |\n\
+         |---|---|---|---|---|---|---|---|\n{}\n",
+        if args.quick { " --quick" } else { "" },
+        rows.join("\n")
+    );
+    std::fs::write(args.out.join("README.md"), &table)?;
+    println!("\n{table}");
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `wrk` against the gateway and directly against a shard.
+async fn proxy(stack: &Stack) -> anyhow::Result<serde_json::Value> {
+    let direct = format!("http://127.0.0.1:{}/healthz", stack.shards[0].1);
+    let via = format!("https://localhost:{}/healthz", stack.edge.https);
+    let run = |url: String| {
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(f64, f64)> {
+            let out = Command::new("wrk")
+                .args(["-t2", "-c64", "-d10s", "--latency", &url])
+                .output()
+                .context("running wrk (apt-get install wrk)")?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let rps = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Requests/sec:"))
+                .and_then(|v| v.trim().parse().ok())
+                .context("wrk printed no Requests/sec")?;
+            let p99 = text
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("99%"))
+                .map(|v| parse_wrk_duration(v.trim()))
+                .unwrap_or(0.0);
+            Ok((rps, p99))
+        })
+    };
+    let (direct_rps, direct_p99) = run(direct).await??;
+    let (gw_rps, gw_p99) = run(via).await??;
+    Ok(json!({
+        "direct_rps": direct_rps, "direct_p99_ms": direct_p99,
+        "gateway_rps": gw_rps, "gateway_p99_ms": gw_p99,
+        "ratio_pct": 100.0 * gw_rps / direct_rps.max(1.0),
+        "added_p99_ms": gw_p99 - direct_p99,
+    }))
+}
+
+/// `1.23ms`, `456.00us`, `1.10s` → milliseconds.
+fn parse_wrk_duration(v: &str) -> f64 {
+    let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
+    let n: f64 = num.parse().unwrap_or(0.0);
+    match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        "m" => n * 60_000.0,
+        _ => n,
+    }
+}

@@ -1,0 +1,496 @@
+//! The load generator: C connections in conversations of S members, M
+//! messages per second for D seconds, latency and delivery accounting.
+//!
+//! Every message body starts with its send time (microseconds since the run
+//! began); every receiver records publish→receive latency in an HDR
+//! histogram and checks offsets: a repeated offset is a duplicate, a jump
+//! is out of order. Lost = expected − (received − duplicates), where each
+//! acknowledged publish expects one delivery per subscribed member.
+
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use portico_common::auth::Tokens;
+use portico_config::Secret;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_util::sync::CancellationToken;
+
+use crate::report::Report;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// `ws://host:port/ws` or `wss://…`; with several, connections go to
+    /// them in turn (e.g. straight to each shard).
+    pub urls: Vec<url::Url>,
+    /// Base URL of the chat REST API (`http(s)://host:port`), used to create
+    /// the conversations with a service token.
+    pub api: url::Url,
+    /// PEM certificate(s) to trust for wss/https (self-signed gateway).
+    pub ca: Option<Vec<u8>>,
+    /// The deployment's JWT secret (tokens are minted for synthetic users).
+    pub secret: Secret,
+    pub connections: usize,
+    pub connect_rate: u32,
+    pub group_size: usize,
+    /// Messages per second in total; 0 holds connections idle.
+    pub rate: u32,
+    pub duration: Duration,
+    /// Local addresses to connect from (more than ~28k connections to one
+    /// server address need several: 127.0.0.2, 127.0.0.3, …).
+    pub sources: Vec<IpAddr>,
+    pub body_bytes: usize,
+    /// Prefix of user and conversation ids, unique per run.
+    pub prefix: String,
+    /// How long to wait after the last publish for deliveries to arrive.
+    pub drain: Duration,
+}
+
+/// Counters shared by all connection tasks.
+#[derive(Default)]
+struct Stats {
+    connected: AtomicUsize,
+    failed: AtomicUsize,
+    sent: AtomicU64,
+    acked: AtomicU64,
+    publish_errors: AtomicU64,
+    not_sent_backlog: AtomicU64,
+    expected: AtomicU64,
+    received: AtomicU64,
+    duplicates: AtomicU64,
+    out_of_order: AtomicU64,
+}
+
+/// Latency histograms, sharded so that recording rarely contends.
+struct Latencies(Vec<Mutex<Histogram<u64>>>);
+
+const SHARDS: usize = 16;
+
+impl Latencies {
+    fn new() -> Self {
+        Latencies((0..SHARDS).map(|_| Mutex::new(new_histogram())).collect())
+    }
+    fn record(&self, slot: usize, micros: u64) {
+        let mut h = self.0[slot % SHARDS].lock().expect("histogram lock");
+        let _ = h.record(micros.max(1));
+    }
+    fn merged(&self) -> Histogram<u64> {
+        let mut all = new_histogram();
+        for h in &self.0 {
+            let _ = all.add(&*h.lock().expect("histogram lock"));
+        }
+        all
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid histogram bounds")
+}
+
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+type Ws = WebSocketStream<Pin<Box<dyn Io>>>;
+
+/// One connection's handle for the scheduler.
+struct Conn {
+    conv: usize,
+    tx: mpsc::Sender<Utf8Bytes>,
+}
+
+/// Runs a scenario to the end and reports.
+pub async fn run(s: Scenario) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        s.connections > 0 && s.group_size > 0,
+        "connections and group size must be positive"
+    );
+    anyhow::ensure!(!s.sources.is_empty(), "at least one source address");
+    anyhow::ensure!(!s.urls.is_empty(), "at least one URL");
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let tokens = Tokens::new(&s.secret);
+    let convs = s.connections.div_ceil(s.group_size);
+    let tls = s.ca.as_deref().map(tls_config).transpose()?;
+    create_conversations(&s, &tokens, convs).await?;
+
+    let stats = Arc::new(Stats::default());
+    let lat = Arc::new(Latencies::new());
+    let connect_lat = Arc::new(Mutex::new(new_histogram()));
+    let subscribed: Arc<Vec<AtomicU64>> = Arc::new((0..convs).map(|_| AtomicU64::new(0)).collect());
+    let stop = CancellationToken::new();
+    let epoch = Instant::now();
+    let mut addrs = Vec::new();
+    for u in &s.urls {
+        addrs.push(target_addr(u).await?);
+    }
+
+    // Ramp up at the connect rate.
+    let mut conns: Vec<Option<Conn>> = Vec::with_capacity(s.connections);
+    let mut tasks = tokio::task::JoinSet::new();
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<(usize, Option<Conn>)>();
+    let gap = Duration::from_secs_f64(1.0 / f64::from(s.connect_rate.max(1)));
+    let mut tick = tokio::time::interval(gap);
+    let ramp_start = Instant::now();
+    for i in 0..s.connections {
+        tick.tick().await;
+        let ctx = ConnCtx {
+            index: i,
+            conv: i / s.group_size,
+            user: format!("{}-u{i}", s.prefix),
+            conv_id: format!("{}-c{}", s.prefix, i / s.group_size),
+            source: s.sources[i % s.sources.len()],
+            addr: addrs[i % addrs.len()],
+            url: s.urls[i % s.urls.len()].clone(),
+            tls: tls.clone(),
+            token: tokens.issue(&format!("{}-u{i}", s.prefix), &[], Duration::from_secs(3600)),
+            stats: stats.clone(),
+            lat: lat.clone(),
+            connect_lat: connect_lat.clone(),
+            subscribed: subscribed.clone(),
+            stop: stop.clone(),
+            epoch,
+            ready: ready_tx.clone(),
+        };
+        tasks.spawn(connection(ctx));
+    }
+    drop(ready_tx);
+    conns.resize_with(s.connections, || None);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut reported = 0;
+    while reported < s.connections {
+        match tokio::time::timeout_at(deadline, ready_rx.recv()).await {
+            Ok(Some((i, conn))) => {
+                conns[i] = conn;
+                reported += 1;
+            }
+            _ => break,
+        }
+    }
+    let ramp = ramp_start.elapsed();
+    let cpu_start = crate::sys::self_cpu_time();
+
+    // Open loop: message n is due at n / rate seconds, whatever happens.
+    let live: Vec<&Conn> = conns.iter().flatten().collect();
+    let started = Instant::now();
+    if s.rate > 0 && !live.is_empty() {
+        let body_pad = "x".repeat(s.body_bytes.saturating_sub(24));
+        let mut seq: u64 = 0;
+        let total = (f64::from(s.rate) * s.duration.as_secs_f64()) as u64;
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        while seq < total {
+            tick.tick().await;
+            let due = ((started.elapsed().as_secs_f64() * f64::from(s.rate)) as u64).min(total);
+            while seq < due {
+                let c = live[(seq as usize) % live.len()];
+                let sent_at = epoch.elapsed().as_micros() as u64;
+                let frame = json!({
+                    "type": "publish",
+                    "conv": format!("{}-c{}", s.prefix, c.conv),
+                    "id": format!("m{seq}"),
+                    "body": format!("{sent_at}|{body_pad}"),
+                });
+                if c.tx.try_send(frame.to_string().into()).is_ok() {
+                    stats.sent.fetch_add(1, Relaxed);
+                } else {
+                    stats.not_sent_backlog.fetch_add(1, Relaxed);
+                }
+                seq += 1;
+            }
+        }
+    } else {
+        tokio::time::sleep(s.duration).await;
+    }
+    let publish_time = started.elapsed();
+    // Let in-flight deliveries land.
+    let drain_until = Instant::now() + s.drain;
+    while Instant::now() < drain_until {
+        let delivered = stats.received.load(Relaxed) - stats.duplicates.load(Relaxed);
+        let acks_done =
+            stats.acked.load(Relaxed) + stats.publish_errors.load(Relaxed) >= stats.sent.load(Relaxed);
+        if acks_done && delivered >= stats.expected.load(Relaxed) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cpu = crate::sys::self_cpu_time().saturating_sub(cpu_start);
+    stop.cancel();
+    drop(conns);
+    while tasks.join_next().await.is_some() {}
+
+    let latency = lat.merged();
+    let connect = connect_lat.lock().expect("histogram lock").clone();
+    Ok(Report::new(
+        &s,
+        &stats_snapshot(&stats),
+        &latency,
+        &connect,
+        ramp,
+        publish_time,
+        cpu,
+    ))
+}
+
+/// The counters at the end of a run.
+#[derive(Debug, Clone, Default)]
+pub struct Counts {
+    pub connected: u64,
+    pub failed: u64,
+    pub sent: u64,
+    pub acked: u64,
+    pub publish_errors: u64,
+    pub not_sent_backlog: u64,
+    pub expected: u64,
+    pub received: u64,
+    pub duplicates: u64,
+    pub out_of_order: u64,
+}
+
+fn stats_snapshot(s: &Stats) -> Counts {
+    Counts {
+        connected: s.connected.load(Relaxed) as u64,
+        failed: s.failed.load(Relaxed) as u64,
+        sent: s.sent.load(Relaxed),
+        acked: s.acked.load(Relaxed),
+        publish_errors: s.publish_errors.load(Relaxed),
+        not_sent_backlog: s.not_sent_backlog.load(Relaxed),
+        expected: s.expected.load(Relaxed),
+        received: s.received.load(Relaxed),
+        duplicates: s.duplicates.load(Relaxed),
+        out_of_order: s.out_of_order.load(Relaxed),
+    }
+}
+
+struct ConnCtx {
+    index: usize,
+    conv: usize,
+    user: String,
+    conv_id: String,
+    source: IpAddr,
+    addr: SocketAddr,
+    url: url::Url,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    token: String,
+    stats: Arc<Stats>,
+    lat: Arc<Latencies>,
+    connect_lat: Arc<Mutex<Histogram<u64>>>,
+    subscribed: Arc<Vec<AtomicU64>>,
+    stop: CancellationToken,
+    epoch: Instant,
+    ready: mpsc::UnboundedSender<(usize, Option<Conn>)>,
+}
+
+/// One synthetic client: connect, subscribe, then read and write until stop.
+async fn connection(ctx: ConnCtx) {
+    let t0 = Instant::now();
+    let (mut ws, mut last) = match open(&ctx).await {
+        Ok(x) => x,
+        Err(e) => {
+            if ctx.stats.failed.fetch_add(1, Relaxed) < 5 {
+                eprintln!("connection {} ({}) failed: {e:#}", ctx.index, ctx.user);
+            }
+            let _ = ctx.ready.send((ctx.index, None));
+            return;
+        }
+    };
+    let _ = ctx
+        .connect_lat
+        .lock()
+        .expect("histogram lock")
+        .record(t0.elapsed().as_micros() as u64);
+    ctx.stats.connected.fetch_add(1, Relaxed);
+    ctx.subscribed[ctx.conv].fetch_add(1, Relaxed);
+    let (tx, mut rx) = mpsc::channel::<Utf8Bytes>(64);
+    let _ = ctx.ready.send((ctx.index, Some(Conn { conv: ctx.conv, tx })));
+    loop {
+        tokio::select! {
+            _ = ctx.stop.cancelled() => break,
+            out = rx.recv() => match out {
+                Some(text) => if ws.send(Message::Text(text)).await.is_err() { break },
+                None => break,
+            },
+            frame = ws.next() => {
+                let Some(Ok(Message::Text(text))) = frame else {
+                    match frame {
+                        Some(Ok(_)) => continue,
+                        _ => break,
+                    }
+                };
+                on_frame(&ctx, &text, &mut last);
+            }
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+}
+
+fn on_frame(ctx: &ConnCtx, text: &str, last: &mut u64) {
+    let Ok(f) = serde_json::from_str::<Value>(text) else {
+        return;
+    };
+    match f["type"].as_str() {
+        Some("message") => {
+            let offset = f["offset"].as_u64().unwrap_or(0);
+            ctx.stats.received.fetch_add(1, Relaxed);
+            if offset <= *last {
+                ctx.stats.duplicates.fetch_add(1, Relaxed);
+                return;
+            }
+            if offset != *last + 1 {
+                ctx.stats.out_of_order.fetch_add(1, Relaxed);
+            }
+            *last = offset;
+            if let Some(sent) = f["body"]
+                .as_str()
+                .and_then(|b| b.split('|').next())
+                .and_then(|t| t.parse::<u64>().ok())
+            {
+                let now = ctx.epoch.elapsed().as_micros() as u64;
+                ctx.lat.record(ctx.index, now.saturating_sub(sent));
+            }
+        }
+        Some("ack") => {
+            ctx.stats.acked.fetch_add(1, Relaxed);
+            let members = ctx.subscribed[ctx.conv].load(Relaxed);
+            ctx.stats.expected.fetch_add(members, Relaxed);
+        }
+        Some("error") => {
+            ctx.stats.publish_errors.fetch_add(1, Relaxed);
+        }
+        _ => {}
+    }
+}
+
+/// TCP (from the chosen source address), TLS, WebSocket, subscribe.
+async fn open(ctx: &ConnCtx) -> anyhow::Result<(Ws, u64)> {
+    let sock = if ctx.addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    sock.bind(SocketAddr::new(ctx.source, 0))
+        .with_context(|| format!("bind {}", ctx.source))?;
+    sock.set_nodelay(true)?;
+    let tcp: TcpStream = sock.connect(ctx.addr).await.context("connect")?;
+    let stream: Pin<Box<dyn Io>> = match &ctx.tls {
+        None => Box::pin(tcp),
+        Some(cfg) => {
+            let host = ctx.url.host_str().unwrap_or("localhost").to_string();
+            let name = ServerName::try_from(host).context("server name")?;
+            Box::pin(
+                tokio_rustls::TlsConnector::from(cfg.clone())
+                    .connect(name, tcp)
+                    .await
+                    .context("TLS")?,
+            )
+        }
+    };
+    let mut req = ctx.url.as_str().into_client_request()?;
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        format!("portico.v1, bearer.{}", ctx.token).parse()?,
+    );
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(config))
+        .await
+        .context("handshake")?;
+    ws.send(Message::Text(
+        json!({"type": "subscribe", "conv": ctx.conv_id})
+            .to_string()
+            .into(),
+    ))
+    .await?;
+    let wait = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(frame) = ws.next().await {
+            if let Message::Text(t) = frame? {
+                let f: Value = serde_json::from_str(&t)?;
+                match f["type"].as_str() {
+                    Some("subscribed") => return Ok(f["offset"].as_u64().unwrap_or(0)),
+                    Some("error") => bail!("subscribe refused: {f}"),
+                    _ => {}
+                }
+            }
+        }
+        bail!("closed before subscribed")
+    });
+    let last = wait.await.context("subscribe timed out")??;
+    Ok((ws, last))
+}
+
+async fn target_addr(url: &url::Url) -> anyhow::Result<SocketAddr> {
+    let host = url.host_str().context("URL has no host")?;
+    let port = url.port_or_known_default().context("URL has no port")?;
+    let addr = tokio::net::lookup_host((host, port))
+        .await?
+        .find(|a| a.is_ipv4())
+        .context("no IPv4 address")?;
+    anyhow::ensure!(
+        addr.ip().is_loopback(),
+        "load is only sent to loopback addresses, not {}",
+        addr.ip()
+    );
+    Ok(addr)
+}
+
+fn tls_config(ca_pem: &[u8]) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(cert.context("CA PEM")?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Creates the run's conversations through the REST API (service token).
+async fn create_conversations(s: &Scenario, tokens: &Tokens, convs: usize) -> anyhow::Result<()> {
+    let mut http = reqwest::Client::builder().timeout(Duration::from_secs(30));
+    if let Some(pem) = &s.ca {
+        http = http.add_root_certificate(reqwest::Certificate::from_pem(pem)?);
+    }
+    let http = http.build()?;
+    let token = tokens.issue("portico-loadtest", &["service"], Duration::from_secs(3600));
+    let url = s.api.join("/api/conversations")?;
+    let limit = Arc::new(Semaphore::new(32));
+    let mut jobs = tokio::task::JoinSet::new();
+    for c in 0..convs {
+        let members: Vec<String> = (c * s.group_size..((c + 1) * s.group_size).min(s.connections))
+            .map(|i| format!("{}-u{i}", s.prefix))
+            .collect();
+        let body = json!({ "id": format!("{}-c{c}", s.prefix), "members": members });
+        let (http, url, token, limit) = (http.clone(), url.clone(), token.clone(), limit.clone());
+        jobs.spawn(async move {
+            let _permit = limit.acquire().await?;
+            let r = http.post(url).bearer_auth(token).json(&body).send().await?;
+            anyhow::ensure!(
+                r.status().is_success(),
+                "creating a conversation: {} {}",
+                r.status(),
+                r.text().await?
+            );
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    while let Some(r) = jobs.join_next().await {
+        r??;
+    }
+    Ok(())
+}

@@ -1,0 +1,29 @@
+//! Process measurements from /proc: resident memory and CPU time.
+
+use std::time::Duration;
+
+/// Clock ticks per second of /proc/<pid>/stat times (USER_HZ, 100 on Linux).
+const TICKS_PER_SEC: u64 = 100;
+
+/// Resident set size of `pid` in bytes.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// User + system CPU time consumed by `pid` so far.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) in parens.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 1000 / TICKS_PER_SEC))
+}
+
+pub fn self_cpu_time() -> Duration {
+    cpu_time(std::process::id()).unwrap_or_default()
+}
