@@ -172,7 +172,7 @@ impl Hub {
             self.connections.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        metrics::gauge!("portico_chat_connections", "shard" => self.shard.to_string()).increment(1.0);
+        metrics::gauge!(crate::metrics::CONNECTIONS, "shard" => self.shard.to_string()).increment(1.0);
         Some(ConnGuard {
             hub: self.clone(),
             id: self.next_conn.fetch_add(1, Ordering::Relaxed),
@@ -268,6 +268,7 @@ impl Hub {
         }
         sub.cursor = cursor;
         sub.outlet.send(Out::Batch(batch));
+        metrics::gauge!(crate::metrics::SUBSCRIPTIONS, "shard" => self.shard.to_string()).increment(1.0);
         let count = st.users.entry(outlet.user.clone()).or_insert(0);
         *count += 1;
         let joined = *count == 1;
@@ -320,6 +321,7 @@ impl Hub {
         }
         for id in removed {
             st.subs.remove(&id);
+            metrics::gauge!(crate::metrics::SUBSCRIPTIONS, "shard" => self.shard.to_string()).decrement(1.0);
         }
         if ev.event == EventKind::Removed {
             st.users.remove(ev.user.as_str());
@@ -353,6 +355,8 @@ impl Hub {
                 && sub.syncing.is_none()
                 && let Some(n) = st.users.get_mut(&sub.outlet.user)
             {
+                metrics::gauge!(crate::metrics::SUBSCRIPTIONS, "shard" => self.shard.to_string())
+                    .decrement(1.0);
                 *n -= 1;
                 if *n == 0 {
                     st.users.remove(&sub.outlet.user);
@@ -519,6 +523,6 @@ pub struct ConnGuard {
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.hub.connections.fetch_sub(1, Ordering::AcqRel);
-        metrics::gauge!("portico_chat_connections", "shard" => self.hub.shard.to_string()).decrement(1.0);
+        metrics::gauge!(crate::metrics::CONNECTIONS, "shard" => self.hub.shard.to_string()).decrement(1.0);
     }
 }

@@ -9,6 +9,7 @@ pub mod bus;
 pub mod conn;
 pub mod http;
 pub mod hub;
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod store;

@@ -131,6 +131,7 @@ pub async fn bind(cfg: ChatConfig, auth: &AuthConfig, engines: Engines) -> Resul
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })?;
+    crate::metrics::describe();
     let hub = Hub::new(
         cfg.shard_id,
         engines.store.clone(),

@@ -93,6 +93,35 @@ pub struct GatewayConfig {
     pub grace_period_secs: u64,
     /// Then at most this long for services to stop.
     pub shutdown_timeout_secs: u64,
+    /// Largest request body; bigger ones get 413.
+    pub max_body_bytes: u64,
+    /// Peers whose `X-Forwarded-For` is believed (a load balancer in
+    /// front); for everyone else the client IP is the socket's.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    pub limits: RateLimits,
+}
+
+/// Per-client-IP limits (IPv6 grouped by /64); over them: 429 with
+/// `Retry-After`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimits {
+    pub requests_per_sec: u32,
+    pub requests_burst: u32,
+    /// New WebSocket connections per second (reconnect storms, scans).
+    pub ws_connects_per_sec: u32,
+    pub ws_connects_burst: u32,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits {
+            requests_per_sec: 100,
+            requests_burst: 200,
+            ws_connects_per_sec: 10,
+            ws_connects_burst: 50,
+        }
+    }
 }
 
 impl Default for GatewayConfig {
@@ -110,6 +139,9 @@ impl Default for GatewayConfig {
             threads: 2,
             grace_period_secs: 2,
             shutdown_timeout_secs: 3,
+            max_body_bytes: 1 << 20,
+            trusted_proxies: Vec::new(),
+            limits: RateLimits::default(),
         }
     }
 }
@@ -250,6 +282,17 @@ impl PorticoConfig {
         }
         if g.threads == 0 || g.threads > 256 {
             return bad("gateway.threads", "must be between 1 and 256");
+        }
+        let l = &g.limits;
+        for (key, v) in [
+            ("gateway.limits.requests_per_sec", l.requests_per_sec),
+            ("gateway.limits.requests_burst", l.requests_burst),
+            ("gateway.limits.ws_connects_per_sec", l.ws_connects_per_sec),
+            ("gateway.limits.ws_connects_burst", l.ws_connects_burst),
+        ] {
+            if v == 0 {
+                return bad(key, "must be at least 1");
+            }
         }
         let c = &self.chat;
         if c.bus == BusKind::Redis && c.redis_url.is_none() {

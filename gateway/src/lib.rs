@@ -8,11 +8,13 @@
 //! started with `--upgrade` (zero-downtime restart).
 
 pub mod headers;
+pub mod limits;
 pub mod proxy;
 pub mod redirect;
 pub mod routes;
 pub mod tls;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -49,6 +51,7 @@ pub fn build(cfg: &PorticoConfig, upgrade: bool) -> Result<Server, GatewayError>
     if cfg.auth.jwt_secret.is_empty() {
         return Err(GatewayError::NoSecret);
     }
+    describe_metrics();
     let certs = tls::CertStore::open(&cfg.data_dir.join("certs"))?;
     certs.ensure_self_signed(&g.hostnames)?;
 
@@ -73,12 +76,16 @@ pub fn build(cfg: &PorticoConfig, upgrade: bool) -> Result<Server, GatewayError>
     shards.health_check_frequency = Some(Duration::from_secs(1));
     let health = background_service("chat shard health", shards);
 
+    let limits = Arc::new(limits::Limits::new(&g.limits));
     let edge = proxy::Edge {
         routes: routes::Routes {
             jobs: g.jobs_upstream.0,
         },
         chat: health.task(),
         tokens: Tokens::new(&cfg.auth.jwt_secret),
+        limits: limits.clone(),
+        max_body_bytes: g.max_body_bytes,
+        trusted_proxies: g.trusted_proxies.clone(),
     };
     let mut https = pingora::proxy::http_proxy_service_with_name(&server.configuration, edge, "https");
     let mut settings = TlsSettings::with_callbacks(Box::new(NoCallbacks))
@@ -107,6 +114,7 @@ pub fn build(cfg: &PorticoConfig, upgrade: bool) -> Result<Server, GatewayError>
     server.add_service(https);
     server.add_service(http);
     server.add_service(admin);
+    server.add_service(background_service("rate limit eviction", LimitsGc(limits)));
     Ok(server)
 }
 
@@ -136,6 +144,40 @@ impl ShutdownSignalWatch for Signals {
             _ = term.recv() => ShutdownSignal::GracefulTerminate,
             _ = int.recv() => ShutdownSignal::GracefulTerminate,
             _ = self.stop.cancelled() => ShutdownSignal::GracefulTerminate,
+        }
+    }
+}
+
+fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_histogram};
+    let _ = portico_common::telemetry::metrics();
+    describe_counter!(
+        "portico_gateway_requests_total",
+        "HTTPS requests, by route and status."
+    );
+    describe_histogram!(
+        "portico_gateway_request_duration_seconds",
+        Unit::Seconds,
+        "Time from request to the end of the response, by route."
+    );
+    describe_counter!(
+        "portico_gateway_rate_limited_total",
+        "Requests answered 429, by route."
+    );
+}
+
+/// Evicts idle rate-limit keys every 30 s.
+struct LimitsGc(Arc<limits::Limits>);
+
+#[async_trait]
+impl BackgroundService for LimitsGc {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => self.0.gc(),
+            }
         }
     }
 }

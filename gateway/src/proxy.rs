@@ -13,6 +13,7 @@ use pingora::lb::selection::consistent::KetamaHashing;
 use pingora::prelude::*;
 use portico_common::auth::{Tokens, handshake_token};
 
+use crate::limits::Limits;
 use crate::routes::{Route, Routes};
 
 /// The chat protocol a WebSocket client offers (see chat/PROTOCOL.md).
@@ -24,12 +25,54 @@ pub struct Edge {
     pub routes: Routes,
     pub chat: Arc<LoadBalancer<KetamaHashing>>,
     pub tokens: Tokens,
+    pub limits: Arc<Limits>,
+    pub max_body_bytes: u64,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpAddr>,
 }
 
 pub struct Ctx {
     route: Route,
     started: Instant,
     client_ip: Option<IpAddr>,
+    body_bytes: u64,
+}
+
+/// A short response written by the gateway itself.
+async fn respond(session: &mut Session, status: u16, retry_after: Option<Duration>) -> Result<bool> {
+    let mut resp = ResponseHeader::build(status, Some(4))?;
+    if let Some(wait) = retry_after {
+        // Whole seconds, rounded up: 0 would invite an immediate retry.
+        resp.insert_header("retry-after", wait.as_secs() + u64::from(wait.subsec_nanos() > 0))?;
+    }
+    resp.insert_header("content-length", "0")?;
+    crate::headers::secure(&mut resp)?;
+    session.write_response_header(Box::new(resp), true).await?;
+    Ok(true)
+}
+
+impl Edge {
+    /// The client's address: the socket peer, or, when the peer is a
+    /// trusted proxy, the last `X-Forwarded-For` hop it did not add itself.
+    fn client_ip(&self, session: &Session) -> Option<IpAddr> {
+        let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip())?;
+        if !self.trusted_proxies.contains(&peer) {
+            return Some(peer);
+        }
+        let xff = session.req_header().headers.get_all("x-forwarded-for");
+        let hops: Vec<IpAddr> = xff
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|h| h.trim().parse().ok())
+            .collect();
+        Some(
+            hops.into_iter()
+                .rev()
+                .find(|ip| !self.trusted_proxies.contains(ip))
+                .unwrap_or(peer),
+        )
+    }
 }
 
 impl Edge {
@@ -55,17 +98,56 @@ impl ProxyHttp for Edge {
             route: Route::Chat,
             started: Instant::now(),
             client_ip: None,
+            body_bytes: 0,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        ctx.client_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        ctx.client_ip = self.client_ip(session);
         ctx.route = self.routes.route(session.req_header().uri.path());
+        if let Some(ip) = ctx.client_ip {
+            let verdict = if session.is_upgrade_req() {
+                self.limits
+                    .check_ws_connect(ip)
+                    .and_then(|_| self.limits.check_request(ip))
+            } else {
+                self.limits.check_request(ip)
+            };
+            if let Err(wait) = verdict {
+                metrics::counter!("portico_gateway_rate_limited_total", "route" => ctx.route.name())
+                    .increment(1);
+                return respond(session, 429, Some(wait)).await;
+            }
+        }
+        let declared = session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_body_bytes) {
+            return respond(session, 413, None).await;
+        }
         if session.is_upgrade_req() {
             // Pingora's fixed 60 s read timeout would cut idle WebSockets.
             session.set_read_timeout(Some(WS_IDLE));
         }
         Ok(false)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        // Chunked bodies declare no length: count as they stream.
+        ctx.body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
+        if ctx.body_bytes > self.max_body_bytes {
+            return Err(Error::new(ErrorType::HTTPStatus(413)));
+        }
+        Ok(())
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {

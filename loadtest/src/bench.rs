@@ -78,6 +78,15 @@ fn start_stack() -> Stack {
     let mut env = common(edge.env());
     env.push(("PORTICO_GATEWAY__CHAT_SHARDS", shard_list));
     env.push(("PORTICO_GATEWAY__THREADS", "2".into()));
+    // The generator is a handful of addresses opening thousands of sockets.
+    for (k, v) in [
+        ("PORTICO_GATEWAY__LIMITS__REQUESTS_PER_SEC", "1000000"),
+        ("PORTICO_GATEWAY__LIMITS__REQUESTS_BURST", "1000000"),
+        ("PORTICO_GATEWAY__LIMITS__WS_CONNECTS_PER_SEC", "1000000"),
+        ("PORTICO_GATEWAY__LIMITS__WS_CONNECTS_BURST", "1000000"),
+    ] {
+        env.push((k, v.to_string()));
+    }
     let gateway = Service::start(&bins::gateway(), &[], &env, edge.admin);
     Stack {
         shards,

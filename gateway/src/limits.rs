@@ -1,0 +1,118 @@
+//! Rate limits per client IP (governor): requests, and new WebSocket
+//! connections. IPv6 clients are grouped by /64, the unit one subscriber
+//! usually gets. Keys are evicted by [`Limits::gc`], run periodically, so
+//! memory stays bounded however many addresses show up.
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use portico_config::RateLimits;
+
+/// What a client is counted as: an IPv4 address or an IPv6 /64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClientKey {
+    V4(u32),
+    V6Prefix(u64),
+}
+
+impl From<IpAddr> for ClientKey {
+    fn from(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => ClientKey::V4(u32::from(v4)),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => ClientKey::V4(u32::from(v4)),
+                None => ClientKey::V6Prefix((u128::from(v6) >> 64) as u64),
+            },
+        }
+    }
+}
+
+pub struct Limits {
+    requests: DefaultKeyedRateLimiter<ClientKey>,
+    ws_connects: DefaultKeyedRateLimiter<ClientKey>,
+}
+
+fn quota(per_sec: u32, burst: u32) -> Quota {
+    let nz = |v: u32| NonZeroU32::new(v).expect("validated: limits are at least 1");
+    Quota::per_second(nz(per_sec)).allow_burst(nz(burst))
+}
+
+impl Limits {
+    pub fn new(cfg: &RateLimits) -> Self {
+        Limits {
+            requests: RateLimiter::keyed(quota(cfg.requests_per_sec, cfg.requests_burst)),
+            ws_connects: RateLimiter::keyed(quota(cfg.ws_connects_per_sec, cfg.ws_connects_burst)),
+        }
+    }
+
+    /// `Err(retry_after)` when `ip` is over its request rate.
+    pub fn check_request(&self, ip: IpAddr) -> Result<(), Duration> {
+        check(&self.requests, ip)
+    }
+
+    /// `Err(retry_after)` when `ip` opens WebSockets too fast.
+    pub fn check_ws_connect(&self, ip: IpAddr) -> Result<(), Duration> {
+        check(&self.ws_connects, ip)
+    }
+
+    /// Forgets clients whose buckets are full again.
+    pub fn gc(&self) {
+        for l in [&self.requests, &self.ws_connects] {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+    }
+
+    /// Clients currently tracked (for tests and metrics).
+    pub fn tracked(&self) -> usize {
+        self.requests.len() + self.ws_connects.len()
+    }
+}
+
+fn check(l: &DefaultKeyedRateLimiter<ClientKey>, ip: IpAddr) -> Result<(), Duration> {
+    l.check_key(&ClientKey::from(ip))
+        .map_err(|nu| nu.wait_time_from(DefaultClock::default().now()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_is_grouped_by_64_and_clients_are_independent() {
+        let cfg = RateLimits {
+            requests_per_sec: 1,
+            requests_burst: 2,
+            ..RateLimits::default()
+        };
+        let l = Limits::new(&cfg);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let same64: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(l.check_request(a).is_ok());
+        assert!(l.check_request(same64).is_ok());
+        let wait = l.check_request(a).unwrap_err();
+        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1));
+        assert!(l.check_request(other).is_ok(), "another /64 is unaffected");
+        assert!(l.check_request("192.0.2.1".parse().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn gc_bounds_memory() {
+        let l = Limits::new(&RateLimits {
+            requests_per_sec: 1000,
+            requests_burst: 1,
+            ..RateLimits::default()
+        });
+        for i in 0..1000u32 {
+            let _ = l.check_request(IpAddr::V4(i.into()));
+        }
+        assert!(l.tracked() >= 1000);
+        std::thread::sleep(Duration::from_millis(20));
+        l.gc();
+        assert_eq!(l.tracked(), 0, "refilled buckets are forgotten");
+    }
+}

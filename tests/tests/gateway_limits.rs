@@ -1,0 +1,70 @@
+//! The gateway's limits: per-IP rate limits answer 429 with Retry-After
+//! without touching other clients; oversized bodies get 413.
+
+use portico_tests::client::https_client;
+use portico_tests::servers::{EdgePorts, Service};
+use portico_tests::{bins, free_port_pair};
+
+fn gateway(extra: &[(&'static str, &str)]) -> (Service, EdgePorts) {
+    let edge = EdgePorts::free();
+    let mut env = edge.env();
+    let shards = free_port_pair();
+    env.push((
+        "PORTICO_GATEWAY__CHAT_SHARDS",
+        format!("[\"127.0.0.1:{shards}\"]"),
+    ));
+    for (k, v) in extra {
+        env.push((k, v.to_string()));
+    }
+    (Service::start(&bins::gateway(), &[], &env, edge.admin), edge)
+}
+
+#[tokio::test]
+async fn over_the_limit_gets_429_with_retry_after_and_others_are_unaffected() {
+    let (svc, edge) = gateway(&[
+        ("PORTICO_GATEWAY__LIMITS__REQUESTS_PER_SEC", "1"),
+        ("PORTICO_GATEWAY__LIMITS__REQUESTS_BURST", "3"),
+    ]);
+    let ca = svc.certificate("localhost");
+    let url = format!("https://localhost:{}/anything", edge.https);
+    let noisy = https_client(&ca);
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(noisy.get(&url).send().await.unwrap());
+    }
+    // No shard is running: admitted requests get 502, the fourth 429.
+    assert!(
+        statuses[..3].iter().all(|r| r.status() != 429),
+        "burst of 3 admitted"
+    );
+    let limited = &statuses[3];
+    assert_eq!(limited.status(), 429);
+    let retry: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry), "Retry-After {retry}");
+
+    let other = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    assert_ne!(
+        other.get(&url).send().await.unwrap().status(),
+        429,
+        "another client is not limited"
+    );
+}
+
+#[tokio::test]
+async fn oversized_bodies_get_413() {
+    let (svc, edge) = gateway(&[("PORTICO_GATEWAY__MAX_BODY_BYTES", "1024")]);
+    let http = https_client(&svc.certificate("localhost"));
+    let url = format!("https://localhost:{}/api/conversations", edge.https);
+    let r = http.post(&url).body(vec![b'x'; 4096]).send().await.unwrap();
+    assert_eq!(r.status(), 413);
+    let r = http.post(&url).body(vec![b'x'; 100]).send().await.unwrap();
+    assert_ne!(r.status(), 413);
+}
