@@ -151,6 +151,13 @@ impl Ws {
         ws
     }
 
+    /// [`Ws::join`] and wait until subscribed (the `subscribed` frame is read).
+    pub async fn joined(port: u16, user: &str, conv: &str) -> Ws {
+        let mut ws = Ws::join(port, user, conv, None).await;
+        ws.recv_type("subscribed").await;
+        ws
+    }
+
     /// Publishes and waits for the `ack` (frames before it are dropped).
     pub async fn publish(&mut self, conv: &str, id: &str, body: &str) -> Value {
         self.send(serde_json::json!({"type": "publish", "conv": conv, "id": id, "body": body}))
@@ -264,6 +271,19 @@ pub async fn create_conversation(port: u16, owner: &str, id: &str, members: &[&s
         .expect("create conversation");
     let status = r.status();
     assert_eq!(status, 201, "{}", r.text().await.unwrap_or_default());
+}
+
+/// `GET url` as `user` (bearer token), parsed as JSON.
+pub async fn get_json(url: &str, user: &str) -> Value {
+    reqwest::Client::new()
+        .get(url)
+        .bearer_auth(token(user))
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("JSON body")
 }
 
 /// A token for `user` signed with the test secret (as an app backend would).

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use portico_tests::client::{Ws, create_conversation, token};
+use portico_tests::client::{Ws, create_conversation, get_json, token};
 use portico_tests::eventually;
 use portico_tests::servers::{ChatCluster, http_status};
 use serde_json::json;
@@ -18,8 +18,7 @@ async fn two_shards_deliver_everything_once_in_order() {
     create_conversation(c.port(0), "u1", "team", &users[1..]).await;
     let mut members = Vec::new();
     for (i, u) in users.iter().enumerate() {
-        let mut ws = Ws::join(c.port(i % 2), u, "team", None).await;
-        ws.recv_type("subscribed").await;
+        let ws = Ws::joined(c.port(i % 2), u, "team").await;
         members.push(ws);
     }
     const PER_PUBLISHER: usize = 40;
@@ -54,10 +53,8 @@ async fn two_shards_deliver_everything_once_in_order() {
 async fn resume_on_another_shard_is_lossless_and_retries_dedupe() {
     let c = ChatCluster::start(2, &[]);
     create_conversation(c.port(0), "alice", "dm", &["bob"]).await;
-    let mut alice = Ws::join(c.port(0), "alice", "dm", None).await;
-    alice.recv_type("subscribed").await;
-    let mut bob = Ws::join(c.port(1), "bob", "dm", None).await;
-    bob.recv_type("subscribed").await;
+    let mut alice = Ws::joined(c.port(0), "alice", "dm").await;
+    let mut bob = Ws::joined(c.port(1), "bob", "dm").await;
     alice.publish("dm", "m0", "seen").await;
     let seen = bob.recv_type("message").await["offset"].as_u64().unwrap();
     drop(bob);
@@ -94,10 +91,8 @@ async fn resume_on_another_shard_is_lossless_and_retries_dedupe() {
 async fn redis_restart_loses_nothing_acknowledged() {
     let mut c = ChatCluster::start(2, &[]);
     create_conversation(c.port(0), "alice", "room", &["bob"]).await;
-    let mut alice = Ws::join(c.port(0), "alice", "room", None).await;
-    alice.recv_type("subscribed").await;
-    let mut bob = Ws::join(c.port(1), "bob", "room", None).await;
-    bob.recv_type("subscribed").await;
+    let mut alice = Ws::joined(c.port(0), "alice", "room").await;
+    let mut bob = Ws::joined(c.port(1), "bob", "room").await;
     let mut sender = Ws::connect(c.port(0), &token("alice")).await.unwrap();
     sender.recv().await;
 
@@ -130,18 +125,11 @@ async fn redis_restart_loses_nothing_acknowledged() {
         "alice (publishing shard)"
     );
 
-    let history: serde_json::Value = reqwest::Client::new()
-        .get(format!(
-            "http://127.0.0.1:{}/api/conversations/room/messages",
-            c.port(1)
-        ))
-        .bearer_auth(token("bob"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let history = get_json(
+        &format!("http://127.0.0.1:{}/api/conversations/room/messages", c.port(1)),
+        "bob",
+    )
+    .await;
     let offsets: Vec<u64> = history["messages"]
         .as_array()
         .unwrap()
@@ -199,8 +187,7 @@ async fn slow_consumer_is_cut_and_others_keep_receiving() {
     create_conversation(port, "alice", "busy", &["bob", "sloth"]).await;
     let mut sloth = Ws::connect_slow(port, &token("sloth")).await.unwrap();
     sloth.send(json!({"type": "subscribe", "conv": "busy"})).await;
-    let mut bob = Ws::join(port, "bob", "busy", None).await;
-    bob.recv_type("subscribed").await;
+    let mut bob = Ws::joined(port, "bob", "busy").await;
     tokio::time::sleep(Duration::from_millis(200)).await; // sloth's subscription lands
 
     let mut alice = Ws::connect(port, &token("alice")).await.unwrap();

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use portico_tests::client::{Refused, Ws, create_conversation, token, token_with_roles};
+use portico_tests::client::{Refused, Ws, create_conversation, get_json, token, token_with_roles};
 use portico_tests::servers::{ChatCluster, Service};
 use serde_json::{Value, json};
 
@@ -22,10 +22,8 @@ async fn event(ws: &mut Ws, kind: &str, user: &str) -> Value {
 async fn presence_typing_and_read_receipts_cross_shards() {
     let c = ChatCluster::start(2, &[]);
     create_conversation(c.port(0), "alice", "dm", &["bob"]).await;
-    let mut alice = Ws::join(c.port(0), "alice", "dm", None).await;
-    alice.recv_type("subscribed").await;
-    let mut bob = Ws::join(c.port(1), "bob", "dm", None).await;
-    bob.recv_type("subscribed").await;
+    let mut alice = Ws::joined(c.port(0), "alice", "dm").await;
+    let mut bob = Ws::joined(c.port(1), "bob", "dm").await;
 
     event(&mut alice, "joined", "bob").await;
     bob.send(json!({"type": "presence", "conv": "dm"})).await;
@@ -37,15 +35,7 @@ async fn presence_typing_and_read_receipts_cross_shards() {
     alice.publish("dm", "m1", "one").await;
     alice.publish("dm", "m2", "two").await;
     let list = |user: &'static str, port: u16| async move {
-        let v: Value = reqwest::Client::new()
-            .get(format!("http://127.0.0.1:{port}/api/conversations"))
-            .bearer_auth(token(user))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = get_json(&format!("http://127.0.0.1:{port}/api/conversations"), user).await;
         v["conversations"][0].clone()
     };
     let before = list("bob", c.port(1)).await;
@@ -69,8 +59,7 @@ async fn presence_typing_and_read_receipts_cross_shards() {
 async fn removed_members_lose_access_at_once_and_services_publish() {
     let c = ChatCluster::start(2, &[]);
     create_conversation(c.port(0), "alice", "team", &["bob"]).await;
-    let mut bob = Ws::join(c.port(1), "bob", "team", None).await;
-    bob.recv_type("subscribed").await;
+    let mut bob = Ws::joined(c.port(1), "bob", "team").await;
 
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{}/api/conversations/team", c.port(0));
@@ -104,8 +93,7 @@ async fn removed_members_lose_access_at_once_and_services_publish() {
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
-    let mut alice = Ws::join(c.port(1), "alice", "ops-acme", None).await;
-    alice.recv_type("subscribed").await;
+    let mut alice = Ws::joined(c.port(1), "alice", "ops-acme").await;
     let url = format!(
         "http://127.0.0.1:{}/api/conversations/ops-acme/messages",
         c.port(0)

@@ -50,10 +50,8 @@ async fn members_receive_every_message_once_in_order() {
 async fn resume_gets_exactly_what_was_missed_and_retries_are_not_stored_twice() {
     let (_svc, port) = shard().await;
     create_conv(port, "alice", "dm", &["bob"]).await;
-    let mut alice = Ws::join(port, "alice", "dm", None).await;
-    alice.recv_type("subscribed").await;
-    let mut bob = Ws::join(port, "bob", "dm", None).await;
-    bob.recv_type("subscribed").await;
+    let mut alice = Ws::joined(port, "alice", "dm").await;
+    let mut bob = Ws::joined(port, "bob", "dm").await;
     alice.publish("dm", "a0", "before").await;
     let seen = bob.recv_type("message").await["offset"].as_u64().unwrap();
     drop(bob);
