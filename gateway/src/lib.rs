@@ -22,6 +22,7 @@ use pingora::lb::LoadBalancer;
 use pingora::lb::health_check::TcpHealthCheck;
 use pingora::lb::selection::consistent::KetamaHashing;
 use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{BackgroundService, background_service};
@@ -92,7 +93,14 @@ pub fn build(cfg: &PorticoConfig, upgrade: bool) -> Result<Server, GatewayError>
         .map_err(|e| GatewayError::Pingora(e.to_string()))?;
     settings.set_cert_resolver(certs.resolver());
     settings.enable_h2();
-    https.add_tls_with_settings(&g.https_listen.to_string(), None, settings);
+    // Pingora buffers downstream writes up to one MSS and flushes only at
+    // the end of a response: proxied WebSocket frames would wait (seconds,
+    // measured) for the buffer to fill. Unbuffered writes send each frame at
+    // once; TLS already batches into records.
+    let listener = ListenerConfig::tcp(g.https_listen.to_string())
+        .tls(settings)
+        .l4_buffer(L4BufferSettings::default().write(0));
+    https.add_listener(listener);
 
     let mut http = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,

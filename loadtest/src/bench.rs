@@ -206,7 +206,8 @@ fn sources(n: u8) -> Vec<IpAddr> {
 }
 
 pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
-    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    // Before starting the servers: they inherit the limit.
+    crate::sys::raise_fd_limit();
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let stack = tokio::task::spawn_blocking(start_stack).await?;
     let cert = stack.gateway.certificate("localhost");

@@ -74,6 +74,8 @@ struct Stats {
     received: AtomicU64,
     duplicates: AtomicU64,
     out_of_order: AtomicU64,
+    /// Error frames by code (codes are a small fixed set).
+    error_codes: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 /// Latency histograms, sharded so that recording rarely contends.
@@ -120,7 +122,12 @@ pub async fn run(s: Scenario) -> anyhow::Result<Report> {
     );
     anyhow::ensure!(!s.sources.is_empty(), "at least one source address");
     anyhow::ensure!(!s.urls.is_empty(), "at least one URL");
-    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let fds = crate::sys::raise_fd_limit();
+    anyhow::ensure!(
+        fds as usize > s.connections + 64,
+        "open-file limit {fds} is too low for {} connections",
+        s.connections
+    );
     let tokens = Tokens::new(&s.secret);
     let convs = s.connections.div_ceil(s.group_size);
     let tls = s.ca.as_deref().map(tls_config).transpose()?;
@@ -215,14 +222,24 @@ pub async fn run(s: Scenario) -> anyhow::Result<Report> {
         tokio::time::sleep(s.duration).await;
     }
     let publish_time = started.elapsed();
-    // Let in-flight deliveries land.
-    let drain_until = Instant::now() + s.drain;
-    while Instant::now() < drain_until {
-        let delivered = stats.received.load(Relaxed) - stats.duplicates.load(Relaxed);
-        let acks_done =
-            stats.acked.load(Relaxed) + stats.publish_errors.load(Relaxed) >= stats.sent.load(Relaxed);
-        if acks_done && delivered >= stats.expected.load(Relaxed) {
+    // Let in-flight deliveries land: wait while anything still arrives,
+    // until `drain` passes without progress (at most a minute), so a slow
+    // server shows up as latency, not as loss.
+    let mut last_progress = Instant::now();
+    let mut seen = (0, 0);
+    let hard_stop = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < hard_stop && last_progress.elapsed() < s.drain {
+        let now = (
+            stats.received.load(Relaxed),
+            stats.acked.load(Relaxed) + stats.publish_errors.load(Relaxed),
+        );
+        let delivered = now.0 - stats.duplicates.load(Relaxed);
+        if now.1 >= stats.sent.load(Relaxed) && delivered >= stats.expected.load(Relaxed) {
             break;
+        }
+        if now != seen {
+            seen = now;
+            last_progress = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -257,6 +274,7 @@ pub struct Counts {
     pub received: u64,
     pub duplicates: u64,
     pub out_of_order: u64,
+    pub error_codes: std::collections::BTreeMap<String, u64>,
 }
 
 fn stats_snapshot(s: &Stats) -> Counts {
@@ -271,6 +289,7 @@ fn stats_snapshot(s: &Stats) -> Counts {
         received: s.received.load(Relaxed),
         duplicates: s.duplicates.load(Relaxed),
         out_of_order: s.out_of_order.load(Relaxed),
+        error_codes: s.error_codes.lock().expect("stats lock").clone(),
     }
 }
 
@@ -368,6 +387,18 @@ fn on_frame(ctx: &ConnCtx, text: &str, last: &mut u64) {
         }
         Some("error") => {
             ctx.stats.publish_errors.fetch_add(1, Relaxed);
+            let code = f["code"]
+                .as_str()
+                .unwrap_or("?")
+                .chars()
+                .take(32)
+                .collect::<String>();
+            *ctx.stats
+                .error_codes
+                .lock()
+                .expect("stats lock")
+                .entry(code)
+                .or_default() += 1;
         }
         _ => {}
     }

@@ -49,6 +49,8 @@ pub struct Report {
     pub messages_sent: u64,
     pub messages_acked: u64,
     pub publish_errors: u64,
+    /// Error frames received, by code.
+    pub error_codes: std::collections::BTreeMap<String, u64>,
     /// Scheduled but not handed to a connection (its send backlog was full):
     /// the client, not the server, fell behind.
     pub not_sent_client_backlog: u64,
@@ -103,6 +105,7 @@ impl Report {
             messages_sent: c.sent,
             messages_acked: c.acked,
             publish_errors: c.publish_errors,
+            error_codes: c.error_codes.clone(),
             not_sent_client_backlog: c.not_sent_backlog,
             deliveries_expected: c.expected,
             deliveries_received: c.received,
@@ -140,7 +143,7 @@ impl Report {
         let mut t = format!(
             "target                 {}\n\
              connections ok/failed  {} / {}   (ramp {:.1}s, connect p50 {:.1} ms, p99 {:.1} ms)\n\
-             messages sent/acked    {} / {}   (publish errors {}, not sent: client backlog {})\n\
+             messages sent/acked    {} / {}   (publish errors {} {:?}, not sent: client backlog {})\n\
              deliveries expected    {}\n\
              received/lost          {} / {}   (duplicates {}, out of order {})\n\
              deliveries/s           {:.0}\n\
@@ -155,6 +158,7 @@ impl Report {
             self.messages_sent,
             self.messages_acked,
             self.publish_errors,
+            self.error_codes,
             self.not_sent_client_backlog,
             self.deliveries_expected,
             self.deliveries_received,

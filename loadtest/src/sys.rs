@@ -24,6 +24,20 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
     Some(Duration::from_millis((utime + stime) * 1000 / TICKS_PER_SEC))
 }
 
+/// Raises this process's open-file limit as far as allowed (as root: to the
+/// kernel's `nr_open`), so that it and the servers it starts can hold tens
+/// of thousands of sockets. Returns the soft limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1 << 20);
+    if rlimit::setrlimit(rlimit::Resource::NOFILE, nr_open, nr_open).is_err() {
+        let _ = rlimit::increase_nofile_limit(u64::MAX);
+    }
+    rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0, |(soft, _)| soft)
+}
+
 pub fn self_cpu_time() -> Duration {
     cpu_time(std::process::id()).unwrap_or_default()
 }

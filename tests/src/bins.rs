@@ -5,14 +5,17 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
 
-/// The target directory of the running test binary (`…/target/debug`).
+/// The profile directory (`…/target/debug` or `…/target/release`) of the
+/// running binary: a test in `target/<profile>/deps/`, or a tool such as
+/// `portico-loadtest` in `target/<profile>/`.
 fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/debug/deps/portico_tests-hash → target/debug
-    exe.parent()
-        .and_then(|d| d.parent())
-        .expect("test binary lives in target/<profile>/deps")
-        .to_path_buf()
+    let dir = exe.parent().expect("an executable lives in a directory");
+    if dir.ends_with("deps") {
+        dir.parent().expect("deps has a parent").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// The path of binary `name` of package `package`, building it if missing.

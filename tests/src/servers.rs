@@ -217,7 +217,7 @@ impl Postgres {
         let port = self.port;
         wait_until(&mut proc, "accepting connections", || {
             Command::new("pg_isready")
-                .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
+                .args(["-q", "-h", "127.0.0.1", "-U", "postgres", "-p", &port.to_string()])
                 .status()
                 .is_ok_and(|s| s.success())
         });

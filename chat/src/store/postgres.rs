@@ -49,6 +49,14 @@ CREATE TABLE messages (
 );
 "#];
 
+const NEXT_OFFSET: &str = "UPDATE conversations SET latest_offset = latest_offset + 1 WHERE id = $1
+     AND (NOT $3 OR EXISTS (SELECT 1 FROM members WHERE conv = $1 AND user_id = $2))
+     RETURNING latest_offset";
+const FIND_RETRY: &str = r#"SELECT "offset", client_id, sender, ts, body FROM messages
+     WHERE conv = $1 AND sender = $2 AND client_id = $3"#;
+const INSERT_MESSAGE: &str =
+    r#"INSERT INTO messages (conv, "offset", client_id, sender, ts, body) VALUES ($1, $2, $3, $4, $5, $6)"#;
+
 /// Any number that both shards agree on: serializes concurrent migrations.
 const MIGRATION_LOCK: i64 = 0x706f_7274_6963_6f01;
 
@@ -266,36 +274,37 @@ impl Store for PgStore {
     async fn append(&self, conv: &ConvId, msg: NewMessage) -> Result<Appended, StoreError> {
         deadline(async {
             let mut client = self.pool.get().await.map_err(unavailable)?;
+            // Prepared once per connection; four round trips per append.
+            let (next, find, insert) = futures_util::try_join!(
+                client.prepare_cached(NEXT_OFFSET),
+                client.prepare_cached(FIND_RETRY),
+                client.prepare_cached(INSERT_MESSAGE),
+            )
+            .map_err(unavailable)?;
             let tx = client.transaction().await.map_err(unavailable)?;
-            // The row lock serializes appends to one conversation; the
-            // membership check rides in the same statement.
-            let offset: i64 = tx
-                .query_opt(
-                    "UPDATE conversations SET latest_offset = latest_offset + 1 WHERE id = $1
-                     AND (NOT $3 OR EXISTS (SELECT 1 FROM members WHERE conv = $1 AND user_id = $2))
-                     RETURNING latest_offset",
-                    &[&conv.as_str(), &msg.from, &msg.members_only],
-                )
-                .await
-                .map_err(unavailable)?
-                .ok_or_else(|| StoreError::NotMember(conv.clone()))?
-                .get(0);
-            let existing = tx
-                .query_opt(
-                    r#"SELECT "offset", client_id, sender, ts, body FROM messages
-                       WHERE conv = $1 AND sender = $2 AND client_id = $3"#,
-                    &[&conv.as_str(), &msg.from, &msg.client_id],
-                )
-                .await
-                .map_err(unavailable)?;
+            // Pipelined, in this order on one connection: the UPDATE takes the
+            // conversation's row lock (serializing appends, checking
+            // membership), then the SELECT, with a fresh snapshot, sees any
+            // committed earlier attempt of this client id.
+            let id = conv.as_str();
+            let next_args: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+                [&id, &msg.from, &msg.members_only];
+            let find_args: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&id, &msg.from, &msg.client_id];
+            let (offset, existing) =
+                futures_util::try_join!(tx.query_opt(&next, &next_args), tx.query_opt(&find, &find_args))
+                    .map_err(unavailable)?;
+            let offset: i64 = offset.ok_or_else(|| StoreError::NotMember(conv.clone()))?.get(0);
             if let Some(row) = existing {
                 // A retry: roll the increment back, answer with the original.
                 drop(tx);
-                return Ok(Appended { message: message(conv, &row), duplicate: true });
+                return Ok(Appended {
+                    message: message(conv, &row),
+                    duplicate: true,
+                });
             }
             let ts = now_millis() as i64;
             tx.execute(
-                r#"INSERT INTO messages (conv, "offset", client_id, sender, ts, body) VALUES ($1, $2, $3, $4, $5, $6)"#,
+                &insert,
                 &[&conv.as_str(), &offset, &msg.client_id, &msg.from, &ts, &msg.body],
             )
             .await
@@ -309,7 +318,10 @@ impl Store for PgStore {
                 ts: ts as u64,
                 body: msg.body,
             };
-            Ok(Appended { message, duplicate: false })
+            Ok(Appended {
+                message,
+                duplicate: false,
+            })
         })
         .await
     }
