@@ -96,10 +96,12 @@ pub fn build(cfg: &PorticoConfig, upgrade: bool) -> Result<Server, GatewayError>
     // Pingora buffers downstream writes up to one MSS and flushes only at
     // the end of a response: proxied WebSocket frames would wait (seconds,
     // measured) for the buffer to fill. Unbuffered writes send each frame at
-    // once; TLS already batches into records.
+    // once; TLS already batches into records. Its 64 KiB read buffer is
+    // allocated per connection up front, most of an idle WebSocket's cost;
+    // rustls keeps its own record buffer, so we read unbuffered too.
     let listener = ListenerConfig::tcp(g.https_listen.to_string())
         .tls(settings)
-        .l4_buffer(L4BufferSettings::default().write(0));
+        .l4_buffer(L4BufferSettings::unbuffered());
     https.add_listener(listener);
 
     let mut http = pingora::proxy::http_proxy_service_with_name(

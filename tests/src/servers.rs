@@ -276,9 +276,14 @@ impl Service {
     /// A chat shard on a free port with the in-memory engines.
     pub fn chat(extra: &[(&str, String)]) -> (Service, u16) {
         let port = free_port();
+        (Service::chat_on(port, extra), port)
+    }
+
+    /// A chat shard on `port` (e.g. to bring a stopped one back).
+    pub fn chat_on(port: u16, extra: &[(&str, String)]) -> Service {
         let mut env = vec![("PORTICO_CHAT__LISTEN", format!("127.0.0.1:{port}"))];
         env.extend(extra.iter().cloned());
-        (Service::start(&bins::chat(), &[], &env, port), port)
+        Service::start(&bins::chat(), &[], &env, port)
     }
 
     /// The jobs service on a free port.
