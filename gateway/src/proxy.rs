@@ -36,6 +36,8 @@ pub struct Ctx {
     started: Instant,
     client_ip: Option<IpAddr>,
     body_bytes: u64,
+    /// A shard that refused this request's connection: skipped on retry.
+    failed_shard: Option<std::net::SocketAddr>,
 }
 
 /// A short response written by the gateway itself.
@@ -99,6 +101,7 @@ impl ProxyHttp for Edge {
             started: Instant::now(),
             client_ip: None,
             body_bytes: 0,
+            failed_shard: None,
         }
     }
 
@@ -154,8 +157,14 @@ impl ProxyHttp for Edge {
         let addr = match ctx.route {
             Route::Chat => {
                 let key = self.sticky_key(session, ctx.client_ip);
+                let failed = ctx.failed_shard;
+                // Healthy shards only, and not one that just refused us (a
+                // dead shard until the next health check): the next one on
+                // the ring takes the user, as it will after the check.
                 self.chat
-                    .select(&key, 256)
+                    .select_with(&key, 256, |b, healthy| {
+                        healthy && b.addr.as_inet() != failed.as_ref()
+                    })
                     .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no healthy chat shard"))?
                     .addr
             }
@@ -168,6 +177,20 @@ impl ProxyHttp for Edge {
             peer.options.read_timeout = Some(WS_IDLE);
         }
         Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if ctx.route == Route::Chat && ctx.failed_shard.is_none() {
+            ctx.failed_shard = peer._address.as_inet().copied();
+            e.set_retry(true);
+        }
+        e
     }
 
     async fn upstream_request_filter(

@@ -41,9 +41,18 @@ async fn settled(port: u16, ca: &[u8], want: impl Fn(&HashMap<String, u64>) -> b
 async fn same_user_same_shard_failover_and_return() {
     let ports = [free_port(), free_port()];
     let shard = |i: usize| Service::chat_on(ports[i], &[("PORTICO_CHAT__SHARD_ID", (i + 1).to_string())]);
-    let mut shards = vec![Some(shard(0)), Some(shard(1))];
+    let mut shards = [Some(shard(0)), Some(shard(1))];
     let edge = EdgePorts::free();
     let mut env = edge.env();
+    // This test is one client opening hundreds of WebSockets on purpose.
+    for (k, v) in [
+        ("PORTICO_GATEWAY__LIMITS__WS_CONNECTS_PER_SEC", "10000"),
+        ("PORTICO_GATEWAY__LIMITS__WS_CONNECTS_BURST", "10000"),
+        ("PORTICO_GATEWAY__LIMITS__REQUESTS_PER_SEC", "10000"),
+        ("PORTICO_GATEWAY__LIMITS__REQUESTS_BURST", "10000"),
+    ] {
+        env.push((k, v.to_string()));
+    }
     env.push((
         "PORTICO_GATEWAY__CHAT_SHARDS",
         format!("[\"127.0.0.1:{}\",\"127.0.0.1:{}\"]", ports[0], ports[1]),
