@@ -79,14 +79,7 @@ fn start_stack() -> Stack {
     env.push(("PORTICO_GATEWAY__CHAT_SHARDS", shard_list));
     env.push(("PORTICO_GATEWAY__THREADS", "2".into()));
     // The generator is a handful of addresses opening thousands of sockets.
-    for (k, v) in [
-        ("PORTICO_GATEWAY__LIMITS__REQUESTS_PER_SEC", "1000000"),
-        ("PORTICO_GATEWAY__LIMITS__REQUESTS_BURST", "1000000"),
-        ("PORTICO_GATEWAY__LIMITS__WS_CONNECTS_PER_SEC", "1000000"),
-        ("PORTICO_GATEWAY__LIMITS__WS_CONNECTS_BURST", "1000000"),
-    ] {
-        env.push((k, v.to_string()));
-    }
+    env.extend(EdgePorts::unlimited());
     let gateway = Service::start(&bins::gateway(), &[], &env, edge.admin);
     Stack {
         shards,

@@ -310,6 +310,20 @@ impl EdgePorts {
             admin: free_port(),
         }
     }
+    /// Gateway variables that lift the per-IP limits: for load and for tests
+    /// in which one client opens many connections on purpose.
+    pub fn unlimited() -> Vec<(&'static str, String)> {
+        [
+            "PORTICO_GATEWAY__LIMITS__REQUESTS_PER_SEC",
+            "PORTICO_GATEWAY__LIMITS__REQUESTS_BURST",
+            "PORTICO_GATEWAY__LIMITS__WS_CONNECTS_PER_SEC",
+            "PORTICO_GATEWAY__LIMITS__WS_CONNECTS_BURST",
+        ]
+        .into_iter()
+        .map(|k| (k, "1000000".to_string()))
+        .collect()
+    }
+
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![
             ("PORTICO_GATEWAY__HTTP_LISTEN", format!("127.0.0.1:{}", self.http)),

@@ -45,14 +45,7 @@ async fn same_user_same_shard_failover_and_return() {
     let edge = EdgePorts::free();
     let mut env = edge.env();
     // This test is one client opening hundreds of WebSockets on purpose.
-    for (k, v) in [
-        ("PORTICO_GATEWAY__LIMITS__WS_CONNECTS_PER_SEC", "10000"),
-        ("PORTICO_GATEWAY__LIMITS__WS_CONNECTS_BURST", "10000"),
-        ("PORTICO_GATEWAY__LIMITS__REQUESTS_PER_SEC", "10000"),
-        ("PORTICO_GATEWAY__LIMITS__REQUESTS_BURST", "10000"),
-    ] {
-        env.push((k, v.to_string()));
-    }
+    env.extend(EdgePorts::unlimited());
     env.push((
         "PORTICO_GATEWAY__CHAT_SHARDS",
         format!("[\"127.0.0.1:{}\",\"127.0.0.1:{}\"]", ports[0], ports[1]),
