@@ -13,6 +13,9 @@ use pingora::lb::selection::consistent::KetamaHashing;
 use pingora::prelude::*;
 use portico_common::auth::{Tokens, handshake_token};
 
+use pingora::modules::http::HttpModules;
+use pingora::modules::http::compression::{ResponseCompression, ResponseCompressionBuilder};
+
 use crate::limits::Limits;
 use crate::routes::{Route, Routes};
 
@@ -105,6 +108,11 @@ impl ProxyHttp for Edge {
         }
     }
 
+    fn init_downstream_modules(&self, modules: &mut HttpModules) {
+        // gzip (level 6) for compressible types (text, JS, CSS, SVG…).
+        modules.add_module(ResponseCompressionBuilder::enable(6));
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         ctx.client_ip = self.client_ip(session);
         ctx.route = self.routes.route(session.req_header().uri.path());
@@ -130,6 +138,13 @@ impl ProxyHttp for Edge {
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > self.max_body_bytes) {
             return respond(session, 413, None).await;
+        }
+        // Never compress API answers: they carry tokens next to
+        // attacker-influenced text, which is what BREACH needs.
+        let path = session.req_header().uri.path();
+        let api = path.starts_with("/api/") || path.starts_with("/demo/token");
+        if api && let Some(c) = session.downstream_modules_ctx.get_mut::<ResponseCompression>() {
+            c.adjust_level(0);
         }
         if session.is_upgrade_req() {
             // Pingora's fixed 60 s read timeout would cut idle WebSockets.

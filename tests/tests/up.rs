@@ -115,3 +115,25 @@ async fn https_speaks_h2_and_http_redirects() {
         .await;
     assert!(err.is_err(), "plain HTTP on the TLS port must fail: {err:?}");
 }
+
+#[tokio::test]
+async fn static_text_is_gzipped_api_answers_are_not() {
+    let (svc, edge) = up();
+    let http = https_client(&svc.certificate("localhost"));
+    let get = |path: &str| {
+        http.get(format!("https://localhost:{}{path}", edge.https))
+            .header("accept-encoding", "gzip")
+            .send()
+    };
+    let js = get("/demo.js").await.unwrap();
+    assert_eq!(
+        js.headers().get("content-encoding").map(|v| v.to_str().unwrap()),
+        Some("gzip")
+    );
+    let body = js.bytes().await.unwrap();
+    assert_eq!(&body[..2], &[0x1f, 0x8b], "a gzip stream");
+    // Tokens next to reflected input must not be compressed (BREACH).
+    let token = get("/demo/token?user=gzipcheck").await.unwrap();
+    assert_eq!(token.status(), 200);
+    assert!(token.headers().get("content-encoding").is_none());
+}
