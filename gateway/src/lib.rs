@@ -206,11 +206,22 @@ struct AdminEndpoints {
 #[async_trait]
 impl BackgroundService for AdminEndpoints {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let listener = match tokio::net::TcpListener::bind(self.addr).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(addr = %self.addr, error = %e, "cannot listen for admin endpoints");
-                return;
+        // During a graceful upgrade the old process still holds the admin
+        // port (it is not among the sockets Pingora hands over): retry.
+        let mut warned = false;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!(addr = %self.addr, error = %e, "admin address busy; retrying");
+                        warned = true;
+                    }
+                    tokio::select! {
+                        _ = shutdown.changed() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                }
             }
         };
         let _ = portico_common::telemetry::metrics();
