@@ -35,7 +35,7 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     match cli.command {
-        Command::Up => up::run(cfg),
+        Command::Up => up::run(cfg, file),
         Command::CheckConfig => ExitCode::SUCCESS,
     }
 }

@@ -16,7 +16,7 @@ use anyhow::Context;
 use portico_config::{PorticoConfig, Secret};
 use tokio_util::sync::CancellationToken;
 
-pub fn run(mut cfg: PorticoConfig) -> ExitCode {
+pub fn run(mut cfg: PorticoConfig, config_path: Option<&std::path::Path>) -> ExitCode {
     portico_common::telemetry::init_tracing(&cfg.log);
     if let Err(e) = prepare(&mut cfg) {
         tracing::error!(error = format!("{e:#}"), "cannot start");
@@ -37,7 +37,14 @@ pub fn run(mut cfg: PorticoConfig) -> ExitCode {
         }
         Err(_) => return ExitCode::FAILURE,
     }
-    let server = match portico_gateway::build(&cfg, false) {
+    let server = match portico_gateway::build(
+        &cfg,
+        portico_gateway::Reload {
+            config_path: config_path.map(Into::into),
+            adjust: Some(same_process_routes),
+        },
+        false,
+    ) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "gateway cannot start");
@@ -67,6 +74,11 @@ pub fn run(mut cfg: PorticoConfig) -> ExitCode {
     }
 }
 
+/// The gateway keys `up` derives from other sections, again on SIGHUP.
+fn same_process_routes(cfg: &mut PorticoConfig) {
+    cfg.gateway.jobs_upstream = cfg.jobs.listen;
+}
+
 /// Derives the one-process layout from the configuration: demo on, shard
 /// N on `chat.listen` + N - 1, and a JWT secret kept under `data_dir`.
 fn prepare(cfg: &mut PorticoConfig) -> anyhow::Result<()> {
@@ -84,7 +96,7 @@ fn prepare(cfg: &mut PorticoConfig) -> anyhow::Result<()> {
     cfg.gateway.chat_shards = ports
         .map(|p| p.map(|p| base.with_port(p)))
         .collect::<anyhow::Result<_>>()?;
-    cfg.gateway.jobs_upstream = cfg.jobs.listen;
+    same_process_routes(cfg);
     let https = format!(
         "https://{}:{}",
         cfg.gateway.hostnames[0],

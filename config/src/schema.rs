@@ -99,6 +99,50 @@ pub struct GatewayConfig {
     /// front); for everyone else the client IP is the socket's.
     pub trusted_proxies: Vec<std::net::IpAddr>,
     pub limits: RateLimits,
+    /// Extra routes, tried before the built-in ones (`/api/jobs` → jobs,
+    /// everything else → chat). Reloaded on SIGHUP.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// One route: requests for `host` (any host if absent) whose path starts
+/// with `path_prefix` (whole segments) go to `upstream`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Label in metrics and logs.
+    pub name: String,
+    #[serde(default)]
+    pub host: Option<String>,
+    pub path_prefix: String,
+    pub upstream: RouteUpstream,
+}
+
+/// `"chat"` (the chat shard set) or an `ip:port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteUpstream {
+    Chat,
+    Addr(ListenAddr),
+}
+
+impl Serialize for RouteUpstream {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            RouteUpstream::Chat => s.serialize_str("chat"),
+            RouteUpstream::Addr(a) => a.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RouteUpstream {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "chat" {
+            return Ok(RouteUpstream::Chat);
+        }
+        s.parse().map(RouteUpstream::Addr).map_err(|e: String| {
+            serde::de::Error::custom(format!("upstream must be \"chat\" or ip:port: {e}"))
+        })
+    }
 }
 
 /// Per-client-IP limits (IPv6 grouped by /64); over them: 429 with
@@ -142,6 +186,7 @@ impl Default for GatewayConfig {
             max_body_bytes: 1 << 20,
             trusted_proxies: Vec::new(),
             limits: RateLimits::default(),
+            routes: Vec::new(),
         }
     }
 }
@@ -282,6 +327,28 @@ impl PorticoConfig {
         }
         if g.threads == 0 || g.threads > 256 {
             return bad("gateway.threads", "must be between 1 and 256");
+        }
+        for r in &g.routes {
+            if !r.path_prefix.starts_with('/') {
+                return bad(
+                    "gateway.routes",
+                    format!("route `{}`: path_prefix must start with /", r.name),
+                );
+            }
+            if r.name.is_empty() || r.name.len() > 64 {
+                return bad("gateway.routes", "route names are 1-64 characters");
+            }
+            if let Some(h) = &r.host
+                && !is_hostname(h)
+            {
+                return bad(
+                    "gateway.routes",
+                    format!("route `{}`: `{h}` is not a valid hostname", r.name),
+                );
+            }
+        }
+        if g.routes.len() > 1000 {
+            return bad("gateway.routes", "at most 1000 routes");
         }
         let l = &g.limits;
         for (key, v) in [

@@ -11,10 +11,13 @@ pub mod headers;
 pub mod limits;
 pub mod proxy;
 pub mod redirect;
+pub mod reload;
 pub mod routes;
 pub mod tls;
 
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -47,7 +50,16 @@ pub enum GatewayError {
 
 /// Builds the gateway. `upgrade`: take the listening sockets over from a
 /// running gateway (graceful upgrade, see ARCHITECTURE.md).
-pub fn build(cfg: &PorticoConfig, upgrade: bool) -> Result<Server, GatewayError> {
+/// How the configuration was obtained, so SIGHUP can do it again.
+#[derive(Debug, Clone, Default)]
+pub struct Reload {
+    /// The file to re-read (routes only change live).
+    pub config_path: Option<std::path::PathBuf>,
+    /// Applied to the reloaded configuration (see `reload::Reloader`).
+    pub adjust: Option<fn(&mut PorticoConfig)>,
+}
+
+pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Server, GatewayError> {
     let g = &cfg.gateway;
     if cfg.auth.jwt_secret.is_empty() {
         return Err(GatewayError::NoSecret);
@@ -78,10 +90,9 @@ pub fn build(cfg: &PorticoConfig, upgrade: bool) -> Result<Server, GatewayError>
     let health = background_service("chat shard health", shards);
 
     let limits = Arc::new(limits::Limits::new(&g.limits));
+    let routes = Arc::new(ArcSwap::from_pointee(routes::Routes::from_config(g)));
     let edge = proxy::Edge {
-        routes: routes::Routes {
-            jobs: g.jobs_upstream.0,
-        },
+        routes: routes.clone(),
         chat: health.task(),
         tokens: Tokens::new(&cfg.auth.jwt_secret),
         limits: limits.clone(),
@@ -125,6 +136,12 @@ pub fn build(cfg: &PorticoConfig, upgrade: bool) -> Result<Server, GatewayError>
     server.add_service(http);
     server.add_service(admin);
     server.add_service(background_service("rate limit eviction", LimitsGc(limits)));
+    let reloader = reload::Reloader {
+        config: reload.config_path,
+        routes,
+        adjust: reload.adjust,
+    };
+    server.add_service(background_service("config reload", reloader));
     Ok(server)
 }
 
@@ -173,6 +190,10 @@ fn describe_metrics() {
     describe_counter!(
         "portico_gateway_rate_limited_total",
         "Requests answered 429, by route."
+    );
+    describe_counter!(
+        "portico_gateway_reloads_total",
+        "SIGHUP configuration reloads, by result."
     );
 }
 

@@ -28,7 +28,14 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     portico_common::telemetry::init_tracing(&cfg.log);
-    let server = match portico_gateway::build(&cfg, args.upgrade) {
+    let server = match portico_gateway::build(
+        &cfg,
+        portico_gateway::Reload {
+            config_path: args.config.clone(),
+            adjust: None,
+        },
+        args.upgrade,
+    ) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "gateway cannot start");

@@ -18,6 +18,7 @@ use pingora::modules::http::compression::{ResponseCompression, ResponseCompressi
 
 use crate::limits::Limits;
 use crate::routes::{Route, Routes};
+use arc_swap::ArcSwap;
 
 /// The chat protocol a WebSocket client offers (see chat/PROTOCOL.md).
 const CHAT_SUBPROTOCOL: &str = "portico.v1";
@@ -25,7 +26,8 @@ const CHAT_SUBPROTOCOL: &str = "portico.v1";
 const WS_IDLE: Duration = Duration::from_secs(120);
 
 pub struct Edge {
-    pub routes: Routes,
+    /// Swapped whole on SIGHUP (see `reload`).
+    pub routes: Arc<ArcSwap<Routes>>,
     pub chat: Arc<LoadBalancer<KetamaHashing>>,
     pub tokens: Tokens,
     pub limits: Arc<Limits>,
@@ -100,7 +102,9 @@ impl ProxyHttp for Edge {
 
     fn new_ctx(&self) -> Ctx {
         Ctx {
-            route: Route::Chat,
+            route: Route::Chat {
+                name: Arc::from("chat"),
+            },
             started: Instant::now(),
             client_ip: None,
             body_bytes: 0,
@@ -115,7 +119,13 @@ impl ProxyHttp for Edge {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         ctx.client_ip = self.client_ip(session);
-        ctx.route = self.routes.route(session.req_header().uri.path());
+        let req = session.req_header();
+        let host = req
+            .uri
+            .host()
+            .or_else(|| req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()));
+        let host = host.map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name));
+        ctx.route = self.routes.load().route(host, req.uri.path()).clone();
         if let Some(ip) = ctx.client_ip {
             let verdict = if session.is_upgrade_req() {
                 self.limits
@@ -125,7 +135,7 @@ impl ProxyHttp for Edge {
                 self.limits.check_request(ip)
             };
             if let Err(wait) = verdict {
-                metrics::counter!("portico_gateway_rate_limited_total", "route" => ctx.route.name())
+                metrics::counter!("portico_gateway_rate_limited_total", "route" => ctx.route.name().to_string())
                     .increment(1);
                 return respond(session, 429, Some(wait)).await;
             }
@@ -169,8 +179,8 @@ impl ProxyHttp for Edge {
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let addr = match ctx.route {
-            Route::Chat => {
+        let addr = match &ctx.route {
+            Route::Chat { .. } => {
                 let key = self.sticky_key(session, ctx.client_ip);
                 let failed = ctx.failed_shard;
                 // Healthy shards only, and not one that just refused us (a
@@ -183,7 +193,7 @@ impl ProxyHttp for Edge {
                     .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no healthy chat shard"))?
                     .addr
             }
-            Route::Jobs(addr) => pingora::protocols::l4::socket::SocketAddr::Inet(addr),
+            Route::Upstream { addr, .. } => pingora::protocols::l4::socket::SocketAddr::Inet(*addr),
         };
         let mut peer = HttpPeer::new(addr, false, String::new());
         peer.options.connection_timeout = Some(Duration::from_secs(3));
@@ -201,7 +211,7 @@ impl ProxyHttp for Edge {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        if ctx.route == Route::Chat && ctx.failed_shard.is_none() {
+        if ctx.route.is_chat() && ctx.failed_shard.is_none() {
             ctx.failed_shard = peer._address.as_inet().copied();
             e.set_retry(true);
         }
@@ -247,10 +257,10 @@ impl ProxyHttp for Edge {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.started.elapsed();
-        let route = ctx.route.name();
-        metrics::counter!("portico_gateway_requests_total", "route" => route, "status" => status.to_string())
+        let route = ctx.route.name().to_string();
+        metrics::counter!("portico_gateway_requests_total", "route" => route.clone(), "status" => status.to_string())
             .increment(1);
-        metrics::histogram!("portico_gateway_request_duration_seconds", "route" => route)
+        metrics::histogram!("portico_gateway_request_duration_seconds", "route" => route.clone())
             .record(elapsed.as_secs_f64());
         let req = session.req_header();
         tracing::info!(
@@ -259,7 +269,7 @@ impl ProxyHttp for Edge {
             method = %req.method,
             path = req.uri.path(),
             status,
-            route,
+            route = %route,
             ms = elapsed.as_millis() as u64,
             error = e.map(|e| e.to_string()),
         );
