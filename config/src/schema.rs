@@ -102,6 +102,29 @@ pub struct GatewayConfig {
     /// Extra routes, tried before the built-in ones (`/api/jobs` → jobs,
     /// everything else → chat). Reloaded on SIGHUP.
     pub routes: Vec<RouteConfig>,
+    /// Certificates from an ACME CA (Let's Encrypt, Pebble); absent: a
+    /// self-signed certificate (development).
+    pub acme: Option<AcmeConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// The CA's directory URL, e.g. https://acme-v02.api.letsencrypt.org/directory.
+    pub directory_url: String,
+    /// Contact URLs for the account, e.g. ["mailto:ops@example.com"].
+    #[serde(default)]
+    pub contact: Vec<String>,
+    /// PEM file of an extra root to trust for the CA's own HTTPS (Pebble).
+    #[serde(default)]
+    pub ca_root: Option<PathBuf>,
+    /// How often to check whether a certificate is due (seconds).
+    #[serde(default = "default_acme_check")]
+    pub check_secs: u64,
+}
+
+fn default_acme_check() -> u64 {
+    3600
 }
 
 /// One route: requests for `host` (any host if absent) whose path starts
@@ -187,6 +210,7 @@ impl Default for GatewayConfig {
             trusted_proxies: Vec::new(),
             limits: RateLimits::default(),
             routes: Vec::new(),
+            acme: None,
         }
     }
 }
@@ -345,6 +369,14 @@ impl PorticoConfig {
                     "gateway.routes",
                     format!("route `{}`: `{h}` is not a valid hostname", r.name),
                 );
+            }
+        }
+        if let Some(a) = &g.acme {
+            if !a.directory_url.starts_with("https://") {
+                return bad("gateway.acme.directory_url", "must be an https:// URL");
+            }
+            if a.check_secs == 0 {
+                return bad("gateway.acme.check_secs", "must be at least 1");
             }
         }
         if g.routes.len() > 1000 {

@@ -7,6 +7,7 @@
 //! drain gracefully, SIGQUIT hands the listening sockets to a new process
 //! started with `--upgrade` (zero-downtime restart).
 
+pub mod acme;
 pub mod headers;
 pub mod limits;
 pub mod proxy;
@@ -66,7 +67,9 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Serve
     }
     describe_metrics();
     let certs = tls::CertStore::open(&cfg.data_dir.join("certs"))?;
+    // With ACME too: served until the first certificate is issued.
     certs.ensure_self_signed(&g.hostnames)?;
+    let challenges = Arc::new(acme::Challenges::default());
 
     let conf = ServerConf {
         threads: g.threads,
@@ -119,6 +122,7 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Serve
         &server.configuration,
         redirect::Redirect {
             https_port: g.https_listen.port(),
+            challenges: challenges.clone(),
         },
         "http redirect",
     );
@@ -136,6 +140,16 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Serve
     server.add_service(http);
     server.add_service(admin);
     server.add_service(background_service("rate limit eviction", LimitsGc(limits)));
+    if let Some(acme_cfg) = &g.acme {
+        let service = acme::AcmeService {
+            cfg: acme_cfg.clone(),
+            hostnames: g.hostnames.clone(),
+            store: certs.clone(),
+            challenges,
+            dir: cfg.data_dir.join("acme"),
+        };
+        server.add_service(background_service("acme", service));
+    }
     let reloader = reload::Reloader {
         config: reload.config_path,
         routes,
@@ -194,6 +208,15 @@ fn describe_metrics() {
     describe_counter!(
         "portico_gateway_reloads_total",
         "SIGHUP configuration reloads, by result."
+    );
+    describe_counter!(
+        "portico_gateway_acme_failures_total",
+        "Failed ACME account or certificate attempts."
+    );
+    metrics::describe_gauge!(
+        "portico_gateway_certificate_expiry_seconds",
+        Unit::Seconds,
+        "Seconds until the served certificate expires, by host."
     );
 }
 

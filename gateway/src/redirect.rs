@@ -1,14 +1,22 @@
 //! Plain HTTP: every request is redirected to HTTPS with 308 (the method
 //! and body are kept). ACME HTTP-01 challenges will be answered here first.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 
+use crate::acme::Challenges;
+
 pub struct Redirect {
     /// The public HTTPS port (omitted from the URL when 443).
     pub https_port: u16,
+    /// HTTP-01 answers for orders in flight.
+    pub challenges: Arc<Challenges>,
 }
+
+const CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
 
 #[async_trait]
 impl ProxyHttp for Redirect {
@@ -17,6 +25,19 @@ impl ProxyHttp for Redirect {
 
     async fn request_filter(&self, session: &mut Session, _ctx: &mut ()) -> Result<bool> {
         let req = session.req_header();
+        if let Some(token) = req.uri.path().strip_prefix(CHALLENGE_PATH) {
+            let answer = self.challenges.answer(token);
+            let status = if answer.is_some() { 200 } else { 404 };
+            let body = answer.unwrap_or_default();
+            let mut resp = ResponseHeader::build(status, Some(3))?;
+            resp.insert_header("content-type", "text/plain")?;
+            resp.insert_header("content-length", body.len().to_string())?;
+            session.write_response_header(Box::new(resp), false).await?;
+            session
+                .write_response_body(Some(bytes::Bytes::from(body)), true)
+                .await?;
+            return Ok(true);
+        }
         let host = req
             .headers
             .get(http::header::HOST)

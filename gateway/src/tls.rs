@@ -92,6 +92,14 @@ impl CertStore {
             .map_err(|reason| TlsError::Bad { path: crt, reason })
     }
 
+    /// The PEM chain on disk for `host`, if any.
+    pub fn chain_pem(&self, host: &str) -> Option<Vec<u8>> {
+        if !portico_config::is_hostname(host) {
+            return None;
+        }
+        fs::read(self.paths(host).0).ok()
+    }
+
     /// Whether a certificate for `host` is loaded.
     pub fn has(&self, host: &str) -> bool {
         self.by_host.load().contains_key(host)
@@ -146,6 +154,21 @@ fn parse(chain_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, String> {
     }
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("bad private key PEM: {e}"))?;
     CertifiedKey::from_der(chain, key, &default_provider()).map_err(|e| e.to_string())
+}
+
+/// Writes a private file (mode 600) atomically.
+pub fn write_private(path: &Path, data: &[u8]) -> Result<(), TlsError> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(|source| TlsError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|source| TlsError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    write_atomic(path, data)
 }
 
 /// Writes `path` via a temporary file and rename, mode 600 from the start.

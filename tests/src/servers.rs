@@ -397,3 +397,108 @@ impl ChatCluster {
         self.shards[shard].1
     }
 }
+
+// ---------------------------------------------------------------- Pebble --
+
+/// A throwaway ACME CA: Pebble (with `pebble-challtestsrv` as its DNS,
+/// answering 127.0.0.1 for every name) whose HTTP-01 validations go to
+/// `http_port` on loopback. Certificates live `validity_secs`.
+pub struct Pebble {
+    pebble: Proc,
+    _dns: Proc,
+    pub port: u16,
+    /// PEM of the root that signed Pebble's own HTTPS certificate.
+    pub tls_root: PathBuf,
+    dir: TempDir,
+}
+
+impl Pebble {
+    pub fn start(http_port: u16, validity_secs: u64) -> Pebble {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = |n: &str| dir.path().join(n);
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "Portico test: Pebble TLS root");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("CA");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf_key = KeyPair::generate().expect("key");
+        let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .expect("params")
+            .signed_by(&leaf_key, &issuer)
+            .expect("leaf");
+        std::fs::write(p("root.pem"), ca_cert.pem()).expect("write");
+        std::fs::write(p("cert.pem"), leaf.pem()).expect("write");
+        std::fs::write(p("key.pem"), leaf_key.serialize_pem()).expect("write");
+
+        let (port, mgmt, dns, dns_mgmt) = (free_port(), free_port(), free_port(), free_port());
+        let config = serde_json::json!({ "pebble": {
+            "listenAddress": format!("127.0.0.1:{port}"),
+            "managementListenAddress": format!("127.0.0.1:{mgmt}"),
+            "certificate": p("cert.pem"),
+            "privateKey": p("key.pem"),
+            "httpPort": http_port,
+            "tlsPort": free_port(),
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": false,
+            "certificateValidityPeriod": validity_secs,
+        }});
+        std::fs::write(p("pebble.json"), config.to_string()).expect("write");
+
+        let mut dns_cmd = Command::new("pebble-challtestsrv");
+        dns_cmd.args([
+            "-defaultIPv4",
+            "127.0.0.1",
+            "-defaultIPv6",
+            "",
+            "-http01",
+            "",
+            "-https01",
+            "",
+            "-tlsalpn01",
+            "",
+        ]);
+        dns_cmd.args([
+            "-dns01",
+            &format!("127.0.0.1:{dns}"),
+            "-management",
+            &format!("127.0.0.1:{dns_mgmt}"),
+        ]);
+        let mut dns_proc = Proc::spawn("pebble-challtestsrv", dns_cmd, &p("dns.log"));
+        wait_until(&mut dns_proc, "listening", || {
+            http_status(dns_mgmt, "/").is_some()
+        });
+
+        let mut cmd = Command::new("pebble");
+        cmd.arg("-config")
+            .arg(p("pebble.json"))
+            .args(["-dnsserver", &format!("127.0.0.1:{dns}")]);
+        cmd.env("PEBBLE_VA_NOSLEEP", "1");
+        let mut pebble = Proc::spawn("pebble", cmd, &p("pebble.log"));
+        wait_until(&mut pebble, "listening", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Pebble {
+            pebble,
+            _dns: dns_proc,
+            port,
+            tls_root: p("root.pem"),
+            dir,
+        }
+    }
+
+    pub fn directory(&self) -> String {
+        format!("https://127.0.0.1:{}/dir", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        self.pebble.log()
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
