@@ -214,6 +214,10 @@ fn describe_metrics() {
         "Failed ACME account or certificate attempts."
     );
     metrics::describe_gauge!(
+        "portico_gateway_websockets",
+        "WebSocket connections open through the gateway."
+    );
+    metrics::describe_gauge!(
         "portico_gateway_certificate_expiry_seconds",
         Unit::Seconds,
         "Seconds until the served certificate expires, by host."

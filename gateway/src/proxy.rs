@@ -43,6 +43,8 @@ pub struct Ctx {
     body_bytes: u64,
     /// A shard that refused this request's connection: skipped on retry.
     failed_shard: Option<std::net::SocketAddr>,
+    /// Counted in the open-WebSocket gauge (undone in `logging`).
+    websocket: bool,
 }
 
 /// A short response written by the gateway itself.
@@ -109,6 +111,7 @@ impl ProxyHttp for Edge {
             client_ip: None,
             body_bytes: 0,
             failed_shard: None,
+            websocket: false,
         }
     }
 
@@ -159,6 +162,8 @@ impl ProxyHttp for Edge {
         if session.is_upgrade_req() {
             // Pingora's fixed 60 s read timeout would cut idle WebSockets.
             session.set_read_timeout(Some(WS_IDLE));
+            metrics::gauge!("portico_gateway_websockets").increment(1.0);
+            ctx.websocket = true;
         }
         Ok(false)
     }
@@ -255,6 +260,9 @@ impl ProxyHttp for Edge {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        if ctx.websocket {
+            metrics::gauge!("portico_gateway_websockets").decrement(1.0);
+        }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.started.elapsed();
         let route = ctx.route.name().to_string();

@@ -90,4 +90,24 @@ async fn sighup_applies_good_routes_and_refuses_broken_ones() {
     // The WebSocket opened before both reloads still works.
     ws.send(json!({"type": "ping"})).await;
     assert_eq!(ws.recv_type("pong").await["type"], "pong");
+    let gauge = || async {
+        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", edge.admin))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines().find_map(|l| {
+            l.strip_prefix("portico_gateway_websockets ")?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    assert_eq!(gauge().await, Some(1.0), "one open WebSocket");
+    drop(ws);
+    eventually(Duration::from_secs(5), "the gauge back to 0", || async {
+        (gauge().await == Some(0.0)).then_some(())
+    })
+    .await;
 }
