@@ -64,3 +64,29 @@ fn counters_add_up_on_a_tiny_scenario() {
     assert!(r["latency_ms"]["samples"].as_u64().unwrap() == n("deliveries_received"));
     assert!(stdout.contains("latency ms"), "human table printed:\n{stdout}");
 }
+
+/// The README's example: a short run against `portico up` (embedded
+/// engines, through the gateway over TLS).
+#[test]
+fn a_short_run_against_portico_up() {
+    let (svc, edge) = portico_tests::servers::up();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, svc.certificate("localhost")).unwrap();
+    let out = Command::new(bins::bin("loadtest", "portico-loadtest"))
+        .args(["run", "-c", "10", "-s", "5", "-m", "20", "-d", "1"])
+        .args(["--url", &format!("wss://localhost:{}/ws", edge.https)])
+        .arg("--ca")
+        .arg(&ca)
+        .args(["--secret", TEST_SECRET])
+        .env_remove("PORTICO_AUTH__JWT_SECRET")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("received/lost          100 / 0"), "{stdout}");
+}
