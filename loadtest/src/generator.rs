@@ -315,7 +315,18 @@ struct ConnCtx {
 /// One synthetic client: connect, subscribe, then read and write until stop.
 async fn connection(ctx: ConnCtx) {
     let t0 = Instant::now();
-    let (mut ws, mut last) = match open(&ctx).await {
+    // Like any client, retry a connection that ends before it is usable
+    // (e.g. Pingora 0.9 closing an upgrade right after its 101,
+    // cloudflare/pingora#946); connect time includes the retries.
+    let mut opened = open(&ctx).await;
+    for _ in 0..2 {
+        if opened.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        opened = open(&ctx).await;
+    }
+    let (mut ws, mut last) = match opened {
         Ok(x) => x,
         Err(e) => {
             if ctx.stats.failed.fetch_add(1, Relaxed) < 5 {

@@ -197,6 +197,29 @@ impl Ws {
         }
     }
 
+    /// Connects through the gateway (TLS) and reads the `welcome` frame,
+    /// reconnecting when the connection ends right after the 101: Pingora
+    /// 0.9 sometimes tears an upgrade down then (cloudflare/pingora#946, fix
+    /// pending upstream), and a real client reconnects too.
+    pub async fn via_gateway(port: u16, token: &str, ca_pem: &[u8], headers: &[(&str, &str)]) -> (Ws, Value) {
+        for _ in 0..5 {
+            let mut ws = Ws::connect_with(port, Some(token), Some(ca_pem), headers)
+                .await
+                .expect("connect through the gateway");
+            if let Ok(welcome) = ws.recv_or_close().await {
+                return (ws, welcome);
+            }
+        }
+        panic!("the gateway closed five upgrades in a row before the welcome");
+    }
+
+    /// The next JSON frame, or the close code if the connection ends first.
+    pub async fn recv_or_close(&mut self) -> Result<Value, u16> {
+        self.next_frame(RECV_TIMEOUT)
+            .await
+            .unwrap_or_else(|| panic!("no frame within {RECV_TIMEOUT:?}"))
+    }
+
     /// Frames until one of type `kind` (others are returned alongside).
     pub async fn recv_type(&mut self, kind: &str) -> Value {
         loop {

@@ -47,10 +47,9 @@ async fn sighup_applies_good_routes_and_refuses_broken_ones() {
     let http = https_client(&gw.certificate("localhost"));
     let url = format!("https://localhost:{}/extra/page", edge.https);
 
-    let mut ws = Ws::connect_tls(edge.https, &token("alice"), &gw.certificate("localhost"))
-        .await
-        .unwrap();
-    assert_eq!(ws.recv().await["type"], "welcome");
+    let (mut ws, welcome) =
+        Ws::via_gateway(edge.https, &token("alice"), &gw.certificate("localhost"), &[]).await;
+    assert_eq!(welcome["type"], "welcome");
     http.get(&url).send().await.unwrap();
     assert_eq!(routed(edge.admin, "extra").await, 0, "no such route yet");
 

@@ -16,10 +16,7 @@ async fn placement(port: u16, ca: &[u8]) -> HashMap<String, u64> {
     let mut out = HashMap::new();
     for i in 0..USERS {
         let user = format!("user{i}");
-        let mut ws = Ws::connect_tls(port, &token(&user), ca)
-            .await
-            .expect("connect through the gateway");
-        let welcome = ws.recv().await;
+        let (_ws, welcome) = Ws::via_gateway(port, &token(&user), ca, &[]).await;
         out.insert(user, welcome["shard"].as_u64().expect("shard id"));
     }
     out

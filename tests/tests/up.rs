@@ -33,10 +33,8 @@ async fn demo_page_over_https_and_two_tabs_talk() {
             .unwrap();
         let origin = format!("https://localhost:{}", edge.https);
         let token = t["token"].as_str().unwrap().to_string();
-        let mut ws = Ws::connect_with(edge.https, Some(&token), Some(&ca), &[("origin", &origin)])
-            .await
-            .expect("wss connect");
-        assert_eq!(ws.recv().await["type"], "welcome");
+        let (mut ws, welcome) = Ws::via_gateway(edge.https, &token, &ca, &[("origin", &origin)]).await;
+        assert_eq!(welcome["type"], "welcome");
         ws.send(json!({"type": "subscribe", "conv": "lobby"})).await;
         assert_eq!(ws.recv_type("subscribed").await["conv"], "lobby");
         tabs.push(ws);
