@@ -259,6 +259,18 @@ impl ProxyHttp for Edge {
         crate::headers::secure(resp)
     }
 
+    /// Pingora's own summary (in its error logs) prints the raw target,
+    /// query included, where `?token=` may carry a credential: path only.
+    fn request_summary(&self, session: &Session, _ctx: &Ctx) -> String {
+        let req = session.req_header();
+        let host = req
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("-");
+        format!("{} {}, Host: {host}", req.method, req.uri.path())
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         if ctx.websocket {
             metrics::gauge!("portico_gateway_websockets").decrement(1.0);

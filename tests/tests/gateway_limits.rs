@@ -68,3 +68,27 @@ async fn oversized_bodies_get_413() {
     let r = http.post(&url).body(vec![b'x'; 100]).send().await.unwrap();
     assert_ne!(r.status(), 413);
 }
+
+#[tokio::test]
+async fn tokens_in_the_query_never_reach_the_logs() {
+    let (svc, edge) = gateway(&[]);
+    let http = https_client(&svc.certificate("localhost"));
+    // No shard runs behind this gateway: the request fails and is logged.
+    let secret = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXBheWxvYWQ.c2lnbmF0dXJl";
+    let r = http
+        .get(format!("https://localhost:{}/ws?token={secret}", edge.https))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_server_error());
+    portico_tests::eventually(std::time::Duration::from_secs(5), "the access log line", || {
+        let log = svc.proc.log();
+        async move { log.contains("\"path\":\"/ws\"").then_some(()) }
+    })
+    .await;
+    assert!(
+        !svc.proc.log().contains(secret),
+        "token leaked into the log:\n{}",
+        svc.proc.log()
+    );
+}
