@@ -296,6 +296,14 @@ pub async fn create_conversation(port: u16, owner: &str, id: &str, members: &[&s
     assert_eq!(status, 201, "{}", r.text().await.unwrap_or_default());
 }
 
+/// The Prometheus text a service exposes on `port` (empty if unreachable).
+pub async fn metrics(port: u16) -> String {
+    match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
 /// `GET url` as `user` (bearer token), parsed as JSON.
 pub async fn get_json(url: &str, user: &str) -> Value {
     reqwest::Client::new()

@@ -202,12 +202,7 @@ async fn slow_consumer_is_cut_and_others_keep_receiving() {
         alice.publish("busy", &format!("m{i}"), &body).await;
     }
     reader.await.unwrap();
-    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = portico_tests::client::metrics(port).await;
     assert!(
         metrics.contains("portico_chat_slow_consumers_total 1"),
         "metrics:\n{metrics}"

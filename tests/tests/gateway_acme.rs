@@ -107,12 +107,7 @@ async fn obtains_serves_and_renews_a_certificate() {
     .await;
     assert_ne!(renewed, first);
     assert!(gw.proc.log().contains("certificate issued"), "{}", pebble.log());
-    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", edge.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = portico_tests::client::metrics(edge.admin).await;
     assert!(
         metrics.contains("portico_gateway_certificate_expiry_seconds{host=\"portico.test\"}"),
         "{metrics}"

@@ -11,12 +11,7 @@ use serde_json::json;
 
 /// How many requests the gateway counted for `route`.
 async fn routed(admin: u16, route: &str) -> u64 {
-    let text = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = portico_tests::client::metrics(admin).await;
     text.lines()
         .filter(|l| {
             l.starts_with("portico_gateway_requests_total{") && l.contains(&format!("route=\"{route}\""))
@@ -90,12 +85,7 @@ async fn sighup_applies_good_routes_and_refuses_broken_ones() {
     ws.send(json!({"type": "ping"})).await;
     assert_eq!(ws.recv_type("pong").await["type"], "pong");
     let gauge = || async {
-        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", edge.admin))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let text = portico_tests::client::metrics(edge.admin).await;
         text.lines().find_map(|l| {
             l.strip_prefix("portico_gateway_websockets ")?
                 .trim()

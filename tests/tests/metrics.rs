@@ -50,12 +50,7 @@ async fn metrics_pass_promtool() {
     ws.recv_type("error").await;
 
     for (name, port) in [("up (admin)", edge.admin), ("chat shard", port)] {
-        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = portico_tests::client::metrics(port).await;
         assert!(
             text.contains("portico_"),
             "{name} exposes portico metrics:\n{text}"
