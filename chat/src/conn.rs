@@ -130,7 +130,10 @@ impl Conn {
             match msg {
                 WsMessage::Text(text) => {
                     metrics::counter!("portico_chat_frames_in_total").increment(1);
-                    self.handle(&text).await;
+                    // Boxed: the command futures (subscribe with its store
+                    // calls, publish) are large, and an idle connection
+                    // should not reserve their space while it waits.
+                    Box::pin(self.handle(&text)).await;
                 }
                 WsMessage::Binary(_) => self.error(ErrorCode::BinaryNotSupported, None),
                 WsMessage::Close(_) => return,
