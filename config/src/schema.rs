@@ -99,6 +99,10 @@ pub struct GatewayConfig {
     /// front); for everyone else the client IP is the socket's.
     pub trusted_proxies: Vec<std::net::IpAddr>,
     pub limits: RateLimits,
+    /// Named rate-limit classes that routes refer to with `limit_class`.
+    pub limit_classes: std::collections::BTreeMap<String, LimitClass>,
+    /// Limits on connections and request headers (slowloris, floods).
+    pub connections: ConnectionLimits,
     /// Extra routes, tried before the built-in ones (`/api/jobs` → jobs,
     /// everything else → chat). Reloaded on SIGHUP.
     pub routes: Vec<RouteConfig>,
@@ -138,6 +142,66 @@ pub struct RouteConfig {
     pub host: Option<String>,
     pub path_prefix: String,
     pub upstream: RouteUpstream,
+    /// Seconds to wait for the upstream's answer (between reads); default 30.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+    /// Largest request body for this route; default `gateway.max_body_bytes`.
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
+    /// A key of `gateway.limit_classes`, limiting this route's requests per
+    /// client IP and per authenticated user on top of `gateway.limits`.
+    #[serde(default)]
+    pub limit_class: Option<String>,
+}
+
+/// A rate-limit class: requests per client IP and, when the request carries
+/// a valid token, per user. Over either: 429 with `Retry-After`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitClass {
+    pub per_ip_per_sec: u32,
+    pub per_ip_burst: u32,
+    #[serde(default)]
+    pub per_user_per_sec: Option<u32>,
+    #[serde(default)]
+    pub per_user_burst: Option<u32>,
+}
+
+/// Limits Pingora does not enforce by itself on the HTTPS listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConnectionLimits {
+    /// A request's headers must arrive completely within this many seconds
+    /// of its first byte (of the connection, for the first request); else
+    /// 408 and the connection is closed. Cuts slowloris trickles.
+    pub header_timeout_secs: u64,
+    /// Largest request line plus headers, in bytes; more gets 431.
+    pub max_header_bytes: usize,
+    /// Most header lines in one request; more gets 431.
+    pub max_headers: usize,
+    /// Open client connections on the HTTPS listener; more are closed at once.
+    pub max_connections: usize,
+    /// Open client connections from one IP (IPv6 /64); trusted proxies exempt.
+    pub max_connections_per_ip: usize,
+    /// An idle keep-alive connection (HTTP/1 between requests, or HTTP/2)
+    /// is closed after this many seconds.
+    pub keepalive_idle_secs: u64,
+    /// HTTP/2 streams one connection may have open at once.
+    pub h2_max_concurrent_streams: u32,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            header_timeout_secs: 10,
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            max_connections: 100_000,
+            max_connections_per_ip: 1_000,
+            keepalive_idle_secs: 60,
+            h2_max_concurrent_streams: 100,
+        }
+    }
 }
 
 /// `"chat"` (the chat shard set) or an `ip:port`.
@@ -209,6 +273,8 @@ impl Default for GatewayConfig {
             max_body_bytes: 1 << 20,
             trusted_proxies: Vec::new(),
             limits: RateLimits::default(),
+            limit_classes: Default::default(),
+            connections: ConnectionLimits::default(),
             routes: Vec::new(),
             acme: None,
         }
@@ -370,6 +436,70 @@ impl PorticoConfig {
                     format!("route `{}`: `{h}` is not a valid hostname", r.name),
                 );
             }
+        }
+        for r in &g.routes {
+            if r.timeout_secs == Some(0) || r.timeout_secs.is_some_and(|t| t > 3600) {
+                return bad(
+                    "gateway.routes",
+                    format!("route `{}`: timeout_secs must be between 1 and 3600", r.name),
+                );
+            }
+            if let Some(class) = &r.limit_class
+                && !g.limit_classes.contains_key(class)
+            {
+                return bad(
+                    "gateway.routes",
+                    format!(
+                        "route `{}`: limit_class `{class}` is not defined in gateway.limit_classes",
+                        r.name
+                    ),
+                );
+            }
+        }
+        for (name, c) in &g.limit_classes {
+            let key = format!("gateway.limit_classes.{name}");
+            if c.per_ip_per_sec == 0 || c.per_ip_burst == 0 {
+                return bad(&key, "per_ip_per_sec and per_ip_burst must be at least 1");
+            }
+            if c.per_user_per_sec == Some(0) || c.per_user_burst == Some(0) {
+                return bad(&key, "per_user_per_sec and per_user_burst must be at least 1");
+            }
+            if c.per_user_per_sec.is_some() != c.per_user_burst.is_some() {
+                return bad(&key, "set per_user_per_sec and per_user_burst together");
+            }
+        }
+        let cl = &g.connections;
+        for (key, v) in [
+            (
+                "gateway.connections.header_timeout_secs",
+                cl.header_timeout_secs as usize,
+            ),
+            ("gateway.connections.max_connections", cl.max_connections),
+            (
+                "gateway.connections.max_connections_per_ip",
+                cl.max_connections_per_ip,
+            ),
+            (
+                "gateway.connections.keepalive_idle_secs",
+                cl.keepalive_idle_secs as usize,
+            ),
+            (
+                "gateway.connections.h2_max_concurrent_streams",
+                cl.h2_max_concurrent_streams as usize,
+            ),
+        ] {
+            if v == 0 {
+                return bad(key, "must be at least 1");
+            }
+        }
+        if !(1024..=1 << 20).contains(&cl.max_header_bytes) {
+            return bad(
+                "gateway.connections.max_header_bytes",
+                "must be between 1024 and 1048576",
+            );
+        }
+        if !(8..=250).contains(&cl.max_headers) {
+            return bad("gateway.connections.max_headers", "must be between 8 and 250");
         }
         if let Some(a) = &g.acme {
             if !a.directory_url.starts_with("https://") {

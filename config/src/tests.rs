@@ -118,3 +118,29 @@ fn listen_addr_parsing() {
     assert!("127.0.0.1".parse::<ListenAddr>().is_err());
     assert!("example.com:80".parse::<ListenAddr>().is_err());
 }
+
+#[test]
+fn a_route_naming_an_undefined_limit_class_is_refused() {
+    let e = err(|j| {
+        j.create_file(
+            "p.toml",
+            "[[gateway.routes]]\nname = \"api\"\npath_prefix = \"/api/x\"\nupstream = \"127.0.0.1:7000\"\nlimit_class = \"nope\"\n",
+        )?;
+        Ok(Some("p.toml"))
+    });
+    assert!(e.contains("gateway.routes") && e.contains("`nope`"), "{e}");
+}
+
+#[test]
+fn connection_limits_are_checked() {
+    let e = err(|j| {
+        j.set_env("PORTICO_GATEWAY__CONNECTIONS__MAX_HEADER_BYTES", "10");
+        Ok(None)
+    });
+    assert!(e.contains("gateway.connections.max_header_bytes"), "{e}");
+    let e = err(|j| {
+        j.set_env("PORTICO_GATEWAY__CONNECTIONS__HEADER_TIMEOUT_SECS", "0");
+        Ok(None)
+    });
+    assert!(e.contains("gateway.connections.header_timeout_secs"), "{e}");
+}

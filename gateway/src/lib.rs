@@ -8,6 +8,7 @@
 //! started with `--upgrade` (zero-downtime restart).
 
 pub mod acme;
+pub mod guard;
 pub mod headers;
 pub mod limits;
 pub mod proxy;
@@ -22,14 +23,17 @@ use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use pingora::apps::HttpServerOptions;
 use pingora::lb::LoadBalancer;
 use pingora::lb::health_check::TcpHealthCheck;
 use pingora::lb::selection::consistent::KetamaHashing;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
+use pingora::protocols::http::v2::server::default_h2_options;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{BackgroundService, background_service};
+use pingora::services::listening::Service;
 use portico_common::admin::{self, Readiness};
 use portico_common::auth::Tokens;
 use portico_config::PorticoConfig;
@@ -99,10 +103,22 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Serve
         chat: health.task(),
         tokens: Tokens::new(&cfg.auth.jwt_secret),
         limits: limits.clone(),
-        max_body_bytes: g.max_body_bytes,
         trusted_proxies: g.trusted_proxies.clone(),
     };
-    let mut https = pingora::proxy::http_proxy_service_with_name(&server.configuration, edge, "https");
+    let conns = &g.connections;
+    let mut proxy = pingora::proxy::http_proxy(&server.configuration, edge);
+    let mut options = HttpServerOptions::default();
+    options.h2_idle_timeout = Some(Duration::from_secs(conns.keepalive_idle_secs));
+    proxy.server_options = Some(options);
+    let mut h2 = default_h2_options();
+    h2.max_concurrent_streams(conns.h2_max_concurrent_streams);
+    h2.max_header_list_size(conns.max_header_bytes as u32);
+    proxy.h2_options = Some(h2);
+    let app = guard::GuardedApp {
+        inner: Arc::new(proxy),
+        guard: guard::Guard::new(conns.clone(), g.trusted_proxies.clone()),
+    };
+    let mut https = Service::new("https".to_string(), app);
     let mut settings = TlsSettings::with_callbacks(Box::new(NoCallbacks))
         .map_err(|e| GatewayError::Pingora(e.to_string()))?;
     settings.set_cert_resolver(certs.resolver());
@@ -139,7 +155,13 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Serve
     server.add_service(https);
     server.add_service(http);
     server.add_service(admin);
-    server.add_service(background_service("rate limit eviction", LimitsGc(limits)));
+    server.add_service(background_service(
+        "rate limit eviction",
+        LimitsGc {
+            limits,
+            routes: routes.clone(),
+        },
+    ));
     if let Some(acme_cfg) = &g.acme {
         let service = acme::AcmeService {
             cfg: acme_cfg.clone(),
@@ -213,6 +235,18 @@ fn describe_metrics() {
         "portico_gateway_acme_failures_total",
         "Failed ACME account or certificate attempts."
     );
+    describe_counter!(
+        "portico_gateway_connections_refused_total",
+        "HTTPS connections closed at accept because a cap was reached, by cap (total, per_ip)."
+    );
+    describe_counter!(
+        "portico_gateway_requests_rejected_total",
+        "Requests refused before routing: header_timeout (408), header_too_large (431)."
+    );
+    metrics::describe_gauge!(
+        "portico_gateway_connections",
+        "Client connections open on the HTTPS listener."
+    );
     metrics::describe_gauge!(
         "portico_gateway_websockets",
         "WebSocket connections open through the gateway."
@@ -225,7 +259,10 @@ fn describe_metrics() {
 }
 
 /// Evicts idle rate-limit keys every 30 s.
-struct LimitsGc(Arc<limits::Limits>);
+struct LimitsGc {
+    limits: Arc<limits::Limits>,
+    routes: Arc<ArcSwap<routes::Routes>>,
+}
 
 #[async_trait]
 impl BackgroundService for LimitsGc {
@@ -234,7 +271,10 @@ impl BackgroundService for LimitsGc {
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = tick.tick() => self.0.gc(),
+                _ = tick.tick() => {
+                    self.limits.gc();
+                    self.routes.load().classes().iter().for_each(|c| c.gc());
+                }
             }
         }
     }

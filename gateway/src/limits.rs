@@ -1,7 +1,9 @@
-//! Rate limits per client IP (governor): requests, and new WebSocket
-//! connections. IPv6 clients are grouped by /64, the unit one subscriber
-//! usually gets. Keys are evicted by [`Limits::gc`], run periodically, so
-//! memory stays bounded however many addresses show up.
+//! Rate limits (governor): per client IP for every request and for new
+//! WebSocket connections ([`Limits`]), and per route class, per IP and per
+//! authenticated user ([`ClassLimiter`]). IPv6 clients are grouped by /64,
+//! the unit one subscriber usually gets. Keys are evicted by the `gc`
+//! methods, run periodically, so memory stays bounded however many
+//! addresses or users show up.
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -9,7 +11,7 @@ use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use portico_config::RateLimits;
+use portico_config::{LimitClass, RateLimits};
 
 /// What a client is counted as: an IPv4 address or an IPv6 /64.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -73,8 +75,64 @@ impl Limits {
 }
 
 fn check(l: &DefaultKeyedRateLimiter<ClientKey>, ip: IpAddr) -> Result<(), Duration> {
-    l.check_key(&ClientKey::from(ip))
+    check_key(l, &ClientKey::from(ip))
+}
+
+fn check_key<K: std::hash::Hash + Eq + Clone>(
+    l: &DefaultKeyedRateLimiter<K>,
+    key: &K,
+) -> Result<(), Duration> {
+    l.check_key(key)
         .map_err(|nu| nu.wait_time_from(DefaultClock::default().now()))
+}
+
+/// The limits of one `gateway.limit_classes` entry.
+pub struct ClassLimiter {
+    name: String,
+    per_ip: DefaultKeyedRateLimiter<ClientKey>,
+    /// Keyed by the verified token's subject; tokens are signed, so the key
+    /// space is the set of real users, and `gc` trims it anyway.
+    per_user: Option<DefaultKeyedRateLimiter<String>>,
+}
+
+impl std::fmt::Debug for ClassLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClassLimiter").field("name", &self.name).finish()
+    }
+}
+
+impl ClassLimiter {
+    pub fn new(name: &str, c: &LimitClass) -> Self {
+        ClassLimiter {
+            name: name.to_string(),
+            per_ip: RateLimiter::keyed(quota(c.per_ip_per_sec, c.per_ip_burst)),
+            per_user: c
+                .per_user_per_sec
+                .zip(c.per_user_burst)
+                .map(|(rate, burst)| RateLimiter::keyed(quota(rate, burst))),
+        }
+    }
+
+    /// `Err(retry_after)` when the client IP, or the user when known, is
+    /// over this class's rate.
+    pub fn check(&self, ip: Option<IpAddr>, user: Option<&str>) -> Result<(), Duration> {
+        if let Some(ip) = ip {
+            check(&self.per_ip, ip)?;
+        }
+        if let (Some(limiter), Some(user)) = (&self.per_user, user) {
+            check_key(limiter, &user.to_string())?;
+        }
+        Ok(())
+    }
+
+    pub fn gc(&self) {
+        self.per_ip.retain_recent();
+        self.per_ip.shrink_to_fit();
+        if let Some(l) = &self.per_user {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -98,6 +156,31 @@ mod tests {
         assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1));
         assert!(l.check_request(other).is_ok(), "another /64 is unaffected");
         assert!(l.check_request("192.0.2.1".parse().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn a_class_limits_each_user_on_its_own_across_addresses() {
+        let class = ClassLimiter::new(
+            "api",
+            &LimitClass {
+                per_ip_per_sec: 1000,
+                per_ip_burst: 1000,
+                per_user_per_sec: Some(1),
+                per_user_burst: Some(2),
+            },
+        );
+        let ip = |n: u8| Some(IpAddr::from([192, 0, 2, n]));
+        assert!(class.check(ip(1), Some("alice")).is_ok());
+        assert!(class.check(ip(2), Some("alice")).is_ok());
+        assert!(
+            class.check(ip(3), Some("alice")).is_err(),
+            "a new address does not help"
+        );
+        assert!(
+            class.check(ip(1), Some("bob")).is_ok(),
+            "other users are unaffected"
+        );
+        assert!(class.check(ip(1), None).is_ok(), "anonymous: per-IP only");
     }
 
     #[test]

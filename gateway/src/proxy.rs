@@ -17,11 +17,13 @@ use pingora::modules::http::HttpModules;
 use pingora::modules::http::compression::{ResponseCompression, ResponseCompressionBuilder};
 
 use crate::limits::Limits;
-use crate::routes::{Route, Routes};
+use crate::routes::{DEFAULT_TIMEOUT, Route, Routes, Target};
 use arc_swap::ArcSwap;
 
 /// The chat protocol a WebSocket client offers (see chat/PROTOCOL.md).
 const CHAT_SUBPROTOCOL: &str = "portico.v1";
+/// The cookie that pins an anonymous client to a chat shard.
+const STICKY_COOKIE: &str = "portico_route";
 /// Upgraded connections may stay idle this long (above the chat heartbeat).
 const WS_IDLE: Duration = Duration::from_secs(120);
 
@@ -31,16 +33,22 @@ pub struct Edge {
     pub chat: Arc<LoadBalancer<KetamaHashing>>,
     pub tokens: Tokens,
     pub limits: Arc<Limits>,
-    pub max_body_bytes: u64,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpAddr>,
 }
 
 pub struct Ctx {
-    route: Route,
+    route: Arc<Route>,
+    /// The subject of a valid token on the request, if any.
+    user: Option<String>,
+    /// Anonymous chat clients: the sticky cookie's value, and whether it is
+    /// new (then the response sets it).
+    sticky: Option<(String, bool)>,
     started: Instant,
     client_ip: Option<IpAddr>,
     body_bytes: u64,
+    /// The upstream picked for this request (access log).
+    upstream: Option<std::net::SocketAddr>,
     /// A shard that refused this request's connection: skipped on retry.
     failed_shard: Option<std::net::SocketAddr>,
     /// Counted in the open-WebSocket gauge (undone in `logging`).
@@ -85,16 +93,44 @@ impl Edge {
 }
 
 impl Edge {
-    /// The key that pins a client to a chat shard: its user id when the
-    /// token verifies, else its IP address.
-    fn sticky_key(&self, session: &Session, client_ip: Option<IpAddr>) -> Vec<u8> {
+    /// The user a request authenticates as: the subject of a token (bearer,
+    /// WebSocket subprotocol or `?token=`) that verifies.
+    fn user(&self, session: &Session) -> Option<String> {
         let req = session.req_header();
-        if let Some((token, _)) = handshake_token(&req.headers, req.uri.query(), CHAT_SUBPROTOCOL)
-            && let Ok(claims) = self.tokens.verify(&token)
-        {
-            return format!("user:{}", claims.sub).into_bytes();
+        let (token, _) = handshake_token(&req.headers, req.uri.query(), CHAT_SUBPROTOCOL)?;
+        self.tokens.verify(&token).ok().map(|c| c.sub)
+    }
+
+    /// The key that pins a client to a chat shard: its user id when the
+    /// token verifies, else the sticky cookie (set on first contact).
+    fn sticky_key(ctx: &Ctx) -> Vec<u8> {
+        match (&ctx.user, &ctx.sticky) {
+            (Some(user), _) => format!("user:{user}").into_bytes(),
+            (None, Some((cookie, _))) => format!("cookie:{cookie}").into_bytes(),
+            (None, None) => {
+                let ip = ctx.client_ip.map(|ip| ip.to_string()).unwrap_or_default();
+                format!("ip:{ip}").into_bytes()
+            }
         }
-        format!("ip:{}", client_ip.map(|ip| ip.to_string()).unwrap_or_default()).into_bytes()
+    }
+
+    /// The client's sticky cookie if it is well-formed, else a new one.
+    fn sticky_cookie(session: &Session) -> (String, bool) {
+        let sent = session
+            .req_header()
+            .headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|kv| kv.trim().split_once('='))
+            .find(|(k, _)| *k == STICKY_COOKIE)
+            .map(|(_, v)| v)
+            .filter(|v| (16..=64).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_hexdigit()));
+        match sent {
+            Some(v) => (v.to_string(), false),
+            None => (format!("{:032x}", rand::random::<u128>()), true),
+        }
     }
 }
 
@@ -104,9 +140,16 @@ impl ProxyHttp for Edge {
 
     fn new_ctx(&self) -> Ctx {
         Ctx {
-            route: Route::Chat {
+            route: Arc::new(Route {
                 name: Arc::from("chat"),
-            },
+                target: Target::Chat,
+                timeout: DEFAULT_TIMEOUT,
+                max_body_bytes: 0,
+                class: None,
+            }),
+            user: None,
+            sticky: None,
+            upstream: None,
             started: Instant::now(),
             client_ip: None,
             body_bytes: 0,
@@ -129,6 +172,10 @@ impl ProxyHttp for Edge {
             .or_else(|| req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()));
         let host = host.map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name));
         ctx.route = self.routes.load().route(host, req.uri.path()).clone();
+        ctx.user = self.user(session);
+        if ctx.route.is_chat() && ctx.user.is_none() {
+            ctx.sticky = Some(Self::sticky_cookie(session));
+        }
         if let Some(ip) = ctx.client_ip {
             let verdict = if session.is_upgrade_req() {
                 self.limits
@@ -137,6 +184,10 @@ impl ProxyHttp for Edge {
             } else {
                 self.limits.check_request(ip)
             };
+            let verdict = verdict.and_then(|_| match &ctx.route.class {
+                Some(class) => class.check(ctx.client_ip, ctx.user.as_deref()),
+                None => Ok(()),
+            });
             if let Err(wait) = verdict {
                 metrics::counter!("portico_gateway_rate_limited_total", "route" => ctx.route.name().to_string())
                     .increment(1);
@@ -149,7 +200,7 @@ impl ProxyHttp for Edge {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > self.max_body_bytes) {
+        if declared.is_some_and(|n| n > ctx.route.max_body_bytes) {
             return respond(session, 413, None).await;
         }
         // Never compress API answers: they carry tokens next to
@@ -177,16 +228,16 @@ impl ProxyHttp for Edge {
     ) -> Result<()> {
         // Chunked bodies declare no length: count as they stream.
         ctx.body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
-        if ctx.body_bytes > self.max_body_bytes {
+        if ctx.body_bytes > ctx.route.max_body_bytes {
             return Err(Error::new(ErrorType::HTTPStatus(413)));
         }
         Ok(())
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let addr = match &ctx.route {
-            Route::Chat { .. } => {
-                let key = self.sticky_key(session, ctx.client_ip);
+        let addr = match ctx.route.target {
+            Target::Chat => {
+                let key = Self::sticky_key(ctx);
                 let failed = ctx.failed_shard;
                 // Healthy shards only, and not one that just refused us (a
                 // dead shard until the next health check): the next one on
@@ -198,11 +249,12 @@ impl ProxyHttp for Edge {
                     .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no healthy chat shard"))?
                     .addr
             }
-            Route::Upstream { addr, .. } => pingora::protocols::l4::socket::SocketAddr::Inet(*addr),
+            Target::Upstream(addr) => pingora::protocols::l4::socket::SocketAddr::Inet(addr),
         };
+        ctx.upstream = addr.as_inet().copied();
         let mut peer = HttpPeer::new(addr, false, String::new());
         peer.options.connection_timeout = Some(Duration::from_secs(3));
-        peer.options.read_timeout = Some(Duration::from_secs(30));
+        peer.options.read_timeout = Some(ctx.route.timeout);
         if session.is_upgrade_req() {
             peer.options.read_timeout = Some(WS_IDLE);
         }
@@ -254,8 +306,14 @@ impl ProxyHttp for Edge {
         &self,
         _session: &mut Session,
         resp: &mut ResponseHeader,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
     ) -> Result<()> {
+        if let Some((cookie, true)) = &ctx.sticky {
+            resp.append_header(
+                http::header::SET_COOKIE,
+                format!("{STICKY_COOKIE}={cookie}; Path=/; Secure; HttpOnly; SameSite=Lax"),
+            )?;
+        }
         crate::headers::secure(resp)
     }
 
@@ -272,6 +330,9 @@ impl ProxyHttp for Edge {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        if let Some(stream) = session.stream() {
+            crate::guard::request_done(stream);
+        }
         if ctx.websocket {
             metrics::gauge!("portico_gateway_websockets").decrement(1.0);
         }
@@ -290,6 +351,7 @@ impl ProxyHttp for Edge {
             path = req.uri.path(),
             status,
             route = %route,
+            upstream = ctx.upstream.map(|a| a.to_string()),
             ms = elapsed.as_millis() as u64,
             error = e.map(|e| e.to_string()),
         );

@@ -4,32 +4,49 @@
 //! address or the chat shard set) are tried first, longest prefix first;
 //! then `/api/jobs` goes to `gateway.jobs_upstream`; everything else (the
 //! chat API, `/ws`, the demo page) to the chat shards. The table is
-//! immutable; [`crate::reload`] swaps in a new one on SIGHUP.
+//! immutable; [`crate::reload`] swaps in a new one on SIGHUP. Each route
+//! carries its own upstream timeout, body limit and rate-limit class.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use portico_config::{GatewayConfig, RouteUpstream};
 
-/// Where one request goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Route {
+use crate::limits::ClassLimiter;
+
+/// Upstream answer timeout (between reads) when a route sets none.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where one request goes, and the limits that apply to it.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Label for metrics and logs (bounded: it comes from configuration).
+    pub name: Arc<str>,
+    pub target: Target,
+    /// How long the upstream may stay silent while answering.
+    pub timeout: Duration,
+    pub max_body_bytes: u64,
+    /// Extra per-IP and per-user limits of the route's `limit_class`.
+    pub class: Option<Arc<ClassLimiter>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
     /// The chat shard set, sticky per user.
-    Chat { name: Arc<str> },
+    Chat,
     /// One upstream address.
-    Upstream { addr: SocketAddr, name: Arc<str> },
+    Upstream(SocketAddr),
 }
 
 impl Route {
-    /// Label for metrics and logs (bounded: it comes from configuration).
     pub fn name(&self) -> &str {
-        match self {
-            Route::Chat { name } | Route::Upstream { name, .. } => name,
-        }
+        &self.name
     }
 
     pub fn is_chat(&self) -> bool {
-        matches!(self, Route::Chat { .. })
+        self.target == Target::Chat
     }
 }
 
@@ -37,40 +54,61 @@ impl Route {
 struct Entry {
     host: Option<String>,
     prefix: String,
-    route: Route,
+    route: Arc<Route>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Routes {
     entries: Vec<Entry>,
-    fallback: Route,
+    fallback: Arc<Route>,
+    classes: Vec<Arc<ClassLimiter>>,
 }
 
 impl Routes {
+    /// Builds the table. Rate-limit classes start empty: a reload forgets
+    /// who was limited (at most one burst of leeway per client).
     pub fn from_config(g: &GatewayConfig) -> Routes {
+        let classes: HashMap<&str, Arc<ClassLimiter>> = g
+            .limit_classes
+            .iter()
+            .map(|(name, c)| (name.as_str(), Arc::new(ClassLimiter::new(name, c))))
+            .collect();
+        let plain = |name: &str, target| {
+            Arc::new(Route {
+                name: Arc::from(name),
+                target,
+                timeout: DEFAULT_TIMEOUT,
+                max_body_bytes: g.max_body_bytes,
+                class: None,
+            })
+        };
         let mut entries: Vec<Entry> = g
             .routes
             .iter()
             .map(|r| {
-                let name: Arc<str> = Arc::from(r.name.as_str());
-                let route = match r.upstream {
-                    RouteUpstream::Chat => Route::Chat { name },
-                    RouteUpstream::Addr(a) => Route::Upstream { addr: a.0, name },
+                let target = match r.upstream {
+                    RouteUpstream::Chat => Target::Chat,
+                    RouteUpstream::Addr(a) => Target::Upstream(a.0),
+                };
+                let route = Route {
+                    name: Arc::from(r.name.as_str()),
+                    target,
+                    timeout: r.timeout_secs.map_or(DEFAULT_TIMEOUT, Duration::from_secs),
+                    max_body_bytes: r.max_body_bytes.unwrap_or(g.max_body_bytes),
+                    // Validated: every class a route names exists.
+                    class: r.limit_class.as_deref().and_then(|c| classes.get(c).cloned()),
                 };
                 Entry {
                     host: r.host.clone(),
                     prefix: r.path_prefix.clone(),
-                    route,
+                    route: Arc::new(route),
                 }
             })
             .collect();
         entries.push(Entry {
             host: None,
             prefix: "/api/jobs".into(),
-            route: Route::Upstream {
-                addr: g.jobs_upstream.0,
-                name: Arc::from("jobs"),
-            },
+            route: plain("jobs", Target::Upstream(g.jobs_upstream.0)),
         });
         // Longest prefix first; host-specific before any-host at equal length.
         entries.sort_by(|a, b| {
@@ -81,16 +119,15 @@ impl Routes {
         });
         Routes {
             entries,
-            fallback: Route::Chat {
-                name: Arc::from("chat"),
-            },
+            fallback: plain("chat", Target::Chat),
+            classes: classes.into_values().collect(),
         }
     }
 
     /// The route for `host` (without port) and `path`. A prefix matches whole
     /// path segments: `/api/jobs` matches `/api/jobs` and `/api/jobs/x`, not
     /// `/api/jobsx`.
-    pub fn route(&self, host: Option<&str>, path: &str) -> &Route {
+    pub fn route(&self, host: Option<&str>, path: &str) -> &Arc<Route> {
         self.entries
             .iter()
             .find(|e| {
@@ -100,6 +137,11 @@ impl Routes {
                     && segment_prefix(path, &e.prefix)
             })
             .map_or(&self.fallback, |e| &e.route)
+    }
+
+    /// The rate-limit classes in use (for periodic eviction).
+    pub fn classes(&self) -> &[Arc<ClassLimiter>] {
+        &self.classes
     }
 
     pub fn len(&self) -> usize {
@@ -129,12 +171,18 @@ mod tests {
                     host: Some("shop.example.com".into()),
                     path_prefix: "/".into(),
                     upstream: RouteUpstream::Addr(ListenAddr::new([127, 0, 0, 1], 7000)),
+                    timeout_secs: Some(5),
+                    max_body_bytes: Some(10),
+                    limit_class: None,
                 },
                 RouteConfig {
                     name: "media".into(),
                     host: None,
                     path_prefix: "/media".into(),
                     upstream: RouteUpstream::Addr(ListenAddr::new([127, 0, 0, 1], 7001)),
+                    timeout_secs: None,
+                    max_body_bytes: None,
+                    limit_class: None,
                 },
             ],
             ..GatewayConfig::default()
@@ -157,5 +205,10 @@ mod tests {
         );
         assert_eq!(r.route(Some("SHOP.example.com"), "/cart").name(), "shop");
         assert_eq!(r.route(Some("other.example.com"), "/cart").name(), "chat");
+        let shop = r.route(Some("shop.example.com"), "/cart");
+        assert_eq!((shop.timeout, shop.max_body_bytes), (Duration::from_secs(5), 10));
+        let media = r.route(None, "/media/a.png");
+        assert_eq!(media.timeout, DEFAULT_TIMEOUT);
+        assert_eq!(media.max_body_bytes, GatewayConfig::default().max_body_bytes);
     }
 }

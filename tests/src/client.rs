@@ -356,3 +356,19 @@ pub fn unix_now() -> u64 {
         .expect("clock")
         .as_secs()
 }
+
+/// A raw TLS connection (HTTP/1.1 by ALPN) to the gateway on `port`, from
+/// `local` (another loopback address plays another client).
+pub async fn tls_connect(
+    port: u16,
+    ca_pem: &[u8],
+    local: std::net::IpAddr,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((local, 0).into())?;
+    let tcp = socket.connect(([127, 0, 0, 1], port).into()).await?;
+    let connector = tokio_rustls::TlsConnector::from(tls_config(ca_pem, &[b"http/1.1"]));
+    connector
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+}

@@ -318,6 +318,7 @@ impl EdgePorts {
             "PORTICO_GATEWAY__LIMITS__REQUESTS_BURST",
             "PORTICO_GATEWAY__LIMITS__WS_CONNECTS_PER_SEC",
             "PORTICO_GATEWAY__LIMITS__WS_CONNECTS_BURST",
+            "PORTICO_GATEWAY__CONNECTIONS__MAX_CONNECTIONS_PER_IP",
         ]
         .into_iter()
         .map(|k| (k, "1000000".to_string()))

@@ -70,3 +70,78 @@ async fn same_user_same_shard_failover_and_return() {
     let back = settled(edge.https, &ca, |p| p == &first).await;
     assert_eq!(back, first);
 }
+
+/// The upstream the gateway's access log names for requests to `path`.
+fn upstreams_for(log: &str, path: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "access" && v["path"] == path)
+        .filter_map(|v| v["upstream"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test]
+async fn anonymous_clients_are_pinned_by_a_cookie_the_gateway_sets() {
+    let (_a, a) = Service::chat(&[]);
+    let (_b, b) = Service::chat(&[]);
+    let edge = EdgePorts::free();
+    let mut env = edge.env();
+    env.push((
+        "PORTICO_GATEWAY__CHAT_SHARDS",
+        format!("[\"127.0.0.1:{a}\",\"127.0.0.1:{b}\"]"),
+    ));
+    let gw = Service::start(&bins::gateway(), &[], &env, edge.admin);
+    let ca = gw.certificate("localhost");
+    let client = |last: u8| {
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .local_address(std::net::IpAddr::from([127, 0, 0, last]))
+            .build()
+            .unwrap()
+    };
+    let url = |path: &str| format!("https://localhost:{}{path}", edge.https);
+
+    let first = client(1).get(url("/sticky/0")).send().await.unwrap();
+    let set = first.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        set.starts_with("portico_route=") && set.contains("Secure") && set.contains("HttpOnly"),
+        "{set}"
+    );
+    let cookie = set.split(';').next().unwrap().to_string();
+    // The same cookie from six other addresses: same shard, no new cookie.
+    for i in 1..=6u8 {
+        let r = client(1 + i)
+            .get(url(&format!("/sticky/{i}")))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.headers().get("set-cookie").is_none(),
+            "a known client keeps its cookie"
+        );
+    }
+    // A forged, malformed cookie is replaced.
+    let r = client(1)
+        .get(url("/sticky/x"))
+        .header("cookie", "portico_route=../../etc")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().contains_key("set-cookie"));
+
+    let log = portico_tests::eventually(Duration::from_secs(5), "access log lines", || {
+        let log = gw.proc.log();
+        async move { (!upstreams_for(&log, "/sticky/6").is_empty()).then_some(log) }
+    })
+    .await;
+    let first_shard = upstreams_for(&log, "/sticky/0");
+    assert_eq!(first_shard.len(), 1, "{log}");
+    for i in 1..=6 {
+        assert_eq!(
+            upstreams_for(&log, &format!("/sticky/{i}")),
+            first_shard,
+            "request {i} with the cookie"
+        );
+    }
+}

@@ -1,0 +1,438 @@
+//! Connection guard: the limits Pingora's HTTP/1 reader lacks.
+//!
+//! Pingora applies its read timeout per read, so a client trickling one
+//! header byte a second is never cut off, and it accepts up to 1 MiB of
+//! headers. [`Guarded`] wraps every accepted (already TLS-decrypted) stream
+//! and watches the bytes of each request head as they are read: the head
+//! must be complete within `header_timeout_secs` of its first byte (else
+//! 408), must fit `max_header_bytes` and `max_headers` lines (else 431), and
+//! an idle keep-alive connection is closed after `keepalive_idle_secs`.
+//! Once the head is complete the stream is a plain pass-through (bodies,
+//! upgraded WebSockets), until the proxy reports the request done
+//! ([`request_done`]) and the connection waits, kept alive, for the next.
+//! [`GuardedApp`] wraps the proxy and admits connections under a global and
+//! a per-IP cap.
+//!
+//! HTTP/2 connections are not watched byte by byte (frames, not text):
+//! Pingora's h2 options carry the header-size, stream and idle limits.
+//! Not here: rate limits (`limits`), body size (`proxy`).
+
+use std::fmt;
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use pingora::apps::ServerApp;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::tls::{SslDigest, TlsRef};
+use pingora::protocols::{
+    ALPN, GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType,
+};
+use pingora::server::ShutdownWatch;
+use portico_config::ConnectionLimits;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use crate::limits::ClientKey;
+
+const TIMEOUT_408: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+const TOO_LARGE_431: &[u8] =
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+/// How long writing a 408/431 may take before the connection is dropped.
+const REJECT_WRITE: Duration = Duration::from_secs(2);
+
+/// Shared admission state: open connections, in total and per client.
+pub struct Guard {
+    cfg: ConnectionLimits,
+    open: AtomicUsize,
+    /// Entries exist only while their client has connections open, so the
+    /// map is bounded by `max_connections`.
+    per_ip: DashMap<ClientKey, usize>,
+    trusted: Vec<IpAddr>,
+}
+
+impl Guard {
+    pub fn new(cfg: ConnectionLimits, trusted_proxies: Vec<IpAddr>) -> Arc<Guard> {
+        Arc::new(Guard {
+            cfg,
+            open: AtomicUsize::new(0),
+            per_ip: DashMap::new(),
+            trusted: trusted_proxies,
+        })
+    }
+
+    /// Admits one more connection from `ip`, or says which cap it hits.
+    fn admit(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<Permit, &'static str> {
+        if self.open.fetch_add(1, Ordering::AcqRel) >= self.cfg.max_connections {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return Err("total");
+        }
+        let mut permit = Permit {
+            guard: self.clone(),
+            key: None,
+        };
+        if let Some(ip) = ip.filter(|ip| !self.trusted.contains(ip)) {
+            let key = ClientKey::from(ip);
+            let mut n = self.per_ip.entry(key).or_insert(0);
+            if *n >= self.cfg.max_connections_per_ip {
+                return Err("per_ip"); // `permit` drops: total released
+            }
+            *n += 1;
+            permit.key = Some(key);
+        }
+        Ok(permit)
+    }
+
+    /// Open connections (the gauge and tests).
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+}
+
+/// One admitted connection; dropping it releases its place.
+struct Permit {
+    guard: Arc<Guard>,
+    key: Option<ClientKey>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(key) = self.key {
+            self.guard.per_ip.remove_if_mut(&key, |_, n| {
+                *n -= 1;
+                *n == 0
+            });
+        }
+        self.guard.open.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!("portico_gateway_connections").decrement(1.0);
+    }
+}
+
+/// A Pingora app behind the guard (the HTTPS proxy).
+pub struct GuardedApp<A> {
+    pub inner: Arc<A>,
+    pub guard: Arc<Guard>,
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
+    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let ip = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let permit = match self.guard.admit(ip) {
+            Ok(p) => p,
+            Err(cap) => {
+                metrics::counter!("portico_gateway_connections_refused_total", "cap" => cap).increment(1);
+                tracing::debug!(client = ?ip, cap, "connection refused: cap reached");
+                return None;
+            }
+        };
+        metrics::gauge!("portico_gateway_connections").increment(1.0);
+        let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
+        let stream: Stream = Box::new(Guarded::new(stream, permit, &self.guard.cfg, h2));
+        self.inner.process_new(stream, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Between requests on a kept-alive connection.
+    Idle,
+    /// Reading a request head.
+    Head,
+    /// The head is complete: body, response, upgraded bytes. Not watched.
+    Passthrough,
+}
+
+/// A client stream with the guard's deadlines and head limits.
+pub struct Guarded {
+    inner: Stream,
+    _permit: Permit,
+    phase: Phase,
+    deadline: Pin<Box<Sleep>>,
+    header_timeout: Duration,
+    keepalive_idle: Duration,
+    max_bytes: usize,
+    max_lines: usize,
+    head_bytes: usize,
+    /// Lines of the head so far (request line included).
+    lines: usize,
+    /// Non-CR bytes since the last LF: 0 at an empty line (the head's end).
+    line_len: usize,
+    /// A 408 or 431 being written before the connection fails.
+    reject: Option<Reject>,
+    /// Set by [`request_done`]: the next bytes start a new request.
+    done: AtomicBool,
+}
+
+/// Tells the guard of `stream` (if it has one) that its request is over, so
+/// the next read waits for a new request under the keep-alive and header
+/// deadlines. Called by the proxy at the end of every request.
+pub fn request_done(stream: &Stream) {
+    // `**stream`: ask the boxed connection, not the box.
+    if let Some(g) = (**stream).as_any().downcast_ref::<Guarded>() {
+        g.done.store(true, Ordering::Release);
+    }
+}
+
+struct Reject {
+    response: &'static [u8],
+    written: usize,
+    error: io::ErrorKind,
+    why: &'static str,
+}
+
+impl Guarded {
+    fn new(inner: Stream, permit: Permit, cfg: &ConnectionLimits, h2: bool) -> Guarded {
+        let header_timeout = Duration::from_secs(cfg.header_timeout_secs);
+        Guarded {
+            inner,
+            _permit: permit,
+            // HTTP/2 is framed: its limits live in the h2 options.
+            phase: if h2 { Phase::Passthrough } else { Phase::Head },
+            // The first request's head counts from the accept: a client that
+            // connects and sends nothing is cut off too.
+            deadline: Box::pin(tokio::time::sleep(header_timeout)),
+            header_timeout,
+            keepalive_idle: Duration::from_secs(cfg.keepalive_idle_secs),
+            max_bytes: cfg.max_header_bytes,
+            max_lines: cfg.max_headers + 1,
+            head_bytes: 0,
+            lines: 0,
+            line_len: 0,
+            reject: None,
+            done: AtomicBool::new(false),
+        }
+    }
+
+    fn await_next_request(&mut self) {
+        self.phase = Phase::Idle;
+        self.head_bytes = 0;
+        self.lines = 0;
+        self.line_len = 0;
+        self.deadline.as_mut().reset(Instant::now() + self.keepalive_idle);
+    }
+
+    /// Follows the head through `bytes`; `Err` when it breaks a limit.
+    fn scan(&mut self, bytes: &[u8]) -> Result<(), ()> {
+        for (i, &b) in bytes.iter().enumerate() {
+            match b {
+                b'\n' if self.line_len == 0 && self.lines > 0 => {
+                    self.phase = Phase::Passthrough;
+                    self.head_bytes += i + 1;
+                    return self.within_limits();
+                }
+                // Blank lines before the request line are tolerated (RFC 9112).
+                b'\n' if self.line_len == 0 => {}
+                b'\n' => {
+                    self.lines += 1;
+                    self.line_len = 0;
+                }
+                b'\r' => {}
+                _ => self.line_len += 1,
+            }
+        }
+        self.head_bytes += bytes.len();
+        self.within_limits()
+    }
+
+    fn within_limits(&self) -> Result<(), ()> {
+        if self.head_bytes > self.max_bytes || self.lines > self.max_lines {
+            Err(())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn start_reject(&mut self, response: &'static [u8], error: io::ErrorKind, why: &'static str) {
+        metrics::counter!("portico_gateway_requests_rejected_total", "reason" => why).increment(1);
+        self.deadline.as_mut().reset(Instant::now() + REJECT_WRITE);
+        self.reject = Some(Reject {
+            response,
+            written: 0,
+            error,
+            why,
+        });
+    }
+
+    /// Writes the pending 408/431, then fails the read so Pingora closes.
+    fn poll_reject(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = self.reject.as_mut().expect("called with a reject pending");
+        let fail = |r: &Reject| Poll::Ready(Err(io::Error::new(r.error, r.why)));
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            return fail(r);
+        }
+        while r.written < r.response.len() {
+            match ready!(Pin::new(&mut self.inner).poll_write(cx, &r.response[r.written..])) {
+                Ok(0) | Err(_) => return fail(r),
+                Ok(n) => r.written += n,
+            }
+        }
+        let _ = ready!(Pin::new(&mut self.inner).poll_flush(cx));
+        fail(r)
+    }
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.reject.is_some() {
+            return this.poll_reject(cx);
+        }
+        if this.done.swap(false, Ordering::AcqRel) && this.phase == Phase::Passthrough {
+            this.await_next_request();
+        }
+        if this.phase == Phase::Passthrough {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let new = buf.filled().len() - before;
+                if new == 0 {
+                    return Poll::Ready(Ok(())); // EOF
+                }
+                if this.phase == Phase::Idle {
+                    this.phase = Phase::Head;
+                    this.deadline.as_mut().reset(Instant::now() + this.header_timeout);
+                }
+                if this.scan(&buf.filled()[before..]).is_err() {
+                    // Pingora never sees this head.
+                    buf.set_filled(before);
+                    this.start_reject(TOO_LARGE_431, io::ErrorKind::InvalidData, "header_too_large");
+                    return this.poll_reject(cx);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                if this.deadline.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                if this.phase == Phase::Idle {
+                    // An idle keep-alive connection ends quietly: EOF.
+                    return Poll::Ready(Ok(()));
+                }
+                this.start_reject(TIMEOUT_408, io::ErrorKind::TimedOut, "header_timeout");
+                this.poll_reject(cx)
+            }
+            ready => ready,
+        }
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+// Pingora's stream traits: all answered by the wrapped stream.
+
+#[async_trait]
+impl Shutdown for Guarded {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
+
+impl UniqueID for Guarded {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for Guarded {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for Guarded {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for Guarded {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for Guarded {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait]
+impl Peek for Guarded {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+impl fmt::Debug for Guarded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Guarded")
+            .field("inner", &self.inner)
+            .field("phase", &self.phase)
+            .finish()
+    }
+}

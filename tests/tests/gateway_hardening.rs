@@ -1,0 +1,262 @@
+//! Limits Pingora does not enforce by itself, seen from a raw TLS client:
+//! a header trickle is cut at the header deadline (408), oversized heads get
+//! 431, connection caps (total and per IP) close extra connections, idle
+//! keep-alive connections are closed, and a route's limit class limits each
+//! user across addresses.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use portico_tests::client::{https_client, metrics, tls_connect, token};
+use portico_tests::servers::{EdgePorts, Service};
+use portico_tests::{bins, free_port};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::from([127, 0, 0, last])
+}
+
+/// A gateway whose upstreams are all closed ports (admitted requests: 5xx).
+fn gateway(extra: &[(&'static str, String)], args: &[&str]) -> (Service, EdgePorts) {
+    let edge = EdgePorts::free();
+    let mut env = edge.env();
+    env.push((
+        "PORTICO_GATEWAY__CHAT_SHARDS",
+        format!("[\"127.0.0.1:{}\"]", free_port()),
+    ));
+    env.extend(extra.iter().cloned());
+    (Service::start(&bins::gateway(), args, &env, edge.admin), edge)
+}
+
+/// Reads until the end of a response head (or EOF, or 15 s); returns it.
+async fn read_head(r: &mut (impl AsyncRead + Unpin)) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        while !out.windows(4).any(|w| w == b"\r\n\r\n") {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(15), read).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Routed to the (absent) upstream: the gateway's own 5xx.
+fn proxied(head: &str) -> bool {
+    head.starts_with("HTTP/1.1 50")
+}
+
+/// Whether the server closed `r` (EOF or reset) within `wait`.
+async fn closed_within(r: &mut (impl AsyncRead + Unpin), wait: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(wait, r.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test]
+async fn a_header_trickle_is_cut_at_the_deadline_and_a_slow_but_timely_head_is_served() {
+    let (svc, edge) = gateway(
+        &[("PORTICO_GATEWAY__CONNECTIONS__HEADER_TIMEOUT_SECS", "2".into())],
+        &[],
+    );
+    let ca = svc.certificate("localhost");
+
+    // Timely: the head arrives in pieces but within the deadline.
+    let mut tls = tls_connect(edge.https, &ca, ip(1)).await.unwrap();
+    for part in ["GET / HTTP/1.1\r\n", "Host: localhost\r\n", "\r\n"] {
+        tls.write_all(part.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let head = read_head(&mut tls).await;
+    assert!(proxied(&head), "served (no upstream): {head:?}");
+
+    // Slowloris: one more header byte every half second, forever.
+    let tls = tls_connect(edge.https, &ca, ip(1)).await.unwrap();
+    let started = Instant::now();
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let trickle = tokio::spawn(async move {
+        wr.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+            .await?;
+        loop {
+            wr.write_all(b"x").await?;
+            wr.flush().await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), std::io::Error>(())
+    });
+    let head = read_head(&mut rd).await;
+    let took = started.elapsed();
+    assert!(head.starts_with("HTTP/1.1 408"), "cut off with 408: {head:?}");
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(10),
+        "at the 2 s deadline, not before: {took:?}"
+    );
+    assert!(closed_within(&mut rd, Duration::from_secs(5)).await, "and closed");
+    trickle.abort();
+    let text = metrics(edge.admin).await;
+    assert!(
+        text.contains("portico_gateway_requests_rejected_total{reason=\"header_timeout\"} 1"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn oversized_or_too_many_headers_get_431() {
+    let (svc, edge) = gateway(&[], &[]);
+    let ca = svc.certificate("localhost");
+    let send = |head: String| {
+        let ca = ca.clone();
+        async move {
+            let mut tls = tls_connect(edge.https, &ca, ip(1)).await.unwrap();
+            tls.write_all(head.as_bytes()).await.unwrap();
+            read_head(&mut tls).await
+        }
+    };
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(40_000)
+    );
+    assert!(send(big).await.starts_with("HTTP/1.1 431"), "40 KB of headers");
+    let many: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let many = format!("GET / HTTP/1.1\r\nHost: localhost\r\n{many}\r\n");
+    assert!(send(many).await.starts_with("HTTP/1.1 431"), "150 headers");
+    // Within the limits (32 KiB, 100 headers) the request is proxied.
+    let fine = format!(
+        "GET / HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let head = send(fine).await;
+    assert!(proxied(&head), "{head:?}");
+}
+
+#[tokio::test]
+async fn connection_caps_close_extra_connections_and_free_their_places() {
+    let (svc, edge) = gateway(
+        &[
+            ("PORTICO_GATEWAY__CONNECTIONS__MAX_CONNECTIONS", "3".into()),
+            ("PORTICO_GATEWAY__CONNECTIONS__MAX_CONNECTIONS_PER_IP", "2".into()),
+        ],
+        &[],
+    );
+    let ca = svc.certificate("localhost");
+    let open = Duration::from_millis(700);
+    let mut a1 = tls_connect(edge.https, &ca, ip(1)).await.unwrap();
+    let mut a2 = tls_connect(edge.https, &ca, ip(1)).await.unwrap();
+    assert!(!closed_within(&mut a1, open).await, "first from .1 admitted");
+    assert!(!closed_within(&mut a2, open).await, "second from .1 admitted");
+    let mut a3 = tls_connect(edge.https, &ca, ip(1)).await.unwrap();
+    assert!(closed_within(&mut a3, open).await, "third from .1: per-IP cap");
+    let mut b1 = tls_connect(edge.https, &ca, ip(2)).await.unwrap();
+    assert!(!closed_within(&mut b1, open).await, "another client is admitted");
+    let mut c1 = tls_connect(edge.https, &ca, ip(3)).await.unwrap();
+    assert!(closed_within(&mut c1, open).await, "fourth in total: total cap");
+
+    drop(a1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c2 = tls_connect(edge.https, &ca, ip(3)).await.unwrap();
+    c2.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut c2).await;
+    assert!(proxied(&head), "a freed place is reused: {head:?}");
+
+    let text = metrics(edge.admin).await;
+    for cap in ["per_ip", "total"] {
+        assert!(
+            text.contains(&format!(
+                "portico_gateway_connections_refused_total{{cap=\"{cap}\"}} 1"
+            )),
+            "{cap}: {text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn keep_alive_serves_several_requests_then_idle_connections_close() {
+    let (_jobs, jobs_port) = Service::jobs();
+    let (svc, edge) = gateway(
+        &[
+            ("PORTICO_GATEWAY__CONNECTIONS__KEEPALIVE_IDLE_SECS", "1".into()),
+            ("PORTICO_GATEWAY__JOBS_UPSTREAM", format!("127.0.0.1:{jobs_port}")),
+        ],
+        &[],
+    );
+    let ca = svc.certificate("localhost");
+    let mut tls = tls_connect(edge.https, &ca, ip(1)).await.unwrap();
+    for _ in 0..3 {
+        tls.write_all(b"GET /api/jobs/healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut tls).await;
+        assert!(
+            head.starts_with("HTTP/1.1 "),
+            "answered on the same connection: {head:?}"
+        );
+        assert!(!head.starts_with("HTTP/1.1 408"), "{head:?}");
+        // Drain the (small) body so the next read starts a new head.
+        let mut buf = [0u8; 4096];
+        let _ = tokio::time::timeout(Duration::from_millis(200), tls.read(&mut buf)).await;
+    }
+    assert!(
+        closed_within(&mut tls, Duration::from_secs(5)).await,
+        "idle keep-alive connection closed"
+    );
+}
+
+#[tokio::test]
+async fn a_limit_class_limits_each_user_across_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[gateway.limit_classes.api]\nper_ip_per_sec = 1000\nper_ip_burst = 1000\n\
+             per_user_per_sec = 1\nper_user_burst = 2\n\
+             [[gateway.routes]]\nname = \"things\"\npath_prefix = \"/api/things\"\n\
+             upstream = \"127.0.0.1:{}\"\nlimit_class = \"api\"\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let (svc, edge) = gateway(&[], &["--config", file.to_str().unwrap()]);
+    let ca = svc.certificate("localhost");
+    let url = format!("https://localhost:{}/api/things/1", edge.https);
+    let from = |last: u8| {
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .local_address(ip(last))
+            .build()
+            .unwrap()
+    };
+    let status = |client: reqwest::Client, user: &str| {
+        let (url, bearer) = (url.clone(), token(user));
+        async move { client.get(url).bearer_auth(bearer).send().await.unwrap() }
+    };
+    assert_ne!(status(from(1), "alice").await.status(), 429);
+    assert_ne!(status(from(2), "alice").await.status(), 429);
+    let limited = status(from(3), "alice").await;
+    assert_eq!(
+        limited.status(),
+        429,
+        "alice's third request, from a third address"
+    );
+    assert!(limited.headers().contains_key("retry-after"));
+    assert_ne!(status(from(3), "bob").await.status(), 429, "bob is unaffected");
+    // Routes without the class are not limited per user.
+    let other = https_client(&ca);
+    for _ in 0..3 {
+        let r = other
+            .get(format!("https://localhost:{}/elsewhere", edge.https))
+            .bearer_auth(token("alice"))
+            .send()
+            .await
+            .unwrap();
+        assert_ne!(r.status(), 429);
+    }
+}
