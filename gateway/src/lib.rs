@@ -223,6 +223,11 @@ fn describe_metrics() {
         Unit::Seconds,
         "Time from request to the end of the response, by route."
     );
+    describe_histogram!(
+        "portico_gateway_upstream_seconds",
+        Unit::Seconds,
+        "Time from picking an upstream to its response header (connect included), by route."
+    );
     describe_counter!(
         "portico_gateway_rate_limited_total",
         "Requests answered 429, by route."

@@ -47,8 +47,9 @@ pub struct Ctx {
     started: Instant,
     client_ip: Option<IpAddr>,
     body_bytes: u64,
-    /// The upstream picked for this request (access log).
+    /// The upstream picked for this request (access log), and when.
     upstream: Option<std::net::SocketAddr>,
+    upstream_started: Option<Instant>,
     /// A shard that refused this request's connection: skipped on retry.
     failed_shard: Option<std::net::SocketAddr>,
     /// Counted in the open-WebSocket gauge (undone in `logging`).
@@ -150,6 +151,7 @@ impl ProxyHttp for Edge {
             user: None,
             sticky: None,
             upstream: None,
+            upstream_started: None,
             started: Instant::now(),
             client_ip: None,
             body_bytes: 0,
@@ -252,6 +254,7 @@ impl ProxyHttp for Edge {
             Target::Upstream(addr) => pingora::protocols::l4::socket::SocketAddr::Inet(addr),
         };
         ctx.upstream = addr.as_inet().copied();
+        ctx.upstream_started = Some(Instant::now());
         let mut peer = HttpPeer::new(addr, false, String::new());
         peer.options.connection_timeout = Some(Duration::from_secs(3));
         peer.options.read_timeout = Some(ctx.route.timeout);
@@ -308,6 +311,10 @@ impl ProxyHttp for Edge {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if let Some(started) = ctx.upstream_started.take() {
+            metrics::histogram!("portico_gateway_upstream_seconds", "route" => ctx.route.name().to_string())
+                .record(started.elapsed().as_secs_f64());
+        }
         if let Some((cookie, true)) = &ctx.sticky {
             resp.append_header(
                 http::header::SET_COOKIE,

@@ -260,3 +260,67 @@ async fn a_limit_class_limits_each_user_across_addresses() {
         assert_ne!(r.status(), 429);
     }
 }
+
+/// One TLS extension: type, then its length-prefixed body.
+fn extension(kind: u16, body: &[u8]) -> Vec<u8> {
+    let mut out = kind.to_be_bytes().to_vec();
+    out.extend((body.len() as u16).to_be_bytes());
+    out.extend(body);
+    out
+}
+
+/// A ClientHello (no supported_versions extension) whose highest version
+/// is `version` (0x0302 = TLS 1.1, 0x0303 = TLS 1.2), with suites, groups
+/// and signature schemes that a TLS 1.2 server accepts.
+fn client_hello(version: u16) -> Vec<u8> {
+    let host = b"localhost";
+    // server_name_list: length, then one host_name entry.
+    let mut sni = vec![0x00, host.len() as u8 + 3, 0x00, 0x00, host.len() as u8];
+    sni.extend(host);
+    let mut ext = extension(0x0000, &sni);
+    ext.extend(extension(0x000a, &[0x00, 0x04, 0x00, 0x1d, 0x00, 0x17])); // x25519, P-256
+    ext.extend(extension(0x000b, &[0x01, 0x00])); // uncompressed points
+    ext.extend(extension(
+        0x000d,
+        &[0x00, 0x06, 0x04, 0x03, 0x08, 0x04, 0x04, 0x01],
+    ));
+    let mut body = version.to_be_bytes().to_vec();
+    body.extend([7u8; 32]); // random
+    body.push(0); // session id
+    body.extend([0x00, 0x04, 0xc0, 0x2b, 0xc0, 0x2f]); // ECDHE-{ECDSA,RSA}-AES128-GCM
+    body.extend([0x01, 0x00]); // null compression
+    body.extend((ext.len() as u16).to_be_bytes());
+    body.extend(ext);
+    let mut hs = vec![0x01, 0x00];
+    hs.extend((body.len() as u16).to_be_bytes());
+    hs.extend(body);
+    let mut rec = vec![0x16, 0x03, 0x01];
+    rec.extend((hs.len() as u16).to_be_bytes());
+    rec.extend(hs);
+    rec
+}
+
+/// The first TLS record the gateway answers `hello` with: (type, body).
+async fn first_record(port: u16, hello: &[u8]) -> (u8, Vec<u8>) {
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tcp.write_all(hello).await.unwrap();
+    let mut head = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut head))
+        .await
+        .expect("an answer")
+        .expect("a record header");
+    let mut body = vec![0u8; u16::from_be_bytes([head[3], head[4]]) as usize];
+    tcp.read_exact(&mut body).await.unwrap();
+    (head[0], body)
+}
+
+#[tokio::test]
+async fn tls_1_1_is_refused_where_the_same_hello_at_1_2_is_served() {
+    let (_svc, edge) = gateway(&[], &[]);
+    let (kind, body) = first_record(edge.https, &client_hello(0x0303)).await;
+    assert_eq!((kind, body[0]), (22, 2), "TLS 1.2: a ServerHello: {body:?}");
+    let (kind, body) = first_record(edge.https, &client_hello(0x0302)).await;
+    assert_eq!(kind, 21, "TLS 1.1: an alert record: {body:?}");
+    assert_eq!(body[0], 2, "fatal");
+    assert_eq!(body[1], 70, "protocol_version");
+}

@@ -57,5 +57,14 @@ async fn metrics_pass_promtool() {
         );
         promtool_check(name, &text);
     }
+    let text = portico_tests::client::metrics(edge.admin).await;
+    for metric in [
+        "portico_gateway_requests_total",
+        "portico_gateway_request_duration_seconds",
+        "portico_gateway_upstream_seconds",
+        "portico_gateway_connections",
+    ] {
+        assert!(text.contains(metric), "gateway exposes {metric}:\n{text}");
+    }
     drop(chat);
 }
