@@ -77,6 +77,10 @@ pub fn run(mut cfg: PorticoConfig, config_path: Option<&std::path::Path>) -> Exi
 /// The gateway keys `up` derives from other sections, again on SIGHUP.
 fn same_process_routes(cfg: &mut PorticoConfig) {
     cfg.gateway.jobs_upstream = cfg.jobs.listen;
+    // Task progress goes to the first shard's publish API.
+    if cfg.jobs.chat_url.is_none() {
+        cfg.jobs.chat_url = cfg.gateway.chat_shards.first().map(|a| format!("http://{a}"));
+    }
 }
 
 /// Derives the one-process layout from the configuration: demo on, shard
@@ -151,7 +155,7 @@ fn backends(
                 c.shard_id = i as u16 + 1;
                 shards.push(portico_chat::bind(c, &cfg.auth, engines.clone()).await?);
             }
-            let jobs = portico_jobs::bind(&cfg.jobs).await?;
+            let jobs = portico_jobs::bind(&cfg).await?;
             Ok((shards, jobs))
         }
         .await;

@@ -367,8 +367,39 @@ impl Default for ChatConfig {
 pub struct JobsConfig {
     /// REST API, `/metrics`, `/healthz`, `/readyz`.
     pub listen: ListenAddr,
-    /// PostgreSQL for the task queue; none: an in-memory queue (`up`).
+    /// PostgreSQL for the task queue, customers, backups and the audit log.
+    /// None (`portico up`): the API answers 503 for everything queue-backed.
     pub postgres_url: Option<Secret>,
+    pub postgres_pool: usize,
+    /// Every customer's root (`customers/<domain>`) must lie under this.
+    pub customers_root: PathBuf,
+    /// A chat shard's HTTP address for progress events on `ops-<customer>`
+    /// conversations, e.g. `http://127.0.0.1:9101`; none: no events.
+    pub chat_url: Option<String>,
+    /// Tasks run at once by this process.
+    pub workers: usize,
+    /// A running task's lease; a worker renews it every third of it. A
+    /// killed worker's task is taken back within lease + `reap_secs`.
+    pub lease_secs: u64,
+    pub reap_secs: u64,
+    /// Attempts of a task that keeps failing with a retryable error.
+    pub max_attempts: u32,
+    /// Successful backups kept per customer (older ones are deleted only
+    /// after a new one succeeded).
+    pub keep_backups: usize,
+    /// Free disk that must remain after a backup's estimated size.
+    pub disk_reserve_bytes: u64,
+    /// Throttle for backup reads (bytes/s), so a backup does not starve the
+    /// customer's site of disk bandwidth; 0: unlimited.
+    pub backup_max_bytes_per_sec: u64,
+    /// Lifetime of signed download links.
+    pub link_ttl_secs: u64,
+    /// Whether technicians may delete backups (super_admin and ops_lead may).
+    pub technician_can_delete: bool,
+    /// Finished tasks are deleted after this many days.
+    pub prune_after_days: u32,
+    /// Directory of `pg_dump`/`pg_restore`; none: from `PATH`.
+    pub pg_bin_dir: Option<PathBuf>,
 }
 
 impl Default for JobsConfig {
@@ -376,6 +407,20 @@ impl Default for JobsConfig {
         JobsConfig {
             listen: ListenAddr::new([127, 0, 0, 1], 9300),
             postgres_url: None,
+            postgres_pool: 8,
+            customers_root: PathBuf::from("/var/lib/portico/customers"),
+            chat_url: None,
+            workers: 2,
+            lease_secs: 30,
+            reap_secs: 5,
+            max_attempts: 3,
+            keep_backups: 5,
+            disk_reserve_bytes: 1 << 30,
+            backup_max_bytes_per_sec: 0,
+            link_ttl_secs: 3600,
+            technician_can_delete: false,
+            prune_after_days: 30,
+            pg_bin_dir: None,
         }
     }
 }
@@ -555,6 +600,32 @@ impl PorticoConfig {
         }
         if c.publish_per_sec == 0 {
             return bad("chat.publish_per_sec", "must be at least 1");
+        }
+        let j = &self.jobs;
+        for (key, v) in [
+            ("jobs.postgres_pool", j.postgres_pool as u64),
+            ("jobs.workers", j.workers as u64),
+            ("jobs.lease_secs", j.lease_secs),
+            ("jobs.reap_secs", j.reap_secs),
+            ("jobs.max_attempts", u64::from(j.max_attempts)),
+            ("jobs.keep_backups", j.keep_backups as u64),
+            ("jobs.link_ttl_secs", j.link_ttl_secs),
+        ] {
+            if v == 0 {
+                return bad(key, "must be at least 1");
+            }
+        }
+        if j.lease_secs < 3 {
+            return bad("jobs.lease_secs", "must be at least 3 (renewed every third)");
+        }
+        if !j.customers_root.is_absolute() {
+            return bad("jobs.customers_root", "must be an absolute path");
+        }
+        if let Some(url) = &j.chat_url
+            && !url.starts_with("http://")
+            && !url.starts_with("https://")
+        {
+            return bad("jobs.chat_url", "must be an http:// or https:// URL");
         }
         if self.up.chat_shards == 0 || self.up.chat_shards > 16 {
             return bad("up.chat_shards", "must be between 1 and 16");

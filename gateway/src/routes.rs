@@ -105,11 +105,14 @@ impl Routes {
                 }
             })
             .collect();
-        entries.push(Entry {
-            host: None,
-            prefix: "/api/jobs".into(),
-            route: plain("jobs", Target::Upstream(g.jobs_upstream.0)),
-        });
+        // The jobs service's API (customers, backups, tasks, audit).
+        for prefix in ["/api/jobs", "/api/customers", "/api/audit"] {
+            entries.push(Entry {
+                host: None,
+                prefix: prefix.into(),
+                route: plain("jobs", Target::Upstream(g.jobs_upstream.0)),
+            });
+        }
         // Longest prefix first; host-specific before any-host at equal length.
         entries.sort_by(|a, b| {
             b.prefix

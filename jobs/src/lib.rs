@@ -1,17 +1,30 @@
-//! Portico jobs: the ops service (backups, blue/green upgrades, mail
-//! migrations, PaaS deploys) with a per-customer task queue.
+//! Portico jobs: the ops service. One queue of long tasks per customer
+//! (one active at a time), run by workers under a lease, with live
+//! progress on the customer's ops chat conversation, a role-based REST API
+//! and an audit log. Backups and restores today; upgrades, mail migrations
+//! and PaaS deploys are further task kinds on the same queue.
 //!
-//! Today this is the skeleton the jobs issues fill: the HTTP listener with
-//! the operational endpoints and a versioned API root. It owns no tasks yet.
+//! Code map: [`db`] (schema, queue, records), [`worker`] (claim, lease,
+//! retry, reaper), [`backup`] and [`restore`] (the work), [`archive`]
+//! (tar.gz in and out), [`api`] (REST), [`links`] (signed downloads),
+//! [`progress`] (events).
+
+pub mod api;
+pub mod archive;
+pub mod backup;
+pub mod db;
+pub mod links;
+pub mod progress;
+pub mod restore;
+pub mod worker;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
-use axum::Json;
 use axum::Router;
-use axum::routing::get;
 use portico_common::admin::{self, Readiness};
-use portico_config::JobsConfig;
-use serde_json::json;
+use portico_common::auth::Tokens;
+use portico_config::PorticoConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -23,19 +36,42 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("auth.jwt_secret is not set (PORTICO_AUTH__JWT_SECRET)")]
+    NoSecret,
+    #[error("jobs database: {0}")]
+    Db(#[from] db::DbError),
 }
 
 /// A bound, not yet serving jobs service.
 pub struct Bound {
     listener: TcpListener,
+    api: Arc<api::Api>,
 }
 
-pub async fn bind(cfg: &JobsConfig) -> Result<Bound, StartError> {
-    let addr = cfg.listen.0;
+/// Binds the listener and, when a database is configured, connects and
+/// migrates it.
+pub async fn bind(cfg: &PorticoConfig) -> Result<Bound, StartError> {
+    let j = &cfg.jobs;
+    if cfg.auth.jwt_secret.is_empty() {
+        return Err(StartError::NoSecret);
+    }
+    let addr = j.listen.0;
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })?;
-    Ok(Bound { listener })
+    let db = match &j.postgres_url {
+        Some(url) => Some(db::Db::connect(url.expose(), j.postgres_pool).await?),
+        None => None,
+    };
+    let tokens = Tokens::new(&cfg.auth.jwt_secret);
+    let api = Arc::new(api::Api {
+        db,
+        cfg: j.clone(),
+        events: progress::Events::new(j.chat_url.clone(), &tokens),
+        signer: links::Signer::new(cfg.auth.jwt_secret.expose().as_bytes()),
+        tokens,
+    });
+    Ok(Bound { listener, api })
 }
 
 impl Bound {
@@ -43,18 +79,38 @@ impl Bound {
         self.listener.local_addr().expect("bound listener has an address")
     }
 
-    /// Serves until `stop`, then finishes in-flight requests.
+    /// Serves (and runs the workers) until `stop`, then finishes in-flight
+    /// requests. Running tasks are left to their lease.
     pub async fn serve(self, stop: CancellationToken) -> std::io::Result<()> {
-        tracing::info!(addr = %self.local_addr(), "jobs service listening");
-        let app = Router::new()
-            .route(
-                "/api/jobs",
-                get(|| async { Json(json!({ "service": "portico-jobs", "api": 1 })) }),
-            )
-            .merge(admin::router(Readiness::always()));
+        tracing::info!(addr = %self.local_addr(), queue = self.api.db.is_some(), "jobs service listening");
+        let workers = self.api.db.clone().map(|db| {
+            let w = Arc::new(worker::Workers {
+                db,
+                cfg: self.api.cfg.clone(),
+                events: self.api.events.clone(),
+            });
+            tokio::spawn(w.run(stop.clone()))
+        });
+        let readiness = match self.api.db.clone() {
+            Some(db) => Readiness::new(move || {
+                let db = db.clone();
+                async move {
+                    if db.ping().await {
+                        Ok(())
+                    } else {
+                        Err("jobs database unreachable".to_string())
+                    }
+                }
+            }),
+            None => Readiness::always(),
+        };
+        let app: Router = api::router(self.api).merge(admin::router(readiness));
         axum::serve(self.listener, app)
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await?;
+        if let Some(w) = workers {
+            let _ = w.await;
+        }
         tracing::info!("jobs service stopped");
         Ok(())
     }

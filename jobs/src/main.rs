@@ -1,8 +1,9 @@
-//! `portico-jobs`: runs the ops service (see `portico_jobs`).
+//! `portico-jobs`: runs the ops service (see `portico_jobs`), or restores
+//! a backup from the command line (`restore`, see jobs/RESTORE.md).
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(version, about = "Portico jobs service")]
@@ -13,6 +14,30 @@ struct Args {
     /// Validate the configuration and exit.
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Verifies a backup's checksums, then restores its database dump and
+    /// archives (runbook: jobs/RESTORE.md).
+    Restore {
+        /// The backup id (YYYYMMDD-HHMMSS).
+        backup: String,
+        /// The customer id.
+        #[arg(long)]
+        customer: String,
+        /// Only list what would change.
+        #[arg(long)]
+        dry_run: bool,
+        /// Restore the dump into this database instead of the customer's.
+        #[arg(long)]
+        target_db: Option<String>,
+        /// Unpack the archives under this directory instead of the customer root.
+        #[arg(long)]
+        target_root: Option<PathBuf>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -21,8 +46,35 @@ fn main() -> std::process::ExitCode {
         Ok(cfg) => cfg,
         Err(code) => return code,
     };
-    portico_common::cli::run_async(cfg, |cfg, stop| async move {
-        portico_jobs::bind(&cfg.jobs).await?.serve(stop).await?;
-        Ok(())
-    })
+    match args.command {
+        None => portico_common::cli::run_async(cfg, |cfg, stop| async move {
+            portico_jobs::bind(&cfg).await?.serve(stop).await?;
+            Ok(())
+        }),
+        Some(Command::Restore {
+            backup,
+            customer,
+            dry_run,
+            target_db,
+            target_root,
+        }) => portico_common::cli::run_async(cfg, |cfg, _stop| async move {
+            let url = cfg.jobs.postgres_url.as_ref().ok_or_else(|| {
+                anyhow::anyhow!("jobs.postgres_url is not set: the customer registry is needed")
+            })?;
+            let db = portico_jobs::db::Db::connect(url.expose(), 1).await?;
+            let c = db
+                .customer(&customer)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("customer {customer} is not registered"))?;
+            let o = portico_jobs::restore::Options {
+                dry_run,
+                target_db,
+                target_root,
+                pg_bin_dir: cfg.jobs.pg_bin_dir.clone(),
+            };
+            let report = portico_jobs::restore::restore(&c, &backup, &o).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }),
+    }
 }

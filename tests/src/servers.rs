@@ -115,7 +115,7 @@ pub struct Postgres {
 }
 
 /// Where Debian keeps the server binaries (not on PATH).
-fn pg_bin(name: &str) -> PathBuf {
+pub fn pg_bin(name: &str) -> PathBuf {
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .map(|rd| {
             rd.filter_map(|e| e.ok())

@@ -1,0 +1,629 @@
+//! The jobs database: schema, the task queue, customers, backups and the
+//! audit log, on PostgreSQL (deadpool-postgres).
+//!
+//! The queue is a table, not a crate (the queue crates bring a second
+//! driver). A worker claims a task with `FOR UPDATE SKIP LOCKED` and holds
+//! a lease (`lease_until`) it renews while the task runs. Every update a
+//! worker makes names the attempt it claimed, so a worker whose lease was
+//! taken away (it stalled, the reaper re-queued the task, another worker
+//! claimed it) changes nothing: the attempt number is the fencing token.
+//! One active task per customer is the partial unique index
+//! `one_active_task_per_customer`, so two requests cannot both get in.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use serde::Serialize;
+use serde_json::Value;
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+/// Longest any query may take, pool wait included.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Serializes migrations between jobs processes.
+const MIGRATION_LOCK: i64 = 0x706f_7274_6963_6f02;
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE customers (
+    id              text PRIMARY KEY,
+    domain          text NOT NULL UNIQUE,
+    root            text NOT NULL,
+    db_url          text,
+    process_manager text NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE tasks (
+    id               bigserial PRIMARY KEY,
+    customer_id      text NOT NULL REFERENCES customers(id) ON DELETE CASCADE,
+    kind             text NOT NULL,
+    params           jsonb NOT NULL,
+    state            text NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+    attempt          int NOT NULL DEFAULT 0,
+    max_attempts     int NOT NULL,
+    run_after        timestamptz NOT NULL DEFAULT now(),
+    lease_until      timestamptz,
+    cancel_requested boolean NOT NULL DEFAULT false,
+    progress         jsonb NOT NULL DEFAULT '{}',
+    result           jsonb,
+    error            text,
+    created_by       text NOT NULL,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    started_at       timestamptz,
+    finished_at      timestamptz
+);
+CREATE UNIQUE INDEX one_active_task_per_customer ON tasks (customer_id)
+    WHERE state IN ('queued', 'running');
+CREATE INDEX tasks_ready ON tasks (run_after) WHERE state = 'queued';
+CREATE INDEX tasks_leased ON tasks (lease_until) WHERE state = 'running';
+CREATE TABLE backups (
+    customer_id text NOT NULL REFERENCES customers(id) ON DELETE CASCADE,
+    id          text NOT NULL,
+    task_id     bigint NOT NULL,
+    kind        text NOT NULL,
+    size_bytes  bigint NOT NULL,
+    duration_ms bigint NOT NULL,
+    manifest    jsonb NOT NULL,
+    created_by  text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (customer_id, id)
+);
+CREATE TABLE audit (
+    id          bigserial PRIMARY KEY,
+    at          timestamptz NOT NULL DEFAULT now(),
+    actor       text NOT NULL,
+    action      text NOT NULL,
+    customer_id text,
+    target      text,
+    result      text NOT NULL,
+    detail      jsonb NOT NULL DEFAULT '{}'
+);
+CREATE INDEX audit_by_customer ON audit (customer_id, id);
+"#];
+
+/// Why a database call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The customer already has a queued or running task.
+    #[error("customer {customer} already has an active task {task}")]
+    Busy { customer: String, task: i64 },
+    #[error("{0} already exists")]
+    Exists(String),
+}
+
+fn unavailable(e: impl std::fmt::Display) -> DbError {
+    DbError::Unavailable(e.to_string())
+}
+
+/// A registered customer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Customer {
+    pub id: String,
+    pub domain: String,
+    pub root: String,
+    /// The customer database (a secret: never serialized).
+    #[serde(skip)]
+    pub db_url: Option<String>,
+    pub has_database: bool,
+    pub process_manager: String,
+}
+
+/// A task as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskRecord {
+    pub id: i64,
+    pub customer: String,
+    pub kind: String,
+    pub params: Value,
+    pub state: String,
+    pub attempt: i32,
+    pub progress: Value,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    pub created_by: String,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+}
+
+/// A claimed task: what a worker needs to run it.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: i64,
+    pub customer_id: String,
+    pub kind: String,
+    pub params: Value,
+    pub attempt: i32,
+    pub created_by: String,
+}
+
+/// A completed backup's row.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupRow {
+    pub id: String,
+    pub task: i64,
+    pub kind: String,
+    pub size_bytes: i64,
+    pub duration_ms: i64,
+    pub created_by: String,
+    pub created_at: String,
+    pub manifest: Value,
+}
+
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+}
+
+const TASK_COLUMNS: &str = "id, customer_id, kind, params, state, attempt, progress, result, error, created_by, \
+     to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
+     to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')";
+
+fn task_from(r: &tokio_postgres::Row) -> TaskRecord {
+    TaskRecord {
+        id: r.get(0),
+        customer: r.get(1),
+        kind: r.get(2),
+        params: r.get(3),
+        state: r.get(4),
+        attempt: r.get(5),
+        progress: r.get(6),
+        result: r.get(7),
+        error: r.get(8),
+        created_by: r.get(9),
+        created_at: r.get(10),
+        finished_at: r.get(11),
+    }
+}
+
+fn customer_from(r: &tokio_postgres::Row) -> Customer {
+    let db_url: Option<String> = r.get(3);
+    Customer {
+        id: r.get(0),
+        domain: r.get(1),
+        root: r.get(2),
+        has_database: db_url.is_some(),
+        db_url,
+        process_manager: r.get(4),
+    }
+}
+
+impl Db {
+    /// Connects and applies pending migrations.
+    pub async fn connect(url: &str, pool_size: usize) -> Result<Db, DbError> {
+        let cfg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| unavailable(format!("jobs.postgres_url: {e}")))?;
+        let mgr = Manager::from_config(
+            cfg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(pool_size)
+            .wait_timeout(Some(QUERY_TIMEOUT))
+            .create_timeout(Some(QUERY_TIMEOUT))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(unavailable)?;
+        let db = Db { pool };
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, DbError> {
+        self.pool.get().await.map_err(unavailable)
+    }
+
+    async fn migrate(&self) -> Result<(), DbError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(unavailable)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(unavailable)?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS jobs_schema (version int NOT NULL)")
+            .await
+            .map_err(unavailable)?;
+        let done: i64 = tx
+            .query_one("SELECT count(*) FROM jobs_schema", &[])
+            .await
+            .map_err(unavailable)?
+            .get(0);
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(done as usize) {
+            tx.batch_execute(m).await.map_err(unavailable)?;
+            tx.execute("INSERT INTO jobs_schema VALUES ($1)", &[&(i as i32 + 1)])
+                .await
+                .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    pub async fn ping(&self) -> bool {
+        match self.client().await {
+            Ok(c) => c.simple_query("SELECT 1").await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    // ---- customers -------------------------------------------------------
+
+    pub async fn add_customer(&self, c: &Customer) -> Result<(), DbError> {
+        let r = self
+            .client()
+            .await?
+            .execute(
+                "INSERT INTO customers (id, domain, root, db_url, process_manager) VALUES ($1, $2, $3, $4, $5)",
+                &[&c.id, &c.domain, &c.root, &c.db_url, &c.process_manager],
+            )
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Err(DbError::Exists(format!(
+                "customer {} or domain {}",
+                c.id, c.domain
+            ))),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    pub async fn customer(&self, id: &str) -> Result<Option<Customer>, DbError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT id, domain, root, db_url, process_manager FROM customers WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(row.as_ref().map(customer_from))
+    }
+
+    pub async fn customers(&self) -> Result<Vec<Customer>, DbError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT id, domain, root, db_url, process_manager FROM customers ORDER BY id",
+                &[],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(rows.iter().map(customer_from).collect())
+    }
+
+    // ---- the queue -------------------------------------------------------
+
+    /// Queues a task; `Busy` when the customer has an active one.
+    pub async fn enqueue(
+        &self,
+        customer: &str,
+        kind: &str,
+        params: &Value,
+        by: &str,
+        max_attempts: u32,
+    ) -> Result<i64, DbError> {
+        let c = self.client().await?;
+        let r = c
+            .query_one(
+                "INSERT INTO tasks (customer_id, kind, params, state, max_attempts, created_by)
+                 VALUES ($1, $2, $3, 'queued', $4, $5) RETURNING id",
+                &[&customer, &kind, params, &(max_attempts as i32), &by],
+            )
+            .await;
+        match r {
+            Ok(row) => Ok(row.get(0)),
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                let task = c
+                    .query_opt(
+                        "SELECT id FROM tasks WHERE customer_id = $1 AND state IN ('queued', 'running')",
+                        &[&customer],
+                    )
+                    .await
+                    .map_err(unavailable)?
+                    .map_or(0, |r| r.get(0));
+                Err(DbError::Busy {
+                    customer: customer.to_string(),
+                    task,
+                })
+            }
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// Claims the oldest ready task for `lease`, or none.
+    pub async fn claim(&self, lease: Duration) -> Result<Option<Claimed>, DbError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "UPDATE tasks SET state = 'running', attempt = attempt + 1,
+                        lease_until = now() + make_interval(secs => $1),
+                        started_at = coalesce(started_at, now())
+                 WHERE id = (SELECT id FROM tasks WHERE state = 'queued' AND run_after <= now()
+                             ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1)
+                 RETURNING id, customer_id, kind, params, attempt, created_by",
+                &[&lease.as_secs_f64()],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(row.map(|r| Claimed {
+            id: r.get(0),
+            customer_id: r.get(1),
+            kind: r.get(2),
+            params: r.get(3),
+            attempt: r.get(4),
+            created_by: r.get(5),
+        }))
+    }
+
+    /// Renews the lease and stores progress. `Ok(None)`: the lease is lost
+    /// (this attempt must stop); `Ok(Some(cancel))`: renewed.
+    pub async fn heartbeat(
+        &self,
+        t: &Claimed,
+        lease: Duration,
+        progress: &Value,
+    ) -> Result<Option<bool>, DbError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "UPDATE tasks SET lease_until = now() + make_interval(secs => $3), progress = $4
+                 WHERE id = $1 AND attempt = $2 AND state = 'running' RETURNING cancel_requested",
+                &[&t.id, &t.attempt, &lease.as_secs_f64(), progress],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Ends an attempt: `succeeded`, `failed`, `cancelled`, or back to
+    /// `queued` after `retry_in` when attempts remain. False: fenced off.
+    pub async fn finish(&self, t: &Claimed, outcome: Outcome<'_>, progress: &Value) -> Result<bool, DbError> {
+        let c = self.client().await?;
+        let n = match outcome {
+            Outcome::Succeeded(result) => {
+                c.execute(
+                    "UPDATE tasks SET state = 'succeeded', result = $3, progress = $4, error = NULL,
+                            lease_until = NULL, finished_at = now()
+                     WHERE id = $1 AND attempt = $2 AND state = 'running'",
+                    &[&t.id, &t.attempt, result, progress],
+                )
+                .await
+            }
+            Outcome::Retry { error, retry_in } => {
+                c.execute(
+                    "UPDATE tasks SET
+                        state = CASE WHEN attempt < max_attempts THEN 'queued' ELSE 'failed' END,
+                        run_after = now() + make_interval(secs => $4),
+                        finished_at = CASE WHEN attempt < max_attempts THEN NULL ELSE now() END,
+                        error = $3, progress = $5, lease_until = NULL
+                     WHERE id = $1 AND attempt = $2 AND state = 'running'",
+                    &[&t.id, &t.attempt, &error, &retry_in.as_secs_f64(), progress],
+                )
+                .await
+            }
+            Outcome::Failed(ref error) | Outcome::Cancelled(ref error) => {
+                let state = if matches!(outcome, Outcome::Cancelled(_)) {
+                    "cancelled"
+                } else {
+                    "failed"
+                };
+                c.execute(
+                    "UPDATE tasks SET state = $3, error = $4, progress = $5, lease_until = NULL, finished_at = now()
+                     WHERE id = $1 AND attempt = $2 AND state = 'running'",
+                    &[&t.id, &t.attempt, &state, &error, progress],
+                )
+                .await
+            }
+        }
+        .map_err(unavailable)?;
+        Ok(n == 1)
+    }
+
+    /// Re-queues (or fails, when out of attempts) tasks whose lease ran
+    /// out: their worker died or stalled. Returns (id, customer, new state).
+    pub async fn reap(&self) -> Result<Vec<(i64, String, String)>, DbError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "UPDATE tasks SET
+                    state = CASE WHEN attempt < max_attempts THEN 'queued' ELSE 'failed' END,
+                    finished_at = CASE WHEN attempt < max_attempts THEN NULL ELSE now() END,
+                    error = 'attempt ' || attempt || ': lease expired (worker lost)',
+                    lease_until = NULL
+                 WHERE state = 'running' AND lease_until < now()
+                 RETURNING id, customer_id, state",
+                &[],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+    }
+
+    /// Asks a task to stop: a queued one is cancelled at once, a running
+    /// one at its next heartbeat. False when it is not active.
+    pub async fn cancel(&self, customer: &str, id: i64) -> Result<bool, DbError> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "UPDATE tasks SET
+                    cancel_requested = true,
+                    state = CASE WHEN state = 'queued' THEN 'cancelled' ELSE state END,
+                    finished_at = CASE WHEN state = 'queued' THEN now() ELSE finished_at END
+                 WHERE id = $1 AND customer_id = $2 AND state IN ('queued', 'running')",
+                &[&id, &customer],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(n == 1)
+    }
+
+    /// Deletes finished tasks older than `days`.
+    pub async fn prune(&self, days: u32) -> Result<u64, DbError> {
+        self.client()
+            .await?
+            .execute(
+                "DELETE FROM tasks WHERE state IN ('succeeded', 'failed', 'cancelled')
+                 AND finished_at < now() - make_interval(days => $1)",
+                &[&(days as i32)],
+            )
+            .await
+            .map_err(unavailable)
+    }
+
+    pub async fn task(&self, customer: Option<&str>, id: i64) -> Result<Option<TaskRecord>, DbError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1 AND ($2::text IS NULL OR customer_id = $2)"),
+                &[&id, &customer],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(row.as_ref().map(task_from))
+    }
+
+    pub async fn tasks(&self, customer: &str, limit: i64) -> Result<Vec<TaskRecord>, DbError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE customer_id = $1 ORDER BY id DESC LIMIT $2"),
+                &[&customer, &limit],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(rows.iter().map(task_from).collect())
+    }
+
+    // ---- backups ---------------------------------------------------------
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn add_backup(
+        &self,
+        t: &Claimed,
+        id: &str,
+        kind: &str,
+        size: u64,
+        duration: Duration,
+        manifest: &Value,
+    ) -> Result<(), DbError> {
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO backups (customer_id, id, task_id, kind, size_bytes, duration_ms, manifest, created_by)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                &[
+                    &t.customer_id,
+                    &id,
+                    &t.id,
+                    &kind,
+                    &(size as i64),
+                    &(duration.as_millis() as i64),
+                    manifest,
+                    &t.created_by,
+                ],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Newest first.
+    pub async fn backups(&self, customer: &str) -> Result<Vec<BackupRow>, DbError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT id, task_id, kind, size_bytes, duration_ms, created_by,
+                        to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), manifest
+                 FROM backups WHERE customer_id = $1 ORDER BY created_at DESC, id DESC",
+                &[&customer],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(rows
+            .iter()
+            .map(|r| BackupRow {
+                id: r.get(0),
+                task: r.get(1),
+                kind: r.get(2),
+                size_bytes: r.get(3),
+                duration_ms: r.get(4),
+                created_by: r.get(5),
+                created_at: r.get(6),
+                manifest: r.get(7),
+            })
+            .collect())
+    }
+
+    pub async fn delete_backup(&self, customer: &str, id: &str) -> Result<bool, DbError> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "DELETE FROM backups WHERE customer_id = $1 AND id = $2",
+                &[&customer, &id],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(n == 1)
+    }
+
+    // ---- audit -----------------------------------------------------------
+
+    pub async fn audit(
+        &self,
+        actor: &str,
+        action: &str,
+        customer: Option<&str>,
+        target: Option<&str>,
+        result: &str,
+        detail: &Value,
+    ) -> Result<(), DbError> {
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO audit (actor, action, customer_id, target, result, detail) VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&actor, &action, &customer, &target, &result, detail],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    pub async fn audit_log(&self, customer: Option<&str>, limit: i64) -> Result<Vec<Value>, DbError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT json_build_object('id', id, 'at', to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                        'actor', actor, 'action', action, 'customer', customer_id, 'target', target,
+                        'result', result, 'detail', detail)::jsonb
+                 FROM audit WHERE ($1::text IS NULL OR customer_id = $1) ORDER BY id DESC LIMIT $2",
+                &[&customer, &limit],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+}
+
+/// How an attempt ended.
+pub enum Outcome<'a> {
+    Succeeded(&'a Value),
+    /// Retryable: queued again after `retry_in` while attempts remain.
+    Retry {
+        error: String,
+        retry_in: Duration,
+    },
+    Failed(String),
+    Cancelled(String),
+}

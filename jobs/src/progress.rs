@@ -1,0 +1,137 @@
+//! Live progress: what a running task is doing ([`Progress`]), and the
+//! events that carry it to people ([`Events`]): messages on the customer's
+//! `ops-<customer>` conversation, published through the chat server's
+//! HTTP API with a `service`-role token. Events are best effort (the task's
+//! own record in the database is the truth) and never block a task: each
+//! publish has a short timeout.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use portico_common::auth::Tokens;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::archive::Meter;
+
+/// What a running task reports.
+#[derive(Debug)]
+pub struct Progress {
+    pub meter: Arc<Meter>,
+    started: Instant,
+    state: Mutex<(String, u64)>,
+}
+
+/// One progress reading, as stored and published.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    pub step: String,
+    pub percent: u32,
+    pub bytes: u64,
+    pub total_bytes: u64,
+    pub eta_secs: Option<u64>,
+}
+
+impl Progress {
+    pub fn new(meter: Arc<Meter>) -> Arc<Progress> {
+        Arc::new(Progress {
+            meter,
+            started: Instant::now(),
+            state: Mutex::new(("starting".into(), 0)),
+        })
+    }
+
+    pub fn step(&self, step: &str) {
+        self.state.lock().expect("progress lock").0 = step.to_string();
+    }
+
+    /// The estimated total, from the pre-check.
+    pub fn set_total(&self, total: u64) {
+        self.state.lock().expect("progress lock").1 = total;
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let (step, total) = self.state.lock().expect("progress lock").clone();
+        let bytes = self.meter.bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let done = if total == 0 {
+            0.0
+        } else {
+            (bytes as f64 / total as f64).min(1.0)
+        };
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let eta_secs = (done > 0.01).then(|| (elapsed * (1.0 - done) / done).round() as u64);
+        Snapshot {
+            step,
+            // 99 at most until the task says it is done.
+            percent: ((done * 100.0) as u32).min(99),
+            bytes,
+            total_bytes: total,
+            eta_secs,
+        }
+    }
+}
+
+/// Publishes task events to the chat server.
+#[derive(Clone)]
+pub struct Events {
+    http: reqwest::Client,
+    chat_url: Option<String>,
+    token: String,
+}
+
+/// The conversation carrying a customer's ops events.
+pub fn channel(customer: &str) -> String {
+    format!("ops-{customer}")
+}
+
+impl Events {
+    pub fn new(chat_url: Option<String>, tokens: &Tokens) -> Events {
+        Events {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .build()
+                .expect("HTTP client"),
+            chat_url: chat_url.map(|u| u.trim_end_matches('/').to_string()),
+            token: tokens.issue(
+                "portico-jobs",
+                &["service"],
+                Duration::from_secs(10 * 365 * 86400),
+            ),
+        }
+    }
+
+    /// Creates the customer's ops conversation with `members` (an existing
+    /// one is left as it is).
+    pub async fn open_channel(&self, customer: &str, members: &[String]) {
+        let Some(base) = &self.chat_url else { return };
+        let r = self
+            .http
+            .post(format!("{base}/api/conversations"))
+            .bearer_auth(&self.token)
+            .json(&json!({ "id": channel(customer), "members": members }))
+            .send()
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(customer, error = %e, "cannot open the ops conversation");
+        }
+    }
+
+    /// Publishes `event` (`backup-progress`, …) for `task`; `id` makes a
+    /// retried publish idempotent.
+    pub async fn publish(&self, customer: &str, id: &str, event: &str, task: i64, data: Value) {
+        let Some(base) = &self.chat_url else { return };
+        let body = json!({ "event": event, "task": task, "data": data }).to_string();
+        let r = self
+            .http
+            .post(format!("{base}/api/conversations/{}/messages", channel(customer)))
+            .bearer_auth(&self.token)
+            .json(&json!({ "id": id, "body": body }))
+            .send()
+            .await;
+        match r {
+            Ok(resp) if resp.status().is_success() => {}
+            Ok(resp) => tracing::warn!(customer, event, status = %resp.status(), "progress event refused"),
+            Err(e) => tracing::warn!(customer, event, error = %e, "progress event not delivered"),
+        }
+    }
+}
