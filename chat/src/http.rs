@@ -14,7 +14,8 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use hyper_util::rt::TokioIo;
 use portico_common::admin::{self, Readiness};
-use portico_common::auth::{AuthError, Claims, handshake_token};
+use portico_common::api::ApiError;
+use portico_common::auth::{AuthError, Claims, bearer_token, handshake_token};
 use serde::Deserialize;
 use serde_json::json;
 use tokio_tungstenite::WebSocketStream;
@@ -74,15 +75,6 @@ pub fn router(shard: Arc<Shard>) -> Router {
         .merge(admin::router(ready))
 }
 
-/// An API error: status plus a JSON body `{"error": code, "message": …}`.
-pub struct ApiError(StatusCode, &'static str, String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1, "message": self.2 }))).into_response()
-    }
-}
-
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
@@ -108,17 +100,13 @@ fn unauthorized(e: AuthError) -> ApiError {
 
 /// The bearer token of a REST request.
 fn bearer(shard: &Shard, headers: &HeaderMap) -> Result<Claims, ApiError> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| {
-            ApiError(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "missing bearer token".into(),
-            )
-        })?;
+    let token = bearer_token(headers).ok_or_else(|| {
+        ApiError(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing bearer token".into(),
+        )
+    })?;
     shard.tokens.verify(token).map_err(unauthorized)
 }
 

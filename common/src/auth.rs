@@ -98,6 +98,13 @@ impl Tokens {
     }
 }
 
+/// The token of an `Authorization: Bearer <jwt>` header.
+pub fn bearer_token(h: &http::HeaderMap) -> Option<&str> {
+    h.get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
 /// Finds the token of a WebSocket handshake: `Sec-WebSocket-Protocol:
 /// <subprotocol>, bearer.<jwt>`, then `Authorization: Bearer <jwt>`, then
 /// `?token=<jwt>` (for clients that can set neither). Also says whether the
@@ -118,11 +125,7 @@ pub fn handshake_token(
     let token = protocols
         .iter()
         .find_map(|p| p.strip_prefix("bearer."))
-        .or_else(|| {
-            h.get(http::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-        })
+        .or_else(|| bearer_token(h))
         .or_else(|| query?.split('&').find_map(|kv| kv.strip_prefix("token=")))?;
     Some((token.to_string(), offered))
 }

@@ -1,12 +1,14 @@
 //! What every Portico service shares: logging, metrics, health endpoints,
-//! shutdown and user tokens.
+//! shutdown, user tokens and PostgreSQL plumbing.
 //!
 //! It exists so that the three services behave the same at their edges
 //! (same log format, same `/metrics`, same signal handling, one token format)
 //! without each growing its own copy. It holds no service logic.
 
 pub mod admin;
+pub mod api;
 pub mod auth;
 pub mod cli;
+pub mod pg;
 pub mod shutdown;
 pub mod telemetry;

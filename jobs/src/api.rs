@@ -14,7 +14,8 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use portico_common::auth::{Claims, Tokens, now_secs};
+use portico_common::api::ApiError;
+use portico_common::auth::{Claims, Tokens, bearer_token, now_secs};
 use portico_config::{JobsConfig, is_hostname};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -36,16 +37,6 @@ pub struct Api {
     pub tokens: Tokens,
     pub signer: Signer,
     pub events: Events,
-}
-
-/// An API error: status, stable code, message.
-#[derive(Debug)]
-pub struct ApiError(StatusCode, &'static str, String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1, "message": self.2 }))).into_response()
-    }
 }
 
 impl From<DbError> for ApiError {
@@ -116,17 +107,13 @@ impl Api {
 
     /// The caller, if its token verifies and it has one of `roles`.
     fn caller(&self, headers: &HeaderMap, roles: &[&str]) -> Result<Claims, ApiError> {
-        let token = headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                ApiError(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "a bearer token is required".into(),
-                )
-            })?;
+        let token = bearer_token(headers).ok_or_else(|| {
+            ApiError(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a bearer token is required".into(),
+            )
+        })?;
         let claims = self
             .tokens
             .verify(token)

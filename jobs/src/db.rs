@@ -12,10 +12,10 @@
 
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::Pool;
+use portico_common::pg;
 use serde::Serialize;
 use serde_json::Value;
-use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
 /// Longest any query may take, pool wait included.
@@ -191,53 +191,18 @@ fn customer_from(r: &tokio_postgres::Row) -> Customer {
 impl Db {
     /// Connects and applies pending migrations.
     pub async fn connect(url: &str, pool_size: usize) -> Result<Db, DbError> {
-        let cfg: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| unavailable(format!("jobs.postgres_url: {e}")))?;
-        let mgr = Manager::from_config(
-            cfg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(mgr)
-            .max_size(pool_size)
-            .wait_timeout(Some(QUERY_TIMEOUT))
-            .create_timeout(Some(QUERY_TIMEOUT))
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .build()
+        let pool = pg::pool(url, pool_size, QUERY_TIMEOUT).map_err(|e| match e {
+            pg::PgError::Url(e) => unavailable(format!("jobs.postgres_url: {e}")),
+            e => unavailable(e),
+        })?;
+        pg::migrate(&pool, "jobs_schema", MIGRATION_LOCK, MIGRATIONS)
+            .await
             .map_err(unavailable)?;
-        let db = Db { pool };
-        db.migrate().await?;
-        Ok(db)
+        Ok(Db { pool })
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, DbError> {
         self.pool.get().await.map_err(unavailable)
-    }
-
-    async fn migrate(&self) -> Result<(), DbError> {
-        let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(unavailable)?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-            .await
-            .map_err(unavailable)?;
-        tx.batch_execute("CREATE TABLE IF NOT EXISTS jobs_schema (version int NOT NULL)")
-            .await
-            .map_err(unavailable)?;
-        let done: i64 = tx
-            .query_one("SELECT count(*) FROM jobs_schema", &[])
-            .await
-            .map_err(unavailable)?
-            .get(0);
-        for (i, m) in MIGRATIONS.iter().enumerate().skip(done as usize) {
-            tx.batch_execute(m).await.map_err(unavailable)?;
-            tx.execute("INSERT INTO jobs_schema VALUES ($1)", &[&(i as i32 + 1)])
-                .await
-                .map_err(unavailable)?;
-        }
-        tx.commit().await.map_err(unavailable)
     }
 
     pub async fn ping(&self) -> bool {

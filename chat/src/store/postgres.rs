@@ -13,8 +13,8 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+use deadpool_postgres::Pool;
+use portico_common::pg;
 use tokio_postgres::error::SqlState;
 
 use super::{Appended, ConvSummary, NewMessage, Page, Store, StoreError, now_millis};
@@ -72,54 +72,18 @@ impl PgStore {
     /// Connects (the URL is checked, the server need not be up yet) and
     /// applies pending migrations when it is.
     pub async fn connect(url: &str, pool_size: usize) -> Result<Self, StoreError> {
-        let cfg: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| StoreError::Unavailable(format!("chat.postgres_url: {e}")))?;
-        let mgr = Manager::from_config(
-            cfg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(mgr)
-            .max_size(pool_size)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(QUERY_TIMEOUT))
-            .create_timeout(Some(QUERY_TIMEOUT))
-            .recycle_timeout(Some(QUERY_TIMEOUT))
-            .build()
-            .map_err(unavailable)?;
+        let pool = pg::pool(url, pool_size, QUERY_TIMEOUT).map_err(|e| match e {
+            pg::PgError::Url(e) => StoreError::Unavailable(format!("chat.postgres_url: {e}")),
+            e => unavailable(e),
+        })?;
         let store = PgStore { pool };
-        store.migrate().await?;
-        Ok(store)
-    }
-
-    async fn migrate(&self) -> Result<(), StoreError> {
         deadline(async {
-            let mut client = self.pool.get().await.map_err(unavailable)?;
-            let tx = client.transaction().await.map_err(unavailable)?;
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            pg::migrate(&store.pool, "chat_schema", MIGRATION_LOCK, MIGRATIONS)
                 .await
-                .map_err(unavailable)?;
-            tx.batch_execute("CREATE TABLE IF NOT EXISTS chat_schema (version int NOT NULL)")
-                .await
-                .map_err(unavailable)?;
-            let done: i64 = tx
-                .query_one("SELECT count(*) FROM chat_schema", &[])
-                .await
-                .map_err(unavailable)?
-                .get(0);
-            for (i, sql) in MIGRATIONS.iter().enumerate().skip(done as usize) {
-                tx.batch_execute(sql).await.map_err(unavailable)?;
-                tx.execute("INSERT INTO chat_schema VALUES ($1)", &[&(i as i32 + 1)])
-                    .await
-                    .map_err(unavailable)?;
-                tracing::info!(version = i + 1, "chat schema migrated");
-            }
-            tx.commit().await.map_err(unavailable)
+                .map_err(unavailable)
         })
-        .await
+        .await?;
+        Ok(store)
     }
 }
 
