@@ -89,11 +89,6 @@ impl Guard {
         }
         Ok(permit)
     }
-
-    /// Open connections (the gauge and tests).
-    pub fn open(&self) -> usize {
-        self.open.load(Ordering::Acquire)
-    }
 }
 
 /// One admitted connection; dropping it releases its place.

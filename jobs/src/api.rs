@@ -283,13 +283,9 @@ async fn create_backup(
         _ => return Err(bad("invalid_type", "type must be \"fast\" or \"custom\"")),
     };
     let c = api.customer(&id).await?;
-    // Refuse now what cannot work: no space, no tree, no database.
-    let settings = backup::Settings {
-        disk_reserve_bytes: api.cfg.disk_reserve_bytes,
-        keep: api.cfg.keep_backups,
-        pg_bin_dir: api.cfg.pg_bin_dir.clone(),
-    };
-    if let Err(e) = backup::precheck(&c, &include, &settings).await {
+    // Refuse now what cannot work: no space, no tree, no database. The
+    // task checks again when it runs: things change while it is queued.
+    if let Err(e) = backup::precheck(&c, &include, &(&api.cfg).into()).await {
         let status = match e {
             backup::BackupError::Disk { .. } => StatusCode::INSUFFICIENT_STORAGE,
             _ => StatusCode::UNPROCESSABLE_ENTITY,

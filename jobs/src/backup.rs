@@ -91,6 +91,16 @@ pub struct Settings {
     pub pg_bin_dir: Option<PathBuf>,
 }
 
+impl From<&portico_config::JobsConfig> for Settings {
+    fn from(c: &portico_config::JobsConfig) -> Settings {
+        Settings {
+            disk_reserve_bytes: c.disk_reserve_bytes,
+            keep: c.keep_backups,
+            pg_bin_dir: c.pg_bin_dir.clone(),
+        }
+    }
+}
+
 /// Where things are in a customer tree.
 #[derive(Debug, Clone)]
 struct Layout {

@@ -35,14 +35,6 @@ impl Workers {
         Duration::from_secs(self.cfg.lease_secs)
     }
 
-    pub fn settings(&self) -> backup::Settings {
-        backup::Settings {
-            disk_reserve_bytes: self.cfg.disk_reserve_bytes,
-            keep: self.cfg.keep_backups,
-            pg_bin_dir: self.cfg.pg_bin_dir.clone(),
-        }
-    }
-
     /// Runs the workers and the reaper until `stop`. A task still running
     /// then is left to its lease: another process takes it over.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
@@ -160,8 +152,8 @@ impl Workers {
             }
             Err(f) => (Outcome::Failed(f.message.clone()), None, Some(f.message.clone())),
         };
-        if let Some(c) = self.customer(&t).await
-            && result.is_err()
+        if result.is_err()
+            && let Some(c) = self.customer(&t).await
         {
             backup::clean_partials(std::path::Path::new(&c.root));
         }
@@ -225,7 +217,7 @@ impl Workers {
                 let kind = t.params["type"].as_str().unwrap_or("fast").to_string();
                 let inc: Include =
                     serde_json::from_value(t.params["include"].clone()).unwrap_or(Include::FAST);
-                let settings = self.settings();
+                let settings = backup::Settings::from(&self.cfg);
                 let started = std::time::Instant::now();
                 let (id, manifest) = backup::run(&c, &kind, inc, &settings, progress)
                     .await
