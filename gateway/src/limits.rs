@@ -125,6 +125,11 @@ impl ClassLimiter {
         Ok(())
     }
 
+    /// Whether this class limits per user (so the user must be known).
+    pub fn limits_users(&self) -> bool {
+        self.per_user.is_some()
+    }
+
     pub fn gc(&self) {
         self.per_ip.retain_recent();
         self.per_ip.shrink_to_fit();

@@ -17,7 +17,7 @@ use pingora::modules::http::HttpModules;
 use pingora::modules::http::compression::{ResponseCompression, ResponseCompressionBuilder};
 
 use crate::limits::Limits;
-use crate::routes::{DEFAULT_TIMEOUT, Route, Routes, Target};
+use crate::routes::{Route, Routes, Target};
 use arc_swap::ArcSwap;
 
 /// The chat protocol a WebSocket client offers (see chat/PROTOCOL.md).
@@ -141,13 +141,8 @@ impl ProxyHttp for Edge {
 
     fn new_ctx(&self) -> Ctx {
         Ctx {
-            route: Arc::new(Route {
-                name: Arc::from("chat"),
-                target: Target::Chat,
-                timeout: DEFAULT_TIMEOUT,
-                max_body_bytes: 0,
-                class: None,
-            }),
+            // Replaced in `request_filter`; a clone, not an allocation.
+            route: self.routes.load().fallback().clone(),
             user: None,
             sticky: None,
             upstream: None,
@@ -174,7 +169,10 @@ impl ProxyHttp for Edge {
             .or_else(|| req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()));
         let host = host.map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name));
         ctx.route = self.routes.load().route(host, req.uri.path()).clone();
-        ctx.user = self.user(session);
+        // A token costs an HMAC: verify it only where the user matters.
+        if ctx.route.is_chat() || ctx.route.class.as_ref().is_some_and(|c| c.limits_users()) {
+            ctx.user = self.user(session);
+        }
         if ctx.route.is_chat() && ctx.user.is_none() {
             ctx.sticky = Some(Self::sticky_cookie(session));
         }

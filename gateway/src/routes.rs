@@ -142,6 +142,11 @@ impl Routes {
             .map_or(&self.fallback, |e| &e.route)
     }
 
+    /// Where a request no route matches goes (the chat shards).
+    pub fn fallback(&self) -> &Arc<Route> {
+        &self.fallback
+    }
+
     /// The rate-limit classes in use (for periodic eviction).
     pub fn classes(&self) -> &[Arc<ClassLimiter>] {
         &self.classes
