@@ -35,12 +35,23 @@ pub fn tls_config(ca_pem: &[u8], alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
 
 /// An HTTPS client that trusts `ca_pem` and resolves `localhost` to us.
 pub fn https_client(ca_pem: &[u8]) -> reqwest::Client {
+    https_client_builder(ca_pem).build().expect("https client")
+}
+
+/// [`https_client`] connecting from 127.0.0.`last`: another loopback
+/// address plays another client (rate limits, caps, stickiness).
+pub fn https_client_from(ca_pem: &[u8], last: u8) -> reqwest::Client {
+    https_client_builder(ca_pem)
+        .local_address(std::net::IpAddr::from([127, 0, 0, last]))
+        .build()
+        .expect("https client")
+}
+
+fn https_client_builder(ca_pem: &[u8]) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(ca_pem).expect("PEM"))
         .https_only(true)
         .timeout(Duration::from_secs(10))
-        .build()
-        .expect("https client")
 }
 
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}

@@ -7,7 +7,7 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use portico_tests::client::{https_client, metrics, tls_connect, token};
+use portico_tests::client::{https_client, https_client_from, metrics, tls_connect, token};
 use portico_tests::servers::{EdgePorts, Service};
 use portico_tests::{bins, free_port};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -227,13 +227,7 @@ async fn a_limit_class_limits_each_user_across_addresses() {
     let (svc, edge) = gateway(&[], &["--config", file.to_str().unwrap()]);
     let ca = svc.certificate("localhost");
     let url = format!("https://localhost:{}/api/things/1", edge.https);
-    let from = |last: u8| {
-        reqwest::Client::builder()
-            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
-            .local_address(ip(last))
-            .build()
-            .unwrap()
-    };
+    let from = |last: u8| https_client_from(&ca, last);
     let status = |client: reqwest::Client, user: &str| {
         let (url, bearer) = (url.clone(), token(user));
         async move { client.get(url).bearer_auth(bearer).send().await.unwrap() }

@@ -1,7 +1,7 @@
 //! The gateway's limits: per-IP rate limits answer 429 with Retry-After
 //! without touching other clients; oversized bodies get 413.
 
-use portico_tests::client::https_client;
+use portico_tests::client::{https_client, https_client_from};
 use portico_tests::servers::{EdgePorts, Service};
 use portico_tests::{bins, free_port_pair};
 
@@ -46,11 +46,7 @@ async fn over_the_limit_gets_429_with_retry_after_and_others_are_unaffected() {
         .unwrap();
     assert!((1..=2).contains(&retry), "Retry-After {retry}");
 
-    let other = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
-        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
-        .build()
-        .unwrap();
+    let other = https_client_from(&ca, 2);
     assert_ne!(
         other.get(&url).send().await.unwrap().status(),
         429,

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use portico_tests::client::{Ws, token};
+use portico_tests::client::{Ws, https_client_from, token};
 use portico_tests::servers::{EdgePorts, Service};
 use portico_tests::{bins, free_port};
 
@@ -92,13 +92,7 @@ async fn anonymous_clients_are_pinned_by_a_cookie_the_gateway_sets() {
     ));
     let gw = Service::start(&bins::gateway(), &[], &env, edge.admin);
     let ca = gw.certificate("localhost");
-    let client = |last: u8| {
-        reqwest::Client::builder()
-            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
-            .local_address(std::net::IpAddr::from([127, 0, 0, last]))
-            .build()
-            .unwrap()
-    };
+    let client = |last: u8| https_client_from(&ca, last);
     let url = |path: &str| format!("https://localhost:{}{path}", edge.https);
 
     let first = client(1).get(url("/sticky/0")).send().await.unwrap();
