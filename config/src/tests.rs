@@ -144,3 +144,23 @@ fn connection_limits_are_checked() {
     });
     assert!(e.contains("gateway.connections.header_timeout_secs"), "{e}");
 }
+
+#[test]
+fn jobs_keys_are_checked() {
+    for (var, value, key) in [
+        ("PORTICO_JOBS__LEASE_SECS", "2", "jobs.lease_secs"),
+        (
+            "PORTICO_JOBS__CUSTOMERS_ROOT",
+            "relative/dir",
+            "jobs.customers_root",
+        ),
+        ("PORTICO_JOBS__CHAT_URL", "ftp://x", "jobs.chat_url"),
+        ("PORTICO_JOBS__WORKERS", "0", "jobs.workers"),
+    ] {
+        let e = err(|j| {
+            j.set_env(var, value);
+            Ok(None)
+        });
+        assert!(e.contains(key), "{var}={value}: {e}");
+    }
+}

@@ -371,6 +371,25 @@ async fn roles_signed_links_and_the_audit_log() {
         .0,
         403
     );
+    for (bad, code) in [
+        (json!({"id": "Bad_Id", "domain": "x.example.com"}), "invalid_id"),
+        (json!({"id": "x", "domain": "not a domain"}), "invalid_domain"),
+        (
+            json!({"id": "x", "domain": "x.example.com", "database_url": "nope://"}),
+            "invalid_database_url",
+        ),
+    ] {
+        let (s, body) = j.call("POST", "/api/customers", ADMIN, Some(bad)).await;
+        assert_eq!((s, body["error"].as_str()), (400, Some(code)), "{body}");
+    }
+    let (s, body) = j
+        .call("DELETE", "/api/customers/shop/backups/..%2F..", ADMIN, None)
+        .await;
+    assert_eq!(
+        (s, body["error"].as_str()),
+        (400, Some("invalid_backup_id")),
+        "{body}"
+    );
     let (s, body) = j
         .call(
             "POST",
@@ -651,5 +670,22 @@ async fn progress_events_reach_the_customer_ops_conversation() {
     assert!(
         progress.iter().any(|e| e["data"]["step"] == "uploads.tar.gz"),
         "{seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn without_a_database_the_api_says_what_is_missing() {
+    let (_svc, port) = Service::jobs();
+    let r = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/api/customers"))
+        .bearer_auth(token_with_roles("ops-person", ADMIN))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("jobs.postgres_url"),
+        "{body}"
     );
 }
