@@ -20,6 +20,8 @@ pub struct PorticoConfig {
     pub gateway: GatewayConfig,
     pub chat: ChatConfig,
     pub jobs: JobsConfig,
+    /// Hosted apps: the jobs service deploys them, the gateway serves them.
+    pub paas: PaasConfig,
     /// Only read by `portico up`.
     pub up: UpConfig,
 }
@@ -33,6 +35,7 @@ impl Default for PorticoConfig {
             gateway: GatewayConfig::default(),
             chat: ChatConfig::default(),
             jobs: JobsConfig::default(),
+            paas: PaasConfig::default(),
             up: UpConfig::default(),
         }
     }
@@ -425,6 +428,120 @@ impl Default for JobsConfig {
     }
 }
 
+/// Hosted apps (PaaS): the jobs service builds and runs them in Docker,
+/// the gateway serves them at `https://<app>.<domain>/` and `/paas/<app>/`
+/// while their host ports stay private.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PaasConfig {
+    /// Apps are served at `<app>.<domain>` (a wildcard DNS name pointing at
+    /// the gateway). `paas.localhost` works on one machine: browsers
+    /// resolve `*.localhost` to loopback.
+    pub domain: String,
+    /// The Docker engine: `unix:///var/run/docker.sock` or `http://host:port`.
+    pub docker: String,
+    /// Clones and build contexts; default `<data_dir>/paas`.
+    pub work_dir: Option<PathBuf>,
+    /// Local repositories (paths or `file://` URLs) must lie under this
+    /// directory; none: only `https://` repositories are accepted.
+    pub local_repos_root: Option<PathBuf>,
+    /// Base images of the generated Dockerfiles, per detected app type.
+    /// Point them at local images where no registry is reachable.
+    pub images: PaasImages,
+    /// Memory limit per container (swap is set equal: no swap).
+    pub memory_mb: u64,
+    /// CPU limit per container, in CPUs (0.5 = half a core).
+    pub cpus: f64,
+    /// Restarts after a crash (on-failure) before the app counts as failed.
+    pub max_restarts: u32,
+    /// Health check of a new container before traffic moves to it.
+    pub health: PaasHealth,
+    /// Largest build context (the repository without `.dockerignore`d files).
+    pub max_context_bytes: u64,
+    /// Seconds a `git clone` may take.
+    pub clone_timeout_secs: u64,
+    /// Seconds an image build may take.
+    pub build_timeout_secs: u64,
+    /// How often the gateway fetches the app routes from the jobs service,
+    /// and the jobs service compares them with Docker (milliseconds).
+    pub routes_poll_ms: u64,
+    /// Apps that may exist at once.
+    pub max_apps: usize,
+}
+
+impl Default for PaasConfig {
+    fn default() -> Self {
+        PaasConfig {
+            domain: "paas.localhost".into(),
+            docker: "unix:///var/run/docker.sock".into(),
+            work_dir: None,
+            local_repos_root: None,
+            images: PaasImages::default(),
+            memory_mb: 256,
+            cpus: 0.5,
+            max_restarts: 3,
+            health: PaasHealth::default(),
+            max_context_bytes: 256 << 20,
+            clone_timeout_secs: 120,
+            build_timeout_secs: 900,
+            routes_poll_ms: 500,
+            max_apps: 1000,
+        }
+    }
+}
+
+/// Base images of the generated Dockerfiles.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PaasImages {
+    /// `index.html` sites, served by the image's busybox `httpd`.
+    #[serde(rename = "static")]
+    pub static_site: String,
+    /// `package.json` with `next`.
+    pub nextjs: String,
+    /// `requirements.txt` or `pyproject.toml` (uvicorn serves `main:app`).
+    pub python: String,
+}
+
+impl Default for PaasImages {
+    fn default() -> Self {
+        PaasImages {
+            static_site: "busybox:1.36".into(),
+            nextjs: "node:20-alpine".into(),
+            python: "python:3.12-slim".into(),
+        }
+    }
+}
+
+/// How a new container proves it serves before it gets traffic.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PaasHealth {
+    /// Default path (apps may set their own); a 2xx or 3xx answer is healthy.
+    pub path: String,
+    pub interval_ms: u64,
+    /// One probe's timeout.
+    pub timeout_secs: u64,
+    /// Give up (keep the old container serving) after this long.
+    pub deadline_secs: u64,
+}
+
+impl Default for PaasHealth {
+    fn default() -> Self {
+        PaasHealth {
+            path: "/".into(),
+            interval_ms: 1000,
+            timeout_secs: 5,
+            deadline_secs: 30,
+        }
+    }
+}
+
+/// Whether `s` can be a health-check path: absolute, printable, no spaces.
+pub fn is_http_path(s: &str) -> bool {
+    s.starts_with('/') && s.len() <= 256 && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpConfig {
@@ -626,6 +743,55 @@ impl PorticoConfig {
             && !url.starts_with("https://")
         {
             return bad("jobs.chat_url", "must be an http:// or https:// URL");
+        }
+        let p = &self.paas;
+        if !is_hostname(&p.domain) {
+            return bad("paas.domain", format!("`{}` is not a valid domain", p.domain));
+        }
+        if !(p.docker.starts_with("unix:///") || p.docker.starts_with("http://")) {
+            return bad("paas.docker", "must be unix:///path or http://host:port");
+        }
+        for (key, dir) in [("paas.work_dir", &p.work_dir), ("paas.local_repos_root", &p.local_repos_root)] {
+            if dir.as_ref().is_some_and(|d| !d.is_absolute()) {
+                return bad(key, "must be an absolute path");
+            }
+        }
+        for (key, image) in [
+            ("paas.images.static", &p.images.static_site),
+            ("paas.images.nextjs", &p.images.nextjs),
+            ("paas.images.python", &p.images.python),
+        ] {
+            if image.is_empty() || image.len() > 255 || !image.bytes().all(|b| b.is_ascii_graphic()) {
+                return bad(key, "must be an image reference such as busybox:1.36");
+            }
+        }
+        if !(6..=1 << 20).contains(&p.memory_mb) {
+            return bad("paas.memory_mb", "must be between 6 and 1048576");
+        }
+        if !(p.cpus >= 0.01 && p.cpus <= 256.0) {
+            return bad("paas.cpus", "must be between 0.01 and 256");
+        }
+        if p.max_restarts > 100 {
+            return bad("paas.max_restarts", "must be at most 100");
+        }
+        if !is_http_path(&p.health.path) {
+            return bad("paas.health.path", "must be an absolute path without spaces");
+        }
+        for (key, v) in [
+            ("paas.health.interval_ms", p.health.interval_ms),
+            ("paas.health.timeout_secs", p.health.timeout_secs),
+            ("paas.health.deadline_secs", p.health.deadline_secs),
+            ("paas.max_context_bytes", p.max_context_bytes),
+            ("paas.clone_timeout_secs", p.clone_timeout_secs),
+            ("paas.build_timeout_secs", p.build_timeout_secs),
+            ("paas.max_apps", p.max_apps as u64),
+        ] {
+            if v == 0 {
+                return bad(key, "must be at least 1");
+            }
+        }
+        if !(50..=60_000).contains(&p.routes_poll_ms) {
+            return bad("paas.routes_poll_ms", "must be between 50 and 60000");
         }
         if self.up.chat_shards == 0 || self.up.chat_shards > 16 {
             return bad("up.chat_shards", "must be between 1 and 16");

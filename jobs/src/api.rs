@@ -1,5 +1,6 @@
 //! The REST API (axum): customers, backups (create, list, signed download
-//! links, delete, restore), tasks and the audit log. Callers carry a
+//! links, delete, restore), tasks and the audit log; the apps API lives in
+//! [`crate::paas::api`] and is merged here. Callers carry a
 //! bearer token with a role: `super_admin`, `ops_lead` or `technician`.
 //! Every body is parsed strictly (unknown fields refused) and validated;
 //! errors are JSON `{ "error": code, "message": … }` with a 4xx status.
@@ -22,14 +23,14 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 
 use crate::backup::{self, Include};
-use crate::db::{Customer, Db, DbError};
+use crate::db::{Customer, Db, DbError, Subject};
 use crate::links::Signer;
 use crate::progress::Events;
 
 pub const SUPER_ADMIN: &str = "super_admin";
 pub const OPS_LEAD: &str = "ops_lead";
 pub const TECHNICIAN: &str = "technician";
-const STAFF: &[&str] = &[SUPER_ADMIN, OPS_LEAD, TECHNICIAN];
+pub(crate) const STAFF: &[&str] = &[SUPER_ADMIN, OPS_LEAD, TECHNICIAN];
 
 pub struct Api {
     pub db: Option<Db>,
@@ -37,16 +38,23 @@ pub struct Api {
     pub tokens: Tokens,
     pub signer: Signer,
     pub events: Events,
+    pub paas: Arc<crate::paas::Paas>,
 }
 
 impl From<DbError> for ApiError {
     fn from(e: DbError) -> Self {
         match e {
-            DbError::Busy { task, .. } => ApiError(
+            DbError::Busy { ref subject, task } => ApiError(
                 StatusCode::CONFLICT,
-                "customer_busy",
+                if subject.starts_with("app ") {
+                    "app_busy"
+                } else {
+                    "customer_busy"
+                },
                 format!("{e} (task {task})"),
             ),
+            DbError::Missing(_) => ApiError(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+            DbError::Full(_) => ApiError(StatusCode::CONFLICT, "full", e.to_string()),
             DbError::Exists(_) => ApiError(StatusCode::CONFLICT, "exists", e.to_string()),
             DbError::Unavailable(_) => {
                 ApiError(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())
@@ -55,15 +63,15 @@ impl From<DbError> for ApiError {
     }
 }
 
-fn bad(code: &'static str, msg: impl Into<String>) -> ApiError {
+pub(crate) fn bad(code: &'static str, msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, code, msg.into())
 }
 
-fn not_found(what: impl Into<String>) -> ApiError {
+pub(crate) fn not_found(what: impl Into<String>) -> ApiError {
     ApiError(StatusCode::NOT_FOUND, "not_found", what.into())
 }
 
-fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+pub(crate) fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     body.map(|Json(v)| v)
         .map_err(|e| bad("invalid_body", e.body_text()))
 }
@@ -91,11 +99,12 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/customers/{id}/tasks/{task}", get(get_task))
         .route("/api/customers/{id}/tasks/{task}/cancel", post(cancel_task))
         .route("/api/audit", get(audit))
-        .with_state(api)
+        .with_state(api.clone())
+        .merge(crate::paas::api::router(api))
 }
 
 impl Api {
-    fn db(&self) -> Result<&Db, ApiError> {
+    pub(crate) fn db(&self) -> Result<&Db, ApiError> {
         self.db.as_ref().ok_or_else(|| {
             ApiError(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -106,7 +115,7 @@ impl Api {
     }
 
     /// The caller, if its token verifies and it has one of `roles`.
-    fn caller(&self, headers: &HeaderMap, roles: &[&str]) -> Result<Claims, ApiError> {
+    pub(crate) fn caller(&self, headers: &HeaderMap, roles: &[&str]) -> Result<Claims, ApiError> {
         let token = bearer_token(headers).ok_or_else(|| {
             ApiError(
                 StatusCode::UNAUTHORIZED,
@@ -238,7 +247,7 @@ async fn create_customer(
     r?;
     let mut members = req.ops_members;
     members.push(who.sub.clone());
-    api.events.open_channel(&c.id, &members).await;
+    api.events.open_channel(Subject::Customer(&c.id), &members).await;
     Ok((StatusCode::CREATED, Json(c)))
 }
 
@@ -304,7 +313,7 @@ async fn create_backup(
     let params = json!({ "type": req.kind, "include": include });
     let r = api
         .db()?
-        .enqueue(&id, "backup", &params, &who.sub, api.cfg.max_attempts)
+        .enqueue(Subject::Customer(&id), "backup", &params, &who.sub, api.cfg.max_attempts)
         .await;
     let (result, detail) = match &r {
         Ok(task) => ("queued", json!({ "task": task, "type": req.kind })),
@@ -476,7 +485,7 @@ async fn restore(
     }
     api.customer(&id).await?;
     let params = json!({ "backup": backup, "dry_run": req.dry_run, "target_db": req.target_db });
-    let r = api.db()?.enqueue(&id, "restore", &params, &who.sub, 1).await;
+    let r = api.db()?.enqueue(Subject::Customer(&id), "restore", &params, &who.sub, 1).await;
     api.audit(
         &who,
         "backup.restore",
@@ -498,7 +507,7 @@ async fn list_tasks(
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     api.caller(&headers, STAFF)?;
-    Ok(Json(json!({ "tasks": api.db()?.tasks(&id, 100).await? })))
+    Ok(Json(json!({ "tasks": api.db()?.tasks(Subject::Customer(&id), 100).await? })))
 }
 
 async fn get_task(
@@ -509,7 +518,7 @@ async fn get_task(
     api.caller(&headers, STAFF)?;
     let t = api
         .db()?
-        .task(Some(&id), task)
+        .task(Subject::Customer(&id), task)
         .await?
         .ok_or_else(|| not_found(format!("task {task}")))?;
     Ok(Json(t))
@@ -521,7 +530,7 @@ async fn cancel_task(
     Path((id, task)): Path<(String, i64)>,
 ) -> Result<impl IntoResponse, ApiError> {
     let who = api.caller(&headers, STAFF)?;
-    let ok = api.db()?.cancel(&id, task).await?;
+    let ok = api.db()?.cancel(Subject::Customer(&id), task).await?;
     api.audit(
         &who,
         "task.cancel",

@@ -78,6 +78,26 @@ CREATE TABLE audit (
     detail      jsonb NOT NULL DEFAULT '{}'
 );
 CREATE INDEX audit_by_customer ON audit (customer_id, id);
+"#, r#"
+CREATE TABLE apps (
+    name        text PRIMARY KEY,
+    repo        text NOT NULL,
+    git_ref     text,
+    port        int CHECK (port BETWEEN 1 AND 65535),
+    health_path text NOT NULL,
+    desired     text NOT NULL DEFAULT 'running' CHECK (desired IN ('running', 'stopped')),
+    kind        text,
+    container   text,
+    image       text,
+    host_port   int,
+    deployed_at timestamptz,
+    created_by  text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE tasks ALTER COLUMN customer_id DROP NOT NULL;
+ALTER TABLE tasks ADD COLUMN app text REFERENCES apps(name) ON DELETE CASCADE;
+ALTER TABLE tasks ADD CONSTRAINT task_subject CHECK ((customer_id IS NULL) <> (app IS NULL));
+CREATE UNIQUE INDEX one_active_task_per_app ON tasks (app) WHERE state IN ('queued', 'running');
 "#];
 
 /// Why a database call failed.
@@ -85,11 +105,97 @@ CREATE INDEX audit_by_customer ON audit (customer_id, id);
 pub enum DbError {
     #[error("database unavailable: {0}")]
     Unavailable(String),
-    /// The customer already has a queued or running task.
-    #[error("customer {customer} already has an active task {task}")]
-    Busy { customer: String, task: i64 },
+    /// The customer or app already has a queued or running task.
+    #[error("{subject} already has an active task {task}")]
+    Busy { subject: String, task: i64 },
     #[error("{0} already exists")]
     Exists(String),
+    #[error("{0} does not exist")]
+    Missing(String),
+    #[error("{0}")]
+    Full(String),
+}
+
+/// A hosted app: its source and what serves it now.
+#[derive(Debug, Clone, Serialize)]
+pub struct App {
+    pub name: String,
+    pub repo: String,
+    pub git_ref: Option<String>,
+    /// The container port (none: the generated image's, or the one the
+    /// image exposes).
+    pub port: Option<i32>,
+    pub health_path: String,
+    /// `running` or `stopped` (by the API).
+    pub desired: String,
+    /// The detected type of the deployed code.
+    pub kind: Option<String>,
+    pub container: Option<String>,
+    pub image: Option<String>,
+    /// Where Docker publishes the container on 127.0.0.1 (private).
+    pub host_port: Option<i32>,
+    pub deployed_at: Option<String>,
+    pub created_by: String,
+    pub created_at: String,
+}
+
+const APP_COLUMNS: &str = "name, repo, git_ref, port, health_path, desired, kind, container, image, host_port, \
+     to_char(deployed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), created_by, \
+     to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')";
+
+fn app_from(r: &tokio_postgres::Row) -> App {
+    App {
+        name: r.get(0),
+        repo: r.get(1),
+        git_ref: r.get(2),
+        port: r.get(3),
+        health_path: r.get(4),
+        desired: r.get(5),
+        kind: r.get(6),
+        container: r.get(7),
+        image: r.get(8),
+        host_port: r.get(9),
+        deployed_at: r.get(10),
+        created_by: r.get(11),
+        created_at: r.get(12),
+    }
+}
+
+/// Whose task: the queue allows one active task per customer and per app.
+#[derive(Debug, Clone, Copy)]
+pub enum Subject<'a> {
+    Customer(&'a str),
+    App(&'a str),
+}
+
+impl<'a> Subject<'a> {
+    /// The (customer_id, app) column values.
+    fn columns(self) -> (Option<&'a str>, Option<&'a str>) {
+        match self {
+            Subject::Customer(c) => (Some(c), None),
+            Subject::App(a) => (None, Some(a)),
+        }
+    }
+}
+
+impl std::fmt::Display for Subject<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Subject::Customer(c) => write!(f, "customer {c}"),
+            Subject::App(a) => write!(f, "app {a}"),
+        }
+    }
+}
+
+impl Claimed {
+    pub fn subject(&self) -> Subject<'_> {
+        match (&self.customer_id, &self.app) {
+            (Some(c), _) => Subject::Customer(c),
+            (None, Some(a)) => Subject::App(a),
+            // The `task_subject` constraint makes this impossible.
+            (None, None) => Subject::Customer(""),
+        }
+    }
 }
 
 fn unavailable(e: impl std::fmt::Display) -> DbError {
@@ -113,7 +219,8 @@ pub struct Customer {
 #[derive(Debug, Clone, Serialize)]
 pub struct TaskRecord {
     pub id: i64,
-    pub customer: String,
+    pub customer: Option<String>,
+    pub app: Option<String>,
     pub kind: String,
     pub params: Value,
     pub state: String,
@@ -130,7 +237,9 @@ pub struct TaskRecord {
 #[derive(Debug, Clone)]
 pub struct Claimed {
     pub id: i64,
-    pub customer_id: String,
+    /// Exactly one of `customer_id` and `app` is set: whose task it is.
+    pub customer_id: Option<String>,
+    pub app: Option<String>,
     pub kind: String,
     pub params: Value,
     pub attempt: i32,
@@ -155,7 +264,7 @@ pub struct Db {
     pool: Pool,
 }
 
-const TASK_COLUMNS: &str = "id, customer_id, kind, params, state, attempt, progress, result, error, created_by, \
+const TASK_COLUMNS: &str = "id, customer_id, app, kind, params, state, attempt, progress, result, error, created_by, \
      to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
      to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')";
 
@@ -163,16 +272,17 @@ fn task_from(r: &tokio_postgres::Row) -> TaskRecord {
     TaskRecord {
         id: r.get(0),
         customer: r.get(1),
-        kind: r.get(2),
-        params: r.get(3),
-        state: r.get(4),
-        attempt: r.get(5),
-        progress: r.get(6),
-        result: r.get(7),
-        error: r.get(8),
-        created_by: r.get(9),
-        created_at: r.get(10),
-        finished_at: r.get(11),
+        app: r.get(2),
+        kind: r.get(3),
+        params: r.get(4),
+        state: r.get(5),
+        attempt: r.get(6),
+        progress: r.get(7),
+        result: r.get(8),
+        error: r.get(9),
+        created_by: r.get(10),
+        created_at: r.get(11),
+        finished_at: r.get(12),
     }
 }
 
@@ -261,21 +371,22 @@ impl Db {
 
     // ---- the queue -------------------------------------------------------
 
-    /// Queues a task; `Busy` when the customer has an active one.
+    /// Queues a task; `Busy` when its customer or app has an active one.
     pub async fn enqueue(
         &self,
-        customer: &str,
+        subject: Subject<'_>,
         kind: &str,
         params: &Value,
         by: &str,
         max_attempts: u32,
     ) -> Result<i64, DbError> {
+        let (customer, app) = subject.columns();
         let c = self.client().await?;
         let r = c
             .query_one(
-                "INSERT INTO tasks (customer_id, kind, params, state, max_attempts, created_by)
-                 VALUES ($1, $2, $3, 'queued', $4, $5) RETURNING id",
-                &[&customer, &kind, params, &(max_attempts as i32), &by],
+                "INSERT INTO tasks (customer_id, app, kind, params, state, max_attempts, created_by)
+                 VALUES ($1, $2, $3, $4, 'queued', $5, $6) RETURNING id",
+                &[&customer, &app, &kind, params, &(max_attempts as i32), &by],
             )
             .await;
         match r {
@@ -283,19 +394,37 @@ impl Db {
             Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
                 let task = c
                     .query_opt(
-                        "SELECT id FROM tasks WHERE customer_id = $1 AND state IN ('queued', 'running')",
-                        &[&customer],
+                        "SELECT id FROM tasks WHERE (customer_id = $1 OR app = $2) AND state IN ('queued', 'running')",
+                        &[&customer, &app],
                     )
                     .await
                     .map_err(unavailable)?
                     .map_or(0, |r| r.get(0));
                 Err(DbError::Busy {
-                    customer: customer.to_string(),
+                    subject: subject.to_string(),
                     task,
                 })
             }
+            Err(e) if e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) => {
+                Err(DbError::Missing(subject.to_string()))
+            }
             Err(e) => Err(unavailable(e)),
         }
+    }
+
+    /// The id of the subject's queued or running task, if any.
+    pub async fn active_task(&self, subject: Subject<'_>) -> Result<Option<i64>, DbError> {
+        let (customer, app) = subject.columns();
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT id FROM tasks WHERE (customer_id = $1 OR app = $2) AND state IN ('queued', 'running')",
+                &[&customer, &app],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(row.map(|r| r.get(0)))
     }
 
     /// Claims the oldest ready task for `lease`, or none.
@@ -309,7 +438,7 @@ impl Db {
                         started_at = coalesce(started_at, now())
                  WHERE id = (SELECT id FROM tasks WHERE state = 'queued' AND run_after <= now()
                              ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1)
-                 RETURNING id, customer_id, kind, params, attempt, created_by",
+                 RETURNING id, customer_id, app, kind, params, attempt, created_by",
                 &[&lease.as_secs_f64()],
             )
             .await
@@ -317,10 +446,11 @@ impl Db {
         Ok(row.map(|r| Claimed {
             id: r.get(0),
             customer_id: r.get(1),
-            kind: r.get(2),
-            params: r.get(3),
-            attempt: r.get(4),
-            created_by: r.get(5),
+            app: r.get(2),
+            kind: r.get(3),
+            params: r.get(4),
+            attempt: r.get(5),
+            created_by: r.get(6),
         }))
     }
 
@@ -391,7 +521,7 @@ impl Db {
 
     /// Re-queues (or fails, when out of attempts) tasks whose lease ran
     /// out: their worker died or stalled. Returns (id, customer, new state).
-    pub async fn reap(&self) -> Result<Vec<(i64, String, String)>, DbError> {
+    pub async fn reap(&self) -> Result<Vec<(i64, Option<String>, String)>, DbError> {
         let rows = self
             .client()
             .await?
@@ -412,7 +542,8 @@ impl Db {
 
     /// Asks a task to stop: a queued one is cancelled at once, a running
     /// one at its next heartbeat. False when it is not active.
-    pub async fn cancel(&self, customer: &str, id: i64) -> Result<bool, DbError> {
+    pub async fn cancel(&self, subject: Subject<'_>, id: i64) -> Result<bool, DbError> {
+        let (customer, app) = subject.columns();
         let n = self
             .client()
             .await?
@@ -421,8 +552,8 @@ impl Db {
                     cancel_requested = true,
                     state = CASE WHEN state = 'queued' THEN 'cancelled' ELSE state END,
                     finished_at = CASE WHEN state = 'queued' THEN now() ELSE finished_at END
-                 WHERE id = $1 AND customer_id = $2 AND state IN ('queued', 'running')",
-                &[&id, &customer],
+                 WHERE id = $1 AND (customer_id = $2 OR app = $3) AND state IN ('queued', 'running')",
+                &[&id, &customer, &app],
             )
             .await
             .map_err(unavailable)?;
@@ -442,26 +573,32 @@ impl Db {
             .map_err(unavailable)
     }
 
-    pub async fn task(&self, customer: Option<&str>, id: i64) -> Result<Option<TaskRecord>, DbError> {
+    /// A task of `subject`.
+    pub async fn task(&self, subject: Subject<'_>, id: i64) -> Result<Option<TaskRecord>, DbError> {
+        let (customer, app) = subject.columns();
         let row = self
             .client()
             .await?
             .query_opt(
-                &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1 AND ($2::text IS NULL OR customer_id = $2)"),
-                &[&id, &customer],
+                &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1 AND (customer_id = $2 OR app = $3)"),
+                &[&id, &customer, &app],
             )
             .await
             .map_err(unavailable)?;
         Ok(row.as_ref().map(task_from))
     }
 
-    pub async fn tasks(&self, customer: &str, limit: i64) -> Result<Vec<TaskRecord>, DbError> {
+    /// The subject's latest tasks, newest first.
+    pub async fn tasks(&self, subject: Subject<'_>, limit: i64) -> Result<Vec<TaskRecord>, DbError> {
+        let (customer, app) = subject.columns();
         let rows = self
             .client()
             .await?
             .query(
-                &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE customer_id = $1 ORDER BY id DESC LIMIT $2"),
-                &[&customer, &limit],
+                &format!(
+                    "SELECT {TASK_COLUMNS} FROM tasks WHERE (customer_id = $1 OR app = $2) ORDER BY id DESC LIMIT $3"
+                ),
+                &[&customer, &app, &limit],
             )
             .await
             .map_err(unavailable)?;
@@ -540,6 +677,122 @@ impl Db {
             .await
             .map_err(unavailable)?;
         Ok(n == 1)
+    }
+
+    // ---- apps (PaaS) -------------------------------------------------------
+
+    /// Registers an app unless `max` apps exist already (`Exists` for a
+    /// taken name, `Unavailable` naming the cap when full).
+    pub async fn add_app(&self, a: &App, max: usize) -> Result<(), DbError> {
+        let r = self
+            .client()
+            .await?
+            .execute(
+                "INSERT INTO apps (name, repo, git_ref, port, health_path, created_by)
+                 SELECT $1, $2, $3, $4, $5, $6 WHERE (SELECT count(*) FROM apps) < $7",
+                &[&a.name, &a.repo, &a.git_ref, &a.port, &a.health_path, &a.created_by, &(max as i64)],
+            )
+            .await;
+        match r {
+            Ok(1) => Ok(()),
+            Ok(_) => Err(DbError::Full(format!("{max} apps exist already (paas.max_apps)"))),
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Err(DbError::Exists(format!("app {}", a.name))),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    pub async fn app(&self, name: &str) -> Result<Option<App>, DbError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(&format!("SELECT {APP_COLUMNS} FROM apps WHERE name = $1"), &[&name])
+            .await
+            .map_err(unavailable)?;
+        Ok(row.as_ref().map(app_from))
+    }
+
+    pub async fn apps(&self) -> Result<Vec<App>, DbError> {
+        let rows = self
+            .client()
+            .await?
+            .query(&format!("SELECT {APP_COLUMNS} FROM apps ORDER BY name"), &[])
+            .await
+            .map_err(unavailable)?;
+        Ok(rows.iter().map(app_from).collect())
+    }
+
+    /// Points the app at a new container, if `t` still holds its lease
+    /// (a deploy whose attempt was taken over switches nothing). Returns
+    /// the previous container and image, or `None` when fenced off.
+    pub async fn switch_app(
+        &self,
+        t: &Claimed,
+        name: &str,
+        kind: &str,
+        container: &str,
+        image: &str,
+        host_port: u16,
+    ) -> Result<Option<(Option<String>, Option<String>)>, DbError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "WITH old AS (SELECT container, image FROM apps WHERE name = $1 FOR UPDATE)
+                 UPDATE apps SET kind = $2, container = $3, image = $4, host_port = $5,
+                        desired = 'running', deployed_at = now()
+                 WHERE name = $1 AND EXISTS (SELECT 1 FROM tasks WHERE id = $6 AND attempt = $7 AND state = 'running')
+                 RETURNING (SELECT container FROM old), (SELECT image FROM old)",
+                &[&name, &kind, &container, &image, &i32::from(host_port), &t.id, &t.attempt],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
+    /// Records where Docker publishes the app's container now (it may pick
+    /// another port after a restart); `None` when it publishes none.
+    pub async fn set_app_port(&self, name: &str, container: &str, host_port: Option<u16>) -> Result<bool, DbError> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "UPDATE apps SET host_port = $3 WHERE name = $1 AND container = $2 AND host_port IS DISTINCT FROM $3",
+                &[&name, &container, &host_port.map(i32::from)],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(n == 1)
+    }
+
+    pub async fn set_app_desired(&self, name: &str, desired: &str) -> Result<(), DbError> {
+        self.client()
+            .await?
+            .execute("UPDATE apps SET desired = $2 WHERE name = $1", &[&name, &desired])
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    pub async fn delete_app(&self, name: &str) -> Result<bool, DbError> {
+        let n = self
+            .client()
+            .await?
+            .execute("DELETE FROM apps WHERE name = $1", &[&name])
+            .await
+            .map_err(unavailable)?;
+        Ok(n == 1)
+    }
+
+    /// Task ids of running or queued app tasks (their containers and images
+    /// are work in progress, not orphans).
+    pub async fn active_app_tasks(&self) -> Result<Vec<i64>, DbError> {
+        let rows = self
+            .client()
+            .await?
+            .query("SELECT id FROM tasks WHERE app IS NOT NULL AND state IN ('queued', 'running')", &[])
+            .await
+            .map_err(unavailable)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     // ---- audit -----------------------------------------------------------

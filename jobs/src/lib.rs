@@ -1,19 +1,20 @@
 //! Portico jobs: the ops service. One queue of long tasks per customer
 //! (one active at a time), run by workers under a lease, with live
 //! progress on the customer's ops chat conversation, a role-based REST API
-//! and an audit log. Backups and restores today; upgrades, mail migrations
-//! and PaaS deploys are further task kinds on the same queue.
+//! and an audit log. Backups, restores and PaaS deploys today; upgrades and
+//! mail migrations are further task kinds on the same queue.
 //!
 //! Code map: [`db`] (schema, queue, records), [`worker`] (claim, lease,
 //! retry, reaper), [`backup`] and [`restore`] (the work), [`archive`]
 //! (tar.gz in and out), [`api`] (REST), [`links`] (signed downloads),
-//! [`progress`] (events).
+//! [`progress`] (events), [`paas`] (hosted apps on Docker).
 
 pub mod api;
 pub mod archive;
 pub mod backup;
 pub mod db;
 pub mod links;
+pub mod paas;
 pub mod progress;
 pub mod restore;
 pub mod worker;
@@ -70,6 +71,7 @@ pub async fn bind(cfg: &PorticoConfig) -> Result<Bound, StartError> {
         events: progress::Events::new(j.chat_url.clone(), &tokens),
         signer: links::Signer::new(cfg.auth.jwt_secret.expose().as_bytes()),
         tokens,
+        paas: Arc::new(paas::Paas::new(&cfg.paas, &cfg.data_dir)),
     });
     Ok(Bound { listener, api })
 }
@@ -85,11 +87,17 @@ impl Bound {
         tracing::info!(addr = %self.local_addr(), queue = self.api.db.is_some(), "jobs service listening");
         let workers = self.api.db.clone().map(|db| {
             let w = Arc::new(worker::Workers {
-                db,
+                db: db.clone(),
                 cfg: self.api.cfg.clone(),
                 events: self.api.events.clone(),
+                paas: self.api.paas.clone(),
             });
-            tokio::spawn(w.run(stop.clone()))
+            let watch = tokio::spawn(self.api.paas.clone().watch(db, stop.clone()));
+            let run = tokio::spawn(w.run(stop.clone()));
+            async move {
+                let _ = run.await;
+                let _ = watch.await;
+            }
         });
         let readiness = match self.api.db.clone() {
             Some(db) => Readiness::new(move || {

@@ -13,6 +13,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::archive::Meter;
+use crate::db::Subject;
 
 /// What a running task reports.
 #[derive(Debug)]
@@ -20,7 +21,12 @@ pub struct Progress {
     pub meter: Arc<Meter>,
     started: Instant,
     state: Mutex<(String, u64)>,
+    /// The latest output lines (build logs), newest last.
+    lines: Mutex<std::collections::VecDeque<String>>,
 }
+
+/// Output lines kept in a progress reading.
+const LINES: usize = 8;
 
 /// One progress reading, as stored and published.
 #[derive(Debug, Clone, Serialize)]
@@ -30,6 +36,8 @@ pub struct Snapshot {
     pub bytes: u64,
     pub total_bytes: u64,
     pub eta_secs: Option<u64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub log: Vec<String>,
 }
 
 impl Progress {
@@ -38,7 +46,22 @@ impl Progress {
             meter,
             started: Instant::now(),
             state: Mutex::new(("starting".into(), 0)),
+            lines: Mutex::new(Default::default()),
         })
+    }
+
+    /// Adds an output line (cut to 300 bytes); the last few travel with
+    /// each progress event.
+    pub fn line(&self, line: &str) {
+        let mut end = line.len().min(300);
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut lines = self.lines.lock().expect("progress lock");
+        if lines.len() == LINES {
+            lines.pop_front();
+        }
+        lines.push_back(line[..end].to_string());
     }
 
     pub fn step(&self, step: &str) {
@@ -67,6 +90,7 @@ impl Progress {
             bytes,
             total_bytes: total,
             eta_secs,
+            log: self.lines.lock().expect("progress lock").iter().cloned().collect(),
         }
     }
 }
@@ -79,9 +103,13 @@ pub struct Events {
     token: String,
 }
 
-/// The conversation carrying a customer's ops events.
-pub fn channel(customer: &str) -> String {
-    format!("ops-{customer}")
+/// The conversation carrying a customer's ops events (`ops-<customer>`)
+/// or an app's deploy events (`paas-<app>`).
+pub fn channel(subject: Subject<'_>) -> String {
+    match subject {
+        Subject::Customer(c) => format!("ops-{c}"),
+        Subject::App(a) => format!("paas-{a}"),
+    }
 }
 
 impl Events {
@@ -100,38 +128,38 @@ impl Events {
         }
     }
 
-    /// Creates the customer's ops conversation with `members` (an existing
-    /// one is left as it is).
-    pub async fn open_channel(&self, customer: &str, members: &[String]) {
+    /// Creates the subject's conversation with `members` (an existing one
+    /// is left as it is).
+    pub async fn open_channel(&self, subject: Subject<'_>, members: &[String]) {
         let Some(base) = &self.chat_url else { return };
         let r = self
             .http
             .post(format!("{base}/api/conversations"))
             .bearer_auth(&self.token)
-            .json(&json!({ "id": channel(customer), "members": members }))
+            .json(&json!({ "id": channel(subject), "members": members }))
             .send()
             .await;
         if let Err(e) = r {
-            tracing::warn!(customer, error = %e, "cannot open the ops conversation");
+            tracing::warn!(%subject, error = %e, "cannot open the ops conversation");
         }
     }
 
     /// Publishes `event` (`backup-progress`, …) for `task`; `id` makes a
     /// retried publish idempotent.
-    pub async fn publish(&self, customer: &str, id: &str, event: &str, task: i64, data: Value) {
+    pub async fn publish(&self, subject: Subject<'_>, id: &str, event: &str, task: i64, data: Value) {
         let Some(base) = &self.chat_url else { return };
         let body = json!({ "event": event, "task": task, "data": data }).to_string();
         let r = self
             .http
-            .post(format!("{base}/api/conversations/{}/messages", channel(customer)))
+            .post(format!("{base}/api/conversations/{}/messages", channel(subject)))
             .bearer_auth(&self.token)
             .json(&json!({ "id": id, "body": body }))
             .send()
             .await;
         match r {
             Ok(resp) if resp.status().is_success() => {}
-            Ok(resp) => tracing::warn!(customer, event, status = %resp.status(), "progress event refused"),
-            Err(e) => tracing::warn!(customer, event, error = %e, "progress event not delivered"),
+            Ok(resp) => tracing::warn!(%subject, event, status = %resp.status(), "progress event refused"),
+            Err(e) => tracing::warn!(%subject, event, error = %e, "progress event not delivered"),
         }
     }
 }

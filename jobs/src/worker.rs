@@ -21,6 +21,7 @@ pub struct Workers {
     pub db: Db,
     pub cfg: JobsConfig,
     pub events: Events,
+    pub paas: Arc<crate::paas::Paas>,
 }
 
 /// What a task failed with, and whether to try again.
@@ -82,6 +83,7 @@ impl Workers {
                         tracing::warn!(task = id, customer, state, "lease expired: worker lost");
                         metrics::counter!("portico_jobs_tasks_reaped_total").increment(1);
                         if state == "failed"
+                            && let Some(customer) = customer
                             && let Ok(Some(c)) = self.db.customer(&customer).await
                         {
                             backup::clean_partials(std::path::Path::new(&c.root));
@@ -101,7 +103,7 @@ impl Workers {
     }
 
     async fn execute(&self, t: Claimed) {
-        let span = tracing::info_span!("task", id = t.id, kind = %t.kind, customer = %t.customer_id, attempt = t.attempt);
+        let span = tracing::info_span!("task", id = t.id, kind = %t.kind, subject = %t.subject(), attempt = t.attempt);
         let _e = span.enter();
         tracing::info!("task started");
         let meter = Meter::new(self.cfg.backup_max_bytes_per_sec);
@@ -178,7 +180,7 @@ impl Workers {
         tracing::info!(result = result_label, error = message.as_deref(), "task ended");
         self.events
             .publish(
-                &t.customer_id,
+                t.subject(),
                 &format!("t{}-a{}-end", t.id, t.attempt),
                 &name,
                 t.id,
@@ -190,8 +192,8 @@ impl Workers {
             .audit(
                 &t.created_by,
                 &format!("task.{}", t.kind),
-                Some(&t.customer_id),
-                Some(&t.id.to_string()),
+                t.customer_id.as_deref(),
+                Some(&t.app.as_ref().map_or_else(|| t.id.to_string(), |a| format!("{a}#{}", t.id))),
                 result_label,
                 &data,
             )
@@ -199,7 +201,7 @@ impl Workers {
     }
 
     async fn customer(&self, t: &Claimed) -> Option<crate::db::Customer> {
-        self.db.customer(&t.customer_id).await.ok().flatten()
+        self.db.customer(t.customer_id.as_deref()?).await.ok().flatten()
     }
 
     async fn perform(&self, t: &Claimed, progress: Arc<Progress>) -> Result<Value, Failure> {
@@ -208,10 +210,19 @@ impl Workers {
             retryable,
             cancelled: false,
         };
-        let c = self
-            .customer(t)
-            .await
-            .ok_or_else(|| fail(format!("customer {} is not registered", t.customer_id), false))?;
+        if t.kind == "deploy" {
+            return self.paas.deploy(&self.db, t, &progress).await.map_err(|e| Failure {
+                cancelled: matches!(e, crate::paas::PaasError::Cancelled),
+                retryable: e.retryable(),
+                message: e.to_string(),
+            });
+        }
+        let c = self.customer(t).await.ok_or_else(|| {
+            fail(
+                format!("customer {} is not registered", t.customer_id.as_deref().unwrap_or("?")),
+                false,
+            )
+        })?;
         match t.kind.as_str() {
             "backup" => {
                 let kind = t.params["type"].as_str().unwrap_or("fast").to_string();
@@ -296,7 +307,7 @@ async fn heartbeat(
         seq += 1;
         events
             .publish(
-                &t.customer_id,
+                t.subject(),
                 &format!("t{}-a{}-p{seq}", t.id, t.attempt),
                 &format!("{}-progress", t.kind),
                 t.id,

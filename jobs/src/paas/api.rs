@@ -1,0 +1,377 @@
+//! The apps REST API: create, list, get (with container state, memory
+//! and CPU), delete, deploy/redeploy (a queued task), stop, start, logs
+//! (tail and follow) and an app's tasks; plus `/api/paas/routes`, the
+//! route table the gateway polls (service token).
+//!
+//! Every handler checks the caller, then that Docker answers (503
+//! `docker_unreachable` naming the engine address), then the database.
+//! Names are DNS labels; repositories and refs are validated
+//! ([`super::source`]); nothing from a request reaches a shell.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures_util::StreamExt;
+use portico_common::api::ApiError;
+use portico_config::is_http_path;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::PaasError;
+use super::source::{Repo, is_git_ref};
+use crate::api::{Api, OPS_LEAD, STAFF, SUPER_ADMIN, bad, json_body, not_found};
+use crate::db::{App, Subject};
+
+/// The role of other Portico services (the gateway reads the routes).
+const SERVICE: &str = "service";
+
+impl From<PaasError> for ApiError {
+    fn from(e: PaasError) -> Self {
+        match e {
+            PaasError::Unreachable { .. } => {
+                ApiError(StatusCode::SERVICE_UNAVAILABLE, "docker_unreachable", e.to_string())
+            }
+            PaasError::Db(e) => e.into(),
+            e => ApiError(StatusCode::BAD_GATEWAY, "docker", e.to_string()),
+        }
+    }
+}
+
+pub fn router(api: Arc<Api>) -> Router {
+    Router::new()
+        .route("/api/apps", post(create).get(list))
+        .route("/api/apps/{name}", get(show).delete(delete))
+        .route("/api/apps/{name}/deploy", post(deploy))
+        .route("/api/apps/{name}/stop", post(stop))
+        .route("/api/apps/{name}/start", post(start))
+        .route("/api/apps/{name}/logs", get(logs))
+        .route("/api/apps/{name}/tasks", get(tasks))
+        .route("/api/apps/{name}/tasks/{task}", get(task))
+        .route("/api/paas/routes", get(routes))
+        .with_state(api)
+}
+
+/// An app name: one DNS label (it becomes `<name>.<paas.domain>`).
+pub fn is_app_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn name_ok(name: &str) -> Result<(), ApiError> {
+    if is_app_name(name) {
+        Ok(())
+    } else {
+        Err(bad(
+            "invalid_name",
+            "app names are DNS labels: 1-63 of a-z 0-9 - (not starting or ending with -)",
+        ))
+    }
+}
+
+impl Api {
+    /// Docker answers (checked before anything else an app call needs).
+    async fn docker(&self) -> Result<(), ApiError> {
+        self.paas.engine.ping().await.map_err(ApiError::from)
+    }
+
+    async fn app(&self, name: &str) -> Result<App, ApiError> {
+        name_ok(name)?;
+        self.db()?
+            .app(name)
+            .await?
+            .ok_or_else(|| not_found(format!("app {name}")))
+    }
+
+    /// 409 while the app has a queued or running task.
+    async fn idle(&self, name: &str) -> Result<(), ApiError> {
+        match self.db()?.active_task(Subject::App(name)).await? {
+            Some(task) => Err(ApiError(
+                StatusCode::CONFLICT,
+                "app_busy",
+                format!("app {name} has an active task {task}"),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    async fn app_audit(&self, who: &str, action: &str, app: &str, result: &str, detail: serde_json::Value) {
+        if let Ok(db) = self.db()
+            && let Err(e) = db.audit(who, action, None, Some(&format!("app:{app}")), result, &detail).await
+        {
+            tracing::error!(error = %e, action, "audit log write failed");
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewApp {
+    name: String,
+    /// An absolute path or `file://` URL under `paas.local_repos_root`, or
+    /// an `https://` URL.
+    repo: String,
+    /// Branch or tag; default: the repository's default branch.
+    #[serde(rename = "ref")]
+    git_ref: Option<String>,
+    /// The port the app listens on in its container (for a repository's
+    /// own Dockerfile that does not EXPOSE exactly one).
+    port: Option<u16>,
+    /// Health-check path; default `paas.health.path`.
+    health_path: Option<String>,
+    /// Queue the first deploy at once (default true).
+    deploy: Option<bool>,
+}
+
+async fn create(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    body: Result<Json<NewApp>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let who = api.caller(&headers, &[SUPER_ADMIN, OPS_LEAD])?;
+    let req = json_body(body)?;
+    name_ok(&req.name)?;
+    let repo = Repo::parse(&req.repo, api.paas.cfg.local_repos_root.as_deref())
+        .map_err(|e| bad("invalid_repo", e))?;
+    if let Some(r) = &req.git_ref
+        && !is_git_ref(r)
+    {
+        return Err(bad("invalid_ref", format!("`{r}` is not a branch or tag name")));
+    }
+    if req.port == Some(0) {
+        return Err(bad("invalid_port", "port must be between 1 and 65535"));
+    }
+    let health_path = req.health_path.unwrap_or_else(|| api.paas.cfg.health.path.clone());
+    if !is_http_path(&health_path) {
+        return Err(bad(
+            "invalid_health_path",
+            "health_path must be an absolute path of at most 256 printable characters",
+        ));
+    }
+    api.docker().await?;
+    let app = App {
+        name: req.name.clone(),
+        repo: match repo {
+            Repo::Local(p) => p.display().to_string(),
+            Repo::Https(u) => u,
+        },
+        git_ref: req.git_ref,
+        port: req.port.map(i32::from),
+        health_path,
+        desired: "running".into(),
+        kind: None,
+        container: None,
+        image: None,
+        host_port: None,
+        deployed_at: None,
+        created_by: who.sub.clone(),
+        created_at: String::new(),
+    };
+    let db = api.db()?;
+    let r = db.add_app(&app, api.paas.cfg.max_apps).await;
+    api.app_audit(&who.sub, "app.create", &app.name, if r.is_ok() { "ok" } else { "refused" }, json!({ "repo": app.repo }))
+        .await;
+    r?;
+    api.events
+        .open_channel(Subject::App(&app.name), std::slice::from_ref(&who.sub))
+        .await;
+    let task = if req.deploy.unwrap_or(true) {
+        Some(db.enqueue(Subject::App(&app.name), "deploy", &json!({}), &who.sub, api.cfg.max_attempts).await?)
+    } else {
+        None
+    };
+    let app = db.app(&app.name).await?.ok_or_else(|| not_found("app vanished"))?;
+    Ok((StatusCode::CREATED, Json(json!({ "app": app, "task": task }))))
+}
+
+async fn list(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<impl IntoResponse, ApiError> {
+    api.caller(&headers, STAFF)?;
+    api.docker().await?;
+    Ok(Json(json!({ "apps": api.db()?.apps().await? })))
+}
+
+async fn show(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    api.caller(&headers, STAFF)?;
+    api.docker().await?;
+    let app = api.app(&name).await?;
+    let status = api.paas.status(&app).await?;
+    let active = api.db()?.active_task(Subject::App(&name)).await?;
+    Ok(Json(json!({
+        "app": app,
+        "status": status,
+        "active_task": active,
+        "url": format!("https://{name}.{}/", api.paas.cfg.domain),
+        "path": format!("/paas/{name}/"),
+    })))
+}
+
+async fn delete(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let who = api.caller(&headers, &[SUPER_ADMIN, OPS_LEAD])?;
+    api.docker().await?;
+    api.app(&name).await?;
+    api.idle(&name).await?;
+    // The route goes first (the gateway then answers 404), then Docker's
+    // containers and images: a failure half way leaves only orphans,
+    // which the watcher removes.
+    api.db()?.delete_app(&name).await?;
+    let removed = api.paas.remove_all(&name).await;
+    api.app_audit(&who.sub, "app.delete", &name, if removed.is_ok() { "ok" } else { "partial" }, json!({}))
+        .await;
+    removed?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn deploy(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let who = api.caller(&headers, STAFF)?;
+    api.docker().await?;
+    api.app(&name).await?;
+    let r = api
+        .db()?
+        .enqueue(Subject::App(&name), "deploy", &json!({}), &who.sub, api.cfg.max_attempts)
+        .await;
+    api.app_audit(&who.sub, "app.deploy", &name, if r.is_ok() { "queued" } else { "refused" }, json!({}))
+        .await;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "task": r?, "state": "queued" }))))
+}
+
+async fn stop(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let who = api.caller(&headers, STAFF)?;
+    api.docker().await?;
+    let app = api.app(&name).await?;
+    api.idle(&name).await?;
+    let id = app
+        .container
+        .ok_or_else(|| ApiError(StatusCode::CONFLICT, "not_deployed", format!("app {name} is not deployed")))?;
+    // The route says stopped first, so the gateway answers 503 instead
+    // of trying a container on its way down.
+    api.db()?.set_app_desired(&name, "stopped").await?;
+    api.paas.engine.stop(&id).await?;
+    api.app_audit(&who.sub, "app.stop", &name, "ok", json!({})).await;
+    Ok(Json(json!({ "app": name, "state": "stopped" })))
+}
+
+async fn start(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let who = api.caller(&headers, STAFF)?;
+    api.docker().await?;
+    let app = api.app(&name).await?;
+    api.idle(&name).await?;
+    let id = app
+        .container
+        .ok_or_else(|| ApiError(StatusCode::CONFLICT, "not_deployed", format!("app {name} is not deployed")))?;
+    api.paas.engine.start(&id).await?;
+    // Docker publishes a started container on a fresh port.
+    let port = api.paas.engine.inspect(&id).await?.and_then(|i| i.host_port);
+    let db = api.db()?;
+    db.set_app_port(&name, &id, port).await?;
+    db.set_app_desired(&name, "running").await?;
+    api.app_audit(&who.sub, "app.start", &name, "ok", json!({})).await;
+    Ok(Json(json!({ "app": name, "state": "running" })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogQuery {
+    tail: Option<usize>,
+    follow: Option<bool>,
+}
+
+/// The container's output as text: the last `tail` lines (default 100,
+/// at most 10,000), then, with `follow=true`, new lines as they come.
+async fn logs(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    query: Result<Query<LogQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    api.caller(&headers, STAFF)?;
+    let Query(q) = query.map_err(|e| bad("invalid_query", e.body_text()))?;
+    let tail = q.tail.unwrap_or(100);
+    if tail > 10_000 {
+        return Err(bad("invalid_tail", "tail must be at most 10000"));
+    }
+    api.docker().await?;
+    let app = api.app(&name).await?;
+    let id = app
+        .container
+        .ok_or_else(|| ApiError(StatusCode::CONFLICT, "not_deployed", format!("app {name} is not deployed")))?;
+    let stream = api.paas.engine.logs(&id, tail, q.follow.unwrap_or(false)).await?;
+    let body = Body::from_stream(stream.map(|r| r.map_err(std::io::Error::other)));
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())
+}
+
+async fn tasks(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    api.caller(&headers, STAFF)?;
+    name_ok(&name)?;
+    Ok(Json(json!({ "tasks": api.db()?.tasks(Subject::App(&name), 100).await? })))
+}
+
+async fn task(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path((name, task)): Path<(String, i64)>,
+) -> Result<impl IntoResponse, ApiError> {
+    api.caller(&headers, STAFF)?;
+    name_ok(&name)?;
+    let t = api
+        .db()?
+        .task(Subject::App(&name), task)
+        .await?
+        .ok_or_else(|| not_found(format!("task {task}")))?;
+    Ok(Json(t))
+}
+
+/// The gateway's route table: every app, whether it should serve, and
+/// where (127.0.0.1 and the container's published port).
+async fn routes(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<impl IntoResponse, ApiError> {
+    api.caller(&headers, &[SERVICE, SUPER_ADMIN])?;
+    let apps = api.db()?.apps().await?;
+    let routes: Vec<_> = apps
+        .iter()
+        .map(|a| {
+            let state = match (&a.container, a.desired.as_str()) {
+                (None, _) => "not_deployed",
+                (Some(_), "stopped") => "stopped",
+                _ => "running",
+            };
+            json!({
+                "name": a.name,
+                "state": state,
+                "upstream": a.host_port.filter(|_| state == "running").map(|p| format!("127.0.0.1:{p}")),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "apps": routes })))
+}

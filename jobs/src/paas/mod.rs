@@ -1,0 +1,472 @@
+//! PaaS: hosted apps built from a git repository and run in capped Docker
+//! containers, served by the gateway at `<app>.<paas.domain>` and
+//! `/paas/<app>/` while their host ports stay private.
+//!
+//! A deploy is a task on the jobs queue (one active task per app): clone
+//! ([`source`]), detect the type and generate a Dockerfile, tar the
+//! context ([`context`]), build, start the new container next to the old
+//! one ([`engine`]), wait for its health, then switch the app's route (a
+//! fenced database update) and remove the old container. If the new one
+//! never becomes healthy the old one keeps serving and the task fails with
+//! the new container's last log lines.
+//!
+//! The database row says which container serves an app; Docker labels say
+//! which containers and images are Portico's. [`Paas::watch`] keeps the
+//! two in step: it follows a container to a new host port after Docker
+//! restarted it, and removes containers and images no app or running
+//! deploy owns (what a killed deploy leaves behind).
+
+pub mod api;
+pub mod context;
+pub mod engine;
+pub mod source;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use portico_config::PaasConfig;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::db::{App, Claimed, Db, DbError};
+use crate::progress::Progress;
+use engine::{APP_LABEL, Engine, Limits, TASK_LABEL};
+use source::{Kind, Repo};
+
+/// Why a PaaS operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PaasError {
+    #[error("Docker engine not reachable at {addr}: {reason}")]
+    Unreachable { addr: String, reason: String },
+    #[error("docker: {0}")]
+    Docker(String),
+    #[error("repository: {0}")]
+    Repo(String),
+    #[error("{0}")]
+    Clone(String),
+    #[error("{0}")]
+    Detect(String),
+    #[error("build context: {0}")]
+    Context(String),
+    #[error("image build failed:\n{0}")]
+    Build(String),
+    #[error("{0}")]
+    Port(String),
+    #[error(
+        "the new container never became healthy at {path} within {secs} s ({last}); the previous version keeps serving. Last log lines:\n{logs}"
+    )]
+    Unhealthy {
+        path: String,
+        secs: u64,
+        last: String,
+        logs: String,
+    },
+    #[error("cancelled")]
+    Cancelled,
+    #[error("the deploy lost its lease before switching; nothing was switched")]
+    Fenced,
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl PaasError {
+    /// Worth another attempt: the engine, the network or the database
+    /// may come back; a broken build or an unhealthy app will not.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            PaasError::Unreachable { .. } | PaasError::Clone(_) | PaasError::Db(DbError::Unavailable(_))
+        )
+    }
+}
+
+/// The PaaS engine of one jobs process.
+pub struct Paas {
+    pub cfg: PaasConfig,
+    pub engine: Engine,
+    work_dir: PathBuf,
+    probe: reqwest::Client,
+}
+
+/// What a container is doing, as the API reports it.
+pub fn state_of(app: &App, i: Option<&engine::Inspected>, max_restarts: u32) -> &'static str {
+    match i {
+        _ if app.container.is_none() => "not_deployed",
+        None => "missing",
+        Some(_) if app.desired == "stopped" => "stopped",
+        Some(i) if i.running && !i.restarting => "running",
+        Some(i) if i.restarting => "restarting",
+        Some(i) if (i.exit_code != 0 || i.oom_killed) && i.restart_count >= i64::from(max_restarts) => "failed",
+        Some(i) if i.exit_code != 0 => "crashed",
+        Some(_) => "exited",
+    }
+}
+
+/// Removes a directory when dropped (clones of finished deploys).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Paas {
+    pub fn new(cfg: &PaasConfig, data_dir: &std::path::Path) -> Paas {
+        Paas {
+            cfg: cfg.clone(),
+            engine: Engine::new(&cfg.docker),
+            work_dir: cfg.work_dir.clone().unwrap_or_else(|| data_dir.join("paas")),
+            probe: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .timeout(Duration::from_secs(cfg.health.timeout_secs))
+                .build()
+                .expect("HTTP client"),
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        let memory = (self.cfg.memory_mb << 20) as i64;
+        Limits {
+            memory_bytes: memory,
+            nano_cpus: (self.cfg.cpus * 1e9).round() as i64,
+            max_restarts: i64::from(self.cfg.max_restarts),
+        }
+    }
+
+    /// Runs a deploy task for app `t.app`: build, start, health gate,
+    /// switch. See the module docs.
+    pub async fn deploy(&self, db: &Db, t: &Claimed, progress: &Progress) -> Result<Value, PaasError> {
+        let name = t.app.as_deref().ok_or(PaasError::Docker("a deploy task names no app".into()))?;
+        let app = db
+            .app(name)
+            .await?
+            .ok_or_else(|| DbError::Missing(format!("app {name}")))?;
+        let cancelled = || progress.meter.cancelled.load(Ordering::Acquire);
+        let repo = Repo::parse(&app.repo, self.cfg.local_repos_root.as_deref()).map_err(PaasError::Repo)?;
+
+        progress.step("clone");
+        std::fs::create_dir_all(&self.work_dir)
+            .map_err(|e| PaasError::Context(format!("{}: {e}", self.work_dir.display())))?;
+        let dir = self.work_dir.join(format!("{name}-t{}-a{}", t.id, t.attempt));
+        let _ = std::fs::remove_dir_all(&dir);
+        let _cleanup = RemoveOnDrop(dir.clone());
+        let timeout = Duration::from_secs(self.cfg.clone_timeout_secs);
+        let commit = source::clone(&repo, app.git_ref.as_deref(), &dir, timeout).await?;
+        progress.line(&format!("cloned {} at {commit}", app.repo));
+
+        progress.step("detect");
+        let kind = source::detect(&dir)?;
+        let generated = source::dockerfile(&kind, &self.cfg.images);
+        progress.line(&format!(
+            "type {}{}",
+            kind.name(),
+            if generated.is_some() { " (generated Dockerfile)" } else { "" }
+        ));
+        if cancelled() {
+            return Err(PaasError::Cancelled);
+        }
+
+        progress.step("context");
+        let max = self.cfg.max_context_bytes;
+        let (ctx_dir, text) = (dir.clone(), generated.clone());
+        let tar = tokio::task::spawn_blocking(move || context::tar(&ctx_dir, text.as_deref(), max))
+            .await
+            .map_err(|e| PaasError::Context(e.to_string()))??;
+        progress.line(&format!("build context {} bytes", tar.len()));
+
+        progress.step("build");
+        let tag = format!("portico-app-{name}:t{}", t.id);
+        let labels = HashMap::from([
+            (APP_LABEL.to_string(), name.to_string()),
+            (TASK_LABEL.to_string(), t.id.to_string()),
+        ]);
+        let dockerfile = if generated.is_some() {
+            context::GENERATED_DOCKERFILE
+        } else {
+            "Dockerfile"
+        };
+        let build = self
+            .engine
+            .build(tar, dockerfile, &tag, labels.clone(), |l| progress.line(l));
+        let built = match tokio::time::timeout(Duration::from_secs(self.cfg.build_timeout_secs), build).await {
+            Ok(r) => r,
+            Err(_) => Err(PaasError::Build(format!(
+                "timed out after {} s (paas.build_timeout_secs)",
+                self.cfg.build_timeout_secs
+            ))),
+        };
+        if let Err(e) = built {
+            let _ = self.engine.remove_image(&tag).await;
+            return Err(e);
+        }
+        if cancelled() {
+            let _ = self.engine.remove_image(&tag).await;
+            return Err(PaasError::Cancelled);
+        }
+        let port = match app.port.map(|p| p as u16).or_else(|| source::generated_port(&kind)) {
+            Some(p) => p,
+            None => match self.engine.exposed_port(&tag).await? {
+                Some(p) => p,
+                None => {
+                    let _ = self.engine.remove_image(&tag).await;
+                    return Err(PaasError::Port(
+                        "the image does not EXPOSE exactly one TCP port: set the app's port".into(),
+                    ));
+                }
+            },
+        };
+
+        progress.step("start");
+        let cname = format!("portico-{name}-t{}-a{}", t.id, t.attempt);
+        self.engine.remove_container(&cname).await?;
+        let id = match self.engine.run(&cname, &tag, port, labels, self.limits()).await {
+            Ok(id) => id,
+            Err(e) => {
+                let _ = self.engine.remove_image(&tag).await;
+                return Err(e);
+            }
+        };
+
+        progress.step("health");
+        let host_port = match self.wait_healthy(&id, &app.health_path, &cancelled).await {
+            Ok(p) => p,
+            Err(e) => {
+                let e = match e {
+                    PaasError::Unhealthy { path, secs, last, .. } => PaasError::Unhealthy {
+                        path,
+                        secs,
+                        last,
+                        logs: source::last_lines(&self.engine.log_tail(&id, 20).await, 20).replace(" | ", "\n"),
+                    },
+                    e => e,
+                };
+                let _ = self.engine.remove_container(&id).await;
+                let _ = self.engine.remove_image(&tag).await;
+                return Err(e);
+            }
+        };
+
+        progress.step("switch");
+        let switched = db.switch_app(t, name, kind.name(), &id, &tag, host_port).await;
+        let (old_container, old_image) = match switched {
+            Ok(Some(old)) => old,
+            Ok(None) | Err(_) => {
+                let _ = self.engine.remove_container(&id).await;
+                let _ = self.engine.remove_image(&tag).await;
+                return Err(match switched {
+                    Err(e) => e.into(),
+                    _ => PaasError::Fenced,
+                });
+            }
+        };
+        // Traffic has moved (the gateway picks the route up within a
+        // poll); the old container goes. A failure here leaves an orphan
+        // that `watch` removes.
+        if let Some(old) = old_container.filter(|o| *o != id) {
+            let _ = self.engine.remove_container(&old).await;
+        }
+        if let Some(old) = old_image.filter(|o| *o != tag) {
+            let _ = self.engine.remove_image(&old).await;
+        }
+        let kind_name = match kind {
+            Kind::Static(root) => format!("static ({root})"),
+            k => k.name().to_string(),
+        };
+        Ok(json!({
+            "app": name,
+            "commit": commit,
+            "type": kind_name,
+            "image": tag,
+            "container": &id[..id.len().min(12)],
+            "container_port": port,
+        }))
+    }
+
+    /// Probes the container every `health.interval_ms` until it answers
+    /// 2xx/3xx on `path`; returns its host port. Re-reads the port on each
+    /// round: Docker may publish another one after a restart.
+    async fn wait_healthy(&self, id: &str, path: &str, cancelled: &(dyn Fn() -> bool + Sync)) -> Result<u16, PaasError> {
+        let h = &self.cfg.health;
+        let deadline = Instant::now() + Duration::from_secs(h.deadline_secs);
+        let mut last;
+        loop {
+            if cancelled() {
+                return Err(PaasError::Cancelled);
+            }
+            match self.engine.inspect(id).await? {
+                None => last = "the container disappeared".into(),
+                Some(i) if !i.running && !i.restarting && i.restart_count >= i64::from(self.cfg.max_restarts) => {
+                    last = format!("the container exited with code {} and is not restarted", i.exit_code);
+                    break;
+                }
+                Some(i) => match i.host_port {
+                    Some(port) if i.running => {
+                        let url = format!("http://127.0.0.1:{port}{path}");
+                        match self.probe.get(&url).send().await {
+                            Ok(r) if r.status().is_success() || r.status().is_redirection() => return Ok(port),
+                            Ok(r) => last = format!("HTTP {}", r.status().as_u16()),
+                            Err(e) => last = format!("{}", error_chain(&e)),
+                        }
+                    }
+                    _ => last = format!("container {}", i.status),
+                },
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(h.interval_ms)).await;
+        }
+        Err(PaasError::Unhealthy {
+            path: path.to_string(),
+            secs: h.deadline_secs,
+            last,
+            logs: String::new(),
+        })
+    }
+
+    /// The app's container state and resource use, from Docker.
+    pub async fn status(&self, app: &App) -> Result<Value, PaasError> {
+        let Some(id) = app.container.as_deref() else {
+            return Ok(json!({ "state": "not_deployed" }));
+        };
+        let i = self.engine.inspect(id).await?;
+        let state = state_of(app, i.as_ref(), self.cfg.max_restarts);
+        let stats = match &i {
+            Some(i) if i.running => self.engine.stats(id).await?,
+            _ => None,
+        };
+        Ok(json!({
+            "state": state,
+            "container": i.as_ref().map(|i| json!({
+                "status": i.status,
+                "exit_code": i.exit_code,
+                "oom_killed": i.oom_killed,
+                "restart_count": i.restart_count,
+            })),
+            "limits": i.as_ref().map(|i| json!({
+                "memory_bytes": i.memory,
+                "memory_swap_bytes": i.memory_swap,
+                "nano_cpus": i.nano_cpus,
+                "restart_policy": i.restart_policy.0,
+                "max_restarts": i.restart_policy.1,
+            })),
+            "stats": stats,
+        }))
+    }
+
+    /// Removes everything Docker holds for `app` (containers, images) and
+    /// its leftover clones.
+    pub async fn remove_all(&self, app: &str) -> Result<(), PaasError> {
+        for c in self.engine.containers(Some(app)).await? {
+            if let Some(id) = c.id {
+                self.engine.remove_container(&id).await?;
+            }
+        }
+        for (id, _, _) in self.engine.images(Some(app)).await? {
+            self.engine.remove_image(&id).await?;
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.work_dir) {
+            let prefix = format!("{app}-t");
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps the database in step with Docker until `stop` (see the module
+    /// docs): ports every `paas.routes_poll_ms`, orphans every 30 s.
+    pub async fn watch(self: Arc<Self>, db: Db, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.routes_poll_ms.max(250)));
+        let mut last_sweep = Instant::now();
+        let mut warned = false;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let sweep = last_sweep.elapsed() >= Duration::from_secs(30);
+            match self.reconcile(&db, sweep).await {
+                Ok(()) => warned = false,
+                Err(e) if !warned => {
+                    tracing::warn!(error = %e, "cannot compare apps with Docker");
+                    warned = true;
+                }
+                Err(_) => {}
+            }
+            if sweep {
+                last_sweep = Instant::now();
+            }
+        }
+    }
+
+    /// One round of [`Paas::watch`].
+    pub async fn reconcile(&self, db: &Db, sweep: bool) -> Result<(), PaasError> {
+        let apps = db.apps().await?;
+        if apps.is_empty() && !sweep {
+            return Ok(());
+        }
+        let containers = self.engine.containers(None).await?;
+        for app in &apps {
+            let Some(current) = &app.container else { continue };
+            let Some(c) = containers.iter().find(|c| c.id.as_ref() == Some(current)) else {
+                continue;
+            };
+            let port = c
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.ip.as_deref() == Some("127.0.0.1"))
+                .and_then(|p| p.public_port);
+            if db.set_app_port(&app.name, current, port).await? {
+                tracing::info!(app = app.name, port, "app container published on a new port");
+            }
+        }
+        if !sweep {
+            return Ok(());
+        }
+        // Listed before the active tasks are read: whatever a deploy
+        // starts after this point is not in these lists.
+        let image_list = self.engine.images(None).await?;
+        let active: HashSet<String> = db.active_app_tasks().await?.iter().map(i64::to_string).collect();
+        let in_progress = |labels: Option<&HashMap<String, String>>| {
+            labels
+                .and_then(|l| l.get(TASK_LABEL))
+                .is_some_and(|t| active.contains(t))
+        };
+        let serving: HashSet<&str> = apps.iter().filter_map(|a| a.container.as_deref()).collect();
+        for c in &containers {
+            let Some(id) = c.id.as_deref() else { continue };
+            if !serving.contains(id) && !in_progress(c.labels.as_ref()) {
+                tracing::info!(container = id, "removing an orphaned app container");
+                self.engine.remove_container(id).await?;
+            }
+        }
+        let images: HashSet<&str> = apps.iter().filter_map(|a| a.image.as_deref()).collect();
+        for (id, tags, labels) in image_list {
+            if !tags.iter().any(|t| images.contains(t.as_str())) && !in_progress(Some(&labels)) {
+                tracing::info!(image = id, "removing an orphaned app image");
+                self.engine.remove_image(&id).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An error and its sources, on one line (reqwest hides the cause).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
