@@ -64,6 +64,11 @@ pub fn run(mut cfg: PorticoConfig, config_path: Option<&std::path::Path>) -> Exi
         "  chat shards: {:?}  jobs: {}  metrics: http://{}/metrics",
         g.chat_shards, g.jobs_upstream, g.admin_listen
     );
+    println!(
+        "  hosted apps: https://<app>.{}:{}/ (the apps API needs jobs.postgres_url and Docker)",
+        cfg.paas.domain,
+        g.https_listen.port()
+    );
     println!("  Ctrl-C stops everything.");
     println!();
     portico_gateway::run(server, stop.clone());

@@ -440,6 +440,10 @@ pub struct PaasConfig {
     pub domain: String,
     /// The Docker engine: `unix:///var/run/docker.sock` or `http://host:port`.
     pub docker: String,
+    /// Names this installation on the engine (label `portico.instance`,
+    /// container and image name prefix): installations sharing an engine
+    /// never touch each other's containers.
+    pub instance: String,
     /// Clones and build contexts; default `<data_dir>/paas`.
     pub work_dir: Option<PathBuf>,
     /// Local repositories (paths or `file://` URLs) must lie under this
@@ -474,6 +478,7 @@ impl Default for PaasConfig {
         PaasConfig {
             domain: "paas.localhost".into(),
             docker: "unix:///var/run/docker.sock".into(),
+            instance: "portico".into(),
             work_dir: None,
             local_repos_root: None,
             images: PaasImages::default(),
@@ -751,7 +756,20 @@ impl PorticoConfig {
         if !(p.docker.starts_with("unix:///") || p.docker.starts_with("http://")) {
             return bad("paas.docker", "must be unix:///path or http://host:port");
         }
-        for (key, dir) in [("paas.work_dir", &p.work_dir), ("paas.local_repos_root", &p.local_repos_root)] {
+        if p.instance.is_empty()
+            || p.instance.len() > 32
+            || p.instance.starts_with('-')
+            || !p
+                .instance
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return bad("paas.instance", "must be 1-32 of a-z 0-9 - (not starting with -)");
+        }
+        for (key, dir) in [
+            ("paas.work_dir", &p.work_dir),
+            ("paas.local_repos_root", &p.local_repos_root),
+        ] {
             if dir.as_ref().is_some_and(|d| !d.is_absolute()) {
                 return bad(key, "must be an absolute path");
             }

@@ -164,3 +164,39 @@ fn jobs_keys_are_checked() {
         assert!(e.contains(key), "{var}={value}: {e}");
     }
 }
+
+#[test]
+fn paas_keys_are_checked() {
+    for (var, value, key) in [
+        ("PORTICO_PAAS__DOMAIN", "not a domain", "paas.domain"),
+        ("PORTICO_PAAS__DOCKER", "tcp://1.2.3.4:2375", "paas.docker"),
+        ("PORTICO_PAAS__INSTANCE", "Bad_Name", "paas.instance"),
+        (
+            "PORTICO_PAAS__LOCAL_REPOS_ROOT",
+            "relative",
+            "paas.local_repos_root",
+        ),
+        ("PORTICO_PAAS__IMAGES__STATIC", "with space", "paas.images.static"),
+        ("PORTICO_PAAS__MEMORY_MB", "1", "paas.memory_mb"),
+        ("PORTICO_PAAS__CPUS", "0", "paas.cpus"),
+        ("PORTICO_PAAS__HEALTH__PATH", "health", "paas.health.path"),
+        (
+            "PORTICO_PAAS__HEALTH__DEADLINE_SECS",
+            "0",
+            "paas.health.deadline_secs",
+        ),
+        ("PORTICO_PAAS__ROUTES_POLL_MS", "5", "paas.routes_poll_ms"),
+        ("PORTICO_PAAS__MAX_RESTARTS", "1000", "paas.max_restarts"),
+    ] {
+        let e = err(|j| {
+            j.set_env(var, value);
+            Ok(None)
+        });
+        assert!(e.contains(key), "{var}={value}: {e}");
+    }
+    let e = err(|j| {
+        j.create_file("p.toml", "[paas.images]\nruby = \"ruby:3\"\n")?;
+        Ok(Some("p.toml"))
+    });
+    assert!(e.contains("ruby"), "unknown image kinds are refused: {e}");
+}

@@ -2,7 +2,8 @@
 //!
 //! [`build`] assembles a Pingora server from the configuration: the HTTPS
 //! listener ([`proxy`], certificates from [`tls`]), the plain-HTTP redirect
-//! ([`redirect`]), health checks of the chat shards and the admin endpoints.
+//! ([`redirect`]), health checks of the chat shards, the hosted-app route
+//! table ([`paas`]) and the admin endpoints.
 //! [`run`] blocks until the stop token or a signal ends it: SIGTERM/SIGINT
 //! drain gracefully, SIGQUIT hands the listening sockets to a new process
 //! started with `--upgrade` (zero-downtime restart).
@@ -11,6 +12,7 @@ pub mod acme;
 pub mod guard;
 pub mod headers;
 pub mod limits;
+pub mod paas;
 pub mod proxy;
 pub mod redirect;
 pub mod reload;
@@ -73,6 +75,9 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Serve
     let certs = tls::CertStore::open(&cfg.data_dir.join("certs"))?;
     // With ACME too: served until the first certificate is issued.
     certs.ensure_self_signed(&g.hostnames)?;
+    // App hostnames (`<app>.<domain>`): one wildcard certificate, stored
+    // under the domain's name; replace it with a real one there.
+    certs.ensure_self_signed_wildcard(&cfg.paas.domain)?;
     let challenges = Arc::new(acme::Challenges::default());
 
     let conf = ServerConf {
@@ -98,12 +103,25 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Serve
 
     let limits = Arc::new(limits::Limits::new(&g.limits));
     let routes = Arc::new(ArcSwap::from_pointee(routes::Routes::from_config(g)));
+    let tokens = Tokens::new(&cfg.auth.jwt_secret);
+    let apps = Arc::new(paas::AppRoutes::new(&cfg.paas.domain, g.max_body_bytes));
+    let poller = paas::RoutesPoller {
+        routes: apps.clone(),
+        url: format!("http://{}/api/paas/routes", g.jobs_upstream.0),
+        token: tokens.issue(
+            "portico-gateway",
+            &["service"],
+            Duration::from_secs(10 * 365 * 86400),
+        ),
+        every: Duration::from_millis(cfg.paas.routes_poll_ms),
+    };
     let edge = proxy::Edge {
         routes: routes.clone(),
         chat: health.task(),
-        tokens: Tokens::new(&cfg.auth.jwt_secret),
+        tokens,
         limits: limits.clone(),
         trusted_proxies: g.trusted_proxies.clone(),
+        apps,
     };
     let conns = &g.connections;
     let mut proxy = pingora::proxy::http_proxy(&server.configuration, edge);
@@ -155,6 +173,7 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Serve
     server.add_service(https);
     server.add_service(http);
     server.add_service(admin);
+    server.add_service(background_service("app routes", poller));
     server.add_service(background_service(
         "rate limit eviction",
         LimitsGc {
@@ -231,6 +250,10 @@ fn describe_metrics() {
     describe_counter!(
         "portico_gateway_rate_limited_total",
         "Requests answered 429, by route."
+    );
+    describe_counter!(
+        "portico_gateway_app_route_updates_total",
+        "Times the hosted-app route table changed (fetched from the jobs service)."
     );
     describe_counter!(
         "portico_gateway_reloads_total",

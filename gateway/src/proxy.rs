@@ -11,12 +11,14 @@ use pingora::http::ResponseHeader;
 use pingora::lb::LoadBalancer;
 use pingora::lb::selection::consistent::KetamaHashing;
 use pingora::prelude::*;
+use pingora::proxy::FailToProxy;
 use portico_common::auth::{Tokens, handshake_token};
 
 use pingora::modules::http::HttpModules;
 use pingora::modules::http::compression::{ResponseCompression, ResponseCompressionBuilder};
 
 use crate::limits::Limits;
+use crate::paas::{Addressed, AppRoutes, AppState};
 use crate::routes::{Route, Routes, Target};
 use arc_swap::ArcSwap;
 
@@ -35,6 +37,25 @@ pub struct Edge {
     pub limits: Arc<Limits>,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpAddr>,
+    /// Hosted apps (`<app>.<paas domain>`, `/paas/<app>/`).
+    pub apps: Arc<AppRoutes>,
+}
+
+/// A request for a hosted app: what the response rewrite needs.
+pub struct AppCtx {
+    name: Arc<str>,
+    by: Addressed,
+    /// `https://` and the Host the client used.
+    origin: String,
+    public_host: String,
+    host_port: u16,
+}
+
+impl AppCtx {
+    /// `/paas/<app>` for prefix-addressed requests.
+    fn prefix(&self) -> Option<String> {
+        (self.by == Addressed::Prefix).then(|| format!("/paas/{}", self.name))
+    }
 }
 
 pub struct Ctx {
@@ -54,6 +75,27 @@ pub struct Ctx {
     failed_shard: Option<std::net::SocketAddr>,
     /// Counted in the open-WebSocket gauge (undone in `logging`).
     websocket: bool,
+    /// Set when the request is for a hosted app.
+    app: Option<AppCtx>,
+}
+
+/// A small HTML page written by the gateway itself (unknown or stopped
+/// apps): never a connection error, never cached.
+async fn page(session: &mut Session, status: u16, title: &str, text: &str) -> Result<bool> {
+    let body = format!(
+        "<!doctype html><html lang=\"en\"><meta charset=\"utf-8\"><title>{title}</title>\
+         <body style=\"font-family:sans-serif;max-width:40em;margin:4em auto\"><h1>{title}</h1><p>{text}</p></body></html>\n"
+    );
+    let mut resp = ResponseHeader::build(status, Some(5))?;
+    resp.insert_header("content-type", "text/html; charset=utf-8")?;
+    resp.insert_header("content-length", body.len())?;
+    resp.insert_header("cache-control", "no-store")?;
+    crate::headers::secure(&mut resp)?;
+    session.write_response_header(Box::new(resp), false).await?;
+    session
+        .write_response_body(Some(bytes::Bytes::from(body)), true)
+        .await?;
+    Ok(true)
 }
 
 /// A short response written by the gateway itself.
@@ -152,6 +194,7 @@ impl ProxyHttp for Edge {
             body_bytes: 0,
             failed_shard: None,
             websocket: false,
+            app: None,
         }
     }
 
@@ -169,6 +212,66 @@ impl ProxyHttp for Edge {
             .or_else(|| req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()));
         let host = host.map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name));
         ctx.route = self.routes.load().route(host, req.uri.path()).clone();
+        if let Some(m) = self.apps.resolve(host, req.uri.path()) {
+            match m.state {
+                None => {
+                    return page(session, 404, "No such app", "No app is deployed at this address.").await;
+                }
+                Some(AppState::Stopped) => {
+                    let text = format!("The app {} is stopped.", m.name);
+                    return page(session, 503, "App stopped", &text).await;
+                }
+                Some(AppState::Down) => {
+                    let text = format!(
+                        "The app {} is not answering right now. Try again in a moment.",
+                        m.name
+                    );
+                    return page(session, 503, "App unavailable", &text).await;
+                }
+                Some(AppState::NotDeployed) => {
+                    let text = format!("The app {} has not been deployed yet.", m.name);
+                    return page(session, 503, "App not deployed", &text).await;
+                }
+                Some(AppState::Running(route)) => {
+                    let req = session.req_header();
+                    if m.by == Addressed::Prefix
+                        && req.uri.path().trim_end_matches('/') == format!("/paas/{}", m.name)
+                        && !req.uri.path().ends_with('/')
+                    {
+                        // Relative links of the app need the trailing slash.
+                        let q = req.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+                        let mut resp = ResponseHeader::build(308, Some(4))?;
+                        resp.insert_header("location", format!("/paas/{}/{q}", m.name))?;
+                        resp.insert_header("content-length", "0")?;
+                        crate::headers::secure(&mut resp)?;
+                        session.write_response_header(Box::new(resp), true).await?;
+                        return Ok(true);
+                    }
+                    let public = req
+                        .headers
+                        .get(http::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+                        .unwrap_or_default()
+                        .to_string();
+                    let host_port = match route.target {
+                        Target::Upstream(a) => a.port(),
+                        Target::Chat => 0,
+                    };
+                    ctx.app = Some(AppCtx {
+                        name: m.name,
+                        by: m.by,
+                        origin: format!("https://{public}"),
+                        public_host: public
+                            .rsplit_once(':')
+                            .map_or(public.as_str(), |(h, _)| h)
+                            .to_string(),
+                        host_port,
+                    });
+                    ctx.route = route;
+                }
+            }
+        }
         // A token costs an HMAC: verify it only where the user matters.
         if ctx.route.is_chat() || ctx.route.class.as_ref().is_some_and(|c| c.limits_users()) {
             ctx.user = self.user(session);
@@ -300,6 +403,22 @@ impl ProxyHttp for Edge {
         if let Some(host) = session.req_header().headers.get(http::header::HOST).cloned() {
             upstream.insert_header("x-forwarded-host", host)?;
         }
+        upstream.remove_header("x-forwarded-prefix");
+        if let Some(app) = &ctx.app
+            && let Some(prefix) = app.prefix()
+        {
+            let uri = &session.req_header().uri;
+            let path = crate::paas::strip_prefix(uri.path(), &app.name);
+            let target = match uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_string(),
+            };
+            let uri = target
+                .parse::<http::Uri>()
+                .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "app path", e))?;
+            upstream.set_uri(uri);
+            upstream.insert_header("x-forwarded-prefix", prefix)?;
+        }
         Ok(())
     }
 
@@ -313,6 +432,27 @@ impl ProxyHttp for Edge {
             metrics::histogram!("portico_gateway_upstream_seconds", "route" => ctx.route.name().to_string())
                 .record(started.elapsed().as_secs_f64());
         }
+        if let Some(app) = &ctx.app {
+            let prefix = app.prefix();
+            for name in [http::header::LOCATION, http::header::CONTENT_LOCATION] {
+                let rewritten = resp
+                    .headers
+                    .get(&name)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|l| {
+                        crate::paas::public_location(
+                            l,
+                            &app.origin,
+                            &app.public_host,
+                            prefix.as_deref(),
+                            app.host_port,
+                        )
+                    });
+                if let Some(l) = rewritten {
+                    resp.insert_header(name, l)?;
+                }
+            }
+        }
         if let Some((cookie, true)) = &ctx.sticky {
             resp.append_header(
                 http::header::SET_COOKIE,
@@ -320,6 +460,38 @@ impl ProxyHttp for Edge {
             )?;
         }
         crate::headers::secure(resp)
+    }
+
+    /// An app whose container does not answer gets a page, not a 502.
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            _ => match e.esource() {
+                ErrorSource::Upstream if ctx.app.is_some() => 503,
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 500,
+            },
+        };
+        if code == 503
+            && session.response_written().is_none()
+            && let Some(app) = &ctx.app
+        {
+            let text = format!(
+                "The app {} is not answering right now. Try again in a moment.",
+                app.name
+            );
+            let _ = page(session, 503, "App unavailable", &text).await;
+        } else if code > 0 {
+            let _ = session.respond_error(code).await;
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
     /// Pingora's own summary (in its error logs) prints the raw target,

@@ -105,8 +105,8 @@ impl Routes {
                 }
             })
             .collect();
-        // The jobs service's API (customers, backups, tasks, audit).
-        for prefix in ["/api/jobs", "/api/customers", "/api/audit"] {
+        // The jobs service's API (customers, backups, tasks, audit, apps).
+        for prefix in ["/api/jobs", "/api/customers", "/api/audit", "/api/apps"] {
             entries.push(Entry {
                 host: None,
                 prefix: prefix.into(),

@@ -129,13 +129,30 @@ impl CertStore {
         if hosts.iter().all(|h| self.has(h)) {
             return Ok(());
         }
-        let generated = rcgen::generate_simple_self_signed(hosts.to_vec())
+        self.self_signed(hosts, hosts)
+    }
+
+    /// Generates a self-signed certificate for `domain` and `*.domain`,
+    /// stored under `domain` (the resolver serves it for any direct
+    /// subdomain without a certificate of its own), unless one exists.
+    pub fn ensure_self_signed_wildcard(&self, domain: &str) -> Result<(), TlsError> {
+        if self.has(domain) {
+            return Ok(());
+        }
+        self.self_signed(
+            &[domain.to_string()],
+            &[domain.to_string(), format!("*.{domain}")],
+        )
+    }
+
+    fn self_signed(&self, stored_as: &[String], names: &[String]) -> Result<(), TlsError> {
+        let generated = rcgen::generate_simple_self_signed(names.to_vec())
             .map_err(|e| TlsError::Generate(e.to_string()))?;
         let (chain, key) = (generated.cert.pem(), generated.signing_key.serialize_pem());
-        for h in hosts {
+        for h in stored_as {
             self.install(h, chain.as_bytes(), key.as_bytes())?;
         }
-        tracing::info!(hosts = ?hosts, dir = %self.dir.display(), "generated a self-signed certificate");
+        tracing::info!(names = ?names, dir = %self.dir.display(), "generated a self-signed certificate");
         Ok(())
     }
 
@@ -196,10 +213,15 @@ struct Resolver(Arc<CertStore>);
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let map = self.0.by_host.load();
-        if let Some(name) = hello.server_name()
-            && let Some(key) = map.get(&name.to_ascii_lowercase())
-        {
-            return Some(key.clone());
+        if let Some(name) = hello.server_name() {
+            let name = name.to_ascii_lowercase();
+            if let Some(key) = map.get(&name) {
+                return Some(key.clone());
+            }
+            // `app.paas.example.com` → the wildcard stored as `paas.example.com`.
+            if let Some(key) = name.split_once('.').and_then(|(_, parent)| map.get(parent)) {
+                return Some(key.clone());
+            }
         }
         // No SNI (e.g. an IP literal) or an unknown name: any certificate,
         // chosen stably, so the client can at least report the mismatch.

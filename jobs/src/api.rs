@@ -313,7 +313,13 @@ async fn create_backup(
     let params = json!({ "type": req.kind, "include": include });
     let r = api
         .db()?
-        .enqueue(Subject::Customer(&id), "backup", &params, &who.sub, api.cfg.max_attempts)
+        .enqueue(
+            Subject::Customer(&id),
+            "backup",
+            &params,
+            &who.sub,
+            api.cfg.max_attempts,
+        )
         .await;
     let (result, detail) = match &r {
         Ok(task) => ("queued", json!({ "task": task, "type": req.kind })),
@@ -485,7 +491,10 @@ async fn restore(
     }
     api.customer(&id).await?;
     let params = json!({ "backup": backup, "dry_run": req.dry_run, "target_db": req.target_db });
-    let r = api.db()?.enqueue(Subject::Customer(&id), "restore", &params, &who.sub, 1).await;
+    let r = api
+        .db()?
+        .enqueue(Subject::Customer(&id), "restore", &params, &who.sub, 1)
+        .await;
     api.audit(
         &who,
         "backup.restore",
@@ -507,7 +516,9 @@ async fn list_tasks(
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     api.caller(&headers, STAFF)?;
-    Ok(Json(json!({ "tasks": api.db()?.tasks(Subject::Customer(&id), 100).await? })))
+    Ok(Json(
+        json!({ "tasks": api.db()?.tasks(Subject::Customer(&id), 100).await? }),
+    ))
 }
 
 async fn get_task(

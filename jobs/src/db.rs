@@ -23,7 +23,8 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Serializes migrations between jobs processes.
 const MIGRATION_LOCK: i64 = 0x706f_7274_6963_6f02;
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE customers (
     id              text PRIMARY KEY,
     domain          text NOT NULL UNIQUE,
@@ -78,7 +79,8 @@ CREATE TABLE audit (
     detail      jsonb NOT NULL DEFAULT '{}'
 );
 CREATE INDEX audit_by_customer ON audit (customer_id, id);
-"#, r#"
+"#,
+    r#"
 CREATE TABLE apps (
     name        text PRIMARY KEY,
     repo        text NOT NULL,
@@ -98,7 +100,8 @@ ALTER TABLE tasks ALTER COLUMN customer_id DROP NOT NULL;
 ALTER TABLE tasks ADD COLUMN app text REFERENCES apps(name) ON DELETE CASCADE;
 ALTER TABLE tasks ADD CONSTRAINT task_subject CHECK ((customer_id IS NULL) <> (app IS NULL));
 CREATE UNIQUE INDEX one_active_task_per_app ON tasks (app) WHERE state IN ('queued', 'running');
-"#];
+"#,
+];
 
 /// Why a database call failed.
 #[derive(Debug, thiserror::Error)]
@@ -690,13 +693,23 @@ impl Db {
             .execute(
                 "INSERT INTO apps (name, repo, git_ref, port, health_path, created_by)
                  SELECT $1, $2, $3, $4, $5, $6 WHERE (SELECT count(*) FROM apps) < $7",
-                &[&a.name, &a.repo, &a.git_ref, &a.port, &a.health_path, &a.created_by, &(max as i64)],
+                &[
+                    &a.name,
+                    &a.repo,
+                    &a.git_ref,
+                    &a.port,
+                    &a.health_path,
+                    &a.created_by,
+                    &(max as i64),
+                ],
             )
             .await;
         match r {
             Ok(1) => Ok(()),
             Ok(_) => Err(DbError::Full(format!("{max} apps exist already (paas.max_apps)"))),
-            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Err(DbError::Exists(format!("app {}", a.name))),
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                Err(DbError::Exists(format!("app {}", a.name)))
+            }
             Err(e) => Err(unavailable(e)),
         }
     }
@@ -705,7 +718,10 @@ impl Db {
         let row = self
             .client()
             .await?
-            .query_opt(&format!("SELECT {APP_COLUMNS} FROM apps WHERE name = $1"), &[&name])
+            .query_opt(
+                &format!("SELECT {APP_COLUMNS} FROM apps WHERE name = $1"),
+                &[&name],
+            )
             .await
             .map_err(unavailable)?;
         Ok(row.as_ref().map(app_from))
@@ -733,25 +749,39 @@ impl Db {
         image: &str,
         host_port: u16,
     ) -> Result<Option<(Option<String>, Option<String>)>, DbError> {
-        let row = self
-            .client()
-            .await?
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(unavailable)?;
+        let Some(old) = tx
             .query_opt(
-                "WITH old AS (SELECT container, image FROM apps WHERE name = $1 FOR UPDATE)
-                 UPDATE apps SET kind = $2, container = $3, image = $4, host_port = $5,
+                "SELECT container, image FROM apps WHERE name = $1 FOR UPDATE",
+                &[&name],
+            )
+            .await
+            .map_err(unavailable)?
+        else {
+            return Ok(None);
+        };
+        let n = tx
+            .execute(
+                "UPDATE apps SET kind = $2, container = $3, image = $4, host_port = $5,
                         desired = 'running', deployed_at = now()
-                 WHERE name = $1 AND EXISTS (SELECT 1 FROM tasks WHERE id = $6 AND attempt = $7 AND state = 'running')
-                 RETURNING (SELECT container FROM old), (SELECT image FROM old)",
+                 WHERE name = $1 AND EXISTS (SELECT 1 FROM tasks WHERE id = $6 AND attempt = $7 AND state = 'running')",
                 &[&name, &kind, &container, &image, &i32::from(host_port), &t.id, &t.attempt],
             )
             .await
             .map_err(unavailable)?;
-        Ok(row.map(|r| (r.get(0), r.get(1))))
+        tx.commit().await.map_err(unavailable)?;
+        Ok((n == 1).then(|| (old.get(0), old.get(1))))
     }
 
     /// Records where Docker publishes the app's container now (it may pick
     /// another port after a restart); `None` when it publishes none.
-    pub async fn set_app_port(&self, name: &str, container: &str, host_port: Option<u16>) -> Result<bool, DbError> {
+    pub async fn set_app_port(
+        &self,
+        name: &str,
+        container: &str,
+        host_port: Option<u16>,
+    ) -> Result<bool, DbError> {
         let n = self
             .client()
             .await?
@@ -789,7 +819,10 @@ impl Db {
         let rows = self
             .client()
             .await?
-            .query("SELECT id FROM tasks WHERE app IS NOT NULL AND state IN ('queued', 'running')", &[])
+            .query(
+                "SELECT id FROM tasks WHERE app IS NOT NULL AND state IN ('queued', 'running')",
+                &[],
+            )
             .await
             .map_err(unavailable)?;
         Ok(rows.iter().map(|r| r.get(0)).collect())

@@ -90,7 +90,13 @@ impl Progress {
             bytes,
             total_bytes: total,
             eta_secs,
-            log: self.lines.lock().expect("progress lock").iter().cloned().collect(),
+            log: self
+                .lines
+                .lock()
+                .expect("progress lock")
+                .iter()
+                .cloned()
+                .collect(),
         }
     }
 }

@@ -193,7 +193,11 @@ impl Workers {
                 &t.created_by,
                 &format!("task.{}", t.kind),
                 t.customer_id.as_deref(),
-                Some(&t.app.as_ref().map_or_else(|| t.id.to_string(), |a| format!("{a}#{}", t.id))),
+                Some(
+                    &t.app
+                        .as_ref()
+                        .map_or_else(|| t.id.to_string(), |a| format!("{a}#{}", t.id)),
+                ),
                 result_label,
                 &data,
             )
@@ -211,15 +215,22 @@ impl Workers {
             cancelled: false,
         };
         if t.kind == "deploy" {
-            return self.paas.deploy(&self.db, t, &progress).await.map_err(|e| Failure {
-                cancelled: matches!(e, crate::paas::PaasError::Cancelled),
-                retryable: e.retryable(),
-                message: e.to_string(),
-            });
+            return self
+                .paas
+                .deploy(&self.db, t, &progress)
+                .await
+                .map_err(|e| Failure {
+                    cancelled: matches!(e, crate::paas::PaasError::Cancelled),
+                    retryable: e.retryable(),
+                    message: e.to_string(),
+                });
         }
         let c = self.customer(t).await.ok_or_else(|| {
             fail(
-                format!("customer {} is not registered", t.customer_id.as_deref().unwrap_or("?")),
+                format!(
+                    "customer {} is not registered",
+                    t.customer_id.as_deref().unwrap_or("?")
+                ),
                 false,
             )
         })?;

@@ -7,6 +7,7 @@
 
 pub mod bins;
 pub mod client;
+pub mod docker;
 pub mod proc;
 pub mod servers;
 

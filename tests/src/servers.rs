@@ -343,6 +343,11 @@ impl EdgePorts {
 
 /// The whole stack in one process: `portico up` on free ports.
 pub fn up() -> (Service, EdgePorts) {
+    up_with(&[])
+}
+
+/// [`up`] with extra `PORTICO_*` variables.
+pub fn up_with(extra: &[(&'static str, String)]) -> (Service, EdgePorts) {
     let edge = EdgePorts::free();
     let chat = crate::free_port_pair();
     let jobs = free_port();
@@ -353,6 +358,7 @@ pub fn up() -> (Service, EdgePorts) {
         "PORTICO_CHAT__ALLOWED_ORIGINS",
         format!("[\"https://localhost:{}\"]", edge.https),
     ));
+    env.extend(extra.iter().cloned());
     let svc = Service::start(&bins::portico(), &["up"], &env, edge.admin);
     (svc, edge)
 }

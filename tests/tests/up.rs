@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use portico_tests::client::{Ws, https_client, tls_config};
-use portico_tests::servers::up;
+use portico_tests::client::{Ws, https_client, tls_config, token_with_roles};
+use portico_tests::servers::{up, up_with};
 use serde_json::json;
 
 #[tokio::test]
@@ -134,4 +134,33 @@ async fn static_text_is_gzipped_api_answers_are_not() {
     let token = get("/demo/token?user=gzipcheck").await.unwrap();
     assert_eq!(token.status(), 200);
     assert!(token.headers().get("content-encoding").is_none());
+}
+
+/// `up` needs no Docker: it starts, and the apps API says what is missing.
+#[tokio::test]
+async fn up_without_docker_says_where_it_looked() {
+    let socket = "unix:///nonexistent/docker.sock";
+    let (svc, edge) = up_with(&[("PORTICO_PAAS__DOCKER", socket.to_string())]);
+    let http = https_client(&svc.certificate("localhost"));
+    let r = http
+        .get(format!("https://localhost:{}/api/apps", edge.https))
+        .bearer_auth(token_with_roles("admin", &["super_admin"]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "docker_unreachable", "{body}");
+    let msg = body["message"].as_str().unwrap();
+    assert!(
+        msg.starts_with(&format!("Docker engine not reachable at {socket}")),
+        "{msg}"
+    );
+    // The rest of the stack is unaffected.
+    let page = http
+        .get(format!("https://localhost:{}/", edge.https))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
 }

@@ -35,9 +35,11 @@ const SERVICE: &str = "service";
 impl From<PaasError> for ApiError {
     fn from(e: PaasError) -> Self {
         match e {
-            PaasError::Unreachable { .. } => {
-                ApiError(StatusCode::SERVICE_UNAVAILABLE, "docker_unreachable", e.to_string())
-            }
+            PaasError::Unreachable { .. } => ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "docker_unreachable",
+                e.to_string(),
+            ),
             PaasError::Db(e) => e.into(),
             e => ApiError(StatusCode::BAD_GATEWAY, "docker", e.to_string()),
         }
@@ -64,7 +66,8 @@ pub fn is_app_name(s: &str) -> bool {
         && s.len() <= 63
         && !s.starts_with('-')
         && !s.ends_with('-')
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 fn name_ok(name: &str) -> Result<(), ApiError> {
@@ -106,7 +109,9 @@ impl Api {
 
     async fn app_audit(&self, who: &str, action: &str, app: &str, result: &str, detail: serde_json::Value) {
         if let Ok(db) = self.db()
-            && let Err(e) = db.audit(who, action, None, Some(&format!("app:{app}")), result, &detail).await
+            && let Err(e) = db
+                .audit(who, action, None, Some(&format!("app:{app}")), result, &detail)
+                .await
         {
             tracing::error!(error = %e, action, "audit log write failed");
         }
@@ -150,7 +155,9 @@ async fn create(
     if req.port == Some(0) {
         return Err(bad("invalid_port", "port must be between 1 and 65535"));
     }
-    let health_path = req.health_path.unwrap_or_else(|| api.paas.cfg.health.path.clone());
+    let health_path = req
+        .health_path
+        .unwrap_or_else(|| api.paas.cfg.health.path.clone());
     if !is_http_path(&health_path) {
         return Err(bad(
             "invalid_health_path",
@@ -178,18 +185,36 @@ async fn create(
     };
     let db = api.db()?;
     let r = db.add_app(&app, api.paas.cfg.max_apps).await;
-    api.app_audit(&who.sub, "app.create", &app.name, if r.is_ok() { "ok" } else { "refused" }, json!({ "repo": app.repo }))
-        .await;
+    api.app_audit(
+        &who.sub,
+        "app.create",
+        &app.name,
+        if r.is_ok() { "ok" } else { "refused" },
+        json!({ "repo": app.repo }),
+    )
+    .await;
     r?;
     api.events
         .open_channel(Subject::App(&app.name), std::slice::from_ref(&who.sub))
         .await;
     let task = if req.deploy.unwrap_or(true) {
-        Some(db.enqueue(Subject::App(&app.name), "deploy", &json!({}), &who.sub, api.cfg.max_attempts).await?)
+        Some(
+            db.enqueue(
+                Subject::App(&app.name),
+                "deploy",
+                &json!({}),
+                &who.sub,
+                api.cfg.max_attempts,
+            )
+            .await?,
+        )
     } else {
         None
     };
-    let app = db.app(&app.name).await?.ok_or_else(|| not_found("app vanished"))?;
+    let app = db
+        .app(&app.name)
+        .await?
+        .ok_or_else(|| not_found("app vanished"))?;
     Ok((StatusCode::CREATED, Json(json!({ "app": app, "task": task }))))
 }
 
@@ -232,8 +257,14 @@ async fn delete(
     // which the watcher removes.
     api.db()?.delete_app(&name).await?;
     let removed = api.paas.remove_all(&name).await;
-    api.app_audit(&who.sub, "app.delete", &name, if removed.is_ok() { "ok" } else { "partial" }, json!({}))
-        .await;
+    api.app_audit(
+        &who.sub,
+        "app.delete",
+        &name,
+        if removed.is_ok() { "ok" } else { "partial" },
+        json!({}),
+    )
+    .await;
     removed?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -248,11 +279,26 @@ async fn deploy(
     api.app(&name).await?;
     let r = api
         .db()?
-        .enqueue(Subject::App(&name), "deploy", &json!({}), &who.sub, api.cfg.max_attempts)
+        .enqueue(
+            Subject::App(&name),
+            "deploy",
+            &json!({}),
+            &who.sub,
+            api.cfg.max_attempts,
+        )
         .await;
-    api.app_audit(&who.sub, "app.deploy", &name, if r.is_ok() { "queued" } else { "refused" }, json!({}))
-        .await;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "task": r?, "state": "queued" }))))
+    api.app_audit(
+        &who.sub,
+        "app.deploy",
+        &name,
+        if r.is_ok() { "queued" } else { "refused" },
+        json!({}),
+    )
+    .await;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "task": r?, "state": "queued" })),
+    ))
 }
 
 async fn stop(
@@ -264,9 +310,13 @@ async fn stop(
     api.docker().await?;
     let app = api.app(&name).await?;
     api.idle(&name).await?;
-    let id = app
-        .container
-        .ok_or_else(|| ApiError(StatusCode::CONFLICT, "not_deployed", format!("app {name} is not deployed")))?;
+    let id = app.container.ok_or_else(|| {
+        ApiError(
+            StatusCode::CONFLICT,
+            "not_deployed",
+            format!("app {name} is not deployed"),
+        )
+    })?;
     // The route says stopped first, so the gateway answers 503 instead
     // of trying a container on its way down.
     api.db()?.set_app_desired(&name, "stopped").await?;
@@ -284,9 +334,13 @@ async fn start(
     api.docker().await?;
     let app = api.app(&name).await?;
     api.idle(&name).await?;
-    let id = app
-        .container
-        .ok_or_else(|| ApiError(StatusCode::CONFLICT, "not_deployed", format!("app {name} is not deployed")))?;
+    let id = app.container.ok_or_else(|| {
+        ApiError(
+            StatusCode::CONFLICT,
+            "not_deployed",
+            format!("app {name} is not deployed"),
+        )
+    })?;
     api.paas.engine.start(&id).await?;
     // Docker publishes a started container on a fresh port.
     let port = api.paas.engine.inspect(&id).await?.and_then(|i| i.host_port);
@@ -320,9 +374,13 @@ async fn logs(
     }
     api.docker().await?;
     let app = api.app(&name).await?;
-    let id = app
-        .container
-        .ok_or_else(|| ApiError(StatusCode::CONFLICT, "not_deployed", format!("app {name} is not deployed")))?;
+    let id = app.container.ok_or_else(|| {
+        ApiError(
+            StatusCode::CONFLICT,
+            "not_deployed",
+            format!("app {name} is not deployed"),
+        )
+    })?;
     let stream = api.paas.engine.logs(&id, tail, q.follow.unwrap_or(false)).await?;
     let body = Body::from_stream(stream.map(|r| r.map_err(std::io::Error::other)));
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())
@@ -335,7 +393,9 @@ async fn tasks(
 ) -> Result<impl IntoResponse, ApiError> {
     api.caller(&headers, STAFF)?;
     name_ok(&name)?;
-    Ok(Json(json!({ "tasks": api.db()?.tasks(Subject::App(&name), 100).await? })))
+    Ok(Json(
+        json!({ "tasks": api.db()?.tasks(Subject::App(&name), 100).await? }),
+    ))
 }
 
 async fn task(
@@ -361,9 +421,11 @@ async fn routes(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<impl 
     let routes: Vec<_> = apps
         .iter()
         .map(|a| {
-            let state = match (&a.container, a.desired.as_str()) {
-                (None, _) => "not_deployed",
-                (Some(_), "stopped") => "stopped",
+            let state = match (&a.container, a.desired.as_str(), a.host_port) {
+                (None, _, _) => "not_deployed",
+                (Some(_), "stopped", _) => "stopped",
+                // Exited or between restarts: Docker publishes no port.
+                (Some(_), _, None) => "down",
                 _ => "running",
             };
             json!({

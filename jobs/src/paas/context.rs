@@ -23,7 +23,11 @@ pub fn tar(dir: &Path, dockerfile: Option<&str>, max_bytes: u64) -> Result<Vec<u
     let mut b = tar::Builder::new(Vec::new());
     b.follow_symlinks(false);
     let mut total = 0u64;
-    let too_big = || PaasError::Context(format!("the build context is larger than paas.max_context_bytes ({max_bytes} bytes)"));
+    let too_big = || {
+        PaasError::Context(format!(
+            "the build context is larger than paas.max_context_bytes ({max_bytes} bytes)"
+        ))
+    };
     walk(dir, dir, &ignore, &mut |rel, path, meta| {
         total += meta.len();
         if total > max_bytes {
@@ -67,7 +71,8 @@ fn dockerignore(dir: &Path) -> Result<Gitignore, PaasError> {
                 .map_err(|e| PaasError::Context(format!(".dockerignore: `{line}`: {e}")))?;
         }
     }
-    b.build().map_err(|e| PaasError::Context(format!(".dockerignore: {e}")))
+    b.build()
+        .map_err(|e| PaasError::Context(format!(".dockerignore: {e}")))
 }
 
 /// Visits every file, directory and symlink below `dir` (sorted, so a
@@ -79,7 +84,10 @@ fn walk(
     visit: &mut dyn FnMut(&Path, &Path, &std::fs::Metadata) -> Result<(), PaasError>,
 ) -> Result<(), PaasError> {
     let io = |e: std::io::Error| PaasError::Context(format!("{}: {e}", dir.display()));
-    let mut entries: Vec<_> = std::fs::read_dir(dir).map_err(io)?.collect::<Result<_, _>>().map_err(io)?;
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(io)?
+        .collect::<Result<_, _>>()
+        .map_err(io)?;
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
         let path = entry.path();
@@ -142,10 +150,22 @@ mod tests {
         .unwrap();
         let t = tar(p, Some("FROM scratch\n"), 1 << 20).unwrap();
         let n = names(&t);
-        for want in ["index.html", "src/main.js", "logs/keep.log", ".dockerignore", GENERATED_DOCKERFILE] {
+        for want in [
+            "index.html",
+            "src/main.js",
+            "logs/keep.log",
+            ".dockerignore",
+            GENERATED_DOCKERFILE,
+        ] {
             assert!(n.iter().any(|x| x == want), "{want} missing from {n:?}");
         }
-        for gone in [".git", "node_modules", "logs/drop.log", "src/secret.env", "deep/a/b/c.tmp"] {
+        for gone in [
+            ".git",
+            "node_modules",
+            "logs/drop.log",
+            "src/secret.env",
+            "deep/a/b/c.tmp",
+        ] {
             assert!(!n.iter().any(|x| x.starts_with(gone)), "{gone} present in {n:?}");
         }
     }

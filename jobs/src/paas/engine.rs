@@ -11,10 +11,13 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bollard::Docker;
-use bollard::models::{ContainerCreateBody, ContainerSummary, HostConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum};
+use bollard::models::{
+    ContainerCreateBody, ContainerSummary, HostConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
+};
 use bollard::query_parameters::{
-    BuildImageOptions, CreateContainerOptions, InspectContainerOptions, ListContainersOptions, ListImagesOptions,
-    LogsOptions, RemoveContainerOptions, RemoveImageOptions, StatsOptions, StopContainerOptions,
+    BuildImageOptions, CreateContainerOptions, InspectContainerOptions, ListContainersOptions,
+    ListImagesOptions, LogsOptions, RemoveContainerOptions, RemoveImageOptions, StatsOptions,
+    StopContainerOptions,
 };
 use futures_util::StreamExt;
 use tokio::sync::OnceCell;
@@ -25,6 +28,9 @@ use super::PaasError;
 pub const APP_LABEL: &str = "portico.app";
 /// The label naming the deploy task that made it.
 pub const TASK_LABEL: &str = "portico.task";
+/// The label naming the Portico installation (`paas.instance`): several
+/// may share one engine without touching each other's containers.
+pub const INSTANCE_LABEL: &str = "portico.instance";
 
 /// Resource caps of an app container.
 #[derive(Debug, Clone, Copy)]
@@ -36,15 +42,30 @@ pub struct Limits {
 
 pub struct Engine {
     addr: String,
+    instance: String,
     docker: OnceCell<Docker>,
 }
 
 impl Engine {
-    pub fn new(addr: &str) -> Engine {
+    pub fn new(addr: &str, instance: &str) -> Engine {
         Engine {
             addr: addr.to_string(),
+            instance: instance.to_string(),
             docker: OnceCell::new(),
         }
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The labels of everything made for `app` by `task`.
+    pub fn labels(&self, app: &str, task: i64) -> HashMap<String, String> {
+        HashMap::from([
+            (INSTANCE_LABEL.to_string(), self.instance.clone()),
+            (APP_LABEL.to_string(), app.to_string()),
+            (TASK_LABEL.to_string(), task.to_string()),
+        ])
     }
 
     pub fn addr(&self) -> &str {
@@ -208,7 +229,9 @@ impl Engine {
             )
             .await
             .map_err(|e| self.err(e))?;
-        d.start_container(&created.id, None).await.map_err(|e| self.err(e))?;
+        d.start_container(&created.id, None)
+            .await
+            .map_err(|e| self.err(e))?;
         Ok(created.id)
     }
 
@@ -217,7 +240,9 @@ impl Engine {
         let d = self.docker().await?;
         let i = match d.inspect_container(id, None::<InspectContainerOptions>).await {
             Ok(i) => i,
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => return Ok(None),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {
+                return Ok(None);
+            }
             Err(e) => return Err(self.err(e)),
         };
         let state = i.state.unwrap_or_default();
@@ -281,7 +306,10 @@ impl Engine {
         id: &str,
         tail: usize,
         follow: bool,
-    ) -> Result<impl futures_util::Stream<Item = Result<bytes::Bytes, bollard::errors::Error>> + use<>, PaasError> {
+    ) -> Result<
+        impl futures_util::Stream<Item = Result<bytes::Bytes, bollard::errors::Error>> + use<>,
+        PaasError,
+    > {
         let d = self.docker().await?.clone();
         let opts = LogsOptions {
             stdout: true,
@@ -305,10 +333,18 @@ impl Engine {
         };
         let s = s.map_err(|e| self.err(e))?;
         let mem = s.memory_stats.unwrap_or_default();
-        let (cpu, pre) = (s.cpu_stats.unwrap_or_default(), s.precpu_stats.unwrap_or_default());
-        let total = |c: &bollard::models::ContainerCpuStats| c.cpu_usage.as_ref().and_then(|u| u.total_usage).unwrap_or(0);
+        let (cpu, pre) = (
+            s.cpu_stats.unwrap_or_default(),
+            s.precpu_stats.unwrap_or_default(),
+        );
+        let total = |c: &bollard::models::ContainerCpuStats| {
+            c.cpu_usage.as_ref().and_then(|u| u.total_usage).unwrap_or(0)
+        };
         let cpu_delta = total(&cpu).saturating_sub(total(&pre)) as f64;
-        let sys_delta = cpu.system_cpu_usage.unwrap_or(0).saturating_sub(pre.system_cpu_usage.unwrap_or(0)) as f64;
+        let sys_delta = cpu
+            .system_cpu_usage
+            .unwrap_or(0)
+            .saturating_sub(pre.system_cpu_usage.unwrap_or(0)) as f64;
         let cpus = cpu.online_cpus.unwrap_or(1) as f64;
         Ok(Some(Stats {
             memory_bytes: mem.usage.unwrap_or(0),
@@ -334,7 +370,10 @@ impl Engine {
             .await
         {
             Ok(()) => Ok(()),
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 304 | 404, .. }) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 304 | 404,
+                ..
+            }) => Ok(()),
             Err(e) => Err(self.err(e)),
         }
     }
@@ -342,7 +381,9 @@ impl Engine {
     pub async fn start(&self, id: &str) -> Result<(), PaasError> {
         let d = self.docker().await?;
         match d.start_container(id, None).await {
-            Ok(()) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 304, .. }) => Ok(()),
+            Ok(()) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 304, .. }) => {
+                Ok(())
+            }
             Err(e) => Err(self.err(e)),
         }
     }
@@ -356,7 +397,9 @@ impl Engine {
             ..Default::default()
         };
         match d.remove_container(id, Some(opts)).await {
-            Ok(()) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+            Ok(()) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {
+                Ok(())
+            }
             Err(e) => Err(self.err(e)),
         }
     }
@@ -374,12 +417,14 @@ impl Engine {
         }
     }
 
-    fn label_filter(app: Option<&str>) -> HashMap<String, Vec<String>> {
-        let label = match app {
+    /// This installation's objects, of one app or of all.
+    fn label_filter(&self, app: Option<&str>) -> HashMap<String, Vec<String>> {
+        let mut labels = vec![format!("{INSTANCE_LABEL}={}", self.instance)];
+        labels.push(match app {
             Some(a) => format!("{APP_LABEL}={a}"),
             None => APP_LABEL.to_string(),
-        };
-        HashMap::from([("label".to_string(), vec![label])])
+        });
+        HashMap::from([("label".to_string(), labels)])
     }
 
     /// Every Portico container (of `app`, or of all apps), running or not.
@@ -387,17 +432,20 @@ impl Engine {
         let d = self.docker().await?;
         let opts = ListContainersOptions {
             all: true,
-            filters: Some(Self::label_filter(app)),
+            filters: Some(self.label_filter(app)),
             ..Default::default()
         };
         d.list_containers(Some(opts)).await.map_err(|e| self.err(e))
     }
 
     /// Every Portico image (of `app`, or of all apps): (id, tags, labels).
-    pub async fn images(&self, app: Option<&str>) -> Result<Vec<(String, Vec<String>, HashMap<String, String>)>, PaasError> {
+    pub async fn images(
+        &self,
+        app: Option<&str>,
+    ) -> Result<Vec<(String, Vec<String>, HashMap<String, String>)>, PaasError> {
         let d = self.docker().await?;
         let opts = ListImagesOptions {
-            filters: Some(Self::label_filter(app)),
+            filters: Some(self.label_filter(app)),
             ..Default::default()
         };
         let list = d.list_images(Some(opts)).await.map_err(|e| self.err(e))?;

@@ -11,7 +11,8 @@
 //! the new container's last log lines.
 //!
 //! The database row says which container serves an app; Docker labels say
-//! which containers and images are Portico's. [`Paas::watch`] keeps the
+//! which containers and images are this installation's (`portico.instance`
+//! = `paas.instance`, `portico.app`, `portico.task`). [`Paas::watch`] keeps the
 //! two in step: it follows a container to a new host port after Docker
 //! restarted it, and removes containers and images no app or running
 //! deploy owns (what a killed deploy leaves behind).
@@ -33,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::db::{App, Claimed, Db, DbError};
 use crate::progress::Progress;
-use engine::{APP_LABEL, Engine, Limits, TASK_LABEL};
+use engine::{Engine, Limits, TASK_LABEL};
 use source::{Kind, Repo};
 
 /// Why a PaaS operation failed.
@@ -83,6 +84,9 @@ impl PaasError {
     }
 }
 
+/// How often [`Paas::watch`] looks for orphaned containers and images.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
 /// The PaaS engine of one jobs process.
 pub struct Paas {
     pub cfg: PaasConfig,
@@ -99,7 +103,9 @@ pub fn state_of(app: &App, i: Option<&engine::Inspected>, max_restarts: u32) -> 
         Some(_) if app.desired == "stopped" => "stopped",
         Some(i) if i.running && !i.restarting => "running",
         Some(i) if i.restarting => "restarting",
-        Some(i) if (i.exit_code != 0 || i.oom_killed) && i.restart_count >= i64::from(max_restarts) => "failed",
+        Some(i) if (i.exit_code != 0 || i.oom_killed) && i.restart_count >= i64::from(max_restarts) => {
+            "failed"
+        }
         Some(i) if i.exit_code != 0 => "crashed",
         Some(_) => "exited",
     }
@@ -118,7 +124,7 @@ impl Paas {
     pub fn new(cfg: &PaasConfig, data_dir: &std::path::Path) -> Paas {
         Paas {
             cfg: cfg.clone(),
-            engine: Engine::new(&cfg.docker),
+            engine: Engine::new(&cfg.docker, &cfg.instance),
             work_dir: cfg.work_dir.clone().unwrap_or_else(|| data_dir.join("paas")),
             probe: reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
@@ -140,13 +146,25 @@ impl Paas {
     /// Runs a deploy task for app `t.app`: build, start, health gate,
     /// switch. See the module docs.
     pub async fn deploy(&self, db: &Db, t: &Claimed, progress: &Progress) -> Result<Value, PaasError> {
-        let name = t.app.as_deref().ok_or(PaasError::Docker("a deploy task names no app".into()))?;
+        let name = t
+            .app
+            .as_deref()
+            .ok_or(PaasError::Docker("a deploy task names no app".into()))?;
         let app = db
             .app(name)
             .await?
             .ok_or_else(|| DbError::Missing(format!("app {name}")))?;
         let cancelled = || progress.meter.cancelled.load(Ordering::Acquire);
         let repo = Repo::parse(&app.repo, self.cfg.local_repos_root.as_deref()).map_err(PaasError::Repo)?;
+
+        // An earlier attempt of this task (its worker died) may have left
+        // a container: it is ours to remove, nobody else's.
+        for c in self.engine.containers(Some(name)).await? {
+            let mine = c.labels.as_ref().and_then(|l| l.get(TASK_LABEL)) == Some(&t.id.to_string());
+            if let Some(id) = c.id.filter(|_| mine) {
+                self.engine.remove_container(&id).await?;
+            }
+        }
 
         progress.step("clone");
         std::fs::create_dir_all(&self.work_dir)
@@ -164,7 +182,11 @@ impl Paas {
         progress.line(&format!(
             "type {}{}",
             kind.name(),
-            if generated.is_some() { " (generated Dockerfile)" } else { "" }
+            if generated.is_some() {
+                " (generated Dockerfile)"
+            } else {
+                ""
+            }
         ));
         if cancelled() {
             return Err(PaasError::Cancelled);
@@ -179,11 +201,9 @@ impl Paas {
         progress.line(&format!("build context {} bytes", tar.len()));
 
         progress.step("build");
-        let tag = format!("portico-app-{name}:t{}", t.id);
-        let labels = HashMap::from([
-            (APP_LABEL.to_string(), name.to_string()),
-            (TASK_LABEL.to_string(), t.id.to_string()),
-        ]);
+        let instance = self.engine.instance();
+        let tag = format!("{instance}-app-{name}:t{}", t.id);
+        let labels = self.engine.labels(name, t.id);
         let dockerfile = if generated.is_some() {
             context::GENERATED_DOCKERFILE
         } else {
@@ -192,7 +212,8 @@ impl Paas {
         let build = self
             .engine
             .build(tar, dockerfile, &tag, labels.clone(), |l| progress.line(l));
-        let built = match tokio::time::timeout(Duration::from_secs(self.cfg.build_timeout_secs), build).await {
+        let built = match tokio::time::timeout(Duration::from_secs(self.cfg.build_timeout_secs), build).await
+        {
             Ok(r) => r,
             Err(_) => Err(PaasError::Build(format!(
                 "timed out after {} s (paas.build_timeout_secs)",
@@ -207,7 +228,11 @@ impl Paas {
             let _ = self.engine.remove_image(&tag).await;
             return Err(PaasError::Cancelled);
         }
-        let port = match app.port.map(|p| p as u16).or_else(|| source::generated_port(&kind)) {
+        let port = match app
+            .port
+            .map(|p| p as u16)
+            .or_else(|| source::generated_port(&kind))
+        {
             Some(p) => p,
             None => match self.engine.exposed_port(&tag).await? {
                 Some(p) => p,
@@ -221,7 +246,7 @@ impl Paas {
         };
 
         progress.step("start");
-        let cname = format!("portico-{name}-t{}-a{}", t.id, t.attempt);
+        let cname = format!("{instance}-{name}-t{}-a{}", t.id, t.attempt);
         self.engine.remove_container(&cname).await?;
         let id = match self.engine.run(&cname, &tag, port, labels, self.limits()).await {
             Ok(id) => id,
@@ -240,7 +265,8 @@ impl Paas {
                         path,
                         secs,
                         last,
-                        logs: source::last_lines(&self.engine.log_tail(&id, 20).await, 20).replace(" | ", "\n"),
+                        logs: source::last_lines(&self.engine.log_tail(&id, 20).await, 20)
+                            .replace(" | ", "\n"),
                     },
                     e => e,
                 };
@@ -289,7 +315,12 @@ impl Paas {
     /// Probes the container every `health.interval_ms` until it answers
     /// 2xx/3xx on `path`; returns its host port. Re-reads the port on each
     /// round: Docker may publish another one after a restart.
-    async fn wait_healthy(&self, id: &str, path: &str, cancelled: &(dyn Fn() -> bool + Sync)) -> Result<u16, PaasError> {
+    async fn wait_healthy(
+        &self,
+        id: &str,
+        path: &str,
+        cancelled: &(dyn Fn() -> bool + Sync),
+    ) -> Result<u16, PaasError> {
         let h = &self.cfg.health;
         let deadline = Instant::now() + Duration::from_secs(h.deadline_secs);
         let mut last;
@@ -299,17 +330,24 @@ impl Paas {
             }
             match self.engine.inspect(id).await? {
                 None => last = "the container disappeared".into(),
-                Some(i) if !i.running && !i.restarting && i.restart_count >= i64::from(self.cfg.max_restarts) => {
-                    last = format!("the container exited with code {} and is not restarted", i.exit_code);
+                Some(i)
+                    if !i.running && !i.restarting && i.restart_count >= i64::from(self.cfg.max_restarts) =>
+                {
+                    last = format!(
+                        "the container exited with code {} and is not restarted",
+                        i.exit_code
+                    );
                     break;
                 }
                 Some(i) => match i.host_port {
                     Some(port) if i.running => {
                         let url = format!("http://127.0.0.1:{port}{path}");
                         match self.probe.get(&url).send().await {
-                            Ok(r) if r.status().is_success() || r.status().is_redirection() => return Ok(port),
+                            Ok(r) if r.status().is_success() || r.status().is_redirection() => {
+                                return Ok(port);
+                            }
                             Ok(r) => last = format!("HTTP {}", r.status().as_u16()),
-                            Err(e) => last = format!("{}", error_chain(&e)),
+                            Err(e) => last = error_chain(&e),
                         }
                     }
                     _ => last = format!("container {}", i.status),
@@ -384,14 +422,15 @@ impl Paas {
     /// docs): ports every `paas.routes_poll_ms`, orphans every 30 s.
     pub async fn watch(self: Arc<Self>, db: Db, stop: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.routes_poll_ms.max(250)));
-        let mut last_sweep = Instant::now();
+        // The first round sweeps: what a killed process left goes at start.
+        let mut last_sweep: Option<Instant> = None;
         let mut warned = false;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let sweep = last_sweep.elapsed() >= Duration::from_secs(30);
+            let sweep = last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY);
             match self.reconcile(&db, sweep).await {
                 Ok(()) => warned = false,
                 Err(e) if !warned => {
@@ -401,7 +440,7 @@ impl Paas {
                 Err(_) => {}
             }
             if sweep {
-                last_sweep = Instant::now();
+                last_sweep = Some(Instant::now());
             }
         }
     }
@@ -435,22 +474,25 @@ impl Paas {
         // starts after this point is not in these lists.
         let image_list = self.engine.images(None).await?;
         let active: HashSet<String> = db.active_app_tasks().await?.iter().map(i64::to_string).collect();
-        let in_progress = |labels: Option<&HashMap<String, String>>| {
+        // Only objects a deploy finished making carry the task label (the
+        // builder adds labels one step at a time, so its intermediate
+        // images and containers may lack it): those without are left alone.
+        let orphan_task = |labels: Option<&HashMap<String, String>>| {
             labels
                 .and_then(|l| l.get(TASK_LABEL))
-                .is_some_and(|t| active.contains(t))
+                .is_some_and(|t| !active.contains(t))
         };
         let serving: HashSet<&str> = apps.iter().filter_map(|a| a.container.as_deref()).collect();
         for c in &containers {
             let Some(id) = c.id.as_deref() else { continue };
-            if !serving.contains(id) && !in_progress(c.labels.as_ref()) {
+            if !serving.contains(id) && orphan_task(c.labels.as_ref()) {
                 tracing::info!(container = id, "removing an orphaned app container");
                 self.engine.remove_container(id).await?;
             }
         }
         let images: HashSet<&str> = apps.iter().filter_map(|a| a.image.as_deref()).collect();
         for (id, tags, labels) in image_list {
-            if !tags.iter().any(|t| images.contains(t.as_str())) && !in_progress(Some(&labels)) {
+            if !tags.iter().any(|t| images.contains(t.as_str())) && orphan_task(Some(&labels)) {
                 tracing::info!(image = id, "removing an orphaned app image");
                 self.engine.remove_image(&id).await?;
             }

@@ -34,7 +34,10 @@ impl Repo {
         }
         if let Some(rest) = s.strip_prefix("https://") {
             let url = reqwest::Url::parse(s).map_err(|e| format!("repository URL: {e}"))?;
-            if !url.username().is_empty() || url.password().is_some() || rest.split('/').next().is_some_and(|a| a.contains('@')) {
+            if !url.username().is_empty()
+                || url.password().is_some()
+                || rest.split('/').next().is_some_and(|a| a.contains('@'))
+            {
                 return Err("repository URLs may not carry credentials".into());
             }
             if url.host_str().is_none_or(str::is_empty) {
@@ -81,12 +84,18 @@ pub fn is_git_ref(s: &str) -> bool {
         && !s.starts_with(['-', '/', '.'])
         && !s.contains("..")
         && !s.ends_with(['/', '.'])
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._/-".contains(&b))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._/-".contains(&b))
 }
 
 /// Clones `repo` at `git_ref` (default branch if none) into `dest` (which
 /// must not exist), shallowly and without submodules; returns the commit.
-pub async fn clone(repo: &Repo, git_ref: Option<&str>, dest: &Path, timeout: Duration) -> Result<String, PaasError> {
+pub async fn clone(
+    repo: &Repo,
+    git_ref: Option<&str>,
+    dest: &Path,
+    timeout: Duration,
+) -> Result<String, PaasError> {
     let mut cmd = git();
     cmd.args(["clone", "--quiet", "--depth", "1", "--single-branch", "--no-tags"]);
     if let Some(r) = git_ref {
@@ -115,7 +124,11 @@ fn git() -> tokio::process::Command {
     cmd
 }
 
-async fn run_git(mut cmd: tokio::process::Command, timeout: Duration, what: &str) -> Result<String, PaasError> {
+async fn run_git(
+    mut cmd: tokio::process::Command,
+    timeout: Duration,
+    what: &str,
+) -> Result<String, PaasError> {
     let child = cmd
         .spawn()
         .map_err(|e| PaasError::Clone(format!("{what}: cannot run git: {e}")))?;
@@ -125,14 +138,21 @@ async fn run_git(mut cmd: tokio::process::Command, timeout: Duration, what: &str
         .map_err(|e| PaasError::Clone(format!("{what}: {e}")))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        return Err(PaasError::Clone(format!("{what} failed: {}", last_lines(&err, 5))));
+        return Err(PaasError::Clone(format!(
+            "{what} failed: {}",
+            last_lines(&err, 5)
+        )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The last `n` non-empty lines of `text`, joined with ` | `.
 pub fn last_lines(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().map(str::trim_end).filter(|l| !l.is_empty()).collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty())
+        .collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
@@ -169,8 +189,8 @@ pub fn detect(dir: &Path) -> Result<Kind, PaasError> {
     if file("package.json") {
         let text = std::fs::read_to_string(dir.join("package.json"))
             .map_err(|e| PaasError::Detect(format!("package.json: {e}")))?;
-        let pkg: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| PaasError::Detect(format!("package.json is not valid JSON: {e}")))?;
+        let pkg: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| PaasError::Detect(format!("package.json is not valid JSON: {e}")))?;
         if ["dependencies", "devDependencies"]
             .iter()
             .any(|k| pkg[k].get("next").is_some())
@@ -209,7 +229,7 @@ pub fn dockerfile(kind: &Kind, images: &PaasImages) -> Option<String> {
     let text = match kind {
         Kind::Dockerfile => return None,
         Kind::Static(root) => format!(
-            "FROM {}\nCOPY {root}/ /srv/www/\nEXPOSE 8080\nCMD [\"httpd\", \"-f\", \"-v\", \"-p\", \"8080\", \"-h\", \"/srv/www\"]\n",
+            "FROM {}\nCOPY {root}/ /srv/www/\nEXPOSE 8080\nCMD [\"httpd\", \"-f\", \"-vv\", \"-p\", \"8080\", \"-h\", \"/srv/www\"]\n",
             images.static_site
         ),
         Kind::Nextjs => format!(
@@ -239,8 +259,14 @@ mod tests {
         let repo = root.path().join("site");
         std::fs::create_dir(&repo).unwrap();
         let r = Some(root.path());
-        assert!(matches!(Repo::parse(repo.to_str().unwrap(), r), Ok(Repo::Local(_))));
-        assert!(matches!(Repo::parse(&format!("file://{}", repo.display()), r), Ok(Repo::Local(_))));
+        assert!(matches!(
+            Repo::parse(repo.to_str().unwrap(), r),
+            Ok(Repo::Local(_))
+        ));
+        assert!(matches!(
+            Repo::parse(&format!("file://{}", repo.display()), r),
+            Ok(Repo::Local(_))
+        ));
         assert_eq!(
             Repo::parse("https://git.example.com/a/b.git", None),
             Ok(Repo::Https("https://git.example.com/a/b.git".into()))
@@ -257,9 +283,13 @@ mod tests {
             let e = Repo::parse(bad, r).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
         }
-        let traversal = format!("{}/../../etc", repo.display());
+        let traversal = format!("{}/../..", repo.display());
         assert!(Repo::parse(&traversal, r).unwrap_err().contains("not under"));
-        assert!(Repo::parse(repo.to_str().unwrap(), None).unwrap_err().contains("local_repos_root"));
+        assert!(
+            Repo::parse(repo.to_str().unwrap(), None)
+                .unwrap_err()
+                .contains("local_repos_root")
+        );
     }
 
     #[test]
@@ -299,9 +329,16 @@ mod tests {
             ..PaasImages::default()
         };
         let s = dockerfile(&Kind::Static("public"), &images).unwrap();
-        assert!(s.starts_with("FROM local/busybox:1\nCOPY public/ /srv/www/"), "{s}");
+        assert!(
+            s.starts_with("FROM local/busybox:1\nCOPY public/ /srv/www/"),
+            "{s}"
+        );
         assert!(dockerfile(&Kind::Python, &images).unwrap().contains("uvicorn"));
-        assert!(dockerfile(&Kind::Nextjs, &images).unwrap().starts_with("FROM node:20-alpine"));
+        assert!(
+            dockerfile(&Kind::Nextjs, &images)
+                .unwrap()
+                .starts_with("FROM node:20-alpine")
+        );
         assert!(dockerfile(&Kind::Dockerfile, &images).is_none());
     }
 }

@@ -1,0 +1,416 @@
+//! Hosted apps at the edge: `https://<app>.<paas.domain>/` and
+//! `/paas/<app>/` go to the app's container on 127.0.0.1 at a port only
+//! the jobs service and this table know.
+//!
+//! [`AppRoutes`] is the table, swapped whole; [`RoutesPoller`] fetches it
+//! from the jobs service (`/api/paas/routes`) every `paas.routes_poll_ms`,
+//! so new, moved and removed apps take effect within a poll and without a
+//! restart. If the jobs service cannot be reached the last table stays.
+//! [`public_location`] rewrites redirects that would reveal the private
+//! address.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use serde::Deserialize;
+
+use crate::routes::{DEFAULT_TIMEOUT, Route, Target};
+
+/// The path prefix under which every app is also served.
+pub const PREFIX: &str = "/paas/";
+
+/// What the table says about one app.
+#[derive(Debug, Clone)]
+pub enum AppState {
+    /// Serving from this route (its target is the container's address).
+    Running(Arc<Route>),
+    /// Stopped through the API.
+    Stopped,
+    /// Created, never successfully deployed.
+    NotDeployed,
+    /// Deployed, but its container is not running (crashed, restarting).
+    Down,
+}
+
+/// How a request named an app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Addressed {
+    /// `<app>.<domain>`.
+    Host,
+    /// `/paas/<app>/…` on any host.
+    Prefix,
+}
+
+/// A request that is for an app.
+#[derive(Debug, Clone)]
+pub struct AppMatch {
+    pub name: Arc<str>,
+    pub by: Addressed,
+    /// None: no such app.
+    pub state: Option<AppState>,
+}
+
+pub struct AppRoutes {
+    domain: String,
+    max_body_bytes: u64,
+    table: ArcSwap<HashMap<Arc<str>, AppState>>,
+}
+
+impl AppRoutes {
+    pub fn new(domain: &str, max_body_bytes: u64) -> AppRoutes {
+        AppRoutes {
+            domain: domain.to_ascii_lowercase(),
+            max_body_bytes,
+            table: ArcSwap::default(),
+        }
+    }
+
+    /// The app a request is for, if any: by host first, then by path.
+    pub fn resolve(&self, host: Option<&str>, path: &str) -> Option<AppMatch> {
+        let table = self.table.load();
+        let by_host = host.and_then(|h| {
+            let label = h.len().checked_sub(self.domain.len() + 1).and_then(|cut| {
+                let (label, rest) = h.split_at(cut);
+                (rest.as_bytes()[0] == b'.' && rest[1..].eq_ignore_ascii_case(&self.domain)).then_some(label)
+            })?;
+            Some((label, Addressed::Host))
+        });
+        let (label, by) = by_host.or_else(|| {
+            let rest = path
+                .strip_prefix(PREFIX)
+                .or_else(|| (path == "/paas").then_some(""))?;
+            Some((rest.split('/').next().unwrap_or(""), Addressed::Prefix))
+        })?;
+        let label = label.to_ascii_lowercase();
+        match table.get_key_value(label.as_str()) {
+            Some((name, state)) => Some(AppMatch {
+                name: name.clone(),
+                by,
+                state: Some(state.clone()),
+            }),
+            None => Some(AppMatch {
+                name: Arc::from(label),
+                by,
+                state: None,
+            }),
+        }
+    }
+
+    /// Installs a new table; returns whether anything changed.
+    fn install(&self, routes: &[RouteEntry]) -> bool {
+        let mut next: HashMap<Arc<str>, AppState> = HashMap::with_capacity(routes.len());
+        for r in routes {
+            let state = match (r.state.as_str(), r.upstream) {
+                ("running", Some(addr)) => AppState::Running(Arc::new(Route {
+                    name: Arc::from("paas"),
+                    target: Target::Upstream(addr),
+                    timeout: DEFAULT_TIMEOUT,
+                    max_body_bytes: self.max_body_bytes,
+                    class: None,
+                })),
+                ("stopped", _) => AppState::Stopped,
+                ("down" | "running", _) => AppState::Down,
+                _ => AppState::NotDeployed,
+            };
+            next.insert(Arc::from(r.name.as_str()), state);
+        }
+        let current = self.table.load();
+        let same = current.len() == next.len()
+            && next.iter().all(|(k, v)| match (current.get(k), v) {
+                (Some(AppState::Running(a)), AppState::Running(b)) => a.target == b.target,
+                (Some(AppState::Stopped), AppState::Stopped) => true,
+                (Some(AppState::NotDeployed), AppState::NotDeployed) => true,
+                (Some(AppState::Down), AppState::Down) => true,
+                _ => false,
+            });
+        if !same {
+            self.table.store(Arc::new(next));
+        }
+        !same
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.load().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The path an app sees for a request addressed by prefix: `/paas/<app>`
+/// removed, always starting with `/`.
+pub fn strip_prefix<'a>(path: &'a str, name: &str) -> &'a str {
+    let rest = path
+        .strip_prefix(PREFIX)
+        .and_then(|p| p.strip_prefix(name))
+        .unwrap_or(path);
+    if rest.is_empty() { "/" } else { rest }
+}
+
+/// Rewrites a `Location` an app sent so it never points at the private
+/// address: absolute URLs to a loopback host, to the container's host
+/// port or to the public host (with whatever port) become the public
+/// `origin`; for prefix-addressed apps paths get the `/paas/<app>`
+/// prefix. `None`: leave it as it is (e.g. a redirect to another site).
+pub fn public_location(
+    location: &str,
+    origin: &str,
+    public_host: &str,
+    prefix: Option<&str>,
+    host_port: u16,
+) -> Option<String> {
+    let prefix = prefix.unwrap_or("");
+    if location.starts_with('/') && !location.starts_with("//") {
+        return (!prefix.is_empty()).then(|| format!("{prefix}{location}"));
+    }
+    let rest = location
+        .strip_prefix("http://")
+        .or_else(|| location.strip_prefix("https://"))?;
+    let (authority, path) = match rest.find(['/', '?', '#']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p))
+            if !h.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && !authority.ends_with(']') =>
+        {
+            (h, p.parse::<u16>().ok())
+        }
+        _ => (authority, None),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let internal = ["127.0.0.1", "localhost", "::1", "0.0.0.0"]
+        .iter()
+        .any(|h| host.eq_ignore_ascii_case(h))
+        || port == Some(host_port)
+        || host.eq_ignore_ascii_case(public_host);
+    if !internal {
+        return None;
+    }
+    let path = if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("/{path}")
+    };
+    Some(format!("{origin}{prefix}{path}"))
+}
+
+#[derive(Debug, Deserialize)]
+struct RoutesDoc {
+    apps: Vec<RouteEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RouteEntry {
+    name: String,
+    state: String,
+    upstream: Option<SocketAddr>,
+}
+
+/// Fetches the app routes from the jobs service.
+pub struct RoutesPoller {
+    pub routes: Arc<AppRoutes>,
+    pub url: String,
+    pub token: String,
+    pub every: Duration,
+}
+
+impl RoutesPoller {
+    async fn fetch(&self, http: &reqwest::Client) -> Result<Vec<RouteEntry>, String> {
+        let resp = http
+            .get(&self.url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(format!(
+                "HTTP {status}: {}",
+                body.chars().take(200).collect::<String>()
+            ));
+        }
+        let doc: RoutesDoc = resp.json().await.map_err(|e| e.to_string())?;
+        // Only loopback upstreams: the table must never point the edge at
+        // another machine, whatever the answer says.
+        Ok(doc
+            .apps
+            .into_iter()
+            .filter(|r| r.upstream.is_none_or(|a| a.ip().is_loopback()))
+            .filter(|r| r.name.len() <= 63)
+            .take(100_000)
+            .collect())
+    }
+}
+
+#[async_trait]
+impl BackgroundService for RoutesPoller {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .expect("HTTP client");
+        let mut tick = tokio::time::interval(self.every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => {}
+            }
+            match self.fetch(&http).await {
+                Ok(entries) => {
+                    if failing {
+                        tracing::info!("app routes reachable again");
+                        failing = false;
+                    }
+                    if self.routes.install(&entries) {
+                        metrics::counter!("portico_gateway_app_route_updates_total").increment(1);
+                        tracing::info!(apps = entries.len(), "app routes updated");
+                    }
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(url = %self.url, error = %e, "cannot fetch app routes; keeping the last table");
+                        failing = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> AppRoutes {
+        let t = AppRoutes::new("paas.example.com", 1 << 20);
+        t.install(&[
+            RouteEntry {
+                name: "blog".into(),
+                state: "running".into(),
+                upstream: Some("127.0.0.1:32768".parse().unwrap()),
+            },
+            RouteEntry {
+                name: "old".into(),
+                state: "stopped".into(),
+                upstream: None,
+            },
+        ]);
+        t
+    }
+
+    #[test]
+    fn apps_resolve_by_host_and_by_prefix() {
+        let t = table();
+        let m = t.resolve(Some("blog.paas.example.com"), "/x").unwrap();
+        assert_eq!((&*m.name, m.by), ("blog", Addressed::Host));
+        assert!(matches!(m.state, Some(AppState::Running(_))));
+        let m = t.resolve(Some("BLOG.Paas.Example.com"), "/").unwrap();
+        assert_eq!(&*m.name, "blog");
+        let m = t.resolve(Some("shop.example.com"), "/paas/blog/a/b").unwrap();
+        assert_eq!((&*m.name, m.by), ("blog", Addressed::Prefix));
+        assert!(matches!(
+            t.resolve(None, "/paas/old/").unwrap().state,
+            Some(AppState::Stopped)
+        ));
+        assert!(
+            t.resolve(Some("nope.paas.example.com"), "/")
+                .unwrap()
+                .state
+                .is_none()
+        );
+        assert!(
+            t.resolve(Some("paas.example.com"), "/").is_none(),
+            "the bare domain is no app"
+        );
+        assert!(t.resolve(Some("xpaas.example.com"), "/").is_none());
+        assert!(t.resolve(Some("shop.example.com"), "/paasx/blog").is_none());
+        assert!(t.resolve(None, "/other").is_none());
+    }
+
+    #[test]
+    fn changes_are_detected() {
+        let t = table();
+        assert!(!t.install(&[
+            RouteEntry {
+                name: "blog".into(),
+                state: "running".into(),
+                upstream: Some("127.0.0.1:32768".parse().unwrap()),
+            },
+            RouteEntry {
+                name: "old".into(),
+                state: "stopped".into(),
+                upstream: None,
+            },
+        ]));
+        assert!(t.install(&[RouteEntry {
+            name: "blog".into(),
+            state: "running".into(),
+            upstream: Some("127.0.0.1:32769".parse().unwrap()),
+        }]));
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn prefixes_are_stripped_to_an_absolute_path() {
+        assert_eq!(strip_prefix("/paas/blog/a?x", "blog"), "/a?x");
+        assert_eq!(strip_prefix("/paas/blog/", "blog"), "/");
+        assert_eq!(strip_prefix("/paas/blog", "blog"), "/");
+    }
+
+    #[test]
+    fn locations_never_leak_the_private_address() {
+        let o = "https://blog.paas.example.com";
+        let h = "blog.paas.example.com";
+        let loc = |l: &str, prefix| public_location(l, o, h, prefix, 32768);
+        assert_eq!(
+            loc("http://127.0.0.1:32768/a?b", None).as_deref(),
+            Some("https://blog.paas.example.com/a?b")
+        );
+        assert_eq!(
+            loc("http://localhost:8080/x", None).as_deref(),
+            Some("https://blog.paas.example.com/x")
+        );
+        assert_eq!(
+            loc("http://[::1]:3000", None).as_deref(),
+            Some("https://blog.paas.example.com/")
+        );
+        assert_eq!(
+            loc("http://10.0.0.5:32768/x", None).as_deref(),
+            Some("https://blog.paas.example.com/x")
+        );
+        assert_eq!(
+            loc("http://blog.paas.example.com:8080/x", None).as_deref(),
+            Some("https://blog.paas.example.com/x")
+        );
+        assert_eq!(loc("https://github.com/login", None), None, "other sites stay");
+        assert_eq!(loc("/docs/", None), None, "paths stay on host-addressed apps");
+        let s = "https://edge.example.com";
+        assert_eq!(
+            public_location("/docs/", s, "edge.example.com", Some("/paas/blog"), 32768).as_deref(),
+            Some("/paas/blog/docs/")
+        );
+        assert_eq!(
+            public_location(
+                "http://127.0.0.1:32768/in",
+                s,
+                "edge.example.com",
+                Some("/paas/blog"),
+                32768
+            )
+            .as_deref(),
+            Some("https://edge.example.com/paas/blog/in")
+        );
+        assert_eq!(loc("//evil.example.net/x", Some("/paas/blog")), None);
+    }
+}
