@@ -75,10 +75,12 @@ impl AppRoutes {
     pub fn resolve(&self, host: Option<&str>, path: &str) -> Option<AppMatch> {
         let table = self.table.load();
         let by_host = host.and_then(|h| {
-            let label = h.len().checked_sub(self.domain.len() + 1).and_then(|cut| {
-                let (label, rest) = h.split_at(cut);
-                (rest.as_bytes()[0] == b'.' && rest[1..].eq_ignore_ascii_case(&self.domain)).then_some(label)
-            })?;
+            let cut = h.len().checked_sub(self.domain.len() + 1)?;
+            let (label, rest) = (h.get(..cut)?, h.get(cut..)?);
+            let label = rest
+                .strip_prefix('.')
+                .is_some_and(|d| d.eq_ignore_ascii_case(&self.domain))
+                .then_some(label)?;
             Some((label, Addressed::Host))
         });
         let (label, by) = by_host.or_else(|| {
@@ -336,6 +338,14 @@ mod tests {
         assert!(t.resolve(Some("xpaas.example.com"), "/").is_none());
         assert!(t.resolve(Some("shop.example.com"), "/paasx/blog").is_none());
         assert!(t.resolve(None, "/other").is_none());
+        assert!(
+            t.resolve(Some("é.paas.example.com"), "/")
+                .is_some_and(|m| m.state.is_none())
+        );
+        assert!(
+            t.resolve(Some("ééééééééééééééééé"), "/").is_none(),
+            "no panic off char boundaries"
+        );
     }
 
     #[test]

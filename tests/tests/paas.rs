@@ -347,6 +347,29 @@ async fn static_site_is_deployed_capped_and_served_by_name_and_prefix() {
         "request lines in the container log: {text}"
     );
 
+    // Follow: new lines arrive while the request stays open.
+    let mut follow = reqwest::Client::new()
+        .get(format!(
+            "http://127.0.0.1:{}/api/apps/site/logs?tail=0&follow=true",
+            s.jobs_port
+        ))
+        .bearer_auth(token_with_roles("ops-person", &["technician"]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(follow.status(), 200);
+    http.get(s.app_url("site", "/docs/")).send().await.unwrap();
+    let mut seen = String::new();
+    while !seen.contains("url:/docs/") {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), follow.chunk())
+            .await
+            .expect("a followed log line within 10 s")
+            .unwrap()
+            .expect("the stream stays open");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(follow);
+
     // Stop: a clean 503 page; start: served again.
     let (st, body) = s.call("POST", "/api/apps/site/stop", &["technician"], None).await;
     assert_eq!(st, 200, "{body}");
@@ -416,6 +439,39 @@ async fn broken_redeploys_keep_the_old_version_serving() {
         vec![v1.clone()],
         "only the serving container is left"
     );
+
+    // Cancelled while waiting for health: the new container goes, the old
+    // one stays.
+    let task = s.redeploy("keep").await;
+    eventually(
+        Duration::from_secs(60),
+        "the deploy to wait for health",
+        || async {
+            let (_, t) = s
+                .call(
+                    "GET",
+                    &format!("/api/apps/keep/tasks/{task}"),
+                    &["technician"],
+                    None,
+                )
+                .await;
+            (t["progress"]["step"] == "health").then_some(())
+        },
+    )
+    .await;
+    let (st, body) = s
+        .call(
+            "POST",
+            &format!("/api/apps/keep/tasks/{task}/cancel"),
+            &["technician"],
+            None,
+        )
+        .await;
+    assert_eq!(st, 202, "{body}");
+    let t = s.finished("keep", task).await;
+    assert_eq!(t["state"], "cancelled", "{t}");
+    assert_eq!(containers_of("keep"), vec![v1.clone()]);
+    s.serves(&http, &s.app_url("keep", "/"), "keep v1").await;
 
     // A good redeploy moves traffic and removes the old container.
     docker::commit(&repo, &files(&dockerfile_app("keep v4", HTTPD)), "fixed");

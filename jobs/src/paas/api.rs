@@ -1,6 +1,6 @@
 //! The apps REST API: create, list, get (with container state, memory
 //! and CPU), delete, deploy/redeploy (a queued task), stop, start, logs
-//! (tail and follow) and an app's tasks; plus `/api/paas/routes`, the
+//! (tail and follow) and an app's tasks (with cancel); plus `/api/paas/routes`, the
 //! route table the gateway polls (service token).
 //!
 //! Every handler checks the caller, then that Docker answers (503
@@ -56,6 +56,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/apps/{name}/logs", get(logs))
         .route("/api/apps/{name}/tasks", get(tasks))
         .route("/api/apps/{name}/tasks/{task}", get(task))
+        .route("/api/apps/{name}/tasks/{task}/cancel", post(cancel))
         .route("/api/paas/routes", get(routes))
         .with_state(api)
 }
@@ -436,4 +437,33 @@ async fn routes(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<impl 
         })
         .collect();
     Ok(Json(json!({ "apps": routes })))
+}
+
+/// Cancels a queued deploy at once, a running one at its next step (its
+/// new container and image are removed; the old one keeps serving).
+async fn cancel(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path((name, task)): Path<(String, i64)>,
+) -> Result<impl IntoResponse, ApiError> {
+    let who = api.caller(&headers, STAFF)?;
+    name_ok(&name)?;
+    let ok = api.db()?.cancel(Subject::App(&name), task).await?;
+    api.app_audit(
+        &who.sub,
+        "task.cancel",
+        &name,
+        if ok { "ok" } else { "not_active" },
+        json!({ "task": task }),
+    )
+    .await;
+    if ok {
+        Ok(StatusCode::ACCEPTED)
+    } else {
+        Err(ApiError(
+            StatusCode::CONFLICT,
+            "not_active",
+            format!("task {task} of app {name} is not queued or running"),
+        ))
+    }
 }
