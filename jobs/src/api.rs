@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 
 use crate::backup::{self, Include};
-use crate::db::{Customer, Db, DbError, Subject};
+use crate::db::{Customer, Db, DbError, Subject, TaskRecord};
 use crate::links::Signer;
 use crate::progress::Events;
 
@@ -145,21 +145,67 @@ impl Api {
             .ok_or_else(|| not_found(format!("customer {id}")))
     }
 
-    async fn audit(
+    /// Writes an audit entry (failures are logged, never fatal).
+    pub(crate) async fn audit(
         &self,
         who: &Claims,
         action: &str,
-        customer: &str,
+        subject: Subject<'_>,
         target: Option<&str>,
         result: &str,
         detail: Value,
     ) {
+        let (customer, target) = match subject {
+            Subject::Customer(c) => (Some(c), target.map(str::to_string)),
+            // Apps have no customer: the app is the target.
+            Subject::App(a) => (
+                None,
+                Some(target.map_or_else(|| format!("app:{a}"), |t| format!("app:{a}#{t}"))),
+            ),
+        };
         if let Ok(db) = self.db()
             && let Err(e) = db
-                .audit(&who.sub, action, Some(customer), target, result, &detail)
+                .audit(&who.sub, action, customer, target.as_deref(), result, &detail)
                 .await
         {
             tracing::error!(error = %e, action, "audit log write failed");
+        }
+    }
+
+    /// A task of `subject`, or 404.
+    pub(crate) async fn task_of(&self, subject: Subject<'_>, task: i64) -> Result<TaskRecord, ApiError> {
+        self.db()?
+            .task(subject, task)
+            .await?
+            .ok_or_else(|| not_found(format!("task {task}")))
+    }
+
+    /// Cancels a task of `subject` (audited); 409 when it is not active.
+    pub(crate) async fn cancel(
+        &self,
+        who: &Claims,
+        subject: Subject<'_>,
+        task: i64,
+    ) -> Result<StatusCode, ApiError> {
+        let ok = self.db()?.cancel(subject, task).await?;
+        let result = if ok { "ok" } else { "not_active" };
+        self.audit(
+            who,
+            "task.cancel",
+            subject,
+            Some(&task.to_string()),
+            result,
+            json!({}),
+        )
+        .await;
+        if ok {
+            Ok(StatusCode::ACCEPTED)
+        } else {
+            Err(ApiError(
+                StatusCode::CONFLICT,
+                "not_active",
+                format!("task {task} of {subject} is not queued or running"),
+            ))
         }
     }
 }
@@ -238,7 +284,7 @@ async fn create_customer(
     api.audit(
         &who,
         "customer.create",
-        &c.id,
+        Subject::Customer(&c.id),
         None,
         if r.is_ok() { "ok" } else { "refused" },
         json!({ "domain": c.domain }),
@@ -302,7 +348,7 @@ async fn create_backup(
         api.audit(
             &who,
             "backup.create",
-            &id,
+            Subject::Customer(&id),
             None,
             "refused",
             json!({ "error": e.to_string() }),
@@ -325,7 +371,15 @@ async fn create_backup(
         Ok(task) => ("queued", json!({ "task": task, "type": req.kind })),
         Err(e) => ("refused", json!({ "error": e.to_string() })),
     };
-    api.audit(&who, "backup.create", &id, None, result, detail).await;
+    api.audit(
+        &who,
+        "backup.create",
+        Subject::Customer(&id),
+        None,
+        result,
+        detail,
+    )
+    .await;
     let task = r?;
     Ok((
         StatusCode::ACCEPTED,
@@ -372,7 +426,7 @@ async fn delete_backup(
     api.audit(
         &who,
         "backup.delete",
-        &id,
+        Subject::Customer(&id),
         Some(backup),
         if removed.is_ok() { "ok" } else { "partial" },
         json!({}),
@@ -415,7 +469,7 @@ async fn links(
     api.audit(
         &who,
         "backup.links",
-        &id,
+        Subject::Customer(&id),
         Some(backup),
         "ok",
         json!({ "expires": expires }),
@@ -498,7 +552,7 @@ async fn restore(
     api.audit(
         &who,
         "backup.restore",
-        &id,
+        Subject::Customer(&id),
         Some(&backup),
         if r.is_ok() { "queued" } else { "refused" },
         json!({ "dry_run": req.dry_run }),
@@ -527,12 +581,7 @@ async fn get_task(
     Path((id, task)): Path<(String, i64)>,
 ) -> Result<impl IntoResponse, ApiError> {
     api.caller(&headers, STAFF)?;
-    let t = api
-        .db()?
-        .task(Subject::Customer(&id), task)
-        .await?
-        .ok_or_else(|| not_found(format!("task {task}")))?;
-    Ok(Json(t))
+    Ok(Json(api.task_of(Subject::Customer(&id), task).await?))
 }
 
 async fn cancel_task(
@@ -541,25 +590,7 @@ async fn cancel_task(
     Path((id, task)): Path<(String, i64)>,
 ) -> Result<impl IntoResponse, ApiError> {
     let who = api.caller(&headers, STAFF)?;
-    let ok = api.db()?.cancel(Subject::Customer(&id), task).await?;
-    api.audit(
-        &who,
-        "task.cancel",
-        &id,
-        Some(&task.to_string()),
-        if ok { "ok" } else { "not_active" },
-        json!({}),
-    )
-    .await;
-    if ok {
-        Ok(StatusCode::ACCEPTED)
-    } else {
-        Err(ApiError(
-            StatusCode::CONFLICT,
-            "not_active",
-            format!("task {task} is not queued or running"),
-        ))
-    }
+    api.cancel(&who, Subject::Customer(&id), task).await
 }
 
 #[derive(Deserialize)]

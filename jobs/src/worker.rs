@@ -196,7 +196,7 @@ impl Workers {
                 Some(
                     &t.app
                         .as_ref()
-                        .map_or_else(|| t.id.to_string(), |a| format!("{a}#{}", t.id)),
+                        .map_or_else(|| t.id.to_string(), |a| format!("app:{a}#{}", t.id)),
                 ),
                 result_label,
                 &data,

@@ -81,30 +81,19 @@ pub fn inspect(id: &str) -> Value {
 
 /// Ids of the containers (all states) labelled for `app`.
 pub fn containers_of(app: &str) -> Vec<String> {
-    docker(&[
-        "ps",
-        "-aq",
-        "--no-trunc",
-        "--filter",
-        &format!("label=portico.app={app}"),
-    ])
-    .lines()
-    .map(str::to_string)
-    .collect()
+    labelled(&["ps", "-aq"], app)
 }
 
 /// Ids of the images labelled for `app`.
 pub fn images_of(app: &str) -> Vec<String> {
-    docker(&[
-        "images",
-        "-q",
-        "--no-trunc",
-        "--filter",
-        &format!("label=portico.app={app}"),
-    ])
-    .lines()
-    .map(str::to_string)
-    .collect()
+    labelled(&["images", "-q"], app)
+}
+
+fn labelled(list: &[&str], app: &str) -> Vec<String> {
+    let filter = format!("label=portico.app={app}");
+    let mut args = list.to_vec();
+    args.extend(["--no-trunc", "--filter", &filter]);
+    docker(&args).lines().map(str::to_string).collect()
 }
 
 /// Removes everything labelled for `app` (test cleanup).

@@ -71,6 +71,17 @@ pub fn is_app_name(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
+/// The container serving `app`, or 409 when it was never deployed.
+fn deployed(app: &App) -> Result<&str, ApiError> {
+    app.container.as_deref().ok_or_else(|| {
+        ApiError(
+            StatusCode::CONFLICT,
+            "not_deployed",
+            format!("app {} is not deployed", app.name),
+        )
+    })
+}
+
 fn name_ok(name: &str) -> Result<(), ApiError> {
     if is_app_name(name) {
         Ok(())
@@ -105,16 +116,6 @@ impl Api {
                 format!("app {name} has an active task {task}"),
             )),
             None => Ok(()),
-        }
-    }
-
-    async fn app_audit(&self, who: &str, action: &str, app: &str, result: &str, detail: serde_json::Value) {
-        if let Ok(db) = self.db()
-            && let Err(e) = db
-                .audit(who, action, None, Some(&format!("app:{app}")), result, &detail)
-                .await
-        {
-            tracing::error!(error = %e, action, "audit log write failed");
         }
     }
 }
@@ -186,10 +187,11 @@ async fn create(
     };
     let db = api.db()?;
     let r = db.add_app(&app, api.paas.cfg.max_apps).await;
-    api.app_audit(
-        &who.sub,
+    api.audit(
+        &who,
         "app.create",
-        &app.name,
+        Subject::App(&app.name),
+        None,
         if r.is_ok() { "ok" } else { "refused" },
         json!({ "repo": app.repo }),
     )
@@ -258,10 +260,11 @@ async fn delete(
     // which the watcher removes.
     api.db()?.delete_app(&name).await?;
     let removed = api.paas.remove_all(&name).await;
-    api.app_audit(
-        &who.sub,
+    api.audit(
+        &who,
         "app.delete",
-        &name,
+        Subject::App(&name),
+        None,
         if removed.is_ok() { "ok" } else { "partial" },
         json!({}),
     )
@@ -288,10 +291,11 @@ async fn deploy(
             api.cfg.max_attempts,
         )
         .await;
-    api.app_audit(
-        &who.sub,
+    api.audit(
+        &who,
         "app.deploy",
-        &name,
+        Subject::App(&name),
+        None,
         if r.is_ok() { "queued" } else { "refused" },
         json!({}),
     )
@@ -311,18 +315,13 @@ async fn stop(
     api.docker().await?;
     let app = api.app(&name).await?;
     api.idle(&name).await?;
-    let id = app.container.ok_or_else(|| {
-        ApiError(
-            StatusCode::CONFLICT,
-            "not_deployed",
-            format!("app {name} is not deployed"),
-        )
-    })?;
+    let id = deployed(&app)?.to_string();
     // The route says stopped first, so the gateway answers 503 instead
     // of trying a container on its way down.
     api.db()?.set_app_desired(&name, "stopped").await?;
     api.paas.engine.stop(&id).await?;
-    api.app_audit(&who.sub, "app.stop", &name, "ok", json!({})).await;
+    api.audit(&who, "app.stop", Subject::App(&name), None, "ok", json!({}))
+        .await;
     Ok(Json(json!({ "app": name, "state": "stopped" })))
 }
 
@@ -335,20 +334,15 @@ async fn start(
     api.docker().await?;
     let app = api.app(&name).await?;
     api.idle(&name).await?;
-    let id = app.container.ok_or_else(|| {
-        ApiError(
-            StatusCode::CONFLICT,
-            "not_deployed",
-            format!("app {name} is not deployed"),
-        )
-    })?;
+    let id = deployed(&app)?.to_string();
     api.paas.engine.start(&id).await?;
     // Docker publishes a started container on a fresh port.
     let port = api.paas.engine.inspect(&id).await?.and_then(|i| i.host_port);
     let db = api.db()?;
     db.set_app_port(&name, &id, port).await?;
     db.set_app_desired(&name, "running").await?;
-    api.app_audit(&who.sub, "app.start", &name, "ok", json!({})).await;
+    api.audit(&who, "app.start", Subject::App(&name), None, "ok", json!({}))
+        .await;
     Ok(Json(json!({ "app": name, "state": "running" })))
 }
 
@@ -375,13 +369,7 @@ async fn logs(
     }
     api.docker().await?;
     let app = api.app(&name).await?;
-    let id = app.container.ok_or_else(|| {
-        ApiError(
-            StatusCode::CONFLICT,
-            "not_deployed",
-            format!("app {name} is not deployed"),
-        )
-    })?;
+    let id = deployed(&app)?.to_string();
     let stream = api.paas.engine.logs(&id, tail, q.follow.unwrap_or(false)).await?;
     let body = Body::from_stream(stream.map(|r| r.map_err(std::io::Error::other)));
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())
@@ -406,12 +394,7 @@ async fn task(
 ) -> Result<impl IntoResponse, ApiError> {
     api.caller(&headers, STAFF)?;
     name_ok(&name)?;
-    let t = api
-        .db()?
-        .task(Subject::App(&name), task)
-        .await?
-        .ok_or_else(|| not_found(format!("task {task}")))?;
-    Ok(Json(t))
+    Ok(Json(api.task_of(Subject::App(&name), task).await?))
 }
 
 /// The gateway's route table: every app, whether it should serve, and
@@ -448,22 +431,5 @@ async fn cancel(
 ) -> Result<impl IntoResponse, ApiError> {
     let who = api.caller(&headers, STAFF)?;
     name_ok(&name)?;
-    let ok = api.db()?.cancel(Subject::App(&name), task).await?;
-    api.app_audit(
-        &who.sub,
-        "task.cancel",
-        &name,
-        if ok { "ok" } else { "not_active" },
-        json!({ "task": task }),
-    )
-    .await;
-    if ok {
-        Ok(StatusCode::ACCEPTED)
-    } else {
-        Err(ApiError(
-            StatusCode::CONFLICT,
-            "not_active",
-            format!("task {task} of app {name} is not queued or running"),
-        ))
-    }
+    api.cancel(&who, Subject::App(&name), task).await
 }
