@@ -79,6 +79,15 @@ pub struct Ctx {
     app: Option<AppCtx>,
 }
 
+/// The host (and port) the client addressed: the URI's authority (HTTP/2
+/// `:authority`, absolute-form HTTP/1) or else the `Host` header.
+fn authority(req: &RequestHeader) -> Option<&str> {
+    req.uri
+        .authority()
+        .map(|a| a.as_str().rsplit('@').next().unwrap_or_default())
+        .or_else(|| req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()))
+}
+
 /// A small HTML page written by the gateway itself (unknown or stopped
 /// apps): never a connection error, never cached.
 async fn page(session: &mut Session, status: u16, title: &str, text: &str) -> Result<bool> {
@@ -206,11 +215,7 @@ impl ProxyHttp for Edge {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         ctx.client_ip = self.client_ip(session);
         let req = session.req_header();
-        let host = req
-            .uri
-            .host()
-            .or_else(|| req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()));
-        let host = host.map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name));
+        let host = authority(req).map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name));
         ctx.route = self.routes.load().route(host, req.uri.path()).clone();
         if let Some(m) = self.apps.resolve(host, req.uri.path()) {
             match m.state {
@@ -247,13 +252,7 @@ impl ProxyHttp for Edge {
                         session.write_response_header(Box::new(resp), true).await?;
                         return Ok(true);
                     }
-                    let public = req
-                        .headers
-                        .get(http::header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                        .or_else(|| req.uri.authority().map(|a| a.as_str()))
-                        .unwrap_or_default()
-                        .to_string();
+                    let public = authority(req).unwrap_or_default().to_string();
                     let host_port = match route.target {
                         Target::Upstream(a) => a.port(),
                         Target::Chat => 0,
@@ -400,8 +399,8 @@ impl ProxyHttp for Edge {
             upstream.insert_header("x-real-ip", ip.to_string())?;
         }
         upstream.insert_header("x-forwarded-proto", "https")?;
-        if let Some(host) = session.req_header().headers.get(http::header::HOST).cloned() {
-            upstream.insert_header("x-forwarded-host", host)?;
+        if let Some(host) = authority(session.req_header()) {
+            upstream.insert_header("x-forwarded-host", host.to_string())?;
         }
         upstream.remove_header("x-forwarded-prefix");
         if let Some(app) = &ctx.app
@@ -498,11 +497,7 @@ impl ProxyHttp for Edge {
     /// query included, where `?token=` may carry a credential: path only.
     fn request_summary(&self, session: &Session, _ctx: &Ctx) -> String {
         let req = session.req_header();
-        let host = req
-            .headers
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("-");
+        let host = authority(req).unwrap_or("-");
         format!("{} {}, Host: {host}", req.method, req.uri.path())
     }
 

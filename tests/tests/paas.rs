@@ -386,6 +386,96 @@ async fn static_site_is_deployed_capped_and_served_by_name_and_prefix() {
 }
 
 #[tokio::test]
+async fn proxied_requests_and_redirects_never_reveal_the_private_port() {
+    let Some(s) = Stack::start("pt-hide", &["echo"]) else {
+        return;
+    };
+    let repo = s.repo("echo");
+    let mut app = dockerfile_app("echo", HTTPD);
+    // busybox httpd runs /cgi-bin scripts: one shows the request, one
+    // redirects to the address the container believes it has.
+    app.push((
+        "www/cgi-bin/env",
+        "#!/bin/sh\necho 'Content-Type: text/plain'\necho\nenv\n".into(),
+    ));
+    app.push((
+        "www/cgi-bin/go",
+        "#!/bin/sh\necho 'HTTP/1.1 302 Found'\necho 'Location: http://127.0.0.1:8080/landed?from=go'\necho\n"
+            .into(),
+    ));
+    docker::git_repo(&repo, &files(&app[..2]));
+    for (path, content) in &app[2..] {
+        let p = repo.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, content).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    docker::commit(&repo, &[], "cgi scripts");
+    let task = s.create("echo", &repo).await;
+    s.deployed("echo", task).await;
+    let host_port = s.app("echo").await["app"]["host_port"].as_u64().unwrap();
+    let http = s.edge(&["echo"]);
+    s.serves(&http, &s.app_url("echo", "/"), "echo").await;
+    let public = format!("echo.{DOMAIN}:{}", s.edge.https);
+
+    let by_name = http
+        .get(s.app_url("echo", "/cgi-bin/env?x=1"))
+        .send()
+        .await
+        .unwrap();
+    let env = by_name.text().await.unwrap();
+    assert!(env.contains("HTTP_X_FORWARDED_PROTO=https"), "{env}");
+    assert!(env.contains(&format!("HTTP_X_FORWARDED_HOST={public}")), "{env}");
+    assert!(
+        env.contains(&format!("HTTP_HOST={public}")),
+        "the app sees the public host: {env}"
+    );
+    assert!(!env.contains("HTTP_X_FORWARDED_PREFIX"), "{env}");
+
+    let by_path = http
+        .get(s.prefix_url("/paas/echo/cgi-bin/env?x=1"))
+        .header("x-forwarded-prefix", "/spoofed")
+        .send()
+        .await
+        .unwrap();
+    let env = by_path.text().await.unwrap();
+    assert!(env.contains("HTTP_X_FORWARDED_PREFIX=/paas/echo\n"), "{env}");
+    assert!(env.contains("QUERY_STRING=x=1"), "{env}");
+    assert!(env.contains("SCRIPT_NAME=/cgi-bin/env"), "prefix stripped: {env}");
+
+    let r = http.get(s.app_url("echo", "/cgi-bin/go")).send().await.unwrap();
+    assert_eq!(r.status(), 302);
+    assert_eq!(
+        r.headers()["location"],
+        format!("https://{public}/landed?from=go")
+    );
+    let r = http
+        .get(s.prefix_url("/paas/echo/cgi-bin/go"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 302);
+    assert_eq!(
+        r.headers()["location"],
+        format!("https://localhost:{}/paas/echo/landed?from=go", s.edge.https)
+    );
+    for url in [
+        s.app_url("echo", "/cgi-bin/go"),
+        s.app_url("echo", "/"),
+        s.app_url("echo", "/missing"),
+    ] {
+        let r = http.get(&url).send().await.unwrap();
+        for (name, value) in r.headers() {
+            let v = value.to_str().unwrap_or_default();
+            assert!(
+                !v.contains(&host_port.to_string()),
+                "{url}: header {name}: {v} reveals port {host_port}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
 async fn broken_redeploys_keep_the_old_version_serving() {
     let Some(s) = Stack::start("pt-broken", &["keep"]) else {
         return;
