@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use portico_tests::client::token_with_roles;
+use portico_tests::client::{Ws, token_with_roles};
 use portico_tests::docker::{self, containers_of, images_of};
 use portico_tests::servers::{EdgePorts, Postgres, Service};
 use portico_tests::{bins, eventually, free_port};
@@ -23,6 +23,8 @@ use serde_json::{Value, json};
 const DOMAIN: &str = "paas.test";
 
 struct Stack {
+    _chat: Service,
+    chat_port: u16,
     pg: Postgres,
     jobs: Service,
     jobs_port: u16,
@@ -41,8 +43,9 @@ impl Drop for Stack {
     }
 }
 
-fn jobs_env(pg: &Postgres, port: u16, repos: &Path, instance: &str) -> Vec<(&'static str, String)> {
+fn jobs_env(pg: &Postgres, port: u16, repos: &Path, instance: &str, chat: u16) -> Vec<(&'static str, String)> {
     vec![
+        ("PORTICO_JOBS__CHAT_URL", format!("http://127.0.0.1:{chat}")),
         ("PORTICO_JOBS__LISTEN", format!("127.0.0.1:{port}")),
         ("PORTICO_JOBS__POSTGRES_URL", pg.url()),
         ("PORTICO_JOBS__LEASE_SECS", "3".into()),
@@ -66,27 +69,23 @@ impl Stack {
         for a in apps {
             docker::purge(a);
         }
+        let (chat, chat_port) = Service::chat(&[]);
         let pg = Postgres::start();
         let repos = tempfile::tempdir().unwrap();
         let jobs_port = free_port();
-        let jobs = Service::start(
-            &bins::jobs(),
-            &[],
-            &jobs_env(&pg, jobs_port, repos.path(), instance),
-            jobs_port,
-        );
+        let env = jobs_env(&pg, jobs_port, repos.path(), instance, chat_port);
+        let jobs = Service::start(&bins::jobs(), &[], &env, jobs_port);
         let edge = EdgePorts::free();
         let mut env = edge.env();
         env.extend(EdgePorts::unlimited());
-        env.push((
-            "PORTICO_GATEWAY__CHAT_SHARDS",
-            format!("[\"127.0.0.1:{}\"]", free_port()),
-        ));
+        env.push(("PORTICO_GATEWAY__CHAT_SHARDS", format!("[\"127.0.0.1:{chat_port}\"]")));
         env.push(("PORTICO_GATEWAY__JOBS_UPSTREAM", format!("127.0.0.1:{jobs_port}")));
         env.push(("PORTICO_PAAS__DOMAIN", DOMAIN.into()));
         env.push(("PORTICO_PAAS__ROUTES_POLL_MS", "200".into()));
         let gw = Service::start(&bins::gateway(), &[], &env, edge.admin);
         Some(Stack {
+            _chat: chat,
+            chat_port,
             pg,
             jobs,
             jobs_port,
@@ -595,7 +594,25 @@ async fn delete_removes_container_image_and_route() {
     };
     let repo = s.repo("gone");
     docker::git_repo(&repo, &files(&site("gone")));
-    let task = s.create("gone", &repo).await;
+    // Deploy events reach the app's conversation (its creator is a member).
+    let (st, body) = s
+        .call("POST", "/api/apps", &["ops_lead"], Some(json!({ "name": "gone", "repo": repo, "deploy": false })))
+        .await;
+    assert_eq!((st, &body["task"]), (201, &Value::Null), "{body}");
+    let mut creator = Ws::joined(s.chat_port, "ops-person", "paas-gone").await;
+    let task = s.redeploy("gone").await;
+    let mut seen = Vec::new();
+    while !seen.iter().any(|e: &Value| e["event"] == "deploy-completed") {
+        let frame = creator.recv_type("message").await;
+        let event: Value = serde_json::from_str(frame["body"].as_str().unwrap()).unwrap();
+        assert_eq!(event["task"], task);
+        assert_ne!(event["event"], "deploy-failed", "{event}");
+        seen.push(event);
+    }
+    assert!(
+        seen.iter().any(|e| e["event"] == "deploy-progress" && e["data"]["log"].as_array().is_some_and(|l| !l.is_empty())),
+        "progress with build lines: {seen:?}"
+    );
     s.deployed("gone", task).await;
     let http = s.edge(&["gone"]);
     s.serves(&http, &s.app_url("gone", "/"), "hello gone").await;
@@ -664,7 +681,7 @@ async fn a_deploy_killed_half_way_is_rerun_and_leaves_no_orphans() {
     let orphan = containers_of("slow");
     assert_eq!(orphan.len(), 1);
 
-    let env = jobs_env(&s.pg, s.jobs_port, s.repos.path(), &s.instance);
+    let env = jobs_env(&s.pg, s.jobs_port, s.repos.path(), &s.instance, s.chat_port);
     s.jobs = Service::start(&bins::jobs(), &[], &env, s.jobs_port);
     let t = s.deployed("slow", task).await;
     assert_eq!(t["attempt"], 2, "{t}");
