@@ -24,8 +24,8 @@ use crate::report::{Report, ServerUsage};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Scenarios to run: fanout, dm, idle, proxy (default: all).
-    #[arg(long, value_delimiter = ',', default_value = "fanout,dm,idle,proxy")]
+    /// Scenarios to run: fanout, dm, idle, proxy, paas (default: all).
+    #[arg(long, value_delimiter = ',', default_value = "fanout,dm,idle,proxy,paas")]
     pub scenarios: Vec<String>,
     /// Divide connection counts and durations by 10 (a smoke run).
     #[arg(long)]
@@ -39,9 +39,16 @@ struct Stack {
     shards: Vec<(Service, u16)>,
     gateway: Service,
     edge: EdgePorts,
+    /// The jobs service (PaaS deploys) and the root of its local repositories.
+    jobs_port: u16,
+    repos: tempfile::TempDir,
+    _jobs: Service,
     _redis: Redis,
     _pg: Postgres,
 }
+
+/// The hosted-app domain of the bench stack (`Host: <app>.paas.localhost`).
+const PAAS_DOMAIN: &str = "paas.localhost";
 
 fn start_stack() -> Stack {
     let redis = Redis::start();
@@ -66,6 +73,27 @@ fn start_stack() -> Stack {
             ]))
         })
         .collect();
+    let repos = tempfile::tempdir().expect("tempdir");
+    let jobs_port = portico_tests::free_port();
+    let jobs = Service::start(
+        &bins::jobs(),
+        &[],
+        &common(vec![
+            ("PORTICO_JOBS__LISTEN", format!("127.0.0.1:{jobs_port}")),
+            ("PORTICO_JOBS__POSTGRES_URL", pg.url()),
+            (
+                "PORTICO_PAAS__LOCAL_REPOS_ROOT",
+                repos.path().display().to_string(),
+            ),
+            (
+                "PORTICO_PAAS__IMAGES__STATIC",
+                portico_tests::docker::TEST_IMAGE.into(),
+            ),
+            ("PORTICO_PAAS__INSTANCE", "portico-bench".into()),
+            ("PORTICO_PAAS__DOMAIN", PAAS_DOMAIN.into()),
+        ]),
+        jobs_port,
+    );
     let edge = EdgePorts::free();
     let shard_list = format!(
         "[{}]",
@@ -78,6 +106,8 @@ fn start_stack() -> Stack {
     let mut env = common(edge.env());
     env.push(("PORTICO_GATEWAY__CHAT_SHARDS", shard_list));
     env.push(("PORTICO_GATEWAY__THREADS", "2".into()));
+    env.push(("PORTICO_GATEWAY__JOBS_UPSTREAM", format!("127.0.0.1:{jobs_port}")));
+    env.push(("PORTICO_PAAS__DOMAIN", PAAS_DOMAIN.into()));
     // The generator is a handful of addresses opening thousands of sockets.
     env.extend(EdgePorts::unlimited());
     let gateway = Service::start(&bins::gateway(), &[], &env, edge.admin);
@@ -85,6 +115,9 @@ fn start_stack() -> Stack {
         shards,
         gateway,
         edge,
+        jobs_port,
+        repos,
+        _jobs: jobs,
         _redis: redis,
         _pg: pg,
     }
@@ -234,7 +267,25 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 ));
                 continue;
             }
-            other => anyhow::bail!("unknown scenario {other} (fanout, dm, idle, proxy)"),
+            "paas" => {
+                if !portico_tests::docker::available() {
+                    eprintln!("paas: skipped, no Docker engine");
+                    continue;
+                }
+                let r = paas(&stack).await?;
+                std::fs::write(args.out.join("paas.json"), serde_json::to_string_pretty(&r)?)?;
+                rows.push(format!(
+                    "| paas | static app, wrk -t2 -c64 -d10s | gateway {:.0} req/s vs direct {:.0} req/s ({:.0}%) | added p99 {:.2} ms | deploy {:.1} s, route live {:.0} ms after | | | |",
+                    r["gateway_rps"].as_f64().unwrap_or(0.0),
+                    r["direct_rps"].as_f64().unwrap_or(0.0),
+                    r["ratio_pct"].as_f64().unwrap_or(0.0),
+                    r["added_p99_ms"].as_f64().unwrap_or(0.0),
+                    r["deploy_secs"].as_f64().unwrap_or(0.0),
+                    r["route_live_ms"].as_f64().unwrap_or(0.0),
+                ));
+                continue;
+            }
+            other => anyhow::bail!("unknown scenario {other} (fanout, dm, idle, proxy, paas)"),
         };
         let conns = conns / scale as usize;
         let rate = rate / scale as u32;
@@ -320,34 +371,127 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
 async fn proxy(stack: &Stack) -> anyhow::Result<serde_json::Value> {
     let direct = format!("http://127.0.0.1:{}/healthz", stack.shards[0].1);
     let via = format!("https://localhost:{}/healthz", stack.edge.https);
-    let run = |url: String| {
-        tokio::task::spawn_blocking(move || -> anyhow::Result<(f64, f64)> {
-            let out = Command::new("wrk")
-                .args(["-t2", "-c64", "-d10s", "--latency", &url])
-                .output()
-                .context("running wrk (apt-get install wrk)")?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            let rps = text
-                .lines()
-                .find_map(|l| l.strip_prefix("Requests/sec:"))
-                .and_then(|v| v.trim().parse().ok())
-                .context("wrk printed no Requests/sec")?;
-            let p99 = text
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("99%"))
-                .map(|v| parse_wrk_duration(v.trim()))
-                .unwrap_or(0.0);
-            Ok((rps, p99))
-        })
-    };
-    let (direct_rps, direct_p99) = run(direct).await??;
-    let (gw_rps, gw_p99) = run(via).await??;
-    Ok(json!({
+    let (direct_rps, direct_p99) = wrk(direct, None).await?;
+    let (gw_rps, gw_p99) = wrk(via, None).await?;
+    Ok(compare(direct_rps, direct_p99, gw_rps, gw_p99))
+}
+
+fn compare(direct_rps: f64, direct_p99: f64, gw_rps: f64, gw_p99: f64) -> serde_json::Value {
+    json!({
         "direct_rps": direct_rps, "direct_p99_ms": direct_p99,
         "gateway_rps": gw_rps, "gateway_p99_ms": gw_p99,
         "ratio_pct": 100.0 * gw_rps / direct_rps.max(1.0),
         "added_p99_ms": gw_p99 - direct_p99,
-    }))
+    })
+}
+
+/// `wrk -t2 -c64 -d10s` on `url` (with a `Host` header): requests/s and p99 ms.
+async fn wrk(url: String, host: Option<String>) -> anyhow::Result<(f64, f64)> {
+    tokio::task::spawn_blocking(move || -> anyhow::Result<(f64, f64)> {
+        let mut cmd = Command::new("wrk");
+        cmd.args(["-t2", "-c64", "-d10s", "--latency"]);
+        if let Some(h) = host {
+            cmd.args(["-H", &format!("Host: {h}")]);
+        }
+        let out = cmd
+            .arg(&url)
+            .output()
+            .context("running wrk (apt-get install wrk)")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let rps = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Requests/sec:"))
+            .and_then(|v| v.trim().parse().ok())
+            .context("wrk printed no Requests/sec")?;
+        let p99 = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("99%"))
+            .map(|v| parse_wrk_duration(v.trim()))
+            .unwrap_or(0.0);
+        Ok((rps, p99))
+    })
+    .await?
+}
+
+/// Deploys a static site (busybox httpd, a 1 KiB page) through the jobs
+/// API, times the deploy and how long until the gateway serves it, then
+/// `wrk` against the container's private port and through the gateway.
+async fn paas(stack: &Stack) -> anyhow::Result<serde_json::Value> {
+    use portico_tests::client::token_with_roles;
+    use std::time::Instant;
+    tokio::task::spawn_blocking(portico_tests::docker::test_image).await?;
+    let repo = stack.repos.path().join("bench-site");
+    let page = format!("<!doctype html><title>bench</title><p>{}</p>\n", "x".repeat(1000));
+    portico_tests::docker::git_repo(&repo, &[("index.html", &page)]);
+    let jobs = format!("http://127.0.0.1:{}", stack.jobs_port);
+    let token = token_with_roles("bench", &["super_admin"]);
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    let created: serde_json::Value = http
+        .post(format!("{jobs}/api/apps"))
+        .bearer_auth(&token)
+        .json(&json!({ "name": "bench", "repo": repo }))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let task = created["task"].as_i64().context("no deploy task")?;
+    let state = loop {
+        let t: serde_json::Value = http
+            .get(format!("{jobs}/api/apps/bench/tasks/{task}"))
+            .bearer_auth(&token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        match t["state"].as_str() {
+            Some("succeeded") => break t,
+            Some("failed" | "cancelled") => anyhow::bail!("deploy failed: {}", t["error"]),
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let deploy_secs = started.elapsed().as_secs_f64();
+    let done = Instant::now();
+    let host = format!("bench.{PAAS_DOMAIN}");
+    let edge = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(
+            &stack.gateway.certificate("localhost"),
+        )?)
+        .build()?;
+    let via = format!("https://localhost:{}/", stack.edge.https);
+    loop {
+        let r = edge.get(&via).header("host", &host).send().await?;
+        if r.status().is_success() {
+            break;
+        }
+        anyhow::ensure!(
+            done.elapsed() < Duration::from_secs(10),
+            "the gateway never served the app"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let route_live_ms = done.elapsed().as_secs_f64() * 1000.0;
+    let app: serde_json::Value = http
+        .get(format!("{jobs}/api/apps/bench"))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let port = app["app"]["host_port"].as_u64().context("no host port")?;
+    let (direct_rps, direct_p99) = wrk(format!("http://127.0.0.1:{port}/"), None).await?;
+    let (gw_rps, gw_p99) = wrk(via, Some(host)).await?;
+    http.delete(format!("{jobs}/api/apps/bench"))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .error_for_status()?;
+    let mut r = compare(direct_rps, direct_p99, gw_rps, gw_p99);
+    r["deploy_secs"] = json!(deploy_secs);
+    r["route_live_ms"] = json!(route_live_ms);
+    r["deploy"] = state["result"].clone();
+    Ok(r)
 }
 
 /// `1.23ms`, `456.00us`, `1.10s` → milliseconds.

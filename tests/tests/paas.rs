@@ -43,7 +43,13 @@ impl Drop for Stack {
     }
 }
 
-fn jobs_env(pg: &Postgres, port: u16, repos: &Path, instance: &str, chat: u16) -> Vec<(&'static str, String)> {
+fn jobs_env(
+    pg: &Postgres,
+    port: u16,
+    repos: &Path,
+    instance: &str,
+    chat: u16,
+) -> Vec<(&'static str, String)> {
     vec![
         ("PORTICO_JOBS__CHAT_URL", format!("http://127.0.0.1:{chat}")),
         ("PORTICO_JOBS__LISTEN", format!("127.0.0.1:{port}")),
@@ -55,7 +61,7 @@ fn jobs_env(pg: &Postgres, port: u16, repos: &Path, instance: &str, chat: u16) -
         ("PORTICO_PAAS__HEALTH__DEADLINE_SECS", "8".into()),
         ("PORTICO_PAAS__DOMAIN", DOMAIN.into()),
         ("PORTICO_PAAS__INSTANCE", instance.into()),
-        ("PORTICO_PAAS__ROUTES_POLL_MS", "200".into()),
+        ("PORTICO_PAAS__ROUTES_POLL_MS", "1000".into()),
     ]
 }
 
@@ -78,10 +84,13 @@ impl Stack {
         let edge = EdgePorts::free();
         let mut env = edge.env();
         env.extend(EdgePorts::unlimited());
-        env.push(("PORTICO_GATEWAY__CHAT_SHARDS", format!("[\"127.0.0.1:{chat_port}\"]")));
+        env.push((
+            "PORTICO_GATEWAY__CHAT_SHARDS",
+            format!("[\"127.0.0.1:{chat_port}\"]"),
+        ));
         env.push(("PORTICO_GATEWAY__JOBS_UPSTREAM", format!("127.0.0.1:{jobs_port}")));
         env.push(("PORTICO_PAAS__DOMAIN", DOMAIN.into()));
-        env.push(("PORTICO_PAAS__ROUTES_POLL_MS", "200".into()));
+        env.push(("PORTICO_PAAS__ROUTES_POLL_MS", "1000".into()));
         let gw = Service::start(&bins::gateway(), &[], &env, edge.admin);
         Some(Stack {
             _chat: chat,
@@ -562,10 +571,32 @@ async fn broken_redeploys_keep_the_old_version_serving() {
     assert_eq!(containers_of("keep"), vec![v1.clone()]);
     s.serves(&http, &s.app_url("keep", "/"), "keep v1").await;
 
-    // A good redeploy moves traffic and removes the old container.
+    // A good redeploy moves traffic and removes the old container, while
+    // a client requesting all along never sees a failure.
     docker::commit(&repo, &files(&dockerfile_app("keep v4", HTTPD)), "fixed");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hammer = {
+        let (http, url, stop) = (http.clone(), s.app_url("keep", "/"), stop.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut bad) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match http.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    Ok(r) => bad.push(r.status().to_string()),
+                    Err(e) => bad.push(e.to_string()),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (ok, bad)
+        })
+    };
     s.deployed("keep", s.redeploy("keep").await).await;
     s.serves(&http, &s.app_url("keep", "/"), "keep v4").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, bad) = hammer.await.unwrap();
+    assert!(ok > 50, "{ok} requests served during the redeploy");
+    assert!(bad.is_empty(), "failed requests during the switch: {bad:?}");
     let v4 = s.app("keep").await["app"]["container"]
         .as_str()
         .unwrap()
@@ -596,7 +627,12 @@ async fn delete_removes_container_image_and_route() {
     docker::git_repo(&repo, &files(&site("gone")));
     // Deploy events reach the app's conversation (its creator is a member).
     let (st, body) = s
-        .call("POST", "/api/apps", &["ops_lead"], Some(json!({ "name": "gone", "repo": repo, "deploy": false })))
+        .call(
+            "POST",
+            "/api/apps",
+            &["ops_lead"],
+            Some(json!({ "name": "gone", "repo": repo, "deploy": false })),
+        )
         .await;
     assert_eq!((st, &body["task"]), (201, &Value::Null), "{body}");
     let mut creator = Ws::joined(s.chat_port, "ops-person", "paas-gone").await;
@@ -610,7 +646,9 @@ async fn delete_removes_container_image_and_route() {
         seen.push(event);
     }
     assert!(
-        seen.iter().any(|e| e["event"] == "deploy-progress" && e["data"]["log"].as_array().is_some_and(|l| !l.is_empty())),
+        seen.iter()
+            .any(|e| e["event"] == "deploy-progress"
+                && e["data"]["log"].as_array().is_some_and(|l| !l.is_empty())),
         "progress with build lines: {seen:?}"
     );
     s.deployed("gone", task).await;

@@ -6,7 +6,8 @@
 //! ([`source`]), detect the type and generate a Dockerfile, tar the
 //! context ([`context`]), build, start the new container next to the old
 //! one ([`engine`]), wait for its health, then switch the app's route (a
-//! fenced database update) and remove the old container. If the new one
+//! fenced database update) and, once the gateways have had two polls to
+//! follow, stop and remove the old container. If the new one
 //! never becomes healthy the old one keeps serving and the task fails with
 //! the new container's last log lines.
 //!
@@ -289,10 +290,14 @@ impl Paas {
                 });
             }
         };
-        // Traffic has moved (the gateway picks the route up within a
-        // poll); the old container goes. A failure here leaves an orphan
-        // that `watch` removes.
+        // The gateways pick the new route up at their next poll; until
+        // then (and for requests already in flight) the old container
+        // keeps answering: wait two polls, then stop it gracefully. A
+        // failure here leaves an orphan that `watch` removes.
         if let Some(old) = old_container.filter(|o| *o != id) {
+            progress.step("drain");
+            tokio::time::sleep(Duration::from_millis(2 * self.cfg.routes_poll_ms + 250)).await;
+            let _ = self.engine.stop(&old).await;
             let _ = self.engine.remove_container(&old).await;
         }
         if let Some(old) = old_image.filter(|o| *o != tag) {
