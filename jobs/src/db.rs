@@ -813,15 +813,16 @@ impl Db {
         Ok(n == 1)
     }
 
-    /// Task ids of running or queued app tasks (their containers and images
-    /// are work in progress, not orphans).
-    pub async fn active_app_tasks(&self) -> Result<Vec<i64>, DbError> {
+    /// Of `ids`, the tasks that have ended (succeeded, failed, cancelled).
+    /// Ids this database does not know are in neither answer: their
+    /// containers and images are never treated as orphans.
+    pub async fn ended_tasks(&self, ids: &[i64]) -> Result<Vec<i64>, DbError> {
         let rows = self
             .client()
             .await?
             .query(
-                "SELECT id FROM tasks WHERE app IS NOT NULL AND state IN ('queued', 'running')",
-                &[],
+                "SELECT id FROM tasks WHERE id = ANY($1) AND state IN ('succeeded', 'failed', 'cancelled')",
+                &[&ids],
             )
             .await
             .map_err(unavailable)?;

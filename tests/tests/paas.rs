@@ -735,6 +735,37 @@ async fn a_deploy_killed_half_way_is_rerun_and_leaves_no_orphans() {
     assert_ne!(orphan[0], serving);
     let http = s.edge(&["slow"]);
     s.serves(&http, &s.app_url("slow", "/"), "slow v1").await;
+
+    // Leftovers of an ended task are swept when jobs starts; a container
+    // of a task this database does not know is never touched.
+    let fake = |task: &str| {
+        docker::docker(&[
+            "run",
+            "-d",
+            "--label",
+            &format!("portico.instance={}", s.instance),
+            "--label",
+            "portico.app=slow",
+            "--label",
+            &format!("portico.task={task}"),
+            docker::TEST_IMAGE,
+            "sleep",
+            "600",
+        ])
+        .trim()
+        .to_string()
+    };
+    let leftover = fake(&task.to_string());
+    let foreign = fake("999999");
+    s.jobs.proc.stop("TERM", Duration::from_secs(10));
+    s.jobs = Service::start(&bins::jobs(), &[], &env, s.jobs_port);
+    eventually(Duration::from_secs(20), "the leftover to be swept", || async {
+        (!containers_of("slow").contains(&leftover)).then_some(())
+    })
+    .await;
+    let left = containers_of("slow");
+    assert!(left.contains(&foreign) && left.contains(&serving), "{left:?}");
+    s.serves(&http, &s.app_url("slow", "/"), "slow v1").await;
 }
 
 #[tokio::test]

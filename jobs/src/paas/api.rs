@@ -255,11 +255,16 @@ async fn delete(
     api.docker().await?;
     api.app(&name).await?;
     api.idle(&name).await?;
-    // The route goes first (the gateway then answers 404), then Docker's
-    // containers and images: a failure half way leaves only orphans,
-    // which the watcher removes.
-    api.db()?.delete_app(&name).await?;
+    // The route says stopped first (the gateway answers 503, not a
+    // connection error), then Docker's containers and images go, and the
+    // app's row last: a failure half way leaves the app listed, and
+    // DELETE can simply be repeated.
+    let db = api.db()?;
+    db.set_app_desired(&name, "stopped").await?;
     let removed = api.paas.remove_all(&name).await;
+    if removed.is_ok() {
+        db.delete_app(&name).await?;
+    }
     api.audit(
         &who,
         "app.delete",

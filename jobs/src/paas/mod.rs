@@ -15,8 +15,8 @@
 //! which containers and images are this installation's (`portico.instance`
 //! = `paas.instance`, `portico.app`, `portico.task`). [`Paas::watch`] keeps the
 //! two in step: it follows a container to a new host port after Docker
-//! restarted it, and removes containers and images no app or running
-//! deploy owns (what a killed deploy leaves behind).
+//! restarted it, and removes containers and images that no app uses and
+//! whose deploy task has ended (what a killed deploy leaves behind).
 
 pub mod api;
 pub mod context;
@@ -475,18 +475,25 @@ impl Paas {
         if !sweep {
             return Ok(());
         }
-        // Listed before the active tasks are read: whatever a deploy
+        // Listed before the task states are read: whatever a deploy
         // starts after this point is not in these lists.
         let image_list = self.engine.images(None).await?;
-        let active: HashSet<String> = db.active_app_tasks().await?.iter().map(i64::to_string).collect();
-        // Only objects a deploy finished making carry the task label (the
-        // builder adds labels one step at a time, so its intermediate
-        // images and containers may lack it): those without are left alone.
-        let orphan_task = |labels: Option<&HashMap<String, String>>| {
-            labels
-                .and_then(|l| l.get(TASK_LABEL))
-                .is_some_and(|t| !active.contains(t))
+        let task_of = |labels: Option<&HashMap<String, String>>| -> Option<i64> {
+            labels?.get(TASK_LABEL)?.parse().ok()
         };
+        let ids: Vec<i64> = containers
+            .iter()
+            .filter_map(|c| task_of(c.labels.as_ref()))
+            .chain(image_list.iter().filter_map(|(_, _, l)| task_of(Some(l))))
+            .collect();
+        let ended: HashSet<i64> = db.ended_tasks(&ids).await?.into_iter().collect();
+        // An orphan was made by a task that has ended (so not by a deploy
+        // in progress) and this database knows (a restored or foreign
+        // database must not make us remove what serves). The builder adds
+        // labels one step at a time, so its intermediate images may lack
+        // the task label: those are left alone too.
+        let orphan_task =
+            |labels: Option<&HashMap<String, String>>| task_of(labels).is_some_and(|t| ended.contains(&t));
         let serving: HashSet<&str> = apps.iter().filter_map(|a| a.container.as_deref()).collect();
         for c in &containers {
             let Some(id) = c.id.as_deref() else { continue };
