@@ -456,12 +456,13 @@ async fn paas(stack: &Stack) -> anyhow::Result<serde_json::Value> {
     let host = format!("bench.{PAAS_DOMAIN}");
     let edge = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(
-            &stack.gateway.certificate("localhost"),
+            &stack.gateway.certificate(PAAS_DOMAIN),
         )?)
+        .resolve(&host, ([127, 0, 0, 1], stack.edge.https).into())
         .build()?;
-    let via = format!("https://localhost:{}/", stack.edge.https);
+    let via = format!("https://{host}:{}/", stack.edge.https);
     loop {
-        let r = edge.get(&via).header("host", &host).send().await?;
+        let r = edge.get(&via).send().await?;
         if r.status().is_success() {
             break;
         }
@@ -481,7 +482,9 @@ async fn paas(stack: &Stack) -> anyhow::Result<serde_json::Value> {
         .await?;
     let port = app["app"]["host_port"].as_u64().context("no host port")?;
     let (direct_rps, direct_p99) = wrk(format!("http://127.0.0.1:{port}/"), None).await?;
-    let (gw_rps, gw_p99) = wrk(via, Some(host)).await?;
+    // wrk cannot resolve the app's name: it connects to localhost (SNI
+    // localhost) and names the app in the Host header.
+    let (gw_rps, gw_p99) = wrk(format!("https://localhost:{}/", stack.edge.https), Some(host)).await?;
     http.delete(format!("{jobs}/api/apps/bench"))
         .bearer_auth(&token)
         .send()
