@@ -343,6 +343,29 @@ pub fn sign(secret: &str, user: &str, exp: u64) -> String {
     sign_with_roles(secret, user, exp, &[])
 }
 
+/// A JSON call to a service's REST API on 127.0.0.1:`port` as user
+/// `ops-person` with `roles` (none: no token); the status and the JSON
+/// body (`null` when there is none).
+pub async fn api_call(
+    port: u16,
+    method: &str,
+    path: &str,
+    roles: &[&str],
+    body: Option<Value>,
+) -> (u16, Value) {
+    let http = reqwest::Client::new();
+    let mut req = http.request(method.parse().unwrap(), format!("http://127.0.0.1:{port}{path}"));
+    if !roles.is_empty() {
+        req = req.bearer_auth(token_with_roles("ops-person", roles));
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
 /// A token for a user or service with `roles` (e.g. `service`).
 pub fn token_with_roles(user: &str, roles: &[&str]) -> String {
     sign_with_roles(crate::TEST_SECRET, user, unix_now() + 3600, roles)

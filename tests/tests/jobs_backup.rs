@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use portico_tests::client::{Ws, token_with_roles};
+use portico_tests::client::{Ws, api_call, token_with_roles};
 use portico_tests::servers::{Postgres, Service, pg_bin};
 use portico_tests::{bins, eventually, free_port};
 use serde_json::{Value, json};
@@ -59,17 +59,7 @@ impl Jobs {
     }
 
     async fn call(&self, method: &str, path: &str, roles: &[&str], body: Option<Value>) -> (u16, Value) {
-        let http = reqwest::Client::new();
-        let mut req = http.request(method.parse().unwrap(), self.url(path));
-        if !roles.is_empty() {
-            req = req.bearer_auth(token_with_roles("ops-person", roles));
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let r = req.send().await.unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        api_call(self.port, method, path, roles, body).await
     }
 
     /// A customer `id` with database `id` (rows in `items`) and a tree.

@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use portico_tests::client::{Ws, token_with_roles};
+use portico_tests::client::{Ws, api_call, token_with_roles};
 use portico_tests::docker::{self, containers_of, images_of};
 use portico_tests::servers::{EdgePorts, Postgres, Service};
 use portico_tests::{bins, eventually, free_port};
@@ -111,20 +111,7 @@ impl Stack {
     }
 
     async fn call(&self, method: &str, path: &str, roles: &[&str], body: Option<Value>) -> (u16, Value) {
-        let http = reqwest::Client::new();
-        let mut req = http.request(
-            method.parse().unwrap(),
-            format!("http://127.0.0.1:{}{path}", self.jobs_port),
-        );
-        if !roles.is_empty() {
-            req = req.bearer_auth(token_with_roles("ops-person", roles));
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let r = req.send().await.unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        api_call(self.jobs_port, method, path, roles, body).await
     }
 
     /// An HTTPS client for the gateway that trusts its certificates and

@@ -20,6 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::StreamExt;
 use portico_common::api::ApiError;
+use portico_common::auth::Claims;
 use portico_config::is_http_path;
 use serde::Deserialize;
 use serde_json::json;
@@ -105,6 +106,16 @@ impl Api {
             .app(name)
             .await?
             .ok_or_else(|| not_found(format!("app {name}")))
+    }
+
+    /// For stop and start: a staff caller, Docker reachable, the app
+    /// deployed and without an active task; the caller and its container.
+    async fn idle_deployed(&self, headers: &HeaderMap, name: &str) -> Result<(Claims, String), ApiError> {
+        let who = self.caller(headers, STAFF)?;
+        self.docker().await?;
+        let app = self.app(name).await?;
+        self.idle(name).await?;
+        Ok((who, deployed(&app)?.to_string()))
     }
 
     /// 409 while the app has a queued or running task.
@@ -316,11 +327,7 @@ async fn stop(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let who = api.caller(&headers, STAFF)?;
-    api.docker().await?;
-    let app = api.app(&name).await?;
-    api.idle(&name).await?;
-    let id = deployed(&app)?.to_string();
+    let (who, id) = api.idle_deployed(&headers, &name).await?;
     // The route says stopped first, so the gateway answers 503 instead
     // of trying a container on its way down.
     api.db()?.set_app_desired(&name, "stopped").await?;
@@ -335,11 +342,7 @@ async fn start(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let who = api.caller(&headers, STAFF)?;
-    api.docker().await?;
-    let app = api.app(&name).await?;
-    api.idle(&name).await?;
-    let id = deployed(&app)?.to_string();
+    let (who, id) = api.idle_deployed(&headers, &name).await?;
     api.paas.engine.start(&id).await?;
     // Docker publishes a started container on a fresh port.
     let port = api.paas.engine.inspect(&id).await?.and_then(|i| i.host_port);
