@@ -523,6 +523,7 @@ impl ProxyHttp for Edge {
             path = req.uri.path(),
             status,
             route = %route,
+            app = ctx.app.as_ref().map(|a| &*a.name),
             upstream = ctx.upstream.map(|a| a.to_string()),
             ms = elapsed.as_millis() as u64,
             error = e.map(|e| e.to_string()),

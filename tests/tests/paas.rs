@@ -272,6 +272,10 @@ async fn static_site_is_deployed_capped_and_served_by_name_and_prefix() {
         r.headers().get("strict-transport-security").is_some(),
         "security headers on app responses"
     );
+    assert!(
+        s.gw.proc.log().contains("\"app\":\"site\""),
+        "the access log names the app"
+    );
     // .dockerignore'd files never reach the image.
     let r = http.get(s.app_url("site", "/secret.txt")).send().await.unwrap();
     assert_eq!(r.status(), 404);
