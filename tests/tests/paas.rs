@@ -305,6 +305,10 @@ async fn static_site_is_deployed_capped_and_served_by_name_and_prefix() {
         404
     );
 
+    let (st, list) = s.call("GET", "/api/apps", &["technician"], None).await;
+    assert_eq!(st, 200);
+    assert_eq!(list["apps"][0]["name"], "site", "{list}");
+    assert_eq!(list["apps"][0]["kind"], "static", "{list}");
     // The limits, as Docker itself reports them.
     let app = s.app("site").await;
     let id = app["app"]["container"].as_str().unwrap().to_string();
