@@ -43,6 +43,14 @@ pub enum StartError {
     Db(#[from] db::DbError),
 }
 
+fn describe_metrics() {
+    metrics::describe_counter!("portico_jobs_tasks_total", "Tasks ended, by kind and result (ok, failed).");
+    metrics::describe_counter!(
+        "portico_jobs_tasks_reaped_total",
+        "Tasks whose lease ran out (their worker died) and were re-queued or failed."
+    );
+}
+
 /// A bound, not yet serving jobs service.
 pub struct Bound {
     listener: TcpListener,
@@ -56,6 +64,7 @@ pub async fn bind(cfg: &PorticoConfig) -> Result<Bound, StartError> {
     if cfg.auth.jwt_secret.is_empty() {
         return Err(StartError::NoSecret);
     }
+    describe_metrics();
     let addr = j.listen.0;
     let listener = TcpListener::bind(addr)
         .await

@@ -406,3 +406,28 @@ pub async fn tls_connect(
         .connect(ServerName::try_from("localhost").expect("name"), tcp)
         .await
 }
+
+/// Fails unless `text` is valid Prometheus exposition that follows the
+/// naming rules (`promtool check metrics`, from Debian's `prometheus`).
+pub fn promtool_check(name: &str, text: &str) {
+    let mut child = match std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => panic!("promtool not runnable ({e}); ./scripts/test installs the `prometheus` package"),
+    };
+    let mut stdin = child.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, text.as_bytes()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{name} /metrics fails promtool:\n{}{}\n---\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

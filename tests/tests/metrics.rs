@@ -1,33 +1,9 @@
 //! Every service's `/metrics` is valid Prometheus exposition and follows
 //! the naming rules (`promtool check metrics`).
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
-use portico_tests::client::{Ws, https_client, token};
+use portico_tests::client::{Ws, https_client, promtool_check, token};
 use portico_tests::servers::{Service, up};
 use serde_json::json;
-
-fn promtool_check(name: &str, text: &str) {
-    let mut child = match Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
-        Ok(c) => c,
-        Err(e) => panic!("promtool not runnable ({e}); ./scripts/test installs the `prometheus` package"),
-    };
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{name} /metrics fails promtool:\n{}{}\n---\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 #[tokio::test]
 async fn metrics_pass_promtool() {

@@ -373,6 +373,13 @@ async fn static_site_is_deployed_capped_and_served_by_name_and_prefix() {
     }
     drop(follow);
 
+    let metrics = portico_tests::client::metrics(s.jobs_port).await;
+    assert!(
+        metrics.contains("portico_jobs_deploy_seconds_count{result=\"ok\"} 1"),
+        "{metrics}"
+    );
+    portico_tests::client::promtool_check("jobs", &metrics);
+
     // Stop: a clean 503 page; start: served again.
     let (st, body) = s.call("POST", "/api/apps/site/stop", &["technician"], None).await;
     assert_eq!(st, 200, "{body}");

@@ -123,6 +123,19 @@ impl Drop for RemoveOnDrop {
 
 impl Paas {
     pub fn new(cfg: &PaasConfig, data_dir: &std::path::Path) -> Paas {
+        metrics::describe_histogram!(
+            "portico_jobs_deploy_seconds",
+            metrics::Unit::Seconds,
+            "App deploys from claim to switch (or failure), by result."
+        );
+        metrics::describe_counter!(
+            "portico_jobs_app_port_changes_total",
+            "Times Docker published an app's container on a new host port (after a restart) and the route followed."
+        );
+        metrics::describe_counter!(
+            "portico_jobs_orphans_removed_total",
+            "App containers and images removed because no app used them and their task had ended, by kind."
+        );
         Paas {
             cfg: cfg.clone(),
             engine: Engine::new(&cfg.docker, &cfg.instance),
@@ -147,6 +160,19 @@ impl Paas {
     /// Runs a deploy task for app `t.app`: build, start, health gate,
     /// switch. See the module docs.
     pub async fn deploy(&self, db: &Db, t: &Claimed, progress: &Progress) -> Result<Value, PaasError> {
+        let started = Instant::now();
+        let r = self.deploy_steps(db, t, progress).await;
+        let result = match &r {
+            Ok(_) => "ok",
+            Err(PaasError::Cancelled) => "cancelled",
+            Err(_) => "failed",
+        };
+        metrics::histogram!("portico_jobs_deploy_seconds", "result" => result)
+            .record(started.elapsed().as_secs_f64());
+        r
+    }
+
+    async fn deploy_steps(&self, db: &Db, t: &Claimed, progress: &Progress) -> Result<Value, PaasError> {
         let name = t
             .app
             .as_deref()
@@ -469,6 +495,7 @@ impl Paas {
                 .find(|p| p.ip.as_deref() == Some("127.0.0.1"))
                 .and_then(|p| p.public_port);
             if db.set_app_port(&app.name, current, port).await? {
+                metrics::counter!("portico_jobs_app_port_changes_total").increment(1);
                 tracing::info!(app = app.name, port, "app container published on a new port");
             }
         }
@@ -499,6 +526,7 @@ impl Paas {
             let Some(id) = c.id.as_deref() else { continue };
             if !serving.contains(id) && orphan_task(c.labels.as_ref()) {
                 tracing::info!(container = id, "removing an orphaned app container");
+                metrics::counter!("portico_jobs_orphans_removed_total", "kind" => "container").increment(1);
                 self.engine.remove_container(id).await?;
             }
         }
@@ -506,6 +534,7 @@ impl Paas {
         for (id, tags, labels) in image_list {
             if !tags.iter().any(|t| images.contains(t.as_str())) && orphan_task(Some(&labels)) {
                 tracing::info!(image = id, "removing an orphaned app image");
+                metrics::counter!("portico_jobs_orphans_removed_total", "kind" => "image").increment(1);
                 self.engine.remove_image(&id).await?;
             }
         }
