@@ -44,7 +44,10 @@ pub enum StartError {
 }
 
 fn describe_metrics() {
-    metrics::describe_counter!("portico_jobs_tasks_total", "Tasks ended, by kind and result (ok, failed).");
+    metrics::describe_counter!(
+        "portico_jobs_tasks_total",
+        "Tasks ended, by kind and result (ok, failed)."
+    );
     metrics::describe_counter!(
         "portico_jobs_tasks_reaped_total",
         "Tasks whose lease ran out (their worker died) and were re-queued or failed."
