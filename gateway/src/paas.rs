@@ -294,19 +294,19 @@ impl BackgroundService for RoutesPoller {
 mod tests {
     use super::*;
 
+    fn entry(name: &str, state: &str, upstream: Option<&str>) -> RouteEntry {
+        RouteEntry {
+            name: name.into(),
+            state: state.into(),
+            upstream: upstream.map(|u| u.parse().unwrap()),
+        }
+    }
+
     fn table() -> AppRoutes {
         let t = AppRoutes::new("paas.example.com", 1 << 20);
         t.install(&[
-            RouteEntry {
-                name: "blog".into(),
-                state: "running".into(),
-                upstream: Some("127.0.0.1:32768".parse().unwrap()),
-            },
-            RouteEntry {
-                name: "old".into(),
-                state: "stopped".into(),
-                upstream: None,
-            },
+            entry("blog", "running", Some("127.0.0.1:32768")),
+            entry("old", "stopped", None),
         ]);
         t
     }
@@ -352,22 +352,10 @@ mod tests {
     fn changes_are_detected() {
         let t = table();
         assert!(!t.install(&[
-            RouteEntry {
-                name: "blog".into(),
-                state: "running".into(),
-                upstream: Some("127.0.0.1:32768".parse().unwrap()),
-            },
-            RouteEntry {
-                name: "old".into(),
-                state: "stopped".into(),
-                upstream: None,
-            },
+            entry("blog", "running", Some("127.0.0.1:32768")),
+            entry("old", "stopped", None),
         ]));
-        assert!(t.install(&[RouteEntry {
-            name: "blog".into(),
-            state: "running".into(),
-            upstream: Some("127.0.0.1:32769".parse().unwrap()),
-        }]));
+        assert!(t.install(&[entry("blog", "running", Some("127.0.0.1:32769"))]));
         assert_eq!(t.len(), 1);
     }
 
