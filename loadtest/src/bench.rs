@@ -110,7 +110,7 @@ fn start_stack() -> Stack {
     env.push(("PORTICO_PAAS__DOMAIN", PAAS_DOMAIN.into()));
     // The generator is a handful of addresses opening thousands of sockets.
     env.extend(EdgePorts::unlimited());
-    let gateway = Service::start(&bins::gateway(), &[], &env, edge.admin);
+    let gateway = Service::gateway(&[], &env, &edge);
     Stack {
         shards,
         gateway,

@@ -294,6 +294,17 @@ impl Service {
     }
 }
 
+impl Service {
+    /// The gateway on `edge`'s ports with `args` and `env`; waits until its
+    /// HTTPS and HTTP listeners accept, not only its admin `/healthz`
+    /// (Pingora starts them alongside, so either may come first).
+    pub fn gateway(args: &[&str], env: &[(&str, String)], edge: &EdgePorts) -> Service {
+        let mut svc = Service::start(&bins::gateway(), args, env, edge.admin);
+        edge.wait_listening(&mut svc.proc);
+        svc
+    }
+}
+
 /// The ports of a `portico up` (or gateway) under test.
 #[derive(Debug, Clone, Copy)]
 pub struct EdgePorts {
@@ -323,6 +334,15 @@ impl EdgePorts {
         .into_iter()
         .map(|k| (k, "1000000".to_string()))
         .collect()
+    }
+
+    /// Waits until the HTTPS and HTTP listeners accept connections.
+    pub fn wait_listening(&self, proc: &mut Proc) {
+        for port in [self.https, self.http] {
+            wait_until(proc, "listening", || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
+        }
     }
 
     pub fn env(&self) -> Vec<(&'static str, String)> {
@@ -359,7 +379,8 @@ pub fn up_with(extra: &[(&'static str, String)]) -> (Service, EdgePorts) {
         format!("[\"https://localhost:{}\"]", edge.https),
     ));
     env.extend(extra.iter().cloned());
-    let svc = Service::start(&bins::portico(), &["up"], &env, edge.admin);
+    let mut svc = Service::start(&bins::portico(), &["up"], &env, edge.admin);
+    edge.wait_listening(&mut svc.proc);
     (svc, edge)
 }
 

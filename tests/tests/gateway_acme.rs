@@ -5,8 +5,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use portico_tests::eventually;
 use portico_tests::servers::{EdgePorts, Pebble, Service};
-use portico_tests::{bins, eventually};
 use rustls::pki_types::ServerName;
 
 const HOST: &str = "portico.test";
@@ -82,7 +82,7 @@ async fn obtains_serves_and_renews_a_certificate() {
         pebble.tls_root.display().to_string(),
     ));
     env.push(("PORTICO_GATEWAY__ACME__CHECK_SECS", "1".into()));
-    let gw = Service::start(&bins::gateway(), &[], &env, edge.admin);
+    let gw = Service::gateway(&[], &env, &edge);
 
     // Until issuance the gateway serves its self-signed placeholder.
     let first = eventually(Duration::from_secs(60), "an ACME certificate", || async {

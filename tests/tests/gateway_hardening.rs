@@ -8,8 +8,8 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use portico_tests::client::{https_client, https_client_from, metrics, tls_connect, token};
+use portico_tests::free_port;
 use portico_tests::servers::{EdgePorts, Service};
-use portico_tests::{bins, free_port};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 fn ip(last: u8) -> IpAddr {
@@ -25,7 +25,7 @@ fn gateway(extra: &[(&'static str, String)], args: &[&str]) -> (Service, EdgePor
         format!("[\"127.0.0.1:{}\"]", free_port()),
     ));
     env.extend(extra.iter().cloned());
-    (Service::start(&bins::gateway(), args, &env, edge.admin), edge)
+    (Service::gateway(args, &env, &edge), edge)
 }
 
 /// Reads until the end of a response head (or EOF, or 15 s); returns it.

@@ -2,8 +2,8 @@
 //! without touching other clients; oversized bodies get 413.
 
 use portico_tests::client::{https_client, https_client_from};
+use portico_tests::free_port_pair;
 use portico_tests::servers::{EdgePorts, Service};
-use portico_tests::{bins, free_port_pair};
 
 fn gateway(extra: &[(&'static str, &str)]) -> (Service, EdgePorts) {
     let edge = EdgePorts::free();
@@ -16,7 +16,7 @@ fn gateway(extra: &[(&'static str, &str)]) -> (Service, EdgePorts) {
     for (k, v) in extra {
         env.push((k, v.to_string()));
     }
-    (Service::start(&bins::gateway(), &[], &env, edge.admin), edge)
+    (Service::gateway(&[], &env, &edge), edge)
 }
 
 #[tokio::test]

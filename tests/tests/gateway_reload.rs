@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use portico_tests::client::{Ws, https_client, token};
+use portico_tests::eventually;
 use portico_tests::servers::{EdgePorts, Service};
-use portico_tests::{bins, eventually};
 use serde_json::json;
 
 /// How many requests the gateway counted for `route`.
@@ -33,12 +33,7 @@ async fn sighup_applies_good_routes_and_refuses_broken_ones() {
         "PORTICO_GATEWAY__CHAT_SHARDS",
         format!("[\"127.0.0.1:{chat_port}\"]"),
     ));
-    let gw = Service::start(
-        &bins::gateway(),
-        &["--config", file.to_str().unwrap()],
-        &env,
-        edge.admin,
-    );
+    let gw = Service::gateway(&["--config", file.to_str().unwrap()], &env, &edge);
     let http = https_client(&gw.certificate("localhost"));
     let url = format!("https://localhost:{}/extra/page", edge.https);
 

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use portico_tests::client::{Ws, https_client_from, token};
+use portico_tests::free_port;
 use portico_tests::servers::{EdgePorts, Service};
-use portico_tests::{bins, free_port};
 
 const USERS: usize = 24;
 
@@ -47,7 +47,7 @@ async fn same_user_same_shard_failover_and_return() {
         "PORTICO_GATEWAY__CHAT_SHARDS",
         format!("[\"127.0.0.1:{}\",\"127.0.0.1:{}\"]", ports[0], ports[1]),
     ));
-    let gw = Service::start(&bins::gateway(), &[], &env, edge.admin);
+    let gw = Service::gateway(&[], &env, &edge);
     let ca = gw.certificate("localhost");
 
     let first = settled(edge.https, &ca, |p| {
@@ -90,7 +90,7 @@ async fn anonymous_clients_are_pinned_by_a_cookie_the_gateway_sets() {
         "PORTICO_GATEWAY__CHAT_SHARDS",
         format!("[\"127.0.0.1:{a}\",\"127.0.0.1:{b}\"]"),
     ));
-    let gw = Service::start(&bins::gateway(), &[], &env, edge.admin);
+    let gw = Service::gateway(&[], &env, &edge);
     let ca = gw.certificate("localhost");
     let client = |last: u8| https_client_from(&ca, last);
     let url = |path: &str| format!("https://localhost:{}{path}", edge.https);

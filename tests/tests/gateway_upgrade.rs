@@ -16,7 +16,7 @@ async fn graceful_upgrade_drops_no_request() {
     let edge = EdgePorts::free();
     let mut env = edge.env();
     env.extend(EdgePorts::unlimited());
-    let mut old = Service::start(&bins::gateway(), &[], &env, edge.admin);
+    let mut old = Service::gateway(&[], &env, &edge);
 
     // A client that never stops asking (plain-HTTP listener: 308 each time).
     let stop = Arc::new(AtomicBool::new(false));

@@ -91,7 +91,7 @@ impl Stack {
         env.push(("PORTICO_GATEWAY__JOBS_UPSTREAM", format!("127.0.0.1:{jobs_port}")));
         env.push(("PORTICO_PAAS__DOMAIN", DOMAIN.into()));
         env.push(("PORTICO_PAAS__ROUTES_POLL_MS", "1000".into()));
-        let gw = Service::start(&bins::gateway(), &[], &env, edge.admin);
+        let gw = Service::gateway(&[], &env, &edge);
         Some(Stack {
             _chat: chat,
             chat_port,

@@ -5,7 +5,6 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use portico_tests::bins;
 use portico_tests::client::{Ws, token};
 use portico_tests::servers::{EdgePorts, Service};
 
@@ -60,7 +59,7 @@ fn jobs_exits_cleanly_on_sigterm() {
 #[test]
 fn gateway_exits_cleanly_on_sigterm() {
     let edge = EdgePorts::free();
-    let mut svc = Service::start(&bins::gateway(), &[], &edge.env(), edge.admin);
+    let mut svc = Service::gateway(&[], &edge.env(), &edge);
     let _idle = TcpStream::connect(("127.0.0.1", edge.https)).unwrap();
     let _idle_http = open_http(edge.http);
     assert_clean_exit(&mut svc);
