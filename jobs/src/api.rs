@@ -155,18 +155,8 @@ impl Api {
         result: &str,
         detail: Value,
     ) {
-        let (customer, target) = match subject {
-            Subject::Customer(c) => (Some(c), target.map(str::to_string)),
-            // Apps have no customer: the app is the target.
-            Subject::App(a) => (
-                None,
-                Some(target.map_or_else(|| format!("app:{a}"), |t| format!("app:{a}#{t}"))),
-            ),
-        };
         if let Ok(db) = self.db()
-            && let Err(e) = db
-                .audit(&who.sub, action, customer, target.as_deref(), result, &detail)
-                .await
+            && let Err(e) = db.audit(&who.sub, action, subject, target, result, &detail).await
         {
             tracing::error!(error = %e, action, "audit log write failed");
         }

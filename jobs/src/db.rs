@@ -831,15 +831,24 @@ impl Db {
 
     // ---- audit -----------------------------------------------------------
 
+    /// Records `action` on `subject` (and `target` within it). App entries
+    /// have no customer: the target names the app, `app:<name>[#target]`.
     pub async fn audit(
         &self,
         actor: &str,
         action: &str,
-        customer: Option<&str>,
+        subject: Subject<'_>,
         target: Option<&str>,
         result: &str,
         detail: &Value,
     ) -> Result<(), DbError> {
+        let (customer, target) = match subject {
+            Subject::Customer(c) => (Some(c), target.map(str::to_string)),
+            Subject::App(a) => (
+                None,
+                Some(target.map_or_else(|| format!("app:{a}"), |t| format!("app:{a}#{t}"))),
+            ),
+        };
         self.client()
             .await?
             .execute(

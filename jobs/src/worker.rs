@@ -192,12 +192,8 @@ impl Workers {
             .audit(
                 &t.created_by,
                 &format!("task.{}", t.kind),
-                t.customer_id.as_deref(),
-                Some(
-                    &t.app
-                        .as_ref()
-                        .map_or_else(|| t.id.to_string(), |a| format!("app:{a}#{}", t.id)),
-                ),
+                t.subject(),
+                Some(&t.id.to_string()),
                 result_label,
                 &data,
             )
