@@ -236,84 +236,75 @@ impl Paas {
         } else {
             "Dockerfile"
         };
-        let build = self
-            .engine
-            .build(tar, dockerfile, &tag, labels.clone(), |l| progress.line(l));
-        let built = match tokio::time::timeout(Duration::from_secs(self.cfg.build_timeout_secs), build).await
-        {
-            Ok(r) => r,
-            Err(_) => Err(PaasError::Build(format!(
-                "timed out after {} s (paas.build_timeout_secs)",
-                self.cfg.build_timeout_secs
-            ))),
-        };
-        if let Err(e) = built {
-            let _ = self.engine.remove_image(&tag).await;
-            return Err(e);
-        }
-        if cancelled() {
-            let _ = self.engine.remove_image(&tag).await;
-            return Err(PaasError::Cancelled);
-        }
-        let port = match app
-            .port
-            .map(|p| p as u16)
-            .or_else(|| source::generated_port(&kind))
-        {
-            Some(p) => p,
-            None => match self.engine.exposed_port(&tag).await? {
-                Some(p) => p,
-                None => {
-                    let _ = self.engine.remove_image(&tag).await;
-                    return Err(PaasError::Port(
-                        "the image does not EXPOSE exactly one TCP port: set the app's port".into(),
-                    ));
+        // From here on the new image (and, once started, the new container)
+        // are this attempt's: any failure removes them, in one place.
+        let mut started: Option<String> = None;
+        let outcome = async {
+            let build = self
+                .engine
+                .build(tar, dockerfile, &tag, labels.clone(), |l| progress.line(l));
+            match tokio::time::timeout(Duration::from_secs(self.cfg.build_timeout_secs), build).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(PaasError::Build(format!(
+                        "timed out after {} s (paas.build_timeout_secs)",
+                        self.cfg.build_timeout_secs
+                    )));
                 }
-            },
-        };
-
-        progress.step("start");
-        let cname = format!("{instance}-{name}-t{}-a{}", t.id, t.attempt);
-        self.engine.remove_container(&cname).await?;
-        let id = match self.engine.run(&cname, &tag, port, labels, self.limits()).await {
-            Ok(id) => id,
-            Err(e) => {
-                let _ = self.engine.remove_image(&tag).await;
-                return Err(e);
             }
-        };
+            if cancelled() {
+                return Err(PaasError::Cancelled);
+            }
+            let port = match app
+                .port
+                .map(|p| p as u16)
+                .or_else(|| source::generated_port(&kind))
+            {
+                Some(p) => p,
+                None => self.engine.exposed_port(&tag).await?.ok_or_else(|| {
+                    PaasError::Port(
+                        "the image does not EXPOSE exactly one TCP port: set the app's port".into(),
+                    )
+                })?,
+            };
 
-        progress.step("health");
-        let host_port = match self.wait_healthy(&id, &app.health_path, &cancelled).await {
-            Ok(p) => p,
-            Err(e) => {
-                let e = match e {
-                    PaasError::Unhealthy { path, secs, last, .. } => PaasError::Unhealthy {
+            progress.step("start");
+            let cname = format!("{instance}-{name}-t{}-a{}", t.id, t.attempt);
+            self.engine.remove_container(&cname).await?;
+            let id = self.engine.run(&cname, &tag, port, labels, self.limits()).await?;
+            started = Some(id.clone());
+
+            progress.step("health");
+            let host_port = match self.wait_healthy(&id, &app.health_path, &cancelled).await {
+                Ok(p) => p,
+                Err(PaasError::Unhealthy { path, secs, last, .. }) => {
+                    let logs = self.engine.log_tail(&id, 20).await;
+                    return Err(PaasError::Unhealthy {
                         path,
                         secs,
                         last,
-                        logs: source::last_lines(&self.engine.log_tail(&id, 20).await, 20)
-                            .replace(" | ", "\n"),
-                    },
-                    e => e,
-                };
-                let _ = self.engine.remove_container(&id).await;
+                        logs: source::last_lines(&logs, 20).replace(" | ", "\n"),
+                    });
+                }
+                Err(e) => return Err(e),
+            };
+
+            progress.step("switch");
+            let old = db
+                .switch_app(t, name, kind.name(), &id, &tag, host_port)
+                .await?
+                .ok_or(PaasError::Fenced)?;
+            Ok((id, port, old))
+        }
+        .await;
+        let (id, port, (old_container, old_image)) = match outcome {
+            Ok(v) => v,
+            Err(e) => {
+                if let Some(id) = &started {
+                    let _ = self.engine.remove_container(id).await;
+                }
                 let _ = self.engine.remove_image(&tag).await;
                 return Err(e);
-            }
-        };
-
-        progress.step("switch");
-        let switched = db.switch_app(t, name, kind.name(), &id, &tag, host_port).await;
-        let (old_container, old_image) = match switched {
-            Ok(Some(old)) => old,
-            Ok(None) | Err(_) => {
-                let _ = self.engine.remove_container(&id).await;
-                let _ = self.engine.remove_image(&tag).await;
-                return Err(match switched {
-                    Err(e) => e.into(),
-                    _ => PaasError::Fenced,
-                });
             }
         };
         // The gateways pick the new route up at their next poll; until
