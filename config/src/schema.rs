@@ -174,6 +174,9 @@ pub struct LimitClass {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConnectionLimits {
+    /// The TLS handshake must be complete this many seconds after the
+    /// accept; else the connection is closed. It counts toward the caps.
+    pub handshake_timeout_secs: u64,
     /// A request's headers must arrive completely within this many seconds
     /// of its first byte (of the connection, for the first request); else
     /// 408 and the connection is closed. Cuts slowloris trickles.
@@ -191,11 +194,20 @@ pub struct ConnectionLimits {
     pub keepalive_idle_secs: u64,
     /// HTTP/2 streams one connection may have open at once.
     pub h2_max_concurrent_streams: u32,
+    /// A request body may pause this long between reads, and gets this much
+    /// time on top of what `body_min_bytes_per_sec` allows for its size;
+    /// else 408. Bodies up to 64 KiB are read whole before an upstream
+    /// connection is taken.
+    pub body_timeout_secs: u64,
+    /// The slowest average rate a request body may arrive at (after the
+    /// `body_timeout_secs` allowance).
+    pub body_min_bytes_per_sec: u64,
 }
 
 impl Default for ConnectionLimits {
     fn default() -> Self {
         ConnectionLimits {
+            handshake_timeout_secs: 10,
             header_timeout_secs: 10,
             max_header_bytes: 32 * 1024,
             max_headers: 100,
@@ -203,6 +215,8 @@ impl Default for ConnectionLimits {
             max_connections_per_ip: 1_000,
             keepalive_idle_secs: 60,
             h2_max_concurrent_streams: 100,
+            body_timeout_secs: 30,
+            body_min_bytes_per_sec: 1024,
         }
     }
 }
@@ -637,6 +651,18 @@ impl PorticoConfig {
         }
         let cl = &g.connections;
         for (key, v) in [
+            (
+                "gateway.connections.handshake_timeout_secs",
+                cl.handshake_timeout_secs as usize,
+            ),
+            (
+                "gateway.connections.body_timeout_secs",
+                cl.body_timeout_secs as usize,
+            ),
+            (
+                "gateway.connections.body_min_bytes_per_sec",
+                cl.body_min_bytes_per_sec as usize,
+            ),
             (
                 "gateway.connections.header_timeout_secs",
                 cl.header_timeout_secs as usize,

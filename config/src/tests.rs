@@ -143,6 +143,23 @@ fn connection_limits_are_checked() {
         Ok(None)
     });
     assert!(e.contains("gateway.connections.header_timeout_secs"), "{e}");
+    refused_naming_keys(&[
+        (
+            "PORTICO_GATEWAY__CONNECTIONS__HANDSHAKE_TIMEOUT_SECS",
+            "0",
+            "gateway.connections.handshake_timeout_secs",
+        ),
+        (
+            "PORTICO_GATEWAY__CONNECTIONS__BODY_TIMEOUT_SECS",
+            "0",
+            "gateway.connections.body_timeout_secs",
+        ),
+        (
+            "PORTICO_GATEWAY__CONNECTIONS__BODY_MIN_BYTES_PER_SEC",
+            "0",
+            "gateway.connections.body_min_bytes_per_sec",
+        ),
+    ]);
 }
 
 /// Each (variable, value) is refused with an error naming `key`.

@@ -10,8 +10,10 @@
 //! Once the head is complete the stream is a plain pass-through (bodies,
 //! upgraded WebSockets), until the proxy reports the request done
 //! ([`request_done`]) and the connection waits, kept alive, for the next.
-//! [`GuardedApp`] wraps the proxy and admits connections under a global and
-//! a per-IP cap.
+//! [`GuardedApp`] wraps the proxy: it admits connections under a global and
+//! a per-IP cap at the accept, then does the TLS handshake itself under
+//! `handshake_timeout_secs` (Pingora's TLS listener allows 60 s and counts
+//! nothing, so a flood of silent TCP connections would escape the caps).
 //!
 //! HTTP/2 connections are not watched byte by byte (frames, not text):
 //! Pingora's h2 options carry the header-size, stream and idle limits.
@@ -29,6 +31,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use dashmap::DashMap;
 use pingora::apps::ServerApp;
+use pingora::listeners::tls::Acceptor;
+use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::{SslDigest, TlsRef};
 use pingora::protocols::{
@@ -74,6 +78,8 @@ impl Guard {
             self.open.fetch_sub(1, Ordering::AcqRel);
             return Err("total");
         }
+        // Counted here, so the drop of a refused permit undoes only this.
+        metrics::gauge!("portico_gateway_connections").increment(1.0);
         let mut permit = Permit {
             guard: self.clone(),
             key: None,
@@ -110,10 +116,42 @@ impl Drop for Permit {
     }
 }
 
-/// A Pingora app behind the guard (the HTTPS proxy).
+/// A Pingora app behind the guard (the HTTPS proxy), on a plain TCP
+/// listener: the guard admits, then terminates TLS with `tls`.
 pub struct GuardedApp<A> {
     pub inner: Arc<A>,
     pub guard: Arc<Guard>,
+    pub tls: Arc<Acceptor>,
+}
+
+impl<A> GuardedApp<A> {
+    /// The TLS handshake under the deadline; `None` (counted) if it fails.
+    async fn handshake(&self, stream: Stream, ip: Option<IpAddr>) -> Option<Stream> {
+        let Ok(l4) = stream.into_any().downcast::<L4Stream>() else {
+            tracing::error!("HTTPS listener handed over a stream that is not TCP");
+            return None;
+        };
+        let deadline = Duration::from_secs(self.guard.cfg.handshake_timeout_secs);
+        let failed = |reason: &'static str| {
+            metrics::counter!("portico_gateway_tls_handshake_failures_total", "reason" => reason)
+                .increment(1);
+        };
+        match tokio::time::timeout(deadline, self.tls.tls_handshake(*l4)).await {
+            Ok(Ok(tls)) => Some(Box::new(tls)),
+            Ok(Err(e)) => {
+                // Scanners and clients that distrust the certificate do this
+                // all day: not an error of ours.
+                tracing::debug!(client = ?ip, error = %e, "TLS handshake failed");
+                failed("error");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(client = ?ip, "TLS handshake timed out");
+                failed("timeout");
+                None
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -130,7 +168,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
                 return None;
             }
         };
-        metrics::gauge!("portico_gateway_connections").increment(1.0);
+        let stream = self.handshake(stream, ip).await?;
         let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
         let stream: Stream = Box::new(Guarded::new(stream, permit, &self.guard.cfg, h2));
         self.inner.process_new(stream, shutdown).await

@@ -132,24 +132,24 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Serve
     h2.max_concurrent_streams(conns.h2_max_concurrent_streams);
     h2.max_header_list_size(conns.max_header_bytes as u32);
     proxy.h2_options = Some(h2);
-    let app = guard::GuardedApp {
-        inner: Arc::new(proxy),
-        guard: guard::Guard::new(conns.clone(), g.trusted_proxies.clone()),
-    };
-    let mut https = Service::new("https".to_string(), app);
     let mut settings = TlsSettings::with_callbacks(Box::new(NoCallbacks))
         .map_err(|e| GatewayError::Pingora(e.to_string()))?;
     settings.set_cert_resolver(certs.resolver());
     settings.enable_h2();
+    // The guard terminates TLS itself (after its caps, under its deadline).
+    let app = guard::GuardedApp {
+        inner: Arc::new(proxy),
+        guard: guard::Guard::new(conns.clone(), g.trusted_proxies.clone()),
+        tls: Arc::new(settings.build()),
+    };
+    let mut https = Service::new("https".to_string(), app);
     // Pingora buffers downstream writes up to one MSS and flushes only at
     // the end of a response: proxied WebSocket frames would wait (seconds,
     // measured) for the buffer to fill. Unbuffered writes send each frame at
     // once; TLS already batches into records. Its 64 KiB read buffer is
     // allocated per connection up front, most of an idle WebSocket's cost;
     // rustls keeps its own record buffer, so we read unbuffered too.
-    let listener = ListenerConfig::tcp(g.https_listen.to_string())
-        .tls(settings)
-        .l4_buffer(L4BufferSettings::unbuffered());
+    let listener = ListenerConfig::tcp(g.https_listen.to_string()).l4_buffer(L4BufferSettings::unbuffered());
     https.add_listener(listener);
 
     let mut http = pingora::proxy::http_proxy_service_with_name(
@@ -266,6 +266,10 @@ fn describe_metrics() {
     describe_counter!(
         "portico_gateway_connections_refused_total",
         "HTTPS connections closed at accept because a cap was reached, by cap (total, per_ip)."
+    );
+    describe_counter!(
+        "portico_gateway_tls_handshake_failures_total",
+        "TLS handshakes that failed (error) or missed handshake_timeout_secs (timeout)."
     );
     describe_counter!(
         "portico_gateway_requests_rejected_total",

@@ -323,11 +323,18 @@ impl ProxyHttp for Edge {
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<bytes::Bytes>,
         _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        // After a 101 these are WebSocket frames of a long-lived stream, not
+        // a request body: frame and message limits are the chat server's,
+        // the idle timeout ours (`WS_IDLE`). A body limit would cut every
+        // chat connection once its client had sent `max_body_bytes` in total.
+        if session.was_upgraded() {
+            return Ok(());
+        }
         // Chunked bodies declare no length: count as they stream.
         ctx.body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
         if ctx.body_bytes > ctx.route.max_body_bytes {

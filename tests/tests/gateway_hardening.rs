@@ -135,6 +135,15 @@ async fn oversized_or_too_many_headers_get_431() {
     assert!(proxied(&head), "{head:?}");
 }
 
+/// Whether a TLS client from 127.0.0.`last` is turned away: the caps
+/// apply before the handshake, so it fails or ends at once.
+async fn refused(port: u16, ca: &[u8], last: u8) -> bool {
+    match tls_connect(port, ca, ip(last)).await {
+        Err(_) => true,
+        Ok(mut tls) => closed_within(&mut tls, Duration::from_millis(500)).await,
+    }
+}
+
 #[tokio::test]
 async fn connection_caps_close_extra_connections_and_free_their_places() {
     let (svc, edge) = gateway(
@@ -150,12 +159,10 @@ async fn connection_caps_close_extra_connections_and_free_their_places() {
     let mut a2 = tls_connect(edge.https, &ca, ip(1)).await.unwrap();
     assert!(!closed_within(&mut a1, open).await, "first from .1 admitted");
     assert!(!closed_within(&mut a2, open).await, "second from .1 admitted");
-    let mut a3 = tls_connect(edge.https, &ca, ip(1)).await.unwrap();
-    assert!(closed_within(&mut a3, open).await, "third from .1: per-IP cap");
+    assert!(refused(edge.https, &ca, 1).await, "third from .1: per-IP cap");
     let mut b1 = tls_connect(edge.https, &ca, ip(2)).await.unwrap();
     assert!(!closed_within(&mut b1, open).await, "another client is admitted");
-    let mut c1 = tls_connect(edge.https, &ca, ip(3)).await.unwrap();
-    assert!(closed_within(&mut c1, open).await, "fourth in total: total cap");
+    assert!(refused(edge.https, &ca, 3).await, "fourth in total: total cap");
 
     drop(a1);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -317,4 +324,88 @@ async fn tls_1_1_is_refused_where_the_same_hello_at_1_2_is_served() {
     assert_eq!(kind, 21, "TLS 1.1: an alert record: {body:?}");
     assert_eq!(body[0], 2, "fatal");
     assert_eq!(body[1], 70, "protocol_version");
+}
+
+/// A plain TCP connection to `port` from 127.0.0.`last` that says nothing.
+async fn tcp_from(last: u8, port: u16) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((ip(last), 0).into()).unwrap();
+    socket.connect(([127, 0, 0, 1], port).into()).await.unwrap()
+}
+
+#[tokio::test]
+async fn silent_connections_count_toward_the_cap_and_the_handshake_has_a_deadline() {
+    let (svc, edge) = gateway(
+        &[
+            ("PORTICO_GATEWAY__CONNECTIONS__HANDSHAKE_TIMEOUT_SECS", "2".into()),
+            ("PORTICO_GATEWAY__CONNECTIONS__MAX_CONNECTIONS_PER_IP", "5".into()),
+        ],
+        &[],
+    );
+    let ca = svc.certificate("localhost");
+    // Twenty TCP connections from one address that never send a ClientHello.
+    let started = Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        silent.push(tcp_from(1, edge.https).await);
+    }
+    let mut open = 0;
+    for s in &mut silent {
+        if !closed_within(s, Duration::from_millis(300)).await {
+            open += 1;
+        }
+    }
+    assert_eq!(open, 5, "the per-IP cap holds before any TLS");
+    // A real client from the same address is refused meanwhile; another
+    // address is not.
+    assert!(
+        refused(edge.https, &ca, 1).await,
+        "refused while the silent ones are open"
+    );
+    let mut other = tls_connect(edge.https, &ca, ip(2))
+        .await
+        .expect("another address");
+    assert!(!closed_within(&mut other, Duration::from_millis(300)).await);
+
+    // A ClientHello trickled a byte at a time is no better than silence.
+    let mut trickle = tcp_from(3, edge.https).await;
+    let hello = client_hello(0x0303);
+    let trickled = tokio::spawn(async move {
+        for b in hello {
+            if trickle.write_all(&[b]).await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    });
+
+    // Every silent connection is closed at the deadline, not before.
+    for s in &mut silent {
+        assert!(
+            closed_within(s, Duration::from_secs(6)).await,
+            "closed at the deadline"
+        );
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
+        "at the 2 s deadline: {took:?}"
+    );
+    assert!(trickled.await.unwrap(), "the trickled hello was cut off");
+    // Their places are free again.
+    let mut tls = tls_connect(edge.https, &ca, ip(1)).await.expect("admitted again");
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(proxied(&read_head(&mut tls).await));
+    let text = metrics(edge.admin).await;
+    assert!(
+        text.contains("portico_gateway_tls_handshake_failures_total{reason=\"timeout\"} 6"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("portico_gateway_connections -"),
+        "the open-connections gauge never goes negative: {text}"
+    );
 }
