@@ -208,6 +208,35 @@ pub struct Guarded {
     reject: Option<Reject>,
     /// Set by [`request_done`]: the next bytes start a new request.
     done: AtomicBool,
+    /// A request head is complete and no byte of its response has been
+    /// written yet: the next write is the response head.
+    expect_head: bool,
+    /// A response head rewritten by [`own_error_head`], being written in
+    /// place of the caller's `consumed` bytes.
+    rewritten: Option<(Vec<u8>, usize, usize)>,
+}
+
+/// Pingora answers a request it cannot parse (400) or a CONNECT (405) on
+/// its own, with `Server: Pingora` and none of our headers. Rewritten here,
+/// the one place its bytes pass: the `Server` line is dropped and the
+/// security headers added. `None` for any other response head.
+fn own_error_head(buf: &[u8]) -> Option<Vec<u8>> {
+    const SERVER: &[u8] = b"\r\nserver: pingora\r\n";
+    if !buf.starts_with(b"HTTP/1.1 4") && !buf.starts_with(b"HTTP/1.1 5") {
+        return None;
+    }
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 2;
+    let at = buf[..end + 2]
+        .windows(SERVER.len())
+        .position(|w| w.eq_ignore_ascii_case(SERVER))?;
+    let mut out = Vec::with_capacity(buf.len() + 256);
+    out.extend_from_slice(&buf[..at + 2]);
+    out.extend_from_slice(&buf[at + SERVER.len()..end]);
+    for (name, value) in crate::headers::SECURITY_HEADERS {
+        out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+    }
+    out.extend_from_slice(&buf[end..]);
+    Some(out)
 }
 
 /// Tells the guard of `stream` (if it has one) that its request is over, so
@@ -247,6 +276,8 @@ impl Guarded {
             line_len: 0,
             reject: None,
             done: AtomicBool::new(false),
+            expect_head: false,
+            rewritten: None,
         }
     }
 
@@ -264,6 +295,7 @@ impl Guarded {
             match b {
                 b'\n' if self.line_len == 0 && self.lines > 0 => {
                     self.phase = Phase::Passthrough;
+                    self.expect_head = true;
                     self.head_bytes += i + 1;
                     return self.within_limits();
                 }
@@ -367,7 +399,25 @@ impl AsyncRead for Guarded {
 
 impl AsyncWrite for Guarded {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        if std::mem::take(&mut this.expect_head)
+            && let Some(head) = own_error_head(buf)
+        {
+            this.rewritten = Some((head, 0, buf.len()));
+        }
+        if let Some((head, written, consumed)) = this.rewritten.as_mut() {
+            while *written < head.len() {
+                match ready!(Pin::new(&mut this.inner).poll_write(cx, &head[*written..])) {
+                    Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Ok(n) => *written += n,
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            }
+            let consumed = *consumed;
+            this.rewritten = None;
+            return Poll::Ready(Ok(consumed));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -383,7 +433,13 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        if this.expect_head || this.rewritten.is_some() {
+            // A response head: through `poll_write`, which may rewrite it.
+            let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &b[..]);
+            return Pin::new(this).poll_write(cx, first);
+        }
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {

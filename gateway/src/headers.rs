@@ -3,7 +3,7 @@
 
 use pingora::http::ResponseHeader;
 
-const SECURITY_HEADERS: &[(&str, &str)] = &[
+pub const SECURITY_HEADERS: &[(&str, &str)] = &[
     ("strict-transport-security", "max-age=31536000"),
     ("x-frame-options", "DENY"),
     ("x-content-type-options", "nosniff"),

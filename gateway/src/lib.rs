@@ -17,6 +17,7 @@ pub mod proxy;
 pub mod redirect;
 pub mod reload;
 pub mod routes;
+pub mod screen;
 pub mod tls;
 
 use std::sync::Arc;
@@ -108,11 +109,7 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Serve
     let poller = paas::RoutesPoller {
         routes: apps.clone(),
         url: format!("http://{}/api/paas/routes", g.jobs_upstream.0),
-        token: tokens.issue(
-            "portico-gateway",
-            &["service"],
-            Duration::from_secs(10 * 365 * 86400),
-        ),
+        tokens: tokens.clone(),
         every: Duration::from_millis(cfg.paas.routes_poll_ms),
     };
     let edge = proxy::Edge {
@@ -122,6 +119,9 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Serve
         limits: limits.clone(),
         trusted_proxies: g.trusted_proxies.clone(),
         apps,
+        max_headers: g.connections.max_headers,
+        body_timeout: Duration::from_secs(g.connections.body_timeout_secs),
+        body_min_rate: g.connections.body_min_bytes_per_sec,
     };
     let conns = &g.connections;
     let mut proxy = pingora::proxy::http_proxy(&server.configuration, edge);
@@ -157,6 +157,8 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Serve
         redirect::Redirect {
             https_port: g.https_listen.port(),
             challenges: challenges.clone(),
+            hostnames: g.hostnames.clone(),
+            paas_domain: cfg.paas.domain.to_ascii_lowercase(),
         },
         "http redirect",
     );

@@ -1,13 +1,19 @@
-//! Hosted apps at the edge: `https://<app>.<paas.domain>/` and
-//! `/paas/<app>/` go to the app's container on 127.0.0.1 at a port only
-//! the jobs service and this table know.
+//! Hosted apps at the edge: `https://<app>.<paas.domain>/` goes to the
+//! app's container on 127.0.0.1 at a port only the jobs service and this
+//! table know; `/paas/<app>/…` on any host redirects there.
+//!
+//! An app is confined to its own origin: it is never served on a shared
+//! one (the gateway's, the chat's), and [`confine_response`] removes what
+//! in its responses would reach further: a cookie's `Domain` (which would
+//! reach every other app), `Alt-Svc` (which would send the origin's traffic
+//! elsewhere), key pins; and it rewrites the URLs in `Location`,
+//! `Content-Location`, `Refresh` and `Link` that would reveal the private
+//! address ([`public_location`]).
 //!
 //! [`AppRoutes`] is the table, swapped whole; [`RoutesPoller`] fetches it
 //! from the jobs service (`/api/paas/routes`) every `paas.routes_poll_ms`,
 //! so new, moved and removed apps take effect within a poll and without a
 //! restart. If the jobs service cannot be reached the last table stays.
-//! [`public_location`] rewrites redirects that would reveal the private
-//! address.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -43,7 +49,7 @@ pub enum AppState {
 pub enum Addressed {
     /// `<app>.<domain>`.
     Host,
-    /// `/paas/<app>/…` on any host.
+    /// `/paas/<app>/…` on any host: redirected to the app's own origin.
     Prefix,
 }
 
@@ -69,6 +75,11 @@ impl AppRoutes {
             max_body_bytes,
             table: ArcSwap::default(),
         }
+    }
+
+    /// The domain under which apps have their hostnames.
+    pub fn domain(&self) -> &str {
+        &self.domain
     }
 
     /// The app a request is for, if any: by host first, then by path.
@@ -146,32 +157,125 @@ impl AppRoutes {
     }
 }
 
-/// The path an app sees for a request addressed by prefix: `/paas/<app>`
-/// removed, always starting with `/`.
-pub fn strip_prefix<'a>(path: &'a str, name: &str) -> &'a str {
+/// The path on the app's origin for a request addressed by prefix:
+/// `/paas/<app>` (the name in any case) removed, always starting with `/`.
+pub fn strip_prefix(path: &str) -> &str {
     let rest = path
         .strip_prefix(PREFIX)
-        .and_then(|p| p.strip_prefix(name))
+        .map(|p| p.find('/').map_or("", |i| &p[i..]))
         .unwrap_or(path);
     if rest.is_empty() { "/" } else { rest }
 }
 
-/// Rewrites a `Location` an app sent so it never points at the private
-/// address: absolute URLs to a loopback host, to the container's host
-/// port or to the public host (with whatever port) become the public
-/// `origin`; for prefix-addressed apps paths get the `/paas/<app>`
-/// prefix. `None`: leave it as it is (e.g. a redirect to another site).
-pub fn public_location(
-    location: &str,
-    origin: &str,
-    public_host: &str,
-    prefix: Option<&str>,
-    host_port: u16,
-) -> Option<String> {
-    let prefix = prefix.unwrap_or("");
-    if location.starts_with('/') && !location.starts_with("//") {
-        return (!prefix.is_empty()).then(|| format!("{prefix}{location}"));
+/// Where an app is served: what its responses are confined to.
+pub struct Site<'a> {
+    /// `https://` and the host (and port) the client used.
+    pub origin: &'a str,
+    pub public_host: &'a str,
+    /// The container's private port on 127.0.0.1.
+    pub host_port: u16,
+}
+
+/// Response headers an app may not send: they act beyond its origin.
+const FORBIDDEN: &[&str] = &["alt-svc", "public-key-pins", "public-key-pins-report-only"];
+
+/// Confines an app's response to its origin (see the module docs).
+pub fn confine_response(resp: &mut pingora::http::ResponseHeader, site: &Site) -> pingora::Result<()> {
+    for name in FORBIDDEN {
+        resp.remove_header(*name);
     }
+    rewrite_each(resp, http::header::SET_COOKIE, host_only_cookie)?;
+    rewrite_each(resp, http::header::LOCATION, |v| public_location(v, site))?;
+    rewrite_each(resp, http::header::CONTENT_LOCATION, |v| public_location(v, site))?;
+    rewrite_each(resp, http::header::REFRESH, |v| rewrite_refresh(v, site))?;
+    rewrite_each(resp, http::header::LINK, |v| rewrite_link(v, site))?;
+    Ok(())
+}
+
+/// Replaces each value of header `name` for which `f` returns a new one
+/// (order kept); nothing is touched when `f` changes none.
+fn rewrite_each(
+    resp: &mut pingora::http::ResponseHeader,
+    name: http::HeaderName,
+    f: impl Fn(&str) -> Option<String>,
+) -> pingora::Result<()> {
+    let values: Vec<(String, Option<String>)> = resp
+        .headers
+        .get_all(&name)
+        .iter()
+        .map(|v| {
+            let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+            let new = f(&v);
+            (v, new)
+        })
+        .collect();
+    if values.iter().all(|(_, new)| new.is_none()) {
+        return Ok(());
+    }
+    resp.remove_header(&name);
+    for (old, new) in values {
+        resp.append_header(name.clone(), new.unwrap_or(old))?;
+    }
+    Ok(())
+}
+
+/// A `Set-Cookie` without its `Domain` attribute (so the cookie stays on
+/// the app's host), or `None` if it had none.
+fn host_only_cookie(cookie: &str) -> Option<String> {
+    let mut parts = cookie.split(';');
+    let first = parts.next()?;
+    let rest: Vec<&str> = parts.collect();
+    let kept: Vec<&str> = rest
+        .iter()
+        .copied()
+        .filter(|a| {
+            let name = a.split('=').next().unwrap_or("").trim();
+            !name.eq_ignore_ascii_case("domain")
+        })
+        .collect();
+    if kept.len() == rest.len() {
+        return None;
+    }
+    Some(std::iter::once(first).chain(kept).collect::<Vec<_>>().join(";"))
+}
+
+/// `Refresh: 5; url=…`: the URL part through [`public_location`].
+fn rewrite_refresh(value: &str, site: &Site) -> Option<String> {
+    let lower = value.to_ascii_lowercase();
+    let at = lower.find("url=")? + 4;
+    let url = value[at..].trim().trim_matches(|c| c == '\'' || c == '"');
+    let public = public_location(url, site)?;
+    Some(format!("{}{public}", &value[..at]))
+}
+
+/// `Link: <url>; rel=…, <url>; …`: each `<url>` through [`public_location`].
+fn rewrite_link(value: &str, site: &Site) -> Option<String> {
+    let mut out = String::with_capacity(value.len());
+    let mut changed = false;
+    let mut rest = value;
+    while let Some(open) = rest.find('<') {
+        let close = open + rest[open..].find('>')?;
+        out.push_str(&rest[..=open]);
+        let url = &rest[open + 1..close];
+        match public_location(url, site) {
+            Some(p) => {
+                out.push_str(&p);
+                changed = true;
+            }
+            None => out.push_str(url),
+        }
+        rest = &rest[close..];
+    }
+    out.push_str(rest);
+    changed.then_some(out)
+}
+
+/// Rewrites a URL an app sent (a redirect, a link) so it never points at
+/// the private address: absolute URLs to a loopback host, to the
+/// container's host port or to the public host (with whatever port) become
+/// the public origin. `None`: leave it as it is (a path, or another site).
+pub fn public_location(location: &str, site: &Site) -> Option<String> {
+    let (origin, public_host, host_port) = (site.origin, site.public_host, site.host_port);
     let rest = location
         .strip_prefix("http://")
         .or_else(|| location.strip_prefix("https://"))?;
@@ -201,7 +305,7 @@ pub fn public_location(
     } else {
         format!("/{path}")
     };
-    Some(format!("{origin}{prefix}{path}"))
+    Some(format!("{origin}{path}"))
 }
 
 #[derive(Debug, Deserialize)]
@@ -220,15 +324,21 @@ struct RouteEntry {
 pub struct RoutesPoller {
     pub routes: Arc<AppRoutes>,
     pub url: String,
-    pub token: String,
+    /// Mints the service token: a fresh one per poll, valid for a minute,
+    /// so a token that leaks (a log, a capture) is soon worthless.
+    pub tokens: portico_common::auth::Tokens,
     pub every: Duration,
 }
 
+/// Lifetime of the token the poller shows the jobs service.
+const TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+
 impl RoutesPoller {
     async fn fetch(&self, http: &reqwest::Client) -> Result<Vec<RouteEntry>, String> {
+        let token = self.tokens.issue("portico-gateway", &["service"], TOKEN_LIFETIME);
         let resp = http
             .get(&self.url)
-            .bearer_auth(&self.token)
+            .bearer_auth(token)
             .send()
             .await
             .map_err(|e| e.to_string())?;
@@ -361,54 +471,93 @@ mod tests {
 
     #[test]
     fn prefixes_are_stripped_to_an_absolute_path() {
-        assert_eq!(strip_prefix("/paas/blog/a?x", "blog"), "/a?x");
-        assert_eq!(strip_prefix("/paas/blog/", "blog"), "/");
-        assert_eq!(strip_prefix("/paas/blog", "blog"), "/");
+        assert_eq!(strip_prefix("/paas/blog/a?x"), "/a?x");
+        assert_eq!(strip_prefix("/paas/BLOG/a"), "/a");
+        assert_eq!(strip_prefix("/paas/blog/"), "/");
+        assert_eq!(strip_prefix("/paas/blog"), "/");
     }
 
     #[test]
     fn locations_never_leak_the_private_address() {
-        let o = "https://blog.paas.example.com";
-        let h = "blog.paas.example.com";
-        let loc = |l: &str, prefix| public_location(l, o, h, prefix, 32768);
+        let site = Site {
+            origin: "https://blog.paas.example.com",
+            public_host: "blog.paas.example.com",
+            host_port: 32768,
+        };
+        let loc = |l: &str| public_location(l, &site);
         assert_eq!(
-            loc("http://127.0.0.1:32768/a?b", None).as_deref(),
+            loc("http://127.0.0.1:32768/a?b").as_deref(),
             Some("https://blog.paas.example.com/a?b")
         );
         assert_eq!(
-            loc("http://localhost:8080/x", None).as_deref(),
+            loc("http://localhost:8080/x").as_deref(),
             Some("https://blog.paas.example.com/x")
         );
         assert_eq!(
-            loc("http://[::1]:3000", None).as_deref(),
+            loc("http://[::1]:3000").as_deref(),
             Some("https://blog.paas.example.com/")
         );
         assert_eq!(
-            loc("http://10.0.0.5:32768/x", None).as_deref(),
+            loc("http://10.0.0.5:32768/x").as_deref(),
             Some("https://blog.paas.example.com/x")
         );
         assert_eq!(
-            loc("http://blog.paas.example.com:8080/x", None).as_deref(),
+            loc("http://blog.paas.example.com:8080/x").as_deref(),
             Some("https://blog.paas.example.com/x")
         );
-        assert_eq!(loc("https://github.com/login", None), None, "other sites stay");
-        assert_eq!(loc("/docs/", None), None, "paths stay on host-addressed apps");
-        let s = "https://edge.example.com";
+        assert_eq!(loc("https://github.com/login"), None, "other sites stay");
+        assert_eq!(loc("/docs/"), None, "paths stay");
+        assert_eq!(loc("//evil.example.net/x"), None);
+    }
+
+    fn confined(headers: &[(&str, &str)]) -> Vec<(String, String)> {
+        let site = Site {
+            origin: "https://blog.paas.example.com",
+            public_host: "blog.paas.example.com",
+            host_port: 32768,
+        };
+        let mut resp = pingora::http::ResponseHeader::build(200, None).unwrap();
+        for (k, v) in headers {
+            resp.append_header(k.to_string(), *v).unwrap();
+        }
+        confine_response(&mut resp, &site).unwrap();
+        resp.headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn responses_are_confined_to_the_app_origin() {
+        let out = confined(&[
+            ("set-cookie", "a=1; Domain=paas.example.com; Path=/; Secure"),
+            ("set-cookie", "b=2; Path=/"),
+            ("set-cookie", "c=3;domain=.example.com"),
+            ("alt-svc", "h2=\"evil.example.net:443\""),
+            ("public-key-pins", "pin-sha256=\"x\""),
+            ("refresh", "0; url=http://127.0.0.1:32768/next"),
+            (
+                "link",
+                "<http://127.0.0.1:32768/s.css>; rel=preload, <https://cdn.example.org/x.js>; rel=preload",
+            ),
+            ("service-worker-allowed", "/"),
+        ]);
+        let get = |n: &str| -> Vec<&str> {
+            out.iter()
+                .filter(|(k, _)| k == n)
+                .map(|(_, v)| v.as_str())
+                .collect()
+        };
+        assert_eq!(get("set-cookie"), ["a=1; Path=/; Secure", "b=2; Path=/", "c=3"]);
+        assert!(get("alt-svc").is_empty() && get("public-key-pins").is_empty());
+        assert_eq!(get("refresh"), ["0; url=https://blog.paas.example.com/next"]);
         assert_eq!(
-            public_location("/docs/", s, "edge.example.com", Some("/paas/blog"), 32768).as_deref(),
-            Some("/paas/blog/docs/")
+            get("link"),
+            [
+                "<https://blog.paas.example.com/s.css>; rel=preload, <https://cdn.example.org/x.js>; rel=preload"
+            ]
         );
-        assert_eq!(
-            public_location(
-                "http://127.0.0.1:32768/in",
-                s,
-                "edge.example.com",
-                Some("/paas/blog"),
-                32768
-            )
-            .as_deref(),
-            Some("https://edge.example.com/paas/blog/in")
-        );
-        assert_eq!(loc("//evil.example.net/x", Some("/paas/blog")), None);
+        // On its own origin an app may scope a service worker as it likes.
+        assert_eq!(get("service-worker-allowed"), ["/"]);
     }
 }

@@ -37,25 +37,26 @@ pub struct Edge {
     pub limits: Arc<Limits>,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpAddr>,
-    /// Hosted apps (`<app>.<paas domain>`, `/paas/<app>/`).
+    /// Hosted apps (`<app>.<paas domain>`; `/paas/<app>/` redirects there).
     pub apps: Arc<AppRoutes>,
+    /// Header lines a request may have (HTTP/1 is counted by the guard).
+    pub max_headers: usize,
+    /// Request bodies: pause allowance and slowest average rate.
+    pub body_timeout: Duration,
+    pub body_min_rate: u64,
 }
+
+/// Bodies up to this size are read whole before an upstream connection is
+/// taken (Pingora's retry buffer holds them and replays them upstream).
+const BUFFERED_BODY: u64 = 64 * 1024;
 
 /// A request for a hosted app: what the response rewrite needs.
 pub struct AppCtx {
     name: Arc<str>,
-    by: Addressed,
     /// `https://` and the Host the client used.
     origin: String,
     public_host: String,
     host_port: u16,
-}
-
-impl AppCtx {
-    /// `/paas/<app>` for prefix-addressed requests.
-    fn prefix(&self) -> Option<String> {
-        (self.by == Addressed::Prefix).then(|| format!("/paas/{}", self.name))
-    }
 }
 
 pub struct Ctx {
@@ -77,6 +78,8 @@ pub struct Ctx {
     websocket: bool,
     /// Set when the request is for a hosted app.
     app: Option<AppCtx>,
+    /// When the first byte of a streamed request body arrived.
+    body_started: Option<Instant>,
 }
 
 /// The host (and port) the client addressed: the URI's authority (HTTP/2
@@ -107,8 +110,12 @@ async fn page(session: &mut Session, status: u16, title: &str, text: &str) -> Re
     Ok(true)
 }
 
-/// A short response written by the gateway itself.
+/// A short response written by the gateway itself (errors close the
+/// connection: the rest of the request may still be on the wire).
 async fn respond(session: &mut Session, status: u16, retry_after: Option<Duration>) -> Result<bool> {
+    if status >= 400 {
+        session.set_keepalive(None);
+    }
     let mut resp = ResponseHeader::build(status, Some(4))?;
     if let Some(wait) = retry_after {
         // Whole seconds, rounded up: 0 would invite an immediate retry.
@@ -145,6 +152,36 @@ impl Edge {
 }
 
 impl Edge {
+    /// [`crate::screen`]'s checks; the request's path normalized in place.
+    fn screen(&self, session: &mut Session) -> std::result::Result<(), crate::screen::Refusal> {
+        let req = session.req_header();
+        crate::screen::check_head(req, self.max_headers)?;
+        let path = match crate::screen::normalize_path(req.uri.path())? {
+            std::borrow::Cow::Borrowed(_) => return Ok(()),
+            std::borrow::Cow::Owned(p) => p,
+        };
+        let bad = crate::screen::Refusal {
+            status: 400,
+            reason: "path",
+        };
+        let mut parts = req.uri.clone().into_parts();
+        let target = match req.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        parts.path_and_query = Some(target.parse().map_err(|_| bad)?);
+        let uri = http::Uri::from_parts(parts).map_err(|_| bad)?;
+        session.req_header_mut().set_uri(uri);
+        Ok(())
+    }
+
+    /// 408 for a body that did not arrive in time.
+    async fn body_too_slow(&self, session: &mut Session) -> Result<bool> {
+        metrics::counter!("portico_gateway_requests_rejected_total", "reason" => "body_too_slow")
+            .increment(1);
+        respond(session, 408, None).await
+    }
+
     /// The user a request authenticates as: the subject of a token (bearer,
     /// WebSocket subprotocol or `?token=`) that verifies.
     fn user(&self, session: &Session) -> Option<String> {
@@ -204,6 +241,7 @@ impl ProxyHttp for Edge {
             failed_shard: None,
             websocket: false,
             app: None,
+            body_started: None,
         }
     }
 
@@ -214,6 +252,11 @@ impl ProxyHttp for Edge {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         ctx.client_ip = self.client_ip(session);
+        if let Err(refusal) = self.screen(session) {
+            metrics::counter!("portico_gateway_requests_rejected_total", "reason" => refusal.reason)
+                .increment(1);
+            return respond(session, refusal.status, None).await;
+        }
         let req = session.req_header();
         let host = authority(req).map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name));
         ctx.route = self.routes.load().route(host, req.uri.path()).clone();
@@ -221,6 +264,26 @@ impl ProxyHttp for Edge {
             match m.state {
                 None => {
                     return page(session, 404, "No such app", "No app is deployed at this address.").await;
+                }
+                Some(_) if m.by == Addressed::Prefix => {
+                    // Apps live only on their own origin: on a shared one
+                    // their cookies, service workers and scripts would reach
+                    // every other app and the chat.
+                    let req = session.req_header();
+                    let port = authority(req)
+                        .and_then(|a| a.rsplit_once(':'))
+                        .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+                        .map(|(_, p)| format!(":{p}"))
+                        .unwrap_or_default();
+                    let rest = crate::paas::strip_prefix(req.uri.path());
+                    let q = req.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+                    let location = format!("https://{}.{}{port}{rest}{q}", m.name, self.apps.domain());
+                    let mut resp = ResponseHeader::build(308, Some(4))?;
+                    resp.insert_header("location", location)?;
+                    resp.insert_header("content-length", "0")?;
+                    crate::headers::secure(&mut resp)?;
+                    session.write_response_header(Box::new(resp), true).await?;
+                    return Ok(true);
                 }
                 Some(AppState::Stopped) => {
                     let text = format!("The app {} is stopped.", m.name);
@@ -239,19 +302,6 @@ impl ProxyHttp for Edge {
                 }
                 Some(AppState::Running(route)) => {
                     let req = session.req_header();
-                    if m.by == Addressed::Prefix
-                        && req.uri.path().trim_end_matches('/') == format!("/paas/{}", m.name)
-                        && !req.uri.path().ends_with('/')
-                    {
-                        // Relative links of the app need the trailing slash.
-                        let q = req.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-                        let mut resp = ResponseHeader::build(308, Some(4))?;
-                        resp.insert_header("location", format!("/paas/{}/{q}", m.name))?;
-                        resp.insert_header("content-length", "0")?;
-                        crate::headers::secure(&mut resp)?;
-                        session.write_response_header(Box::new(resp), true).await?;
-                        return Ok(true);
-                    }
                     let public = authority(req).unwrap_or_default().to_string();
                     let host_port = match route.target {
                         Target::Upstream(a) => a.port(),
@@ -259,7 +309,6 @@ impl ProxyHttp for Edge {
                     };
                     ctx.app = Some(AppCtx {
                         name: m.name,
-                        by: m.by,
                         origin: format!("https://{public}"),
                         public_host: public
                             .rsplit_once(':')
@@ -317,6 +366,31 @@ impl ProxyHttp for Edge {
             session.set_read_timeout(Some(WS_IDLE));
             metrics::gauge!("portico_gateway_websockets").increment(1.0);
             ctx.websocket = true;
+            return Ok(false);
+        }
+        // A body may pause at most `body_timeout` between reads.
+        session.set_read_timeout(Some(self.body_timeout));
+        if let Some(n) = declared.filter(|n| (1..=BUFFERED_BODY).contains(n)) {
+            // Small bodies arrive whole before an upstream connection is
+            // taken: a slow client holds only its own connection.
+            let deadline = self.body_timeout + Duration::from_secs(n / self.body_min_rate);
+            session.enable_retry_buffering();
+            let read = async {
+                while !session.is_body_done() {
+                    if session.read_request_body().await?.is_none() {
+                        break;
+                    }
+                }
+                Ok::<_, Box<Error>>(())
+            };
+            match tokio::time::timeout(deadline, read).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) if *e.etype() == ErrorType::ReadTimedout => {
+                    return self.body_too_slow(session).await;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return self.body_too_slow(session).await,
+            }
         }
         Ok(false)
     }
@@ -339,6 +413,15 @@ impl ProxyHttp for Edge {
         ctx.body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
         if ctx.body_bytes > ctx.route.max_body_bytes {
             return Err(Error::new(ErrorType::HTTPStatus(413)));
+        }
+        // A streamed body must keep up `body_min_rate` on average after the
+        // `body_timeout` allowance, or it would hold its upstream forever.
+        let started = *ctx.body_started.get_or_insert_with(Instant::now);
+        let allowed = self.body_timeout + Duration::from_secs(ctx.body_bytes / self.body_min_rate);
+        if started.elapsed() > allowed {
+            metrics::counter!("portico_gateway_requests_rejected_total", "reason" => "body_too_slow")
+                .increment(1);
+            return Err(Error::new(ErrorType::HTTPStatus(408)));
         }
         Ok(())
     }
@@ -392,14 +475,14 @@ impl ProxyHttp for Edge {
         ctx: &mut Ctx,
     ) -> Result<()> {
         // Never pass on what the client claims; say what we saw.
-        for h in [
-            "x-forwarded-for",
-            "x-real-ip",
-            "x-forwarded-proto",
-            "x-forwarded-host",
-            "forwarded",
-        ] {
-            upstream.remove_header(h);
+        let spoofed: Vec<http::HeaderName> = upstream
+            .headers
+            .keys()
+            .filter(|name| crate::screen::is_spoofable(name.as_str()))
+            .cloned()
+            .collect();
+        for name in spoofed {
+            upstream.remove_header(&name);
         }
         if let Some(ip) = ctx.client_ip {
             upstream.insert_header("x-forwarded-for", ip.to_string())?;
@@ -408,22 +491,6 @@ impl ProxyHttp for Edge {
         upstream.insert_header("x-forwarded-proto", "https")?;
         if let Some(host) = authority(session.req_header()) {
             upstream.insert_header("x-forwarded-host", host.to_string())?;
-        }
-        upstream.remove_header("x-forwarded-prefix");
-        if let Some(app) = &ctx.app
-            && let Some(prefix) = app.prefix()
-        {
-            let uri = &session.req_header().uri;
-            let path = crate::paas::strip_prefix(uri.path(), &app.name);
-            let target = match uri.query() {
-                Some(q) => format!("{path}?{q}"),
-                None => path.to_string(),
-            };
-            let uri = target
-                .parse::<http::Uri>()
-                .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "app path", e))?;
-            upstream.set_uri(uri);
-            upstream.insert_header("x-forwarded-prefix", prefix)?;
         }
         Ok(())
     }
@@ -439,25 +506,12 @@ impl ProxyHttp for Edge {
                 .record(started.elapsed().as_secs_f64());
         }
         if let Some(app) = &ctx.app {
-            let prefix = app.prefix();
-            for name in [http::header::LOCATION, http::header::CONTENT_LOCATION] {
-                let rewritten = resp
-                    .headers
-                    .get(&name)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|l| {
-                        crate::paas::public_location(
-                            l,
-                            &app.origin,
-                            &app.public_host,
-                            prefix.as_deref(),
-                            app.host_port,
-                        )
-                    });
-                if let Some(l) = rewritten {
-                    resp.insert_header(name, l)?;
-                }
-            }
+            let site = crate::paas::Site {
+                origin: &app.origin,
+                public_host: &app.public_host,
+                host_port: app.host_port,
+            };
+            crate::paas::confine_response(resp, &site)?;
         }
         if let Some((cookie, true)) = &ctx.sticky {
             resp.append_header(
@@ -474,8 +528,14 @@ impl ProxyHttp for Edge {
             ErrorType::HTTPStatus(code) => *code,
             _ => match e.esource() {
                 ErrorSource::Upstream if ctx.app.is_some() => 503,
-                ErrorSource::Upstream => 502,
+                ErrorSource::Upstream => match e.etype() {
+                    ErrorType::ReadTimedout | ErrorType::WriteTimedout | ErrorType::ConnectTimedout => 504,
+                    _ => 502,
+                },
                 ErrorSource::Downstream => match e.etype() {
+                    // The client stopped sending its body: its fault, not
+                    // the upstream's.
+                    ErrorType::ReadTimedout => 408,
                     ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
                     _ => 400,
                 },
@@ -491,8 +551,9 @@ impl ProxyHttp for Edge {
                 app.name
             );
             let _ = page(session, 503, "App unavailable", &text).await;
-        } else if code > 0 {
-            let _ = session.respond_error(code).await;
+        } else if code > 0 && session.response_written().is_none() {
+            // Our own answer (security headers, no `Server: Pingora`).
+            let _ = respond(session, code, None).await;
         }
         FailToProxy {
             error_code: code,

@@ -14,6 +14,30 @@ pub struct Redirect {
     pub https_port: u16,
     /// HTTP-01 answers for orders in flight.
     pub challenges: Arc<Challenges>,
+    /// The names this edge serves: a redirect keeps one of these (or an
+    /// app's `<app>.<paas_domain>`); any other Host goes to the first, so
+    /// the redirect never sends a client to a host an attacker named.
+    pub hostnames: Vec<String>,
+    pub paas_domain: String,
+}
+
+impl Redirect {
+    /// The host to redirect to for the request's `Host` name.
+    fn target_host(&self, asked: Option<&str>) -> Option<String> {
+        let asked = asked.map(str::to_ascii_lowercase);
+        if let Some(h) = asked.as_deref() {
+            let ours = self.hostnames.iter().any(|n| n.eq_ignore_ascii_case(h))
+                || h.strip_suffix(self.paas_domain.as_str())
+                    .and_then(|label| label.strip_suffix('.'))
+                    .is_some_and(|label| {
+                        !label.is_empty() && !label.contains('.') && portico_config::is_hostname(label)
+                    });
+            if ours {
+                return asked;
+            }
+        }
+        self.hostnames.first().cloned()
+    }
 }
 
 const CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
@@ -38,14 +62,16 @@ impl ProxyHttp for Redirect {
                 .await?;
             return Ok(true);
         }
-        let host = req
+        let asked = req
             .headers
             .get(http::header::HOST)
             .and_then(|h| h.to_str().ok())
-            .map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name).to_string())
-            .filter(|h| portico_config::is_hostname(h) || h.parse::<std::net::IpAddr>().is_ok());
-        let Some(host) = host else {
-            session.respond_error(400).await?;
+            .map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name));
+        let Some(host) = self.target_host(asked) else {
+            let mut resp = ResponseHeader::build(400, Some(3))?;
+            resp.insert_header("content-length", "0")?;
+            resp.insert_header("connection", "close")?;
+            session.write_response_header(Box::new(resp), true).await?;
             return Ok(true);
         };
         let path = req.uri.path_and_query().map_or("/", |p| p.as_str());

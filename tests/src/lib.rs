@@ -10,6 +10,7 @@ pub mod client;
 pub mod docker;
 pub mod proc;
 pub mod servers;
+pub mod upstream;
 
 use std::net::TcpListener;
 use std::time::{Duration, Instant};

@@ -1,6 +1,6 @@
 //! PaaS against the real Docker engine, real PostgreSQL, the jobs service
 //! and the gateway: deploy a static site from a local git repository and
-//! fetch it through the gateway by hostname and by `/paas/<app>/`; the
+//! fetch it through the gateway by hostname (`/paas/<app>/` redirects there); the
 //! container's limits and restart policy as `docker inspect` reads them; a
 //! broken build and an unhealthy container leave the old version serving;
 //! stop/start; delete removes container, image and route; a crashing
@@ -280,17 +280,19 @@ async fn static_site_is_deployed_capped_and_served_by_name_and_prefix() {
     let r = http.get(s.app_url("site", "/secret.txt")).send().await.unwrap();
     assert_eq!(r.status(), 404);
 
-    // By path prefix, with the prefix stripped; a redirect the app makes
-    // for a directory keeps the prefix.
-    s.serves(&http, &s.prefix_url("/paas/site/"), "hello v1").await;
-    s.serves(&http, &s.prefix_url("/paas/site/docs/"), "docs v1")
-        .await;
-    let r = http.get(s.prefix_url("/paas/site")).send().await.unwrap();
-    assert_eq!(r.status(), 308);
-    assert_eq!(r.headers()["location"], "/paas/site/");
-    let r = http.get(s.prefix_url("/paas/site/docs")).send().await.unwrap();
-    assert!(r.status().is_redirection(), "{}", r.status());
-    assert_eq!(r.headers()["location"], "/paas/site/docs/");
+    // An app lives only on its own origin: the path prefix on a shared
+    // host redirects there (any case of the name), never serves the app.
+    for (path, to) in [
+        ("/paas/site/", "/"),
+        ("/paas/site", "/"),
+        ("/paas/site/docs/?x=1", "/docs/?x=1"),
+        ("/paas/SITE/docs/", "/docs/"),
+    ] {
+        let r = http.get(s.prefix_url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 308, "{path}");
+        assert_eq!(r.headers()["location"], s.app_url("site", to), "{path}");
+    }
+    s.serves(&http, &s.app_url("site", "/docs/"), "docs v1").await;
 
     // Unknown apps get a clean 404 page, by name and by prefix.
     let r = http.get(s.app_url("nope", "/")).send().await.unwrap();
@@ -413,6 +415,19 @@ async fn proxied_requests_and_redirects_never_reveal_the_private_port() {
         "#!/bin/sh\necho 'HTTP/1.1 302 Found'\necho 'Location: http://127.0.0.1:8080/landed?from=go'\necho\n"
             .into(),
     ));
+    // Headers that would act beyond the app's origin, or name its address.
+    app.push((
+        "www/cgi-bin/reach",
+        concat!(
+            "#!/bin/sh\necho 'Content-Type: text/plain'\n",
+            "echo 'Set-Cookie: s=1; Domain=paas.test; Path=/'\n",
+            "echo 'Alt-Svc: h2=\"elsewhere.example:443\"'\n",
+            "echo 'Refresh: 1; url=http://127.0.0.1:8080/next'\n",
+            "echo 'Link: <http://127.0.0.1:8080/s.css>; rel=preload'\n",
+            "echo\necho reach\n"
+        )
+        .into(),
+    ));
     docker::git_repo(&repo, &files(&app[..2]));
     for (path, content) in &app[2..] {
         let p = repo.join(path);
@@ -442,16 +457,28 @@ async fn proxied_requests_and_redirects_never_reveal_the_private_port() {
     );
     assert!(!env.contains("HTTP_X_FORWARDED_PREFIX"), "{env}");
 
-    let by_path = http
-        .get(s.prefix_url("/paas/echo/cgi-bin/env?x=1"))
+    let spoofed = http
+        .get(s.app_url("echo", "/cgi-bin/env?x=1"))
         .header("x-forwarded-prefix", "/spoofed")
         .send()
         .await
         .unwrap();
-    let env = by_path.text().await.unwrap();
-    assert!(env.contains("HTTP_X_FORWARDED_PREFIX=/paas/echo\n"), "{env}");
+    let env = spoofed.text().await.unwrap();
+    assert!(!env.contains("spoofed"), "{env}");
     assert!(env.contains("QUERY_STRING=x=1"), "{env}");
-    assert!(env.contains("SCRIPT_NAME=/cgi-bin/env"), "prefix stripped: {env}");
+
+    // The app's response cannot reach beyond its origin.
+    let r = http
+        .get(s.app_url("echo", "/cgi-bin/reach"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let h = r.headers();
+    assert_eq!(h["set-cookie"], "s=1; Path=/", "host-only cookie");
+    assert!(h.get("alt-svc").is_none());
+    assert_eq!(h["refresh"], format!("1; url=https://{public}/next"));
+    assert_eq!(h["link"], format!("<https://{public}/s.css>; rel=preload"));
 
     let r = http.get(s.app_url("echo", "/cgi-bin/go")).send().await.unwrap();
     assert_eq!(r.status(), 302);
@@ -459,18 +486,9 @@ async fn proxied_requests_and_redirects_never_reveal_the_private_port() {
         r.headers()["location"],
         format!("https://{public}/landed?from=go")
     );
-    let r = http
-        .get(s.prefix_url("/paas/echo/cgi-bin/go"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 302);
-    assert_eq!(
-        r.headers()["location"],
-        format!("https://localhost:{}/paas/echo/landed?from=go", s.edge.https)
-    );
     for url in [
         s.app_url("echo", "/cgi-bin/go"),
+        s.app_url("echo", "/cgi-bin/reach"),
         s.app_url("echo", "/"),
         s.app_url("echo", "/missing"),
     ] {
