@@ -316,8 +316,8 @@ struct ConnCtx {
 async fn connection(ctx: ConnCtx) {
     let t0 = Instant::now();
     // Like any client, retry a connection that ends before it is usable
-    // (e.g. Pingora 0.9 closing an upgrade right after its 101,
-    // cloudflare/pingora#946); connect time includes the retries.
+    // (a shard restarting, a refused connect); connect time includes the
+    // retries.
     let mut opened = open(&ctx).await;
     for _ in 0..2 {
         if opened.is_ok() {

@@ -208,20 +208,17 @@ impl Ws {
         }
     }
 
-    /// Connects through the gateway (TLS) and reads the `welcome` frame,
-    /// reconnecting when the connection ends right after the 101: Pingora
-    /// 0.9 sometimes tears an upgrade down then (cloudflare/pingora#946, fix
-    /// pending upstream), and a real client reconnects too.
+    /// Connects through the gateway (TLS) and reads the `welcome` frame.
+    /// No retry: an upgrade that ends before its first frame is a defect
+    /// (cloudflare/pingora#946, patched in third_party/pingora-proxy).
     pub async fn via_gateway(port: u16, token: &str, ca_pem: &[u8], headers: &[(&str, &str)]) -> (Ws, Value) {
-        for _ in 0..5 {
-            let mut ws = Ws::connect_with(port, Some(token), Some(ca_pem), headers)
-                .await
-                .expect("connect through the gateway");
-            if let Ok(welcome) = ws.recv_or_close().await {
-                return (ws, welcome);
-            }
+        let mut ws = Ws::connect_with(port, Some(token), Some(ca_pem), headers)
+            .await
+            .expect("connect through the gateway");
+        match ws.recv_or_close().await {
+            Ok(welcome) => (ws, welcome),
+            Err(code) => panic!("the gateway ended the upgrade before the welcome (close {code})"),
         }
-        panic!("the gateway closed five upgrades in a row before the welcome");
     }
 
     /// The next JSON frame, or the close code if the connection ends first.

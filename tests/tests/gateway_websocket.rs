@@ -76,3 +76,33 @@ async fn fifty_megabytes_over_one_websocket_are_all_delivered() {
     let ack = alice.publish("big", "last", "still here").await;
     assert_eq!(ack["offset"], COUNT + 1);
 }
+
+/// cloudflare/pingora#946: an upgrade whose 101 the proxy reads before the
+/// request's own empty body ended right after the 101 (a few per thousand
+/// under load). Fixed in our patched pingora-proxy (third_party/).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_upgrades_end_in_no_early_eof() {
+    let (_chat, _port, gw, edge) = stack(&[], &[]);
+    let ca = gw.certificate("localhost");
+    let mut early_eofs = 0;
+    for batch in 0..20 {
+        let tries = (0..50).map(|i| {
+            let ca = ca.clone();
+            async move {
+                let user = format!("u{batch}-{i}");
+                let mut ws = Ws::connect_tls(edge.https, &token(&user), &ca)
+                    .await
+                    .expect("upgrade");
+                ws.recv_or_close().await.map(|w| w["type"] == "welcome")
+            }
+        });
+        for result in futures_util::future::join_all(tries).await {
+            match result {
+                Ok(true) => {}
+                Ok(false) => panic!("the first frame was not the welcome"),
+                Err(_) => early_eofs += 1,
+            }
+        }
+    }
+    assert_eq!(early_eofs, 0, "upgrades that ended before the first frame");
+}
