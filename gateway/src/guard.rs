@@ -44,6 +44,7 @@ use portico_config::ConnectionLimits;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::drain::{Drain, ReadGate, Upgraded};
 use crate::limits::ClientKey;
 
 const TIMEOUT_408: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
@@ -55,6 +56,8 @@ const REJECT_WRITE: Duration = Duration::from_secs(2);
 /// Shared admission state: open connections, in total and per client.
 pub struct Guard {
     cfg: ConnectionLimits,
+    /// Started on shutdown or upgrade: upgraded connections close with 1001.
+    drain: Arc<Drain>,
     open: AtomicUsize,
     /// Entries exist only while their client has connections open, so the
     /// map is bounded by `max_connections`.
@@ -63,9 +66,10 @@ pub struct Guard {
 }
 
 impl Guard {
-    pub fn new(cfg: ConnectionLimits, trusted_proxies: Vec<IpAddr>) -> Arc<Guard> {
+    pub fn new(cfg: ConnectionLimits, trusted_proxies: Vec<IpAddr>, drain: Arc<Drain>) -> Arc<Guard> {
         Arc::new(Guard {
             cfg,
+            drain,
             open: AtomicUsize::new(0),
             per_ip: DashMap::new(),
             trusted: trusted_proxies,
@@ -170,7 +174,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
         };
         let stream = self.handshake(stream, ip).await?;
         let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
-        let stream: Stream = Box::new(Guarded::new(stream, permit, &self.guard.cfg, h2));
+        let stream: Stream = Box::new(Guarded::new(stream, permit, &self.guard, h2));
         self.inner.process_new(stream, shutdown).await
     }
 
@@ -214,6 +218,17 @@ pub struct Guarded {
     /// A response head rewritten by [`own_error_head`], being written in
     /// place of the caller's `consumed` bytes.
     rewritten: Option<(Vec<u8>, usize, usize)>,
+    drain: Arc<Drain>,
+    /// Set at a `101`: the connection is a WebSocket tunnel from then on.
+    upgraded: Option<Box<Upgraded>>,
+}
+
+/// The length of a `101 Switching Protocols` head at the start of `buf`.
+fn switching_head(buf: &[u8]) -> Option<usize> {
+    if !buf.starts_with(b"HTTP/1.1 101 ") {
+        return None;
+    }
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
 }
 
 /// Pingora answers a request it cannot parse (400) or a CONNECT (405) on
@@ -257,7 +272,8 @@ struct Reject {
 }
 
 impl Guarded {
-    fn new(inner: Stream, permit: Permit, cfg: &ConnectionLimits, h2: bool) -> Guarded {
+    fn new(inner: Stream, permit: Permit, guard: &Guard, h2: bool) -> Guarded {
+        let cfg = &guard.cfg;
         let header_timeout = Duration::from_secs(cfg.header_timeout_secs);
         Guarded {
             inner,
@@ -278,6 +294,8 @@ impl Guarded {
             done: AtomicBool::new(false),
             expect_head: false,
             rewritten: None,
+            drain: guard.drain.clone(),
+            upgraded: None,
         }
     }
 
@@ -356,6 +374,12 @@ impl AsyncRead for Guarded {
         if this.reject.is_some() {
             return this.poll_reject(cx);
         }
+        if let Some(up) = this.upgraded.as_mut() {
+            return match ready!(up.poll_read_gate(&mut this.inner, cx))? {
+                ReadGate::Pass => Pin::new(&mut this.inner).poll_read(cx, buf),
+                ReadGate::Eof => Poll::Ready(Ok(())),
+            };
+        }
         if this.done.swap(false, Ordering::AcqRel) && this.phase == Phase::Passthrough {
             this.await_next_request();
         }
@@ -400,10 +424,18 @@ impl AsyncRead for Guarded {
 impl AsyncWrite for Guarded {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if std::mem::take(&mut this.expect_head)
-            && let Some(head) = own_error_head(buf)
-        {
-            this.rewritten = Some((head, 0, buf.len()));
+        if let Some(up) = this.upgraded.as_mut() {
+            return up.poll_write(&mut this.inner, cx, buf);
+        }
+        if std::mem::take(&mut this.expect_head) {
+            if let Some(head) = own_error_head(buf) {
+                this.rewritten = Some((head, 0, buf.len()));
+            } else if let Some(len) = switching_head(buf) {
+                let mut up = Box::new(Upgraded::new(this.drain.clone(), len));
+                let polled = up.poll_write(&mut this.inner, cx, buf);
+                this.upgraded = Some(up);
+                return polled;
+            }
         }
         if let Some((head, written, consumed)) = this.rewritten.as_mut() {
             while *written < head.len() {
@@ -434,7 +466,7 @@ impl AsyncWrite for Guarded {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.expect_head || this.rewritten.is_some() {
+        if this.expect_head || this.rewritten.is_some() || this.upgraded.is_some() {
             // A response head: through `poll_write`, which may rewrite it.
             let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &b[..]);
             return Pin::new(this).poll_write(cx, first);
@@ -522,6 +554,7 @@ impl fmt::Debug for Guarded {
         f.debug_struct("Guarded")
             .field("inner", &self.inner)
             .field("phase", &self.phase)
+            .field("upgraded", &self.upgraded.is_some())
             .finish()
     }
 }

@@ -9,6 +9,7 @@
 //! started with `--upgrade` (zero-downtime restart).
 
 pub mod acme;
+pub mod drain;
 pub mod guard;
 pub mod headers;
 pub mod limits;
@@ -67,7 +68,14 @@ pub struct Reload {
     pub adjust: Option<fn(&mut PorticoConfig)>,
 }
 
-pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Server, GatewayError> {
+/// A built gateway, ready to [`run`].
+pub struct Gateway {
+    server: Server,
+    /// Started by the signal that stops or upgrades the process.
+    drain: Arc<drain::Drain>,
+}
+
+pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Gateway, GatewayError> {
     let g = &cfg.gateway;
     if cfg.auth.jwt_secret.is_empty() {
         return Err(GatewayError::NoSecret);
@@ -132,6 +140,7 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Serve
     h2.max_concurrent_streams(conns.h2_max_concurrent_streams);
     h2.max_header_list_size(conns.max_header_bytes as u32);
     proxy.h2_options = Some(h2);
+    let drain = drain::Drain::new(Duration::from_secs(g.grace_period_secs));
     let mut settings = TlsSettings::with_callbacks(Box::new(NoCallbacks))
         .map_err(|e| GatewayError::Pingora(e.to_string()))?;
     settings.set_cert_resolver(certs.resolver());
@@ -139,7 +148,7 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Serve
     // The guard terminates TLS itself (after its caps, under its deadline).
     let app = guard::GuardedApp {
         inner: Arc::new(proxy),
-        guard: guard::Guard::new(conns.clone(), g.trusted_proxies.clone()),
+        guard: guard::Guard::new(conns.clone(), g.trusted_proxies.clone(), drain.clone()),
         tls: Arc::new(settings.build()),
     };
     let mut https = Service::new("https".to_string(), app);
@@ -199,21 +208,26 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Serve
         adjust: reload.adjust,
     };
     server.add_service(background_service("config reload", reloader));
-    Ok(server)
+    Ok(Gateway { server, drain })
 }
 
 /// Runs the server until `stop` fires or a signal arrives; blocks.
-pub fn run(server: Server, stop: CancellationToken) {
+pub fn run(gateway: Gateway, stop: CancellationToken) {
     tracing::info!("gateway starting");
-    server.run(RunArgs {
-        shutdown_signal: Box::new(Signals { stop }),
+    gateway.server.run(RunArgs {
+        shutdown_signal: Box::new(Signals {
+            stop,
+            drain: gateway.drain,
+        }),
     });
     tracing::info!("gateway stopped");
 }
 
-/// Maps our stop token and the Unix signals onto Pingora's shutdown kinds.
+/// Maps our stop token and the Unix signals onto Pingora's shutdown kinds;
+/// every one of them starts the WebSocket drain (see [`drain`]).
 struct Signals {
     stop: CancellationToken,
+    drain: Arc<drain::Drain>,
 }
 
 #[async_trait]
@@ -222,13 +236,15 @@ impl ShutdownSignalWatch for Signals {
         let mut quit = signal(SignalKind::quit()).expect("install SIGQUIT handler");
         let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
         let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-        tokio::select! {
+        let signal = tokio::select! {
             _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
             // SIGINT drains like SIGTERM: a Ctrl-C must not cut requests.
             _ = term.recv() => ShutdownSignal::GracefulTerminate,
             _ = int.recv() => ShutdownSignal::GracefulTerminate,
             _ = self.stop.cancelled() => ShutdownSignal::GracefulTerminate,
-        }
+        };
+        self.drain.start();
+        signal
     }
 }
 
@@ -280,6 +296,10 @@ fn describe_metrics() {
     metrics::describe_gauge!(
         "portico_gateway_connections",
         "Client connections open on the HTTPS listener."
+    );
+    describe_counter!(
+        "portico_gateway_websockets_drained_total",
+        "WebSockets this process closed with 1001 on a stop or upgrade."
     );
     metrics::describe_gauge!(
         "portico_gateway_websockets",

@@ -291,6 +291,39 @@ impl Ws {
     }
 }
 
+/// A bare WebSocket through the gateway on `port` (TLS, `ca_pem`) with the
+/// chat subprotocol and `token`, its `welcome` frame read: for tests that
+/// drive the protocol themselves (concurrent reads and writes).
+pub async fn ws_stream(
+    port: u16,
+    token: &str,
+    ca_pem: &[u8],
+) -> Result<WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>, String> {
+    let tcp = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    let connector = tokio_rustls::TlsConnector::from(tls_config(ca_pem, &[b"http/1.1"]));
+    let tls = connector
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut req = format!("wss://localhost:{port}/ws")
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        format!("portico.v1, bearer.{token}").parse().expect("header"),
+    );
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tls)
+        .await
+        .map_err(|e| e.to_string())?;
+    match ws.next().await {
+        Some(Ok(Message::Text(t))) if t.contains("\"welcome\"") => Ok(ws),
+        other => Err(format!("no welcome: {other:?}")),
+    }
+}
+
 /// Creates a conversation over a shard's REST API as `owner`.
 pub async fn create_conversation(port: u16, owner: &str, id: &str, members: &[&str]) {
     let r = reqwest::Client::new()

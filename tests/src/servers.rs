@@ -305,6 +305,29 @@ impl Service {
     }
 }
 
+impl Service {
+    /// Starts a new gateway with `--upgrade` beside this one (same data
+    /// directory, `env`), then sends this one SIGQUIT: the new process takes
+    /// the listening sockets over. Returns the new process; this one is
+    /// left to finish its grace period (see `proc.wait_exit`).
+    pub fn upgrade_gateway(&self, env: &[(&str, String)]) -> Proc {
+        let mut cmd = Command::new(bins::gateway());
+        cmd.arg("--upgrade")
+            .env_remove("PORTICO_CONFIG")
+            .env("PORTICO_AUTH__JWT_SECRET", TEST_SECRET)
+            .env("PORTICO_LOG__FORMAT", "json")
+            .env("PORTICO_DATA_DIR", self.dir.path());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let new = Proc::spawn("portico-gateway (new)", cmd, &self.dir.path().join("new.log"));
+        // The new process waits on the upgrade socket for the old one.
+        std::thread::sleep(Duration::from_millis(500));
+        self.proc.signal("QUIT");
+        new
+    }
+}
+
 /// The ports of a `portico up` (or gateway) under test.
 #[derive(Debug, Clone, Copy)]
 pub struct EdgePorts {

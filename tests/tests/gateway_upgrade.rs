@@ -2,14 +2,11 @@
 //! listening sockets from the running one (SIGQUIT), and a client hammering
 //! the gateway meanwhile sees no failed request.
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use portico_tests::proc::Proc;
 use portico_tests::servers::{EdgePorts, Service, http_status};
-use portico_tests::{TEST_SECRET, bins};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn graceful_upgrade_drops_no_request() {
@@ -35,18 +32,7 @@ async fn graceful_upgrade_drops_no_request() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // The new process waits for the sockets; then the old one hands them over.
-    let mut cmd = Command::new(bins::gateway());
-    cmd.arg("--upgrade")
-        .env_remove("PORTICO_CONFIG")
-        .env("PORTICO_AUTH__JWT_SECRET", TEST_SECRET)
-        .env("PORTICO_LOG__FORMAT", "json")
-        .env("PORTICO_DATA_DIR", old.dir.path());
-    for (k, v) in &env {
-        cmd.env(k, v);
-    }
-    let mut new = Proc::spawn("portico-gateway (new)", cmd, &old.dir.path().join("new.log"));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    old.proc.signal("QUIT");
+    let mut new = old.upgrade_gateway(&env);
     let status = tokio::task::spawn_blocking(move || {
         let s = old.proc.wait_exit(Duration::from_secs(20));
         (s, old)

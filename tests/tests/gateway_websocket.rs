@@ -106,3 +106,200 @@ async fn a_thousand_upgrades_end_in_no_early_eof() {
     }
     assert_eq!(early_eofs, 0, "upgrades that ended before the first frame");
 }
+
+/// What one chat client saw over the whole test.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Close codes received (0: the stream ended without a close frame).
+    closes: Vec<u16>,
+    /// Offsets delivered, in order of arrival.
+    delivered: Vec<u64>,
+    /// Acknowledged publishes: (id, offset).
+    acked: Vec<(String, u64)>,
+    connects: usize,
+}
+
+/// A chat client through the gateway that publishes every `every` until
+/// `stop`, and on any close reconnects, resumes from its last offset and
+/// re-sends what was not acknowledged (as the protocol asks of clients).
+async fn client(
+    port: u16,
+    ca: Vec<u8>,
+    user: String,
+    conv: String,
+    every: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) -> Seen {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut seen = Seen::default();
+    let mut pending: Vec<String> = Vec::new();
+    let mut next = 0;
+    let mut last: Option<u64> = None;
+    loop {
+        let mut ws = loop {
+            if let Ok(ws) = portico_tests::client::ws_stream(port, &token(&user), &ca).await {
+                break ws;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        seen.connects += 1;
+        // From the start of the conversation, then from the last offset.
+        let sub = serde_json::json!({"type": "subscribe", "conv": conv, "since": last.unwrap_or(0)});
+        let resend = pending
+            .iter()
+            .map(|id| serde_json::json!({"type": "publish", "conv": conv, "id": id, "body": id}).to_string());
+        let mut out: Vec<String> = std::iter::once(sub.to_string()).chain(resend).collect();
+        let mut tick = tokio::time::interval(every);
+        let ended = loop {
+            for text in out.drain(..) {
+                if ws.send(Message::Text(text.into())).await.is_err() {
+                    break;
+                }
+            }
+            let stopping = stop.is_cancelled();
+            if stopping && pending.is_empty() {
+                // Everything acknowledged: wait for the last deliveries.
+                match tokio::time::timeout(Duration::from_millis(1500), ws.next()).await {
+                    Err(_) => return seen,
+                    Ok(frame) => match handle(frame, &mut seen, &mut pending, &mut last) {
+                        Some(code) => break code,
+                        None => continue,
+                    },
+                }
+            }
+            tokio::select! {
+                _ = tick.tick(), if !stopping => {
+                    let id = format!("{user}-{next}");
+                    next += 1;
+                    pending.push(id.clone());
+                    out.push(serde_json::json!({"type": "publish", "conv": conv, "id": id, "body": id}).to_string());
+                }
+                frame = ws.next() => {
+                    if let Some(code) = handle(frame, &mut seen, &mut pending, &mut last) {
+                        break code;
+                    }
+                }
+            }
+        };
+        seen.closes.push(ended);
+    }
+}
+
+/// Applies one received frame; `Some(code)` when the connection ended.
+fn handle(
+    frame: Option<Result<tokio_tungstenite::tungstenite::Message, tokio_tungstenite::tungstenite::Error>>,
+    seen: &mut Seen,
+    pending: &mut Vec<String>,
+    last: &mut Option<u64>,
+) -> Option<u16> {
+    use tokio_tungstenite::tungstenite::Message;
+    match frame {
+        None | Some(Err(_)) => Some(0),
+        Some(Ok(Message::Close(f))) => Some(f.map_or(1005, |f| u16::from(f.code))),
+        Some(Ok(Message::Text(t))) => {
+            let v: serde_json::Value = serde_json::from_str(&t).expect("JSON");
+            match v["type"].as_str() {
+                Some("message") => {
+                    let offset = v["offset"].as_u64().expect("offset");
+                    seen.delivered.push(offset);
+                    *last = Some(offset);
+                }
+                Some("ack") => {
+                    let id = v["id"].as_str().expect("id").to_string();
+                    pending.retain(|p| *p != id);
+                    seen.acked.push((id, v["offset"].as_u64().expect("offset")));
+                }
+                Some("error") => panic!("error frame: {v}"),
+                _ => {}
+            }
+            None
+        }
+        Some(Ok(_)) => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upgrade_hands_every_websocket_over_with_1001_and_loses_nothing() {
+    const PAIRS: usize = 50;
+    let grace = [("PORTICO_GATEWAY__GRACE_PERIOD_SECS", "2".to_string())];
+    let (_chat, port, gw, edge) = stack(&[], &grace);
+    let ca = gw.certificate("localhost");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut clients = Vec::new();
+    for p in 0..PAIRS {
+        let conv = format!("pair{p}");
+        let (a, b) = (format!("a{p}"), format!("b{p}"));
+        create_conversation(port, &a, &conv, &[&a, &b]).await;
+        for user in [a, b] {
+            clients.push(tokio::spawn(client(
+                edge.https,
+                ca.clone(),
+                user,
+                conv.clone(),
+                Duration::from_millis(200),
+                stop.clone(),
+            )));
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let mut env = edge.env();
+    env.extend(EdgePorts::unlimited());
+    env.push(("PORTICO_GATEWAY__CHAT_SHARDS", format!("[\"127.0.0.1:{port}\"]")));
+    env.extend(grace.iter().cloned());
+    let mut new = gw.upgrade_gateway(&env);
+    let mut gw = gw;
+    let exited = tokio::task::spawn_blocking(move || {
+        let s = gw.proc.wait_exit(Duration::from_secs(20));
+        (s, gw)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        exited.0.and_then(|s| s.code()),
+        Some(0),
+        "the old gateway exits cleanly"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.cancel();
+    let mut seen = Vec::new();
+    for c in clients {
+        seen.push(
+            tokio::time::timeout(Duration::from_secs(30), c)
+                .await
+                .expect("client ends")
+                .unwrap(),
+        );
+    }
+    assert!(new.is_running(), "{}", new.log());
+
+    let closes: Vec<u16> = seen.iter().flat_map(|s| s.closes.iter().copied()).collect();
+    assert!(
+        closes.len() >= 2 * PAIRS,
+        "every client was handed over: {closes:?}"
+    );
+    assert!(
+        closes.iter().all(|&c| c == 1001),
+        "only 1001, never 1006: {closes:?}"
+    );
+    for pair in seen.chunks(2) {
+        let acked: std::collections::BTreeMap<u64, &str> = pair
+            .iter()
+            .flat_map(|s| s.acked.iter().map(|(id, o)| (*o, id.as_str())))
+            .collect();
+        let newest = *acked.keys().last().expect("messages were acknowledged");
+        let offsets: Vec<u64> = (1..=newest).collect();
+        assert_eq!(
+            acked.keys().copied().collect::<Vec<_>>(),
+            offsets,
+            "every stored message acknowledged"
+        );
+        for s in pair {
+            assert_eq!(
+                s.delivered, offsets,
+                "each member got every message once, in order"
+            );
+        }
+    }
+}
