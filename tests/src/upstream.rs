@@ -82,13 +82,28 @@ async fn serve(mut sock: TcpStream, extra: Arc<String>, heads: Arc<Mutex<Vec<Str
                     .then(|| v.trim().parse().ok())?
             })
             .unwrap_or(0);
-        while buf.len() < end + length {
+        let chunked = head.lines().any(|l| {
+            l.split_once(':').is_some_and(|(k, v)| {
+                k.eq_ignore_ascii_case("transfer-encoding") && v.trim().eq_ignore_ascii_case("chunked")
+            })
+        });
+        // The whole body first (a server that answers early would hide
+        // what the gateway does with the rest).
+        let body_end = loop {
+            let have = if chunked {
+                chunked_end(&buf[end..]).map(|n| end + n)
+            } else {
+                (buf.len() >= end + length).then_some(end + length)
+            };
+            if let Some(e) = have {
+                break e;
+            }
             match sock.read(&mut chunk).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
-        }
-        buf.drain(..end + length);
+        };
+        buf.drain(..body_end);
         heads.lock().expect("heads").push(head.clone());
         let response = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{extra}\r\n{head}",
@@ -97,5 +112,25 @@ async fn serve(mut sock: TcpStream, extra: Arc<String>, heads: Arc<Mutex<Vec<Str
         if sock.write_all(response.as_bytes()).await.is_err() {
             return;
         }
+    }
+}
+
+/// The length of a complete chunked body at the start of `b`, if complete.
+fn chunked_end(b: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    loop {
+        let line = b[at..].windows(2).position(|w| w == b"\r\n")?;
+        let size = std::str::from_utf8(&b[at..at + line]).ok()?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        at += line + 2;
+        if size == 0 {
+            // Trailers (none expected) end with an empty line.
+            let end = b[at..].windows(2).position(|w| w == b"\r\n")?;
+            return Some(at + end + 2);
+        }
+        if b.len() < at + size + 2 {
+            return None;
+        }
+        at += size + 2;
     }
 }

@@ -383,3 +383,67 @@ async fn the_http_redirect_never_names_a_foreign_host() {
         );
     }
 }
+
+/// An HTTP/2 client (ALPN h2) trusting `ca`.
+fn h2_client(ca: &[u8]) -> reqwest::Client {
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca).unwrap())
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn http2_bodies_get_413_and_stalled_streams_hold_no_upstream() {
+    let up = Upstream::start(&[]).await;
+    let (svc, edge, _dir) = gateway(
+        up.port,
+        &[
+            ("PORTICO_GATEWAY__MAX_BODY_BYTES", "100000".into()),
+            ("PORTICO_GATEWAY__CONNECTIONS__BODY_TIMEOUT_SECS", "2".into()),
+        ],
+    );
+    let ca = svc.certificate("localhost");
+    let h2 = h2_client(&ca);
+    let url = format!("https://localhost:{}/upload", edge.https);
+    // Declared and over the limit; streamed without a length and over it.
+    let r = h2.post(&url).body(vec![b'x'; 200_000]).send().await.unwrap();
+    assert_eq!(
+        (r.version(), r.status().as_u16()),
+        (reqwest::Version::HTTP_2, 413)
+    );
+    let chunks = futures_util::stream::iter((0..40).map(|_| Ok::<_, std::io::Error>(vec![b'x'; 5000])));
+    let r = h2
+        .post(&url)
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .expect("an answer, not a stream error");
+    assert_eq!(r.status(), 413);
+    // A hundred streams on one connection that declare a small body and stall.
+    let before = up.connections();
+    let stalled: Vec<_> = (0..100)
+        .map(|_| {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+            let body = futures_util::stream::unfold(rx, |mut rx| async { rx.recv().await.map(|c| (c, rx)) });
+            let req = h2
+                .post(&url)
+                .header("content-length", "1000")
+                .body(reqwest::Body::wrap_stream(body))
+                .send();
+            (tx, tokio::spawn(req))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        up.connections(),
+        before,
+        "no upstream connection for unfinished small bodies"
+    );
+    for (tx, req) in stalled {
+        let r = req.await.unwrap().expect("an answer");
+        assert_eq!(r.status(), 408);
+        drop(tx);
+    }
+}
