@@ -22,7 +22,7 @@ use crate::hub::{ConnCtl, ConnGuard, Out, Outlet};
 use crate::protocol::{
     self, ClientFrame, ConvId, ErrorCode, Event, EventKind, MAX_HISTORY_PAGE, ServerFrame, close,
 };
-use crate::server::Shard;
+use crate::server::{Budget, PublishError, Shard};
 use crate::store::{NewMessage, Page, StoreError};
 use portico_common::auth::{Claims, now_secs};
 
@@ -238,22 +238,39 @@ impl Conn {
         }
     }
 
-    /// Charges the user's publish budget; on refusal answers `rate_limited`.
+    /// Charges the user's budget (typing events); on refusal answers
+    /// `rate_limited`.
     fn rate_limited(&self, conv: &ConvId) -> bool {
-        let Err(not_until) = self.shard.limiter.check_key(&self.claims.sub) else {
-            return false;
-        };
-        let wait = not_until.wait_time_from(governor::clock::Clock::now(
-            &governor::clock::DefaultClock::default(),
-        ));
-        metrics::counter!("portico_chat_rate_limited_total").increment(1);
-        self.send(&ServerFrame::Error {
-            code: ErrorCode::RateLimited,
-            message: ErrorCode::RateLimited.message(),
-            conv: Some(conv),
-            retry_after_ms: Some(wait.as_millis() as u64 + 1),
-        });
-        true
+        match self.shard.charge(&self.claims.sub) {
+            Ok(()) => false,
+            Err(e) => {
+                self.publish_error(conv, None, e);
+                true
+            }
+        }
+    }
+
+    /// The error frame for a refused publish (`id`: the client's id).
+    fn publish_error(&self, conv: &ConvId, id: Option<&str>, e: PublishError) {
+        match e {
+            PublishError::RateLimited(wait) => self.send(&ServerFrame::Error {
+                code: ErrorCode::RateLimited,
+                message: ErrorCode::RateLimited.message(),
+                conv: Some(conv),
+                id,
+                retry_after_ms: Some(wait.as_millis() as u64 + 1),
+            }),
+            PublishError::Store(e) => {
+                let code = self.store_error_code(conv, e);
+                self.send(&ServerFrame::Error {
+                    code,
+                    message: code.message(),
+                    conv: Some(conv),
+                    id,
+                    retry_after_ms: None,
+                });
+            }
+        }
     }
 
     /// Broadcasts an ephemeral event from this user.
@@ -269,37 +286,37 @@ impl Conn {
     }
 
     fn store_error(&self, conv: &ConvId, e: StoreError) {
+        let code = self.store_error_code(conv, e);
+        self.error(code, Some(conv))
+    }
+
+    fn store_error_code(&self, conv: &ConvId, e: StoreError) -> ErrorCode {
         match e {
-            StoreError::NotMember(_) | StoreError::NoSuchConversation(_) => {
-                self.error(ErrorCode::NotMember, Some(conv))
-            }
+            StoreError::NotMember(_) | StoreError::NoSuchConversation(_) => ErrorCode::NotMember,
             e => {
                 metrics::counter!("portico_chat_store_errors_total").increment(1);
                 tracing::warn!(%conv, error = %e, "store call failed");
-                self.error(ErrorCode::Unavailable, Some(conv))
+                ErrorCode::Unavailable
             }
         }
     }
 
     async fn publish(&mut self, conv: ConvId, id: String, body: String) {
-        if self.rate_limited(&conv) {
-            return;
-        }
         // Membership is checked by the store, atomically with the append.
         let new = NewMessage {
-            client_id: id,
+            client_id: id.clone(),
             from: self.claims.sub.clone(),
             body,
             members_only: true,
         };
-        match self.shard.publish(&conv, new).await {
+        match self.shard.publish(&conv, new, Budget::User).await {
             Ok(a) => self.send(&ServerFrame::Ack {
                 conv: &a.message.conv,
                 id: &a.message.id,
                 offset: a.message.offset,
                 duplicate: a.duplicate,
             }),
-            Err(e) => self.store_error(&conv, e),
+            Err(e) => self.publish_error(&conv, Some(&id), e),
         }
     }
 

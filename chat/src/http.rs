@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::protocol::{self, ConvId, Event, EventKind, MAX_HISTORY_PAGE};
-use crate::server::Shard;
+use crate::server::{Budget, PublishError, Shard};
 use crate::store::{NewMessage, Page, StoreError};
 
 /// The demo conversation every demo user joins.
@@ -322,13 +322,29 @@ async fn post_message(
             "body must be 1 to 4096 bytes".into(),
         ));
     }
+    let service = claims.has_role(SERVICE_ROLE);
     let msg = NewMessage {
         client_id: req.id,
         from: claims.sub.clone(),
         body: req.body,
-        members_only: !claims.has_role(SERVICE_ROLE),
+        members_only: !service,
     };
-    let a = shard.publish(&conv, msg).await?;
+    let budget = if service { Budget::Service } else { Budget::User };
+    let a = match shard.publish(&conv, msg, budget).await {
+        Ok(a) => a,
+        Err(PublishError::Store(e)) => return Err(e.into()),
+        // The WebSocket path's code and wait, as an HTTP 429.
+        Err(PublishError::RateLimited(wait)) => {
+            let ms = wait.as_millis() as u64 + 1;
+            let body = json!({
+                "error": "rate_limited",
+                "message": "publishing too fast",
+                "retry_after_ms": ms,
+            });
+            let headers = [(axum::http::header::RETRY_AFTER, ms.div_ceil(1000).to_string())];
+            return Ok((StatusCode::TOO_MANY_REQUESTS, headers, Json(body)).into_response());
+        }
+    };
     let status = if a.duplicate {
         StatusCode::OK
     } else {
@@ -337,7 +353,8 @@ async fn post_message(
     Ok((
         status,
         Json(json!({ "conv": conv, "offset": a.message.offset, "duplicate": a.duplicate })),
-    ))
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]

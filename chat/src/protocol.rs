@@ -290,6 +290,10 @@ pub enum ServerFrame<'a> {
         message: &'static str,
         #[serde(skip_serializing_if = "Option::is_none")]
         conv: Option<&'a ConvId>,
+        /// The publish this answers (its client id), so a client knows
+        /// which one to retry.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         retry_after_ms: Option<u64>,
     },
@@ -305,6 +309,7 @@ impl ServerFrame<'_> {
             code,
             message: code.message(),
             conv,
+            id: None,
             retry_after_ms: None,
         }
     }

@@ -90,10 +90,48 @@ pub struct Shard {
     pub tracker: TaskTracker,
 }
 
+/// Why a publish was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The user's publish budget is spent: retry after this long.
+    #[error("publishing too fast: retry in {0:?}")]
+    RateLimited(std::time::Duration),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Who a publish is charged to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// A user: `chat.publish_per_sec` (burst 2×), over WebSocket and REST alike.
+    User,
+    /// A service token (jobs' progress events): not limited.
+    Service,
+}
+
 impl Shard {
-    /// Stores a message (assigning its offset) and hands it to the bus.
-    /// `Ok` means stored: the message is durable whatever the bus does.
-    pub async fn publish(&self, conv: &ConvId, msg: NewMessage) -> Result<Appended, StoreError> {
+    /// Charges one publish (or typing event) to `user`'s budget.
+    pub fn charge(&self, user: &str) -> Result<(), PublishError> {
+        let Err(not_until) = self.limiter.check_key(&user.to_string()) else {
+            return Ok(());
+        };
+        metrics::counter!("portico_chat_rate_limited_total").increment(1);
+        let now = governor::clock::Clock::now(&governor::clock::DefaultClock::default());
+        Err(PublishError::RateLimited(not_until.wait_time_from(now)))
+    }
+
+    /// The one publish path, for WebSocket and REST: the sender's budget,
+    /// then the store (assigning the offset), then the bus. `Ok` means
+    /// stored: the message is durable whatever the bus does.
+    pub async fn publish(
+        &self,
+        conv: &ConvId,
+        msg: NewMessage,
+        budget: Budget,
+    ) -> Result<Appended, PublishError> {
+        if budget == Budget::User {
+            self.charge(&msg.from)?;
+        }
         let appended = self.hub.store().append(conv, msg).await?;
         metrics::counter!("portico_chat_messages_in_total").increment(1);
         let m = &appended.message;

@@ -138,6 +138,42 @@ async fn removed_members_lose_access_at_once_and_services_publish() {
 }
 
 #[tokio::test]
+async fn rest_publishing_has_the_websocket_budget() {
+    let (_svc, port) = Service::chat(&[("PORTICO_CHAT__PUBLISH_PER_SEC", "20".into())]);
+    create_conversation(port, "alice", "r", &["bob"]).await;
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/api/conversations/r/messages");
+    let mut statuses = Vec::new();
+    for i in 0..100 {
+        let r = http
+            .post(&url)
+            .bearer_auth(token("alice"))
+            .json(&json!({"id": format!("m{i}"), "body": "burst"}))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    let created = statuses.iter().filter(|&&s| s == 201).count();
+    let limited = statuses.iter().filter(|&&s| s == 429).count();
+    // Burst 2 × 20 = 40, plus what refills while the burst is sent.
+    assert!((40..60).contains(&created), "{created} accepted: {statuses:?}");
+    assert_eq!(created + limited, 100, "{statuses:?}");
+    // Services (jobs' progress events) are not limited.
+    let service = portico_tests::client::token_with_roles("portico-jobs", &["service"]);
+    for i in 0..60 {
+        let r = http
+            .post(&url)
+            .bearer_auth(&service)
+            .json(&json!({"id": format!("s{i}"), "body": "progress"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+}
+
+#[tokio::test]
 async fn publish_rate_and_connection_limits() {
     let (_svc, port) = Service::chat(&[
         ("PORTICO_CHAT__PUBLISH_PER_SEC", "2".into()),
@@ -160,6 +196,24 @@ async fn publish_rate_and_connection_limits() {
     let limited = limited.expect("rate limit never hit");
     assert_eq!(limited["code"], "rate_limited");
     assert!(limited["retry_after_ms"].as_u64().unwrap() > 0);
+    assert!(
+        limited["id"].as_str().is_some(),
+        "names the refused publish: {limited}"
+    );
+    // REST shares the budget: alice's is spent, so REST refuses her too,
+    // with the WebSocket path's code.
+    let r = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/api/conversations/c/messages"))
+        .bearer_auth(token("alice"))
+        .json(&json!({"id": "rest1", "body": "over REST"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], limited["code"]);
+    assert!(body["retry_after_ms"].as_u64().unwrap() > 0);
     // Bob is not affected by Alice's budget.
     let mut bob = Ws::connect(port, &token("bob")).await.unwrap();
     bob.recv().await;
