@@ -304,6 +304,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             body_bytes: 64,
             prefix: format!("{name}{:x}", portico_common::auth::now_secs()),
             drain: Duration::from_secs(5),
+            drop_one_delivery: false,
         };
         let before = snapshot(&stack);
         let sampler = Sampler::start(&stack);

@@ -1,11 +1,22 @@
 //! The load generator: C connections in conversations of S members, M
-//! messages per second for D seconds, latency and delivery accounting.
+//! messages per second for D seconds; latency, and an exact account of
+//! every acknowledged message.
 //!
+//! It behaves as the chat protocol asks of clients, so that faults show up
+//! as what they cost, not as artefacts: a connection that ends (close frame
+//! or not) reconnects with exponential backoff and jitter, resumes its
+//! subscription from the last offset it saw and re-sends every publish not
+//! yet acknowledged, with the same id.
+//!
+//! The account is per message, not netted: each member records where it
+//! subscribed (it expects every later message), the newest offset delivered
+//! and the offsets it was skipped over; each `ack` names an offset. At the
+//! end, **lost** = acknowledged offsets never delivered to a member that
+//! stayed subscribed (connected at the end); a repeated offset is a
+//! **duplicate**, a skipped one delivered later a **reorder**. Members that
+//! were not connected at the end are reported as dead, not counted.
 //! Every message body starts with its send time (microseconds since the run
-//! began); every receiver records publish→receive latency in an HDR
-//! histogram and checks offsets: a repeated offset is a duplicate, a jump
-//! is out of order. Lost = expected − (received − duplicates), where each
-//! acknowledged publish expects one delivery per subscribed member.
+//! began) for the publish→receive latency histogram.
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -59,9 +70,13 @@ pub struct Scenario {
     pub prefix: String,
     /// How long to wait after the last publish for deliveries to arrive.
     pub drain: Duration,
+    /// Test hook: connection 0 ignores its first delivery, as if it never
+    /// arrived (the run must then report it lost and fail).
+    pub drop_one_delivery: bool,
 }
 
-/// Counters shared by all connection tasks.
+/// Live counters shared by all connection tasks (progress while running;
+/// the exact account comes from the [`Member`]s at the end).
 #[derive(Default)]
 struct Stats {
     connected: AtomicUsize,
@@ -70,12 +85,134 @@ struct Stats {
     acked: AtomicU64,
     publish_errors: AtomicU64,
     not_sent_backlog: AtomicU64,
-    expected: AtomicU64,
     received: AtomicU64,
-    duplicates: AtomicU64,
-    out_of_order: AtomicU64,
+    reconnects: AtomicU64,
     /// Error frames by code (codes are a small fixed set).
     error_codes: Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+/// What one connection saw over the whole run, handed back at its end.
+#[derive(Debug, Default, Clone)]
+pub struct Member {
+    pub conv: usize,
+    /// The conversation's newest offset when this member first subscribed:
+    /// every later message is expected.
+    pub initial: Option<u64>,
+    /// Newest offset delivered.
+    pub last: u64,
+    /// Offsets jumped over (inclusive ranges), until delivered late.
+    pub gaps: Vec<(u64, u64)>,
+    pub received: u64,
+    pub duplicates: u64,
+    pub reorders: u64,
+    /// (offset, publish sequence number) of this member's acks (re-sends
+    /// may repeat them).
+    pub acked: Vec<(u64, u64)>,
+    /// Connected (and subscribed) when the run stopped.
+    pub connected_at_end: bool,
+    /// Its resume was refused (more missed than the server replays).
+    pub resume_failed: bool,
+    pub reconnects: u64,
+    /// How its connections ended: close code (1006: no close frame).
+    pub closes: std::collections::BTreeMap<u16, u64>,
+    /// Longest time from losing a connection to being subscribed again.
+    pub longest_outage: Duration,
+    /// Publishes never acknowledged (still pending at the end).
+    pub unacked: u64,
+}
+
+impl Member {
+    /// Whether offset `o` reached this member.
+    fn got(&self, o: u64) -> bool {
+        o <= self.last && !self.gaps.iter().any(|&(a, b)| (a..=b).contains(&o))
+    }
+
+    /// Records a delivered offset.
+    fn deliver(&mut self, o: u64) -> bool {
+        self.received += 1;
+        if o <= self.last {
+            match self.gaps.iter().position(|&(a, b)| (a..=b).contains(&o)) {
+                Some(i) => {
+                    let (a, b) = self.gaps.remove(i);
+                    if a < o {
+                        self.gaps.push((a, o - 1));
+                    }
+                    if o < b {
+                        self.gaps.push((o + 1, b));
+                    }
+                    self.reorders += 1;
+                }
+                None => self.duplicates += 1,
+            }
+            return false;
+        }
+        if o > self.last + 1 {
+            self.gaps.push((self.last + 1, o - 1));
+        }
+        self.last = o;
+        true
+    }
+}
+
+/// The exact account over all members.
+#[derive(Debug, Clone, Default)]
+pub struct Account {
+    pub expected: u64,
+    pub lost: u64,
+    pub duplicates: u64,
+    pub reorders: u64,
+    pub received: u64,
+    pub acked_messages: u64,
+    pub dead_connections: u64,
+    pub resume_failed: u64,
+    pub reconnects: u64,
+    pub closes: std::collections::BTreeMap<u16, u64>,
+    pub longest_outage: Duration,
+    pub unacked: u64,
+}
+
+/// Settles the account: per conversation, every acknowledged offset must
+/// have reached every member that subscribed before it and stayed.
+pub fn account(members: &[Member], convs: usize) -> Account {
+    let mut acked: Vec<Vec<u64>> = vec![Vec::new(); convs];
+    for m in members {
+        acked[m.conv].extend(m.acked.iter().map(|&(o, _)| o));
+    }
+    for a in &mut acked {
+        a.sort_unstable();
+        a.dedup();
+    }
+    let mut out = Account {
+        acked_messages: acked.iter().map(|a| a.len() as u64).sum(),
+        ..Account::default()
+    };
+    for m in members {
+        out.duplicates += m.duplicates;
+        out.reorders += m.reorders;
+        out.received += m.received;
+        out.reconnects += m.reconnects;
+        out.unacked += m.unacked;
+        out.longest_outage = out.longest_outage.max(m.longest_outage);
+        for (code, n) in &m.closes {
+            *out.closes.entry(*code).or_default() += n;
+        }
+        let Some(initial) = m.initial else { continue };
+        if !m.connected_at_end {
+            out.dead_connections += 1;
+            continue;
+        }
+        if m.resume_failed {
+            out.resume_failed += 1;
+            continue;
+        }
+        for &o in acked[m.conv].iter().filter(|&&o| o > initial) {
+            out.expected += 1;
+            if !m.got(o) {
+                out.lost += 1;
+            }
+        }
+    }
+    out
 }
 
 /// Latency histograms, sharded so that recording rarely contends.
@@ -108,14 +245,23 @@ trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 type Ws = WebSocketStream<Pin<Box<dyn Io>>>;
 
-/// One connection's handle for the scheduler.
+/// One connection's handle for the scheduler: publishes (sequence number,
+/// frame) go to the connection's task, which keeps them until acknowledged.
 struct Conn {
     conv: usize,
-    tx: mpsc::Sender<Utf8Bytes>,
+    tx: mpsc::Sender<(u64, Utf8Bytes)>,
 }
 
 /// Runs a scenario to the end and reports.
 pub async fn run(s: Scenario) -> anyhow::Result<Report> {
+    Ok(run_with_acks(s).await?.0)
+}
+
+/// One acknowledged publish: conversation id, client id, offset.
+pub type Acked = (String, String, u64);
+
+/// [`run`], and every acknowledged publish (for `verify::store`).
+pub async fn run_with_acks(s: Scenario) -> anyhow::Result<(Report, Vec<Acked>)> {
     anyhow::ensure!(
         s.connections > 0 && s.group_size > 0,
         "connections and group size must be positive"
@@ -136,7 +282,6 @@ pub async fn run(s: Scenario) -> anyhow::Result<Report> {
     let stats = Arc::new(Stats::default());
     let lat = Arc::new(Latencies::new());
     let connect_lat = Arc::new(Mutex::new(new_histogram()));
-    let subscribed: Arc<Vec<AtomicU64>> = Arc::new((0..convs).map(|_| AtomicU64::new(0)).collect());
     let stop = CancellationToken::new();
     let epoch = Instant::now();
     let mut addrs = Vec::new();
@@ -166,10 +311,10 @@ pub async fn run(s: Scenario) -> anyhow::Result<Report> {
             stats: stats.clone(),
             lat: lat.clone(),
             connect_lat: connect_lat.clone(),
-            subscribed: subscribed.clone(),
             stop: stop.clone(),
             epoch,
             ready: ready_tx.clone(),
+            drop_one: s.drop_one_delivery && i == 0,
         };
         tasks.spawn(connection(ctx));
     }
@@ -210,7 +355,7 @@ pub async fn run(s: Scenario) -> anyhow::Result<Report> {
                     "id": format!("m{seq}"),
                     "body": format!("{sent_at}|{body_pad}"),
                 });
-                if c.tx.try_send(frame.to_string().into()).is_ok() {
+                if c.tx.try_send((seq, frame.to_string().into())).is_ok() {
                     stats.sent.fetch_add(1, Relaxed);
                 } else {
                     stats.not_sent_backlog.fetch_add(1, Relaxed);
@@ -233,10 +378,6 @@ pub async fn run(s: Scenario) -> anyhow::Result<Report> {
             stats.received.load(Relaxed),
             stats.acked.load(Relaxed) + stats.publish_errors.load(Relaxed),
         );
-        let delivered = now.0 - stats.duplicates.load(Relaxed);
-        if now.1 >= stats.sent.load(Relaxed) && delivered >= stats.expected.load(Relaxed) {
-            break;
-        }
         if now != seen {
             seen = now;
             last_progress = Instant::now();
@@ -246,22 +387,39 @@ pub async fn run(s: Scenario) -> anyhow::Result<Report> {
     let cpu = crate::sys::self_cpu_time().saturating_sub(cpu_start);
     stop.cancel();
     drop(conns);
-    while tasks.join_next().await.is_some() {}
+    let mut members = Vec::with_capacity(s.connections);
+    while let Some(m) = tasks.join_next().await {
+        members.push(m?);
+    }
+    let account = account(&members, convs);
+    let mut acked: Vec<Acked> = members
+        .iter()
+        .flat_map(|m| {
+            let conv = format!("{}-c{}", s.prefix, m.conv);
+            m.acked
+                .iter()
+                .map(move |&(o, seq)| (conv.clone(), format!("m{seq}"), o))
+        })
+        .collect();
+    acked.sort();
+    acked.dedup();
 
     let latency = lat.merged();
     let connect = connect_lat.lock().expect("histogram lock").clone();
-    Ok(Report::new(
+    let report = Report::new(
         &s,
         &stats_snapshot(&stats),
+        &account,
         &latency,
         &connect,
         ramp,
         publish_time,
         cpu,
-    ))
+    );
+    Ok((report, acked))
 }
 
-/// The counters at the end of a run.
+/// The live counters at the end of a run.
 #[derive(Debug, Clone, Default)]
 pub struct Counts {
     pub connected: u64,
@@ -270,10 +428,6 @@ pub struct Counts {
     pub acked: u64,
     pub publish_errors: u64,
     pub not_sent_backlog: u64,
-    pub expected: u64,
-    pub received: u64,
-    pub duplicates: u64,
-    pub out_of_order: u64,
     pub error_codes: std::collections::BTreeMap<String, u64>,
 }
 
@@ -285,10 +439,6 @@ fn stats_snapshot(s: &Stats) -> Counts {
         acked: s.acked.load(Relaxed),
         publish_errors: s.publish_errors.load(Relaxed),
         not_sent_backlog: s.not_sent_backlog.load(Relaxed),
-        expected: s.expected.load(Relaxed),
-        received: s.received.load(Relaxed),
-        duplicates: s.duplicates.load(Relaxed),
-        out_of_order: s.out_of_order.load(Relaxed),
         error_codes: s.error_codes.lock().expect("stats lock").clone(),
     }
 }
@@ -306,82 +456,159 @@ struct ConnCtx {
     stats: Arc<Stats>,
     lat: Arc<Latencies>,
     connect_lat: Arc<Mutex<Histogram<u64>>>,
-    subscribed: Arc<Vec<AtomicU64>>,
     stop: CancellationToken,
     epoch: Instant,
     ready: mpsc::UnboundedSender<(usize, Option<Conn>)>,
+    drop_one: bool,
 }
 
-/// One synthetic client: connect, subscribe, then read and write until stop.
-async fn connection(ctx: ConnCtx) {
-    let t0 = Instant::now();
-    // Like any client, retry a connection that ends before it is usable
-    // (a shard restarting, a refused connect); connect time includes the
-    // retries.
-    let mut opened = open(&ctx).await;
-    for _ in 0..2 {
-        if opened.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        opened = open(&ctx).await;
-    }
-    let (mut ws, mut last) = match opened {
-        Ok(x) => x,
-        Err(e) => {
-            if ctx.stats.failed.fetch_add(1, Relaxed) < 5 {
-                eprintln!("connection {} ({}) failed: {e:#}", ctx.index, ctx.user);
-            }
-            let _ = ctx.ready.send((ctx.index, None));
-            return;
-        }
+/// Attempts at the first connection before it counts as failed.
+const FIRST_ATTEMPTS: u32 = 3;
+
+/// Backoff before reconnect attempt `n` (1, 2, …): 50 ms doubling up to
+/// 2 s, with full jitter, so that clients cut at once do not return at once.
+fn backoff(n: u32) -> Duration {
+    let cap = Duration::from_millis(50 << n.min(6)).min(Duration::from_secs(2));
+    cap.mul_f64(rand::random::<f64>())
+}
+
+/// One synthetic client for the whole run: connect and subscribe; then
+/// publish what the scheduler hands over and account for what arrives; on
+/// any end of the connection, reconnect, resume and re-send.
+async fn connection(ctx: ConnCtx) -> Member {
+    let mut m = Member {
+        conv: ctx.conv,
+        ..Member::default()
     };
-    let _ = ctx
-        .connect_lat
-        .lock()
-        .expect("histogram lock")
-        .record(t0.elapsed().as_micros() as u64);
-    ctx.stats.connected.fetch_add(1, Relaxed);
-    ctx.subscribed[ctx.conv].fetch_add(1, Relaxed);
-    let (tx, mut rx) = mpsc::channel::<Utf8Bytes>(64);
-    let _ = ctx.ready.send((ctx.index, Some(Conn { conv: ctx.conv, tx })));
-    loop {
-        tokio::select! {
-            _ = ctx.stop.cancelled() => break,
-            out = rx.recv() => match out {
-                Some(text) => if ws.send(Message::Text(text)).await.is_err() { break },
-                None => break,
-            },
-            frame = ws.next() => {
-                let Some(Ok(Message::Text(text))) = frame else {
-                    match frame {
-                        Some(Ok(_)) => continue,
-                        _ => break,
+    let (tx, mut rx) = mpsc::channel::<(u64, Utf8Bytes)>(64);
+    let mut tx = Some(tx);
+    // Publishes sent and not yet acknowledged, re-sent after a reconnect.
+    let mut pending: Vec<(u64, Utf8Bytes)> = Vec::new();
+    let mut dropped = !ctx.drop_one;
+    let t0 = Instant::now();
+    let mut attempt = 0;
+    let mut down_since: Option<Instant> = None;
+    let mut rx_open = true;
+    'run: loop {
+        let since = m.initial.map(|_| m.last);
+        let (mut ws, subscribed) = match open(&ctx, since).await {
+            Ok(x) => x,
+            Err(e) => {
+                attempt += 1;
+                if m.initial.is_none() && attempt >= FIRST_ATTEMPTS {
+                    if ctx.stats.failed.fetch_add(1, Relaxed) < 5 {
+                        eprintln!("connection {} ({}) failed: {e:#}", ctx.index, ctx.user);
                     }
-                };
-                on_frame(&ctx, &text, &mut last);
+                    let _ = ctx.ready.send((ctx.index, None));
+                    return m;
+                }
+                if format!("{e:#}").contains("resume_too_far") {
+                    // It cannot catch up from here: from now on it only
+                    // counts as a connection, not as a member that stayed.
+                    m.resume_failed = true;
+                    m.initial = None;
+                }
+                tokio::select! {
+                    _ = ctx.stop.cancelled() => break 'run,
+                    _ = tokio::time::sleep(backoff(attempt)) => continue 'run,
+                }
+            }
+        };
+        attempt = 0;
+        match m.initial {
+            None if m.resume_failed => {
+                m.initial = Some(subscribed);
+                m.last = subscribed;
+            }
+            None => {
+                m.initial = Some(subscribed);
+                m.last = subscribed;
+                let _ = ctx
+                    .connect_lat
+                    .lock()
+                    .expect("histogram lock")
+                    .record(t0.elapsed().as_micros() as u64);
+                ctx.stats.connected.fetch_add(1, Relaxed);
+                let conn = tx.take().map(|tx| Conn { conv: ctx.conv, tx });
+                let _ = ctx.ready.send((ctx.index, conn));
+            }
+            Some(_) => {
+                m.reconnects += 1;
+                ctx.stats.reconnects.fetch_add(1, Relaxed);
             }
         }
+        if let Some(d) = down_since.take() {
+            m.longest_outage = m.longest_outage.max(d.elapsed());
+        }
+        let mut ended = None;
+        for (_, text) in &pending {
+            if ws.send(Message::Text(text.clone())).await.is_err() {
+                ended = Some(1006);
+                break;
+            }
+        }
+        while ended.is_none() {
+            tokio::select! {
+                _ = ctx.stop.cancelled() => {
+                    m.connected_at_end = true;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+                    break 'run;
+                }
+                out = rx.recv(), if rx_open => {
+                    let Some((seq, text)) = out else {
+                        rx_open = false;
+                        continue;
+                    };
+                    pending.push((seq, text.clone()));
+                    if ws.send(Message::Text(text)).await.is_err() {
+                        ended = Some(1006);
+                    }
+                }
+                frame = ws.next() => match frame {
+                    Some(Ok(Message::Text(text))) => on_frame(&ctx, &text, &mut m, &mut pending, &mut dropped),
+                    Some(Ok(Message::Close(f))) => ended = Some(f.map_or(1005, |f| u16::from(f.code))),
+                    Some(Ok(_)) => {}
+                    // No close frame: what a browser reports as 1006.
+                    None | Some(Err(_)) => ended = Some(1006),
+                },
+            }
+        }
+        *m.closes.entry(ended.unwrap_or(1006)).or_default() += 1;
+        down_since = Some(Instant::now());
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+    m.unacked = pending.len() as u64;
+    m
 }
 
-fn on_frame(ctx: &ConnCtx, text: &str, last: &mut u64) {
+fn on_frame(
+    ctx: &ConnCtx,
+    text: &str,
+    m: &mut Member,
+    pending: &mut Vec<(u64, Utf8Bytes)>,
+    dropped: &mut bool,
+) {
     let Ok(f) = serde_json::from_str::<Value>(text) else {
         return;
+    };
+    // Publish ids are `m<seq>`.
+    let seq_of = |f: &Value| {
+        f["id"]
+            .as_str()
+            .and_then(|id| id.strip_prefix('m'))
+            .and_then(|n| n.parse::<u64>().ok())
     };
     match f["type"].as_str() {
         Some("message") => {
             let offset = f["offset"].as_u64().unwrap_or(0);
             ctx.stats.received.fetch_add(1, Relaxed);
-            if offset <= *last {
-                ctx.stats.duplicates.fetch_add(1, Relaxed);
+            if !*dropped {
+                // The test hook: as if this delivery never arrived.
+                *dropped = true;
                 return;
             }
-            if offset != *last + 1 {
-                ctx.stats.out_of_order.fetch_add(1, Relaxed);
+            if !m.deliver(offset) {
+                return;
             }
-            *last = offset;
             if let Some(sent) = f["body"]
                 .as_str()
                 .and_then(|b| b.split('|').next())
@@ -393,11 +620,20 @@ fn on_frame(ctx: &ConnCtx, text: &str, last: &mut u64) {
         }
         Some("ack") => {
             ctx.stats.acked.fetch_add(1, Relaxed);
-            let members = ctx.subscribed[ctx.conv].load(Relaxed);
-            ctx.stats.expected.fetch_add(members, Relaxed);
+            if let Some(seq) = seq_of(&f) {
+                pending.retain(|(s, _)| *s != seq);
+            }
+            if let (Some(o), Some(seq)) = (f["offset"].as_u64(), seq_of(&f)) {
+                m.acked.push((o, seq));
+            }
         }
         Some("error") => {
-            ctx.stats.publish_errors.fetch_add(1, Relaxed);
+            // A refused publish (unavailable, rate limited) is not stored:
+            // nothing to wait for.
+            if let Some(seq) = seq_of(&f) {
+                pending.retain(|(s, _)| *s != seq);
+                ctx.stats.publish_errors.fetch_add(1, Relaxed);
+            }
             let code = f["code"]
                 .as_str()
                 .unwrap_or("?")
@@ -415,8 +651,9 @@ fn on_frame(ctx: &ConnCtx, text: &str, last: &mut u64) {
     }
 }
 
-/// TCP (from the chosen source address), TLS, WebSocket, subscribe.
-async fn open(ctx: &ConnCtx) -> anyhow::Result<(Ws, u64)> {
+/// TCP (from the chosen source address), TLS, WebSocket, subscribe
+/// (resuming after `since`); the conversation's newest offset.
+async fn open(ctx: &ConnCtx, since: Option<u64>) -> anyhow::Result<(Ws, u64)> {
     let sock = if ctx.addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -450,12 +687,11 @@ async fn open(ctx: &ConnCtx) -> anyhow::Result<(Ws, u64)> {
     let (mut ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(config))
         .await
         .context("handshake")?;
-    ws.send(Message::Text(
-        json!({"type": "subscribe", "conv": ctx.conv_id})
-            .to_string()
-            .into(),
-    ))
-    .await?;
+    let mut sub = json!({"type": "subscribe", "conv": ctx.conv_id});
+    if let Some(since) = since {
+        sub["since"] = since.into();
+    }
+    ws.send(Message::Text(sub.to_string().into())).await?;
     let wait = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(frame) = ws.next().await {
             if let Message::Text(t) = frame? {

@@ -10,3 +10,4 @@ pub mod bench;
 pub mod generator;
 pub mod report;
 pub mod sys;
+pub mod verify;

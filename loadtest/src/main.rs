@@ -77,6 +77,14 @@ struct RunArgs {
     /// Exit non-zero when more than this percentage of connections failed.
     #[arg(long, default_value_t = 1.0)]
     max_failed_pct: f64,
+    /// After the run, check the acknowledged offsets against the chat
+    /// store: every acked (id, offset) is in PostgreSQL at that offset, and
+    /// every conversation's offsets run 1, 2, 3 … without a gap.
+    #[arg(long, value_name = "POSTGRES_URL")]
+    verify_store: Option<String>,
+    /// Test hook: one delivery is ignored, as if lost (the run must fail).
+    #[arg(long, hide = true)]
+    test_drop_one_delivery: bool,
 }
 
 fn main() -> ExitCode {
@@ -131,13 +139,23 @@ async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         body_bytes: a.body_bytes,
         prefix: format!("lt{:x}{}", portico_common::auth::now_secs(), std::process::id()),
         drain: Duration::from_secs(a.drain),
+        drop_one_delivery: a.test_drop_one_delivery,
     };
-    let report = generator::run(scenario).await?;
+    let prefix = scenario.prefix.clone();
+    let (report, acked) = generator::run_with_acks(scenario).await?;
     print!("{}", report.table());
     if let Some(path) = a.json {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
     }
-    let problems = report.problems(a.max_lost, a.max_failed_pct);
+    let mut problems = report.problems(a.max_lost, a.max_failed_pct);
+    if let Some(url) = &a.verify_store {
+        let checked = loadtest::verify::store(url, &prefix, &acked).await?;
+        println!(
+            "store verified         {} conversations, {} messages",
+            checked.0, checked.1
+        );
+        problems.extend(checked.2);
+    }
     for p in &problems {
         eprintln!("FAILED: {p}");
     }

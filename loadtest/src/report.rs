@@ -5,7 +5,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::generator::{Counts, Scenario};
+use crate::generator::{Account, Counts, Scenario};
 
 /// Latency percentiles in milliseconds.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -54,11 +54,29 @@ pub struct Report {
     /// Scheduled but not handed to a connection (its send backlog was full):
     /// the client, not the server, fell behind.
     pub not_sent_client_backlog: u64,
+    /// Distinct messages acknowledged (stored).
+    pub acked_messages: u64,
+    /// Deliveries owed: each acknowledged message to each member that
+    /// subscribed before it and was still connected at the end.
     pub deliveries_expected: u64,
     pub deliveries_received: u64,
+    /// Acknowledged, owed, and never delivered.
     pub deliveries_lost: u64,
     pub deliveries_duplicated: u64,
+    /// Delivered after a later offset (late, not lost).
     pub deliveries_out_of_order: u64,
+    /// Connections that ended and came back (resumed).
+    pub reconnects: u64,
+    /// Connections not connected when the run stopped (not counted above).
+    pub dead_connections: u64,
+    /// Members whose resume was refused (too far behind; not counted above).
+    pub resume_failed: u64,
+    /// How connections ended, by close code (1006: no close frame).
+    pub close_codes: std::collections::BTreeMap<String, u64>,
+    /// Longest time a member was without a subscribed connection.
+    pub longest_outage_ms: f64,
+    /// Publishes never acknowledged by the end.
+    pub unacked_at_end: u64,
     pub deliveries_per_sec: f64,
     pub latency_ms: Percentiles,
     /// CPU seconds the generator itself used during the publish phase: near
@@ -82,16 +100,18 @@ pub struct ServerUsage {
 }
 
 impl Report {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         s: &Scenario,
         c: &Counts,
+        a: &Account,
         latency: &Histogram<u64>,
         connect: &Histogram<u64>,
         ramp: Duration,
         publish: Duration,
         cpu: Duration,
     ) -> Report {
-        let delivered = c.received - c.duplicates;
+        let delivered = a.received - a.duplicates;
         Report {
             url: s.urls.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(" "),
             connections: s.connections as u64,
@@ -107,11 +127,18 @@ impl Report {
             publish_errors: c.publish_errors,
             error_codes: c.error_codes.clone(),
             not_sent_client_backlog: c.not_sent_backlog,
-            deliveries_expected: c.expected,
-            deliveries_received: c.received,
-            deliveries_lost: c.expected.saturating_sub(delivered),
-            deliveries_duplicated: c.duplicates,
-            deliveries_out_of_order: c.out_of_order,
+            acked_messages: a.acked_messages,
+            deliveries_expected: a.expected,
+            deliveries_received: a.received,
+            deliveries_lost: a.lost,
+            deliveries_duplicated: a.duplicates,
+            deliveries_out_of_order: a.reorders,
+            reconnects: a.reconnects,
+            dead_connections: a.dead_connections,
+            resume_failed: a.resume_failed,
+            close_codes: a.closes.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            longest_outage_ms: a.longest_outage.as_secs_f64() * 1000.0,
+            unacked_at_end: a.unacked,
             deliveries_per_sec: delivered as f64 / publish.as_secs_f64().max(0.001),
             latency_ms: Percentiles::of(latency),
             generator_cpu_secs: cpu.as_secs_f64(),
@@ -124,8 +151,17 @@ impl Report {
         let mut p = Vec::new();
         if self.deliveries_lost > max_lost {
             p.push(format!(
-                "{} deliveries lost (allowed {max_lost})",
+                "{} acknowledged deliveries lost (allowed {max_lost})",
                 self.deliveries_lost
+            ));
+        }
+        if self.deliveries_duplicated > 0 {
+            p.push(format!("{} deliveries duplicated", self.deliveries_duplicated));
+        }
+        if self.deliveries_out_of_order > 0 {
+            p.push(format!(
+                "{} deliveries out of order",
+                self.deliveries_out_of_order
             ));
         }
         let failed_pct = 100.0 * self.connections_failed as f64 / self.connections.max(1) as f64;
@@ -144,8 +180,9 @@ impl Report {
             "target                 {}\n\
              connections ok/failed  {} / {}   (ramp {:.1}s, connect p50 {:.1} ms, p99 {:.1} ms)\n\
              messages sent/acked    {} / {}   (publish errors {} {:?}, not sent: client backlog {})\n\
-             deliveries expected    {}\n\
+             deliveries expected    {}   ({} messages acknowledged)\n\
              received/lost          {} / {}   (duplicates {}, out of order {})\n\
+             reconnects             {}   (dead at end {}, resume refused {}, longest outage {:.0} ms, closes {:?})\n\
              deliveries/s           {:.0}\n\
              latency ms             p50 {:.2}  p95 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n\
              generator CPU          {:.1} s over {:.0} s\n",
@@ -161,10 +198,16 @@ impl Report {
             self.error_codes,
             self.not_sent_client_backlog,
             self.deliveries_expected,
+            self.acked_messages,
             self.deliveries_received,
             self.deliveries_lost,
             self.deliveries_duplicated,
             self.deliveries_out_of_order,
+            self.reconnects,
+            self.dead_connections,
+            self.resume_failed,
+            self.longest_outage_ms,
+            self.close_codes,
             self.deliveries_per_sec,
             l.p50,
             l.p95,

@@ -420,6 +420,8 @@ pub struct ChatCluster {
     pub shards: Vec<(Service, u16)>,
     pub redis: Redis,
     pub pg: Postgres,
+    /// What every shard runs with (plus its shard id).
+    env: Vec<(String, String)>,
 }
 
 impl ChatCluster {
@@ -434,18 +436,42 @@ impl ChatCluster {
             ("PORTICO_CHAT__PUBLISH_PER_SEC", "100000".to_string()),
         ];
         env.extend(extra.iter().cloned());
-        let shards = (1..=shards)
-            .map(|i| {
-                let mut e = env.clone();
-                e.push(("PORTICO_CHAT__SHARD_ID", i.to_string()));
-                Service::chat(&e)
-            })
-            .collect();
-        ChatCluster { shards, redis, pg }
+        let env: Vec<(String, String)> = env.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let mut cluster = ChatCluster {
+            shards: Vec::new(),
+            redis,
+            pg,
+            env,
+        };
+        for i in 0..shards {
+            let port = free_port();
+            let svc = cluster.start_shard(i, port);
+            cluster.shards.push((svc, port));
+        }
+        cluster
+    }
+
+    fn start_shard(&self, i: usize, port: u16) -> Service {
+        let mut env: Vec<(&str, String)> = self.env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        env.push(("PORTICO_CHAT__SHARD_ID", (i + 1).to_string()));
+        Service::chat_on(port, &env)
     }
 
     pub fn port(&self, shard: usize) -> u16 {
         self.shards[shard].1
+    }
+
+    /// SIGKILLs shard `i` (0-based) and waits for it to be gone.
+    pub fn kill(&mut self, i: usize) {
+        let proc = &mut self.shards[i].0.proc;
+        proc.signal("KILL");
+        proc.wait_exit(Duration::from_secs(10));
+    }
+
+    /// Starts shard `i` again on its port, as it was configured.
+    pub fn restart(&mut self, i: usize) {
+        let port = self.shards[i].1;
+        self.shards[i].0 = self.start_shard(i, port);
     }
 }
 
