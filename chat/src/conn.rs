@@ -3,7 +3,16 @@
 //!
 //! The connection ends on client close, idle timeout, token expiry, protocol
 //! violation, slow consumption or server drain; each has its close code
-//! (see [`close`]). On the way out it leaves every conversation it joined.
+//! (see [`close`]), which the client always receives: an evicted slow
+//! consumer's queue is dropped and its socket given room for the close
+//! frame (see [`crate::socket`]). On the way out it leaves every
+//! conversation it joined.
+//!
+//! Two kinds of traffic share the queue. Fan-out from the hub is `try_send`:
+//! a client that cannot keep up is evicted (4008). The client's own
+//! requests are answered only while a quarter of the queue is free: a
+//! client that asks faster than it reads waits (its reads stop, TCP pushes
+//! back), and never pushes its own fan-out over the edge.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -23,6 +32,7 @@ use crate::protocol::{
     self, ClientFrame, ConvId, ErrorCode, Event, EventKind, MAX_HISTORY_PAGE, ServerFrame, close,
 };
 use crate::server::{Budget, PublishError, Shard};
+use crate::socket::Socket;
 use crate::store::{NewMessage, Page, StoreError};
 use portico_common::auth::{Claims, now_secs};
 
@@ -30,15 +40,27 @@ use portico_common::auth::{Claims, now_secs};
 pub const MAX_SUBSCRIPTIONS: usize = 100;
 /// Frames written before one flush.
 const WRITE_BATCH: usize = 64;
+/// How long a close frame may take to be written.
+const CLOSE_WRITE: Duration = Duration::from_secs(2);
+/// How long to wait for the client's close after ours: its input is read
+/// meanwhile, so the socket closes with a FIN behind what is still unsent
+/// (unread input would make it a reset, which discards that).
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
-/// Serves an upgraded connection until it ends.
-pub async fn serve<S>(shard: Arc<Shard>, ws: WebSocketStream<S>, claims: Claims, guard: ConnGuard)
-where
+/// Serves an upgraded connection until it ends. `socket`: the TCP socket
+/// under it, when there is one (room for a last close frame).
+pub async fn serve<S>(
+    shard: Arc<Shard>,
+    ws: WebSocketStream<S>,
+    socket: Option<Socket>,
+    claims: Claims,
+    guard: ConnGuard,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let span = tracing::info_span!("conn", id = guard.id, user = %claims.sub, shard = shard.hub.shard());
     async move {
-        let (sink, stream) = ws.split();
+        let (sink, mut stream) = ws.split();
         let (tx, rx) = mpsc::channel(shard.cfg.outbound_queue);
         let ctl = Arc::new(ConnCtl::new(shard.shutdown.child_token()));
         let outlet = Outlet {
@@ -48,9 +70,10 @@ where
             ctl: ctl.clone(),
         };
         let heartbeat = Duration::from_secs(shard.cfg.heartbeat_secs);
-        let writer = tokio::spawn(write_loop(sink, rx, ctl.clone(), heartbeat));
+        let writer = tokio::spawn(write_loop(sink, rx, ctl.clone(), heartbeat, socket));
 
         let mut conn = Conn {
+            reserve: (shard.cfg.outbound_queue / 4).max(1),
             shard: shard.clone(),
             claims,
             outlet,
@@ -61,7 +84,7 @@ where
             shard: shard.hub.shard(),
             protocol: protocol::SUBPROTOCOL,
         });
-        conn.read_loop(stream).await;
+        let client_closed = conn.read_loop(&mut stream).await;
         if ctl.reason().is_none() {
             ctl.close(close::NORMAL, ""); // the client left
         }
@@ -69,6 +92,10 @@ where
             tracing::debug!(code, reason, "closing");
         }
         let _ = writer.await;
+        if !client_closed {
+            let _ =
+                tokio::time::timeout(CLOSE_LINGER, async { while stream.next().await.is_some() {} }).await;
+        }
         for conv in conn.subscribed.drain() {
             shard.hub.unsubscribe(conn.outlet.id, &conv).await;
         }
@@ -79,6 +106,8 @@ where
 }
 
 struct Conn {
+    /// Free queue slots a request of the client's own waits for.
+    reserve: usize,
     shard: Arc<Shard>,
     claims: Claims,
     outlet: Outlet,
@@ -95,7 +124,9 @@ impl Conn {
         self.send(&ServerFrame::error(code, conv));
     }
 
-    async fn read_loop<St>(&mut self, mut stream: St)
+    /// Reads and executes client frames until the connection ends; `true`
+    /// if the client closed it (nothing more to read).
+    async fn read_loop<St>(&mut self, stream: &mut St) -> bool
     where
         St: futures_util::Stream<Item = Result<WsMessage, WsError>> + Unpin,
     {
@@ -110,23 +141,34 @@ impl Conn {
                     if ctl.reason().is_none() {
                         ctl.close(close::GOING_AWAY, "server shutting down");
                     }
-                    return;
+                    return false;
                 }
-                _ = &mut expiry => return ctl.close(close::TOKEN_EXPIRED, "token expired"),
+                _ = &mut expiry => {
+                    ctl.close(close::TOKEN_EXPIRED, "token expired");
+                    return false;
+                }
                 r = tokio::time::timeout(idle, stream.next()) => r,
             };
             let msg = match next {
-                Err(_) => return ctl.close(close::IDLE_TIMEOUT, "idle timeout"),
-                Ok(None) => return,
+                Err(_) => {
+                    ctl.close(close::IDLE_TIMEOUT, "idle timeout");
+                    return false;
+                }
+                Ok(None) => return true,
                 Ok(Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. })))) => {
-                    return ctl.close(close::TOO_BIG, "message too big");
+                    ctl.close(close::TOO_BIG, "message too big");
+                    return false;
                 }
                 Ok(Some(Err(WsError::Protocol(_)))) => {
-                    return ctl.close(close::PROTOCOL_ERROR, "protocol error");
+                    ctl.close(close::PROTOCOL_ERROR, "protocol error");
+                    return false;
                 }
-                Ok(Some(Err(_))) => return,
+                Ok(Some(Err(_))) => return true,
                 Ok(Some(Ok(m))) => m,
             };
+            if !matches!(msg, WsMessage::Ping(_) | WsMessage::Pong(_)) && !self.room().await {
+                return false;
+            }
             match msg {
                 WsMessage::Text(text) => {
                     metrics::counter!("portico_chat_frames_in_total").increment(1);
@@ -136,11 +178,25 @@ impl Conn {
                     Box::pin(self.handle(&text)).await;
                 }
                 WsMessage::Binary(_) => self.error(ErrorCode::BinaryNotSupported, None),
-                WsMessage::Close(_) => return,
+                WsMessage::Close(_) => return true,
                 // Pings are answered by tungstenite; pongs only reset `idle`.
                 WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => {}
             }
         }
+    }
+
+    /// Waits until the queue has `reserve` free slots, so the answer to a
+    /// request never takes the room fan-out needs; `false` if the
+    /// connection is closing meanwhile.
+    async fn room(&self) -> bool {
+        let ctl = &self.outlet.ctl;
+        while self.outlet.tx.capacity() < self.reserve {
+            tokio::select! {
+                _ = ctl.drained().notified() => {}
+                _ = ctl.token().cancelled() => return false,
+            }
+        }
+        true
     }
 
     async fn handle(&mut self, text: &str) {
@@ -337,8 +393,13 @@ impl Conn {
     }
 }
 
-async fn write_loop<Si>(mut sink: Si, mut rx: mpsc::Receiver<Out>, ctl: Arc<ConnCtl>, heartbeat: Duration)
-where
+async fn write_loop<Si>(
+    mut sink: Si,
+    mut rx: mpsc::Receiver<Out>,
+    ctl: Arc<ConnCtl>,
+    heartbeat: Duration,
+    socket: Option<Socket>,
+) where
     Si: futures_util::Sink<WsMessage, Error = WsError> + Unpin,
 {
     let mut ping = tokio::time::interval(heartbeat);
@@ -359,6 +420,7 @@ where
                         }
                     }
                     sink.flush().await?;
+                    ctl.drained().notify_one();
                     Ok(true)
                 }
                 _ = ping.tick() => sink.send(WsMessage::Ping(Default::default())).await.map(|_| true),
@@ -380,11 +442,21 @@ where
     let (code, reason) = ctl
         .reason()
         .unwrap_or((close::GOING_AWAY, "server shutting down"));
+    if code == close::SLOW_CONSUMER {
+        // What is queued would never be read in time: drop it, and give
+        // the full socket room for the close frame, so the client learns
+        // why as soon as it reads.
+        rx.close();
+        while rx.try_recv().is_ok() {}
+        if let Some(s) = &socket {
+            s.make_room();
+        }
+    }
     let frame = CloseFrame {
         code: code.into(),
         reason: Utf8Bytes::from_static(reason),
     };
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+    let _ = tokio::time::timeout(CLOSE_WRITE, async {
         sink.send(WsMessage::Close(Some(frame))).await?;
         sink.close().await
     })

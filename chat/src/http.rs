@@ -156,13 +156,19 @@ async fn ws_handshake(State(shard): State<Arc<Shard>>, mut req: Request) -> Resp
         return refuse(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
     };
     let cfg = ws_config(shard.cfg.max_message_bytes);
+    // The socket under the connection (see `socket`): room for a last
+    // close frame when the client is evicted as a slow consumer.
+    let socket = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<crate::socket::ConnSocket>>()
+        .map(|c| c.0.0.clone());
     let task_shard = shard.clone();
     shard.tracker.spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
                 let ws =
                     WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(cfg)).await;
-                crate::conn::serve(task_shard, ws, claims, guard).await;
+                crate::conn::serve(task_shard, ws, socket, claims, guard).await;
             }
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }

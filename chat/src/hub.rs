@@ -50,6 +50,8 @@ pub enum Out {
 pub struct ConnCtl {
     reason: OnceLock<(u16, &'static str)>,
     token: CancellationToken,
+    /// The writer took items off the queue: room may be free again.
+    drained: tokio::sync::Notify,
 }
 
 impl ConnCtl {
@@ -57,7 +59,11 @@ impl ConnCtl {
         ConnCtl {
             reason: OnceLock::new(),
             token,
+            drained: tokio::sync::Notify::new(),
         }
+    }
+    pub fn drained(&self) -> &tokio::sync::Notify {
+        &self.drained
     }
     /// Asks the connection to close with `code`; the first reason wins.
     pub fn close(&self, code: u16, reason: &'static str) {

@@ -12,6 +12,7 @@ pub mod hub;
 pub mod metrics;
 pub mod protocol;
 pub mod server;
+pub mod socket;
 pub mod store;
 
 pub use server::{Bound, Engines, bind};

@@ -5,7 +5,6 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use portico_common::auth::Tokens;
 use portico_config::{AuthConfig, ChatConfig};
@@ -146,14 +145,6 @@ impl Shard {
     }
 }
 
-/// Small WebSocket frames must leave at once: with Nagle's algorithm a
-/// frame waits for the peer's delayed ACK (40 ms, measured as the p95).
-fn no_delay(tcp: &mut tokio::net::TcpStream) {
-    if let Err(e) = tcp.set_nodelay(true) {
-        tracing::debug!(error = %e, "TCP_NODELAY not set");
-    }
-}
-
 /// A bound, not yet serving shard.
 pub struct Bound {
     shard: Arc<Shard>,
@@ -242,7 +233,8 @@ impl Bound {
             stop.cancelled().await;
             drain_ws.cancel();
         });
-        let server = axum::serve(listener.tap_io(no_delay), app)
+        let app = app.into_make_service_with_connect_info::<crate::socket::ConnSocket>();
+        let server = axum::serve(crate::socket::Accepting(listener), app)
             .with_graceful_shutdown(async move { http_stop.cancelled().await });
         let result = server.await;
         shard.tracker.close();

@@ -24,7 +24,8 @@ use crate::report::{Report, ServerUsage};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Scenarios to run: fanout, dm, idle, proxy, paas (default: all).
+    /// Scenarios to run: fanout, dm, idle, proxy, paas, faults (default:
+    /// all but faults, which has its own table: loadtest/results/faults.md).
     #[arg(long, value_delimiter = ',', default_value = "fanout,dm,idle,proxy,paas")]
     pub scenarios: Vec<String>,
     /// Divide connection counts and durations by 10 (a smoke run).
@@ -35,16 +36,22 @@ pub struct BenchArgs {
     pub out: PathBuf,
 }
 
-struct Stack {
-    shards: Vec<(Service, u16)>,
-    gateway: Service,
-    edge: EdgePorts,
+pub(crate) struct Stack {
+    pub(crate) shards: Vec<(Service, u16)>,
+    /// What each shard was started with (to start it again).
+    pub(crate) shard_env: Vec<Vec<(&'static str, String)>>,
+    pub(crate) gateway: Service,
+    /// What the gateway was started with (an upgrade starts its successor).
+    pub(crate) gateway_env: Vec<(&'static str, String)>,
+    /// The gateway that took over after an upgrade.
+    pub(crate) upgraded: Option<portico_tests::proc::Proc>,
+    pub(crate) edge: EdgePorts,
     /// The jobs service (PaaS deploys) and the root of its local repositories.
     jobs_port: u16,
     repos: tempfile::TempDir,
     _jobs: Service,
-    _redis: Redis,
-    _pg: Postgres,
+    pub(crate) redis: Redis,
+    pub(crate) pg: Postgres,
 }
 
 /// The hosted-app domain of the bench stack (`Host: <app>.paas.localhost`).
@@ -58,9 +65,9 @@ fn start_stack() -> Stack {
         env.extend(extra);
         env
     };
-    let shards: Vec<(Service, u16)> = (1..=2)
+    let shard_env: Vec<Vec<(&'static str, String)>> = (1..=2)
         .map(|i| {
-            Service::chat(&common(vec![
+            common(vec![
                 ("PORTICO_CHAT__SHARD_ID", i.to_string()),
                 ("PORTICO_CHAT__BUS", "redis".into()),
                 ("PORTICO_CHAT__REDIS_URL", redis.url()),
@@ -70,9 +77,10 @@ fn start_stack() -> Stack {
                 ("PORTICO_CHAT__PUBLISH_PER_SEC", "1000000".into()),
                 ("PORTICO_CHAT__MAX_CONNECTIONS", "200000".into()),
                 ("PORTICO_CHAT__OUTBOUND_QUEUE", "1024".into()),
-            ]))
+            ])
         })
         .collect();
+    let shards: Vec<(Service, u16)> = shard_env.iter().map(|env| Service::chat(env)).collect();
     let repos = tempfile::tempdir().expect("tempdir");
     let jobs_port = portico_tests::free_port();
     let jobs = Service::start(
@@ -110,16 +118,21 @@ fn start_stack() -> Stack {
     env.push(("PORTICO_PAAS__DOMAIN", PAAS_DOMAIN.into()));
     // The generator is a handful of addresses opening thousands of sockets.
     env.extend(EdgePorts::unlimited());
+    // An upgrade hands thousands of WebSockets over: spread them over 10 s.
+    env.push(("PORTICO_GATEWAY__GRACE_PERIOD_SECS", "10".into()));
     let gateway = Service::gateway(&[], &env, &edge);
     Stack {
         shards,
+        shard_env,
         gateway,
+        gateway_env: env,
+        upgraded: None,
         edge,
         jobs_port,
         repos,
         _jobs: jobs,
-        _redis: redis,
-        _pg: pg,
+        redis,
+        pg,
     }
 }
 
@@ -225,7 +238,7 @@ fn snapshot(stack: &Stack) -> Vec<(u64, Duration)> {
 }
 
 /// Loopback source addresses for the generator: 127.0.0.2 … 127.0.0.(1+n).
-fn sources(n: u8) -> Vec<IpAddr> {
+pub(crate) fn sources(n: u8) -> Vec<IpAddr> {
     (2..2 + n)
         .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)))
         .collect()
@@ -244,7 +257,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let mut failed = false;
     for name in &args.scenarios {
         // A fresh stack per scenario: RSS deltas and CPU belong to it alone.
-        let stack = tokio::task::spawn_blocking(start_stack).await?;
+        let mut stack = tokio::task::spawn_blocking(start_stack).await?;
         let cert = stack.gateway.certificate("localhost");
         let (conns, group, rate, dur) = match name.as_str() {
             "fanout" => (1_000, 100, 1_000, secs(30)),
@@ -285,7 +298,14 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 ));
                 continue;
             }
-            other => anyhow::bail!("unknown scenario {other} (fanout, dm, idle, proxy, paas)"),
+            "faults" => {
+                // Each gateway connection costs it two descriptors.
+                let ok = crate::faults::run(&mut stack, args.quick, idle_cap, &args.out).await?;
+                failed |= !ok;
+                tokio::task::spawn_blocking(move || drop(stack)).await?;
+                continue;
+            }
+            other => anyhow::bail!("unknown scenario {other} (fanout, dm, idle, proxy, paas, faults)"),
         };
         let conns = conns / scale as usize;
         let rate = rate / scale as u32;
@@ -359,8 +379,10 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         if args.quick { " --quick" } else { "" },
         rows.join("\n")
     );
-    std::fs::write(args.out.join("README.md"), &table)?;
-    println!("\n{table}");
+    if !rows.is_empty() {
+        std::fs::write(args.out.join("README.md"), &table)?;
+        println!("\n{table}");
+    }
     Ok(if failed {
         ExitCode::FAILURE
     } else {

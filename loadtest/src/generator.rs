@@ -87,6 +87,12 @@ struct Stats {
     not_sent_backlog: AtomicU64,
     received: AtomicU64,
     reconnects: AtomicU64,
+    /// Microseconds since the epoch of the last ack and delivery, and the
+    /// longest stretch without one (how long a fault stopped the flow).
+    last_ack: AtomicU64,
+    last_delivery: AtomicU64,
+    ack_gap: AtomicU64,
+    delivery_gap: AtomicU64,
     /// Error frames by code (codes are a small fixed set).
     error_codes: Mutex<std::collections::BTreeMap<String, u64>>,
 }
@@ -333,6 +339,15 @@ pub async fn run_with_acks(s: Scenario) -> anyhow::Result<(Report, Vec<Acked>)> 
     }
     let ramp = ramp_start.elapsed();
     let cpu_start = crate::sys::self_cpu_time();
+    // Gaps count from the publish phase on, not from the ramp.
+    for a in [
+        &stats.ack_gap,
+        &stats.last_ack,
+        &stats.delivery_gap,
+        &stats.last_delivery,
+    ] {
+        a.store(0, Relaxed);
+    }
 
     // Open loop: message n is due at n / rate seconds, whatever happens.
     let live: Vec<&Conn> = conns.iter().flatten().collect();
@@ -422,6 +437,8 @@ pub async fn run_with_acks(s: Scenario) -> anyhow::Result<(Report, Vec<Acked>)> 
 /// The live counters at the end of a run.
 #[derive(Debug, Clone, Default)]
 pub struct Counts {
+    pub longest_ack_gap: Duration,
+    pub longest_delivery_gap: Duration,
     pub connected: u64,
     pub failed: u64,
     pub sent: u64,
@@ -433,6 +450,8 @@ pub struct Counts {
 
 fn stats_snapshot(s: &Stats) -> Counts {
     Counts {
+        longest_ack_gap: Duration::from_micros(s.ack_gap.load(Relaxed)),
+        longest_delivery_gap: Duration::from_micros(s.delivery_gap.load(Relaxed)),
         connected: s.connected.load(Relaxed) as u64,
         failed: s.failed.load(Relaxed) as u64,
         sent: s.sent.load(Relaxed),
@@ -580,6 +599,16 @@ async fn connection(ctx: ConnCtx) -> Member {
     m
 }
 
+/// Notes an event now in `last`, and the time since the previous one in
+/// `longest` if it is the longest yet.
+fn stretch(last: &AtomicU64, longest: &AtomicU64, epoch: Instant) {
+    let now = epoch.elapsed().as_micros() as u64;
+    let before = last.swap(now, Relaxed);
+    if before > 0 {
+        longest.fetch_max(now.saturating_sub(before), Relaxed);
+    }
+}
+
 fn on_frame(
     ctx: &ConnCtx,
     text: &str,
@@ -609,6 +638,7 @@ fn on_frame(
             if !m.deliver(offset) {
                 return;
             }
+            stretch(&ctx.stats.last_delivery, &ctx.stats.delivery_gap, ctx.epoch);
             if let Some(sent) = f["body"]
                 .as_str()
                 .and_then(|b| b.split('|').next())
@@ -620,6 +650,7 @@ fn on_frame(
         }
         Some("ack") => {
             ctx.stats.acked.fetch_add(1, Relaxed);
+            stretch(&ctx.stats.last_ack, &ctx.stats.ack_gap, ctx.epoch);
             if let Some(seq) = seq_of(&f) {
                 pending.retain(|(s, _)| *s != seq);
             }

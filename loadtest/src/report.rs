@@ -77,6 +77,10 @@ pub struct Report {
     pub longest_outage_ms: f64,
     /// Publishes never acknowledged by the end.
     pub unacked_at_end: u64,
+    /// Longest stretch of the publish phase without any ack, and without
+    /// any delivery: how long a fault stopped the flow.
+    pub longest_ack_gap_ms: f64,
+    pub longest_delivery_gap_ms: f64,
     pub deliveries_per_sec: f64,
     pub latency_ms: Percentiles,
     /// CPU seconds the generator itself used during the publish phase: near
@@ -139,6 +143,8 @@ impl Report {
             close_codes: a.closes.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             longest_outage_ms: a.longest_outage.as_secs_f64() * 1000.0,
             unacked_at_end: a.unacked,
+            longest_ack_gap_ms: c.longest_ack_gap.as_secs_f64() * 1000.0,
+            longest_delivery_gap_ms: c.longest_delivery_gap.as_secs_f64() * 1000.0,
             deliveries_per_sec: delivered as f64 / publish.as_secs_f64().max(0.001),
             latency_ms: Percentiles::of(latency),
             generator_cpu_secs: cpu.as_secs_f64(),

@@ -324,6 +324,26 @@ pub async fn ws_stream(
     }
 }
 
+/// A bare WebSocket straight to a shard on 127.0.0.1:`port` with `token`,
+/// its `welcome` frame read.
+pub async fn ws_direct(port: u16, token: &str) -> WebSocketStream<TcpStream> {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    let mut req = format!("ws://127.0.0.1:{port}/ws")
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        format!("portico.v1, bearer.{token}").parse().expect("header"),
+    );
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tcp)
+        .await
+        .expect("handshake");
+    match ws.next().await {
+        Some(Ok(Message::Text(t))) if t.contains("\"welcome\"") => ws,
+        other => panic!("no welcome: {other:?}"),
+    }
+}
+
 /// Creates a conversation over a shard's REST API as `owner`.
 pub async fn create_conversation(port: u16, owner: &str, id: &str, members: &[&str]) {
     let r = reqwest::Client::new()

@@ -72,6 +72,13 @@ impl Redis {
         self.proc = None;
     }
 
+    /// Sends `sig` (e.g. `STOP`, `CONT`) to the running server.
+    pub fn signal(&self, sig: &str) {
+        if let Some(p) = &self.proc {
+            p.signal(sig);
+        }
+    }
+
     /// (Re)starts the server on the same port.
     pub fn restart(&mut self) {
         self.proc = None;
