@@ -31,7 +31,7 @@ use crate::hub::{ConnCtl, ConnGuard, Out, Outlet};
 use crate::protocol::{
     self, ClientFrame, ConvId, ErrorCode, Event, EventKind, MAX_HISTORY_PAGE, ServerFrame, close,
 };
-use crate::server::{Budget, PublishError, Shard};
+use crate::shard::{Budget, PublishError, Shard};
 use crate::socket::Socket;
 use crate::store::{NewMessage, Page, StoreError};
 use portico_common::auth::{Claims, now_secs};

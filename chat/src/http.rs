@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::protocol::{self, ConvId, Event, EventKind, MAX_HISTORY_PAGE};
-use crate::server::{Budget, PublishError, Shard};
+use crate::shard::{Budget, PublishError, Shard};
 use crate::store::{NewMessage, Page, StoreError};
 
 /// The demo conversation every demo user joins.

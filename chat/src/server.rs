@@ -5,7 +5,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::{Quota, RateLimiter};
 use portico_common::auth::Tokens;
 use portico_config::{AuthConfig, ChatConfig};
 use tokio::net::TcpListener;
@@ -16,10 +16,10 @@ use crate::bus::Bus;
 use crate::bus::memory::MemoryBus;
 use crate::bus::redis::RedisBus;
 use crate::hub::Hub;
-use crate::protocol::ConvId;
+use crate::shard::Shard;
+use crate::store::Store;
 use crate::store::memory::MemoryStore;
 use crate::store::postgres::PgStore;
-use crate::store::{Appended, NewMessage, Store, StoreError};
 
 /// The engines a shard runs on.
 #[derive(Clone)]
@@ -76,73 +76,6 @@ pub enum StartError {
     NoSecret,
     #[error("{0}")]
     Engine(String),
-}
-
-/// Everything a connection or request handler of this shard needs.
-pub struct Shard {
-    pub cfg: ChatConfig,
-    pub hub: Arc<Hub>,
-    pub tokens: Tokens,
-    pub limiter: DefaultKeyedRateLimiter<String>,
-    /// Fires when the shard drains; connections close with "going away".
-    pub shutdown: CancellationToken,
-    pub tracker: TaskTracker,
-}
-
-/// Why a publish was not stored.
-#[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    /// The user's publish budget is spent: retry after this long.
-    #[error("publishing too fast: retry in {0:?}")]
-    RateLimited(std::time::Duration),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-/// Who a publish is charged to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Budget {
-    /// A user: `chat.publish_per_sec` (burst 2×), over WebSocket and REST alike.
-    User,
-    /// A service token (jobs' progress events): not limited.
-    Service,
-}
-
-impl Shard {
-    /// Charges one publish (or typing event) to `user`'s budget.
-    pub fn charge(&self, user: &str) -> Result<(), PublishError> {
-        let Err(not_until) = self.limiter.check_key(&user.to_string()) else {
-            return Ok(());
-        };
-        metrics::counter!("portico_chat_rate_limited_total").increment(1);
-        let now = governor::clock::Clock::now(&governor::clock::DefaultClock::default());
-        Err(PublishError::RateLimited(not_until.wait_time_from(now)))
-    }
-
-    /// The one publish path, for WebSocket and REST: the sender's budget,
-    /// then the store (assigning the offset), then the bus. `Ok` means
-    /// stored: the message is durable whatever the bus does.
-    pub async fn publish(
-        &self,
-        conv: &ConvId,
-        msg: NewMessage,
-        budget: Budget,
-    ) -> Result<Appended, PublishError> {
-        if budget == Budget::User {
-            self.charge(&msg.from)?;
-        }
-        let appended = self.hub.store().append(conv, msg).await?;
-        metrics::counter!("portico_chat_messages_in_total").increment(1);
-        let m = &appended.message;
-        // Republished even when a duplicate: the first attempt may have died
-        // between store and bus; hubs drop what they already delivered.
-        if let Err(e) = self.hub.bus().publish(m).await {
-            // Members catch up via gap fill, reconnect catch-up or resume.
-            metrics::counter!("portico_chat_bus_errors_total").increment(1);
-            tracing::warn!(conv = %m.conv, offset = m.offset, error = %e, "bus publish failed");
-        }
-        Ok(appended)
-    }
 }
 
 /// A bound, not yet serving shard.
@@ -210,9 +143,11 @@ impl Bound {
         let Bound { shard, listener } = self;
         tracing::info!(addr = %listener.local_addr()?, shard = shard.cfg.shard_id, "chat shard listening");
         let app = crate::http::router(shard.clone());
-        let limiter_gc = {
+        // Housekeeping owned by this function: aborted when it returns.
+        let mut background = tokio::task::JoinSet::new();
+        {
             let shard = shard.clone();
-            tokio::spawn(async move {
+            background.spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(30));
                 loop {
                     tokio::select! {
@@ -224,12 +159,12 @@ impl Bound {
                         }
                     }
                 }
-            })
-        };
+            });
+        }
         // Drain WebSockets as soon as the stop comes, in parallel with HTTP.
         let drain_ws = shard.shutdown.clone();
         let http_stop = stop.clone();
-        tokio::spawn(async move {
+        background.spawn(async move {
             stop.cancelled().await;
             drain_ws.cancel();
         });
@@ -242,7 +177,7 @@ impl Bound {
         if tokio::time::timeout(drain, shard.tracker.wait()).await.is_err() {
             tracing::warn!(left = shard.tracker.len(), "connections still open after drain");
         }
-        limiter_gc.abort();
+        background.abort_all();
         tracing::info!(shard = shard.cfg.shard_id, "chat shard stopped");
         result
     }

@@ -22,6 +22,7 @@ use fred::prelude::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tokio::sync::broadcast::error::RecvError;
+use tokio::task::JoinSet;
 
 use super::{Bus, BusError};
 use crate::hub::Hub;
@@ -61,6 +62,9 @@ pub struct RedisBus {
     publisher: Client,
     subscriber: SubscriberClient,
     hub: Weak<Hub>,
+    /// The receive, presence and reconnect tasks: they hold the bus and
+    /// the hub only weakly, and end (aborted) when the bus is dropped.
+    tasks: std::sync::Mutex<JoinSet<()>>,
     /// Serializes subscribe/unsubscribe so a late release cannot undo a
     /// newer hold of the same conversation.
     subscriptions: Mutex<()>,
@@ -94,6 +98,7 @@ impl RedisBus {
             subscriber,
             hub: Arc::downgrade(hub),
             subscriptions: Mutex::new(()),
+            tasks: std::sync::Mutex::new(JoinSet::new()),
         });
         bus.clone().spawn_receiver();
         bus.clone().spawn_presence_refresh();
@@ -101,14 +106,22 @@ impl RedisBus {
         Ok(bus)
     }
 
+    /// Runs a background task owned by the bus.
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tasks.lock().expect("bus tasks lock").spawn(task);
+    }
+
     /// Feeds every received message to the hub, in arrival order.
     fn spawn_receiver(self: Arc<Self>) {
         let mut rx = self.subscriber.message_rx();
         let hub = self.hub.clone();
-        tokio::spawn(async move {
+        self.spawn(async move {
             loop {
+                // The hub is held only while a message is handled, never
+                // across the wait: hub and bus must be free to go.
+                let received = rx.recv().await;
                 let Some(hub) = hub.upgrade() else { return };
-                match rx.recv().await {
+                match received {
                     Ok(msg) => match msg.value.as_bytes().map(serde_json::from_slice::<BusFrame>) {
                         Some(Ok(BusFrame::Message(m))) => hub.deliver(m),
                         Some(Ok(BusFrame::Event(e))) => hub.deliver_event(&e),
@@ -131,8 +144,7 @@ impl RedisBus {
     /// Keeps this shard's presence entries alive while its users stay.
     fn spawn_presence_refresh(self: Arc<Self>) {
         let weak = Arc::downgrade(&self);
-        drop(self);
-        tokio::spawn(async move {
+        self.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(PRESENCE_TTL_SECS / 3));
             loop {
                 tick.tick().await;
@@ -158,8 +170,7 @@ impl RedisBus {
     fn spawn_reconnect_watch(self: Arc<Self>) {
         let mut rx = self.subscriber.reconnect_rx();
         let weak = Arc::downgrade(&self);
-        drop(self);
-        tokio::spawn(async move {
+        self.spawn(async move {
             while rx.recv().await.is_ok() {
                 let Some(bus) = weak.upgrade() else { return };
                 metrics::counter!("portico_chat_bus_reconnects_total").increment(1);
