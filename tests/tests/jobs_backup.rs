@@ -196,6 +196,96 @@ fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
+/// `portico-jobs restore <id> --customer shop` with `args`.
+fn restore_cli(j: &Jobs, id: &str, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(bins::jobs());
+    cmd.args(["restore", id, "--customer", "shop"])
+        .args(args)
+        .env("PORTICO_AUTH__JWT_SECRET", portico_tests::TEST_SECRET)
+        .env("PORTICO_LOG__FORMAT", "json");
+    for (k, v) in jobs_env(&j.pg, j.root.path(), j.port, &[]) {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+/// A tar.gz whose one entry is named `name` verbatim (`tar` itself refuses
+/// to write `..`, so the header is written by hand).
+fn crafted_archive(name: &str) -> Vec<u8> {
+    let mut header = tar::Header::new_old();
+    header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+    header.set_size(4);
+    header.set_mode(0o644);
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_cksum();
+    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::fast(),
+    ));
+    b.append(&header, &b"evil"[..]).unwrap();
+    b.into_inner().unwrap().finish().unwrap()
+}
+
+#[tokio::test]
+async fn a_refused_or_failed_restore_changes_nothing() {
+    let j = Jobs::start(&[]);
+    let tree = j.customer("shop", &[]).await;
+    let db = db_url(&j.pg, "shop");
+    let t = j.backup("shop").await;
+    assert_eq!(j.finished("shop", t).await["state"], "succeeded");
+    let id = j.backups("shop").await[0]["id"].as_str().unwrap().to_string();
+    let dir = tree.join("backups").join(&id);
+    // Life goes on after the backup: a restore would change both of these.
+    sql(&db, "UPDATE items SET name = 'changed since'").await;
+    std::fs::write(tree.join("backend/src/app.js"), "changed since").unwrap();
+
+    // The last archive of the manifest now holds an escaping entry, with a
+    // checksum that matches (as an attacker with write access would make).
+    let manifest_path = dir.join("backup.json");
+    let mut manifest: Value = serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    let artifacts = manifest["artifacts"].as_array_mut().unwrap();
+    let last = artifacts
+        .iter_mut()
+        .rev()
+        .find(|a| a["file"].as_str().unwrap().ends_with(".tar.gz"))
+        .unwrap();
+    let file = last["file"].as_str().unwrap().to_string();
+    let evil = crafted_archive("../escaped.txt");
+    std::fs::write(dir.join(&file), &evil).unwrap();
+    last["size"] = json!(evil.len());
+    last["sha256"] = json!(sha256(&dir.join(&file)));
+    std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+
+    let rows_before = rows(&db).await;
+    let files_before = files(&tree);
+    let refused = restore_cli(&j, &id, &[]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("would leave the target directory"), "{err}");
+    assert_eq!(rows(&db).await, rows_before, "the database is untouched");
+    assert_eq!(files(&tree), files_before, "the tree is untouched, byte for byte");
+    assert!(!tree.parent().unwrap().join("escaped.txt").exists());
+
+    // With good archives but a database that cannot be restored into, the
+    // files moved into place are moved back.
+    let t = j.backup("shop").await;
+    assert_eq!(j.finished("shop", t).await["state"], "succeeded");
+    let newest = j.backups("shop").await[0]["id"].as_str().unwrap().to_string();
+    std::fs::write(tree.join("backend/src/app.js"), "changed again").unwrap();
+    std::fs::write(tree.join("backend/uploads/a.png"), "changed too").unwrap();
+    let files_before = files(&tree);
+    let missing_db = db_url(&j.pg, "no_such_database");
+    let failed = restore_cli(&j, &newest, &["--target-db", &missing_db]);
+    assert!(!failed.status.success());
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("pg_restore failed"));
+    assert_eq!(
+        files(&tree),
+        files_before,
+        "files rolled back after the database failed"
+    );
+    assert_eq!(rows(&db).await, rows_before);
+}
+
 #[tokio::test]
 async fn a_fast_backup_verifies_and_restores_rows_and_files() {
     let j = Jobs::start(&[]);
@@ -289,19 +379,7 @@ async fn a_fast_backup_verifies_and_restores_rows_and_files() {
     sql(&db, "DROP TABLE items").await;
     std::fs::remove_dir_all(tree.join("backend/uploads")).unwrap();
     std::fs::write(tree.join("backend/src/app.js"), "tampered").unwrap();
-    let restore = |dry: bool| {
-        let mut cmd = Command::new(bins::jobs());
-        cmd.args(["restore", &id, "--customer", "shop"])
-            .env("PORTICO_AUTH__JWT_SECRET", portico_tests::TEST_SECRET)
-            .env("PORTICO_LOG__FORMAT", "json");
-        if dry {
-            cmd.arg("--dry-run");
-        }
-        for (k, v) in jobs_env(&j.pg, j.root.path(), j.port, &[]) {
-            cmd.env(k, v);
-        }
-        cmd.output().unwrap()
-    };
+    let restore = |dry: bool| restore_cli(&j, &id, if dry { &["--dry-run"] } else { &[] });
     let dry = restore(true);
     assert!(dry.status.success(), "{}", String::from_utf8_lossy(&dry.stderr));
     let plan = String::from_utf8_lossy(&dry.stdout);
