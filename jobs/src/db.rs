@@ -101,6 +101,10 @@ ALTER TABLE tasks ADD COLUMN app text REFERENCES apps(name) ON DELETE CASCADE;
 ALTER TABLE tasks ADD CONSTRAINT task_subject CHECK ((customer_id IS NULL) <> (app IS NULL));
 CREATE UNIQUE INDEX one_active_task_per_app ON tasks (app) WHERE state IN ('queued', 'running');
 "#,
+    // A task records at most one backup: a re-run after a crash finds it.
+    r#"
+CREATE UNIQUE INDEX backups_one_per_task ON backups (task_id);
+"#,
 ];
 
 /// Why a database call failed.
@@ -619,12 +623,17 @@ impl Db {
         size: u64,
         duration: Duration,
         manifest: &Value,
-    ) -> Result<(), DbError> {
-        self.client()
+    ) -> Result<bool, DbError> {
+        // Fenced by the attempt, and once per task: `false` if this attempt
+        // no longer owns the task or the task already has its backup.
+        let n = self
+            .client()
             .await?
             .execute(
                 "INSERT INTO backups (customer_id, id, task_id, kind, size_bytes, duration_ms, manifest, created_by)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8
+                 WHERE EXISTS (SELECT 1 FROM tasks WHERE id = $3 AND attempt = $9 AND state = 'running')
+                 ON CONFLICT (task_id) DO NOTHING",
                 &[
                     &t.customer_id,
                     &id,
@@ -634,11 +643,23 @@ impl Db {
                     &(duration.as_millis() as i64),
                     manifest,
                     &t.created_by,
+                    &t.attempt,
                 ],
             )
             .await
             .map_err(unavailable)?;
-        Ok(())
+        Ok(n == 1)
+    }
+
+    /// The backup a task recorded, if it got that far (id, size, manifest).
+    pub async fn backup_of_task(&self, task: i64) -> Result<Option<(String, u64)>, DbError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt("SELECT id, size_bytes FROM backups WHERE task_id = $1", &[&task])
+            .await
+            .map_err(unavailable)?;
+        Ok(row.map(|r| (r.get(0), r.get::<_, i64>(1) as u64)))
     }
 
     /// Newest first.

@@ -204,6 +204,18 @@ impl Workers {
         self.db.customer(t.customer_id.as_deref()?).await.ok().flatten()
     }
 
+    /// Keeps the newest `keep` backups of a customer (directories and rows).
+    async fn retain(&self, customer: &str, root: &std::path::Path, keep: usize) -> Vec<String> {
+        let root = root.to_path_buf();
+        let deleted = tokio::task::spawn_blocking(move || backup::retain(&root, keep))
+            .await
+            .unwrap_or_default();
+        for old in &deleted {
+            let _ = self.db.delete_backup(customer, old).await;
+        }
+        deleted
+    }
+
     async fn perform(&self, t: &Claimed, progress: Arc<Progress>) -> Result<Value, Failure> {
         let fail = |message: String, retryable: bool| Failure {
             message,
@@ -232,10 +244,24 @@ impl Workers {
         })?;
         match t.kind.as_str() {
             "backup" => {
+                let settings = backup::Settings::from(&self.cfg);
+                let root = std::path::PathBuf::from(&c.root);
+                // A previous attempt died after recording its backup: that
+                // one is the task's result, not a reason for a second.
+                if let Some((id, size)) = self
+                    .db
+                    .backup_of_task(t.id)
+                    .await
+                    .map_err(|e| fail(e.to_string(), true))?
+                {
+                    let deleted = self.retain(&c.id, &root, settings.keep).await;
+                    return Ok(
+                        json!({ "backup": id, "size_bytes": size, "recovered": true, "retention_deleted": deleted }),
+                    );
+                }
                 let kind = t.params["type"].as_str().unwrap_or("fast").to_string();
                 let inc: Include =
                     serde_json::from_value(t.params["include"].clone()).unwrap_or(Include::FAST);
-                let settings = backup::Settings::from(&self.cfg);
                 let started = std::time::Instant::now();
                 let (id, manifest) = backup::run(&c, &kind, inc, &settings, progress)
                     .await
@@ -245,16 +271,19 @@ impl Workers {
                         message: e.to_string(),
                     })?;
                 let size = manifest["stats"]["total_bytes"].as_u64().unwrap_or(0);
-                self.db
+                let recorded = self
+                    .db
                     .add_backup(t, &id, &kind, size, started.elapsed(), &manifest)
                     .await
                     .map_err(|e| fail(e.to_string(), true))?;
-                // Only now that the new one is complete: drop the oldest.
-                let root = std::path::PathBuf::from(&c.root);
-                let deleted = backup::retain(&root, settings.keep);
-                for old in &deleted {
-                    let _ = self.db.delete_backup(&c.id, old).await;
+                if !recorded {
+                    // Another attempt owns the task now: this copy is surplus.
+                    let dir = backup::backups_dir(&root).join(&id);
+                    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+                    return Err(fail("the task was taken over by another attempt".into(), false));
                 }
+                // Only now that the new one is complete: drop the oldest.
+                let deleted = self.retain(&c.id, &root, settings.keep).await;
                 Ok(
                     json!({ "backup": id, "size_bytes": size, "duration_ms": started.elapsed().as_millis() as u64, "retention_deleted": deleted }),
                 )

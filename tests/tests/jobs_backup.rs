@@ -686,6 +686,45 @@ async fn a_killed_worker_s_task_is_taken_over_and_no_half_backup_is_listed() {
 }
 
 #[tokio::test]
+async fn a_task_that_recorded_its_backup_before_a_crash_does_not_make_another() {
+    let j = Jobs::start(&[]);
+    let tree = j.customer("shop", &[]).await;
+    let task = j.backup("shop").await;
+    let first = j.finished("shop", task).await;
+    assert_eq!(first["state"], "succeeded");
+    let id = first["result"]["backup"].as_str().unwrap().to_string();
+    // The state a worker killed between writing the backup row and ending
+    // the task leaves behind: still running, its lease lapsing.
+    sql(
+        &j.pg.url(),
+        &format!(
+            "UPDATE tasks SET state = 'running', result = NULL, finished_at = NULL,
+             lease_until = now() - interval '1 second' WHERE id = {task}"
+        ),
+    )
+    .await;
+    let t = eventually(Duration::from_secs(20), "the re-run to end", || async {
+        let (_, t) = j
+            .call("GET", &format!("/api/customers/shop/tasks/{task}"), ADMIN, None)
+            .await;
+        (t["state"] == "succeeded" && t["attempt"].as_i64()? >= 2).then_some(t)
+    })
+    .await;
+    assert_eq!(
+        t["result"]["backup"],
+        id.as_str(),
+        "the recorded backup is the result: {t}"
+    );
+    assert_eq!(t["result"]["recovered"], true);
+    assert_eq!(j.backups("shop").await.len(), 1, "no second backup row");
+    assert_eq!(
+        std::fs::read_dir(tree.join("backups")).unwrap().count(),
+        1,
+        "no second backup directory"
+    );
+}
+
+#[tokio::test]
 async fn a_failed_disk_precheck_refuses_the_backup() {
     let j = Jobs::start(&[("PORTICO_JOBS__DISK_RESERVE_BYTES", "1000000000000000000".into())]);
     j.customer("shop", &[]).await;
