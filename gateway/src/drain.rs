@@ -16,6 +16,12 @@
 //! re-send with the same id (the store answers `duplicate`), and messages
 //! written after the close reach it on resume from its last offset.
 //!
+//! When the upstream ends a tunnel without a close frame (a chat shard was
+//! killed), the client would see an abnormal end too: as the connection is
+//! shut down, the guard ([`Upgraded::farewell`]) first writes a close frame
+//! of the gateway's, 1012 ("service restart": reconnect), if it can
+//! without waiting.
+//!
 //! [`Upgraded`] is the per-connection part, driven by the connection guard
 //! (`guard::Guarded`) from its reads and writes; [`FrameCursor`] follows
 //! the WebSocket frame boundaries of what is written to the client.
@@ -37,6 +43,8 @@ pub const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// The close frame: FIN + close opcode, unmasked (server to client), code
 /// 1001 and a reason for people reading captures.
 const CLOSE_FRAME: &[u8] = b"\x88\x1c\x03\xe9gateway restarting, resume";
+/// The close frame for an upstream that ended without one: 1012.
+const UPSTREAM_GONE: &[u8] = b"\x88\x1c\x03\xf4upstream restarted, resume";
 
 /// The drain of one gateway process, shared by its connections.
 pub struct Drain {
@@ -79,6 +87,8 @@ pub struct FrameCursor {
     head: [u8; 14],
     have: usize,
     left: u64,
+    /// A close frame went by.
+    saw_close: bool,
 }
 
 impl FrameCursor {
@@ -103,6 +113,7 @@ impl FrameCursor {
             if let Some((len, payload)) = parse_head(&self.head[..self.have])
                 && self.have == len
             {
+                self.saw_close |= self.head[0] & 0x0f == 0x8;
                 self.have = 0;
                 self.left = payload;
                 if payload == 0 {
@@ -259,6 +270,23 @@ impl Upgraded {
         Poll::Ready(Ok(ReadGate::Pass))
     }
 
+    /// Before the connection is shut down: if the tunnel ended without a
+    /// close frame either way (the upstream died, or went silent past the
+    /// idle timeout) and not by our drain, tell the client to come back
+    /// with 1012. One attempt, without waiting (the connection is going).
+    pub fn farewell(&mut self, inner: &mut Stream, cx: &mut Context<'_>) {
+        if self.phase != Phase::Open || self.out.saw_close || !self.at_boundary() {
+            return;
+        }
+        self.phase = Phase::Closed;
+        if let Poll::Ready(Ok(n)) = Pin::new(&mut *inner).poll_write(cx, UPSTREAM_GONE) {
+            let _ = Pin::new(&mut *inner).poll_flush(cx);
+            if n == UPSTREAM_GONE.len() {
+                metrics::counter!("portico_gateway_websockets_upstream_lost_total").increment(1);
+            }
+        }
+    }
+
     /// A write to the client: whole frames until the close, nothing after.
     pub fn poll_write(
         &mut self,
@@ -367,5 +395,10 @@ mod tests {
         assert!(c.at_boundary());
         assert_eq!(CLOSE_FRAME[1] as usize, CLOSE_FRAME.len() - 2);
         assert_eq!(u16::from_be_bytes([CLOSE_FRAME[2], CLOSE_FRAME[3]]), 1001);
+        assert_eq!(UPSTREAM_GONE[1] as usize, UPSTREAM_GONE.len() - 2);
+        assert_eq!(u16::from_be_bytes([UPSTREAM_GONE[2], UPSTREAM_GONE[3]]), 1012);
+        let mut c = FrameCursor::default();
+        c.advance(UPSTREAM_GONE);
+        assert!(c.at_boundary() && c.saw_close);
     }
 }

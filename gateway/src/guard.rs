@@ -457,7 +457,11 @@ impl AsyncWrite for Guarded {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        if let Some(up) = this.upgraded.as_mut() {
+            up.farewell(&mut this.inner, cx);
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -484,6 +488,14 @@ impl AsyncWrite for Guarded {
 #[async_trait]
 impl Shutdown for Guarded {
     async fn shutdown(&mut self) {
+        if let Some(up) = self.upgraded.as_mut() {
+            let inner = &mut self.inner;
+            std::future::poll_fn(|cx| {
+                up.farewell(inner, cx);
+                Poll::Ready(())
+            })
+            .await;
+        }
         self.inner.shutdown().await
     }
 }

@@ -298,6 +298,10 @@ fn describe_metrics() {
         "Client connections open on the HTTPS listener."
     );
     describe_counter!(
+        "portico_gateway_websockets_upstream_lost_total",
+        "WebSockets whose upstream ended without a close frame, told 1012 by the gateway."
+    );
+    describe_counter!(
         "portico_gateway_websockets_drained_total",
         "WebSockets this process closed with 1001 on a stop or upgrade."
     );

@@ -303,3 +303,26 @@ async fn an_upgrade_hands_every_websocket_over_with_1001_and_loses_nothing() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_killed_shard_s_clients_are_told_to_come_back_not_cut_off() {
+    let (chat, _port, gw, edge) = stack(&[], &[]);
+    let ca = gw.certificate("localhost");
+    let mut clients = Vec::new();
+    for i in 0..10 {
+        clients.push(
+            Ws::via_gateway(edge.https, &token(&format!("k{i}")), &ca, &[])
+                .await
+                .0,
+        );
+    }
+    chat.proc.signal("KILL");
+    for mut ws in clients {
+        assert_eq!(ws.expect_close().await, 1012, "service restart: reconnect");
+    }
+    let text = portico_tests::client::metrics(edge.admin).await;
+    assert!(
+        text.contains("portico_gateway_websockets_upstream_lost_total 10"),
+        "{text}"
+    );
+}
