@@ -24,8 +24,9 @@ use crate::report::{Report, ServerUsage};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Scenarios to run: fanout, dm, idle, proxy, paas, faults (default:
-    /// all but faults, which has its own table: loadtest/results/faults.md).
+    /// Scenarios to run: fanout, dm, idle, proxy, paas, faults, edge
+    /// (default: all but faults and edge, which have their own tables:
+    /// loadtest/results/faults.md and edge.md).
     #[arg(long, value_delimiter = ',', default_value = "fanout,dm,idle,proxy,paas")]
     pub scenarios: Vec<String>,
     /// Divide connection counts and durations by 10 (a smoke run).
@@ -298,6 +299,11 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 ));
                 continue;
             }
+            "edge" => {
+                failed |= !crate::edge::run(&args.out).await?;
+                tokio::task::spawn_blocking(move || drop(stack)).await?;
+                continue;
+            }
             "faults" => {
                 // Each gateway connection costs it two descriptors.
                 let ok = crate::faults::run(&mut stack, args.quick, idle_cap, &args.out).await?;
@@ -305,7 +311,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 tokio::task::spawn_blocking(move || drop(stack)).await?;
                 continue;
             }
-            other => anyhow::bail!("unknown scenario {other} (fanout, dm, idle, proxy, paas, faults)"),
+            other => anyhow::bail!("unknown scenario {other} (fanout, dm, idle, proxy, paas, faults, edge)"),
         };
         let conns = conns / scale as usize;
         let rate = rate / scale as u32;

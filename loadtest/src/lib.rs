@@ -7,6 +7,7 @@
 //! shows up as latency and loss instead of a politely slower test.
 
 pub mod bench;
+pub mod edge;
 pub mod faults;
 pub mod generator;
 pub mod report;
