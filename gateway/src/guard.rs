@@ -254,6 +254,17 @@ fn own_error_head(buf: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Names an ordinary disconnect for the metric: `reset`, `no_close_notify`
+/// (the client closed TCP without ending TLS, as browsers often do) or
+/// `closed`.
+pub fn disconnect_cause(e: &(dyn std::error::Error + Send + Sync + 'static)) -> &'static str {
+    match e.downcast_ref::<io::Error>().map(io::Error::kind) {
+        Some(io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => "reset",
+        Some(io::ErrorKind::UnexpectedEof) => "no_close_notify",
+        _ => "closed",
+    }
+}
+
 /// Tells the guard of `stream` (if it has one) that its request is over, so
 /// the next read waits for a new request under the keep-alive and header
 /// deadlines. Called by the proxy at the end of every request.
@@ -388,6 +399,14 @@ impl AsyncRead for Guarded {
         }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            // Between requests (or before the first byte), a client that
+            // resets or drops TLS without close_notify has simply left:
+            // an end of stream, counted, not an error for Pingora to log.
+            Poll::Ready(Err(e)) if this.head_bytes == 0 && is_departure(&e) => {
+                let cause = disconnect_cause(&e);
+                metrics::counter!("portico_gateway_client_disconnects_total", "cause" => cause).increment(1);
+                Poll::Ready(Ok(()))
+            }
             Poll::Ready(Ok(())) => {
                 let new = buf.filled().len() - before;
                 if new == 0 {
@@ -419,6 +438,14 @@ impl AsyncRead for Guarded {
             ready => ready,
         }
     }
+}
+
+/// A client leaving: a reset or a TLS stream ended without close_notify.
+fn is_departure(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof | io::ErrorKind::BrokenPipe
+    )
 }
 
 impl AsyncWrite for Guarded {

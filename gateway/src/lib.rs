@@ -298,6 +298,10 @@ fn describe_metrics() {
         "Client connections open on the HTTPS listener."
     );
     describe_counter!(
+        "portico_gateway_client_disconnects_total",
+        "Clients that went away (reset, no TLS close_notify, closed mid-request, timed out), by cause."
+    );
+    describe_counter!(
         "portico_gateway_websockets_upstream_lost_total",
         "WebSockets whose upstream ended without a close frame, told 1012 by the gateway."
     );

@@ -561,6 +561,25 @@ impl ProxyHttp for Edge {
         }
     }
 
+    /// A client that goes away (tab closed, reset, no TLS close_notify,
+    /// a body it stopped sending) is ordinary: counted by cause and logged
+    /// at DEBUG, never as a proxy ERROR. Everything else is logged.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, e: &Error) -> bool {
+        if *e.esource() != ErrorSource::Downstream {
+            return false;
+        }
+        let cause = match e.etype() {
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => "timeout",
+            ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => {
+                crate::guard::disconnect_cause(e.root_cause())
+            }
+            _ => return false,
+        };
+        metrics::counter!("portico_gateway_client_disconnects_total", "cause" => cause).increment(1);
+        tracing::debug!(cause, error = %e, "client went away");
+        true
+    }
+
     /// Pingora's own summary (in its error logs) prints the raw target,
     /// query included, where `?token=` may carry a credential: path only.
     fn request_summary(&self, session: &Session, _ctx: &Ctx) -> String {

@@ -326,3 +326,59 @@ async fn a_killed_shard_s_clients_are_told_to_come_back_not_cut_off() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ordinary_disconnects_are_not_errors() {
+    let (_chat, _port, gw, edge) = stack(&[], &[]);
+    let ca = gw.certificate("localhost");
+    // Keep-alive clients that answer, then vanish without a TLS close_notify.
+    for _ in 0..30 {
+        let mut tls =
+            portico_tests::client::tls_connect(edge.https, &ca, std::net::IpAddr::from([127, 0, 0, 1]))
+                .await
+                .unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let _ = tls.read(&mut buf).await;
+        drop(tls);
+    }
+    // Clients that leave in the middle of a request body.
+    for _ in 0..10 {
+        let mut tls =
+            portico_tests::client::tls_connect(edge.https, &ca, std::net::IpAddr::from([127, 0, 0, 1]))
+                .await
+                .unwrap();
+        use tokio::io::AsyncWriteExt;
+        tls.write_all(
+            b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n\r\nabc",
+        )
+        .await
+        .unwrap();
+        drop(tls);
+    }
+    // WebSocket clients that close the tab (the TCP connection just ends).
+    for i in 0..30 {
+        let (ws, _) = Ws::via_gateway(edge.https, &token(&format!("tab{i}")), &ca, &[]).await;
+        drop(ws);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = gw.proc.log();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"level\":\"ERROR\""))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{} ERROR lines, e.g.:\n{}",
+        errors.len(),
+        errors.iter().take(3).cloned().collect::<Vec<_>>().join("\n")
+    );
+    let text = portico_tests::client::metrics(edge.admin).await;
+    assert!(
+        text.contains("portico_gateway_client_disconnects_total{"),
+        "{text}"
+    );
+}
