@@ -69,8 +69,8 @@ fn counters_add_up_on_a_tiny_scenario() {
     assert!(stdout.contains("latency ms"), "human table printed:\n{stdout}");
 }
 
-/// The README's example: a short run against `portico up` (embedded
-/// engines, through the gateway over TLS).
+/// The README's example, as written: a run against `portico up` (embedded
+/// engines, through the gateway over TLS, within its per-IP connect rate).
 #[test]
 fn a_short_run_against_portico_up() {
     let (svc, edge) = portico_tests::servers::up();
@@ -78,7 +78,7 @@ fn a_short_run_against_portico_up() {
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, svc.certificate("localhost")).unwrap();
     let out = Command::new(bins::bin("loadtest", "portico-loadtest"))
-        .args(["run", "-c", "10", "-s", "5", "-m", "20", "-d", "1"])
+        .args(["run", "-c", "100", "--connect-rate", "10", "-s", "10", "-m", "200", "-d", "10"])
         .args(["--url", &format!("wss://localhost:{}/ws", edge.https)])
         .arg("--ca")
         .arg(&ca)
@@ -92,7 +92,8 @@ fn a_short_run_against_portico_up() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("received/lost          100 / 0"), "{stdout}");
+    assert!(stdout.contains("connections ok/failed  100 / 0"), "{stdout}");
+    assert!(stdout.contains("received/lost          20000 / 0"), "{stdout}");
 }
 
 /// `portico-loadtest run` with `args`; (exit success, stdout+stderr, JSON report).
