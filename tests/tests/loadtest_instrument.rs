@@ -78,7 +78,19 @@ fn a_short_run_against_portico_up() {
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, svc.certificate("localhost")).unwrap();
     let out = Command::new(bins::bin("loadtest", "portico-loadtest"))
-        .args(["run", "-c", "100", "--connect-rate", "10", "-s", "10", "-m", "200", "-d", "10"])
+        .args([
+            "run",
+            "-c",
+            "100",
+            "--connect-rate",
+            "10",
+            "-s",
+            "10",
+            "-m",
+            "200",
+            "-d",
+            "10",
+        ])
         .args(["--url", &format!("wss://localhost:{}/ws", edge.https)])
         .arg("--ca")
         .arg(&ca)
