@@ -152,7 +152,9 @@ fn backends(
     rt.block_on(async move {
         portico_common::shutdown::cancel_on_signal(stop.clone());
         let started: anyhow::Result<_> = async {
-            let engines = portico_chat::Engines::memory();
+            // One set of engines for every shard: the memory bus joins
+            // them; the store is on disk unless configured otherwise.
+            let engines = portico_chat::Engines::from_config(&cfg.chat, &cfg.data_dir).await?;
             let mut shards = Vec::new();
             for (i, addr) in cfg.gateway.chat_shards.iter().enumerate() {
                 let mut c = cfg.chat.clone();

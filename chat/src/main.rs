@@ -23,7 +23,7 @@ fn main() -> std::process::ExitCode {
     };
     portico_common::cli::run_async(cfg, |cfg, stop| async move {
         let bound = {
-            let engines = portico_chat::Engines::from_config(&cfg.chat).await?;
+            let engines = portico_chat::Engines::from_config(&cfg.chat, &cfg.data_dir).await?;
             portico_chat::bind(cfg.chat.clone(), &cfg.auth, engines).await?
         };
         bound.serve(stop).await?;

@@ -20,6 +20,7 @@ use crate::shard::Shard;
 use crate::store::Store;
 use crate::store::memory::MemoryStore;
 use crate::store::postgres::PgStore;
+use crate::store::sqlite::SqliteStore;
 
 /// The engines a shard runs on.
 #[derive(Clone)]
@@ -37,8 +38,9 @@ pub enum BusEngine {
 }
 
 impl Engines {
-    /// The engines `cfg` names, connected.
-    pub async fn from_config(cfg: &ChatConfig) -> Result<Self, StartError> {
+    /// The engines `cfg` names, connected; the SQLite store lives in
+    /// `data_dir`.
+    pub async fn from_config(cfg: &ChatConfig, data_dir: &std::path::Path) -> Result<Self, StartError> {
         use portico_config::{BusKind, StoreKind};
         let store: Arc<dyn Store> = match (cfg.store, &cfg.postgres_url) {
             (StoreKind::Postgres, Some(url)) => Arc::new(
@@ -46,6 +48,13 @@ impl Engines {
                     .await
                     .map_err(|e| StartError::Engine(format!("PostgreSQL store: {e}")))?,
             ),
+            (StoreKind::Sqlite, _) => {
+                let path = data_dir.join("chat.sqlite3");
+                let opened = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+                    .await
+                    .map_err(|e| StartError::Engine(e.to_string()))?;
+                Arc::new(opened.map_err(|e| StartError::Engine(format!("SQLite store: {e}")))?)
+            }
             _ => Arc::new(MemoryStore::default()),
         };
         let bus = match (cfg.bus, &cfg.redis_url) {

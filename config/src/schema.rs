@@ -310,9 +310,12 @@ pub enum BusKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreKind {
-    /// In memory: history is lost on restart.
+    /// SQLite in `<data_dir>/chat.sqlite3`: kept across restarts, one
+    /// machine (the default, and `portico up`'s).
+    Sqlite,
+    /// In memory: history is lost on restart (tests, demos).
     Memory,
-    /// PostgreSQL.
+    /// PostgreSQL: several shards on several machines.
     Postgres,
 }
 
@@ -359,7 +362,7 @@ impl Default for ChatConfig {
             shard_id: 1,
             bus: BusKind::Memory,
             redis_url: None,
-            store: StoreKind::Memory,
+            store: StoreKind::Sqlite,
             postgres_url: None,
             postgres_pool: 16,
             allowed_origins: vec![

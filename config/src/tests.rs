@@ -20,7 +20,11 @@ fn defaults_are_valid_and_embedded() {
     Jail::expect_with(|_| {
         let c = load(None).expect("defaults load");
         assert_eq!(c.chat.bus, BusKind::Memory);
-        assert_eq!(c.chat.store, StoreKind::Memory);
+        assert_eq!(
+            c.chat.store,
+            StoreKind::Sqlite,
+            "history survives a restart by default"
+        );
         assert_eq!(c.gateway.https_listen.port(), 8443);
         Ok(())
     });

@@ -254,7 +254,18 @@ impl Service {
     /// JWT secret, JSON logs and a private data directory); waits for
     /// `/healthz` on `health_port`.
     pub fn start(bin: &Path, args: &[&str], env: &[(&str, String)], health_port: u16) -> Service {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Service::start_in(tempfile::tempdir().expect("tempdir"), bin, args, env, health_port)
+    }
+
+    /// [`Service::start`] with a given data directory (e.g. the one a
+    /// killed process left, to start it again on the same state).
+    pub fn start_in(
+        dir: TempDir,
+        bin: &Path,
+        args: &[&str],
+        env: &[(&str, String)],
+        health_port: u16,
+    ) -> Service {
         let mut cmd = Command::new(bin);
         cmd.args(args)
             .env_remove("PORTICO_CONFIG")
@@ -398,6 +409,20 @@ pub fn up() -> (Service, EdgePorts) {
 
 /// [`up`] with extra `PORTICO_*` variables.
 pub fn up_with(extra: &[(&'static str, String)]) -> (Service, EdgePorts) {
+    let (env, edge) = up_env(extra);
+    let svc = up_in(tempfile::tempdir().expect("tempdir"), &env, &edge);
+    (svc, edge)
+}
+
+/// `portico up` with `env` on `edge`'s ports, on the state in `dir`.
+pub fn up_in(dir: TempDir, env: &[(&'static str, String)], edge: &EdgePorts) -> Service {
+    let mut svc = Service::start_in(dir, &bins::portico(), &["up"], env, edge.admin);
+    edge.wait_listening(&mut svc.proc);
+    svc
+}
+
+/// The variables and ports of a `portico up` (see [`up_in`]).
+pub fn up_env(extra: &[(&'static str, String)]) -> (Vec<(&'static str, String)>, EdgePorts) {
     let edge = EdgePorts::free();
     let chat = crate::free_port_pair();
     let jobs = free_port();
@@ -409,9 +434,7 @@ pub fn up_with(extra: &[(&'static str, String)]) -> (Service, EdgePorts) {
         format!("[\"https://localhost:{}\"]", edge.https),
     ));
     env.extend(extra.iter().cloned());
-    let mut svc = Service::start(&bins::portico(), &["up"], &env, edge.admin);
-    edge.wait_listening(&mut svc.proc);
-    (svc, edge)
+    (env, edge)
 }
 
 impl Service {

@@ -209,3 +209,14 @@ async fn slow_consumer_is_cut_and_others_keep_receiving() {
     );
     assert_eq!(sloth.expect_close().await, 4008, "sloth is told why");
 }
+
+/// The PostgreSQL store keeps the same contract as the SQLite and memory
+/// stores (their unit tests run the same check).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_postgres_store_keeps_the_store_contract() {
+    let pg = portico_tests::servers::Postgres::start();
+    let store = portico_chat::store::postgres::PgStore::connect(&pg.url(), 8)
+        .await
+        .expect("connect");
+    portico_chat::store::contract::check(std::sync::Arc::new(store), "pg").await;
+}

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use portico_tests::client::{Ws, https_client, tls_config, token_with_roles};
-use portico_tests::servers::{up, up_with};
+use portico_tests::servers::{up, up_env, up_in, up_with};
 use serde_json::json;
 
 #[tokio::test]
@@ -163,4 +163,98 @@ async fn up_without_docker_says_where_it_looked() {
         .await
         .unwrap();
     assert_eq!(page.status(), 200);
+}
+
+/// Posts `id` to conversation `keep` through the gateway as alice: its offset
+/// and whether it was a retry.
+async fn post(http: &reqwest::Client, https: u16, id: &str) -> (u64, bool) {
+    let r: serde_json::Value = http
+        .post(format!(
+            "https://localhost:{https}/api/conversations/keep/messages"
+        ))
+        .bearer_auth(portico_tests::client::token("alice"))
+        .json(&json!({"id": id, "body": format!("message {id}")}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (
+        r["offset"].as_u64().unwrap_or_else(|| panic!("{r}")),
+        r["duplicate"].as_bool().unwrap(),
+    )
+}
+
+/// The offsets and ids of `keep`'s history, oldest first.
+async fn history(http: &reqwest::Client, https: u16) -> Vec<(u64, String)> {
+    let r: serde_json::Value = http
+        .get(format!(
+            "https://localhost:{https}/api/conversations/keep/messages?limit=50"
+        ))
+        .bearer_auth(portico_tests::client::token("bob"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    r["messages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{r}"))
+        .iter()
+        .map(|m| {
+            (
+                m["offset"].as_u64().unwrap(),
+                m["id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn history_and_offsets_survive_sigkill_and_ctrl_c() {
+    let (env, edge) = up_env(&[]);
+    let mut svc = up_in(tempfile::tempdir().unwrap(), &env, &edge);
+    let http = https_client(&svc.certificate("localhost"));
+    let r = http
+        .post(format!("https://localhost:{}/api/conversations", edge.https))
+        .bearer_auth(portico_tests::client::token("alice"))
+        .json(&json!({"id": "keep", "members": ["bob"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    for (i, id) in ["m1", "m2", "m3"].iter().enumerate() {
+        assert_eq!(post(&http, edge.https, id).await, (i as u64 + 1, false));
+    }
+
+    // Killed outright: nothing acknowledged is gone.
+    svc.proc.signal("KILL");
+    svc.proc.wait_exit(Duration::from_secs(10));
+    let dir = std::mem::replace(&mut svc.dir, tempfile::tempdir().unwrap());
+    drop(svc);
+    let mut svc = up_in(dir, &env, &edge);
+    let http = https_client(&svc.certificate("localhost"));
+    let want: Vec<(u64, String)> = (1..=3).map(|i| (i, format!("m{i}"))).collect();
+    assert_eq!(history(&http, edge.https).await, want, "history after SIGKILL");
+    assert_eq!(
+        post(&http, edge.https, "m2").await,
+        (2, true),
+        "a retry is still a retry"
+    );
+    assert_eq!(post(&http, edge.https, "m4").await, (4, false), "offsets go on");
+
+    // Ctrl-C: a clean stop, the same.
+    svc.proc.signal("INT");
+    assert_eq!(
+        svc.proc.wait_exit(Duration::from_secs(20)).and_then(|s| s.code()),
+        Some(0)
+    );
+    let dir = std::mem::replace(&mut svc.dir, tempfile::tempdir().unwrap());
+    drop(svc);
+    let svc = up_in(dir, &env, &edge);
+    let http = https_client(&svc.certificate("localhost"));
+    let want: Vec<(u64, String)> = (1..=4).map(|i| (i, format!("m{i}"))).collect();
+    assert_eq!(history(&http, edge.https).await, want, "history after Ctrl-C");
 }

@@ -237,6 +237,12 @@ impl Store for MemoryStore {
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test(flavor = "multi_thread")]
+    async fn keeps_the_store_contract() {
+        let store = std::sync::Arc::new(super::MemoryStore::default());
+        crate::store::contract::check(store, "t").await;
+    }
+
     use super::*;
 
     fn conv() -> ConvId {

@@ -3,10 +3,14 @@
 //! The store assigns offsets: `append` gives each new message the next
 //! offset of its conversation, atomically, and returns the stored message
 //! again (flagged `duplicate`) when the same sender retries the same client
-//! id. Engines: [`memory`] (one process, `portico up`); PostgreSQL follows.
+//! id. Engines: [`sqlite`] (on disk, one machine: `portico up`'s default),
+//! [`postgres`] (several shards), [`memory`] (nothing kept: tests, demos).
+//! [`contract`] is what all of them promise, run against each.
 
+pub mod contract;
 pub mod memory;
 pub mod postgres;
+pub mod sqlite;
 
 use async_trait::async_trait;
 
