@@ -69,6 +69,13 @@ pub fn run(mut cfg: PorticoConfig, config_path: Option<&std::path::Path>) -> Exi
         cfg.paas.domain,
         g.https_listen.port()
     );
+    println!("  staff API token: portico token --role super_admin  (backups, apps, audit)");
+    if cfg.jobs.postgres_url.is_none() {
+        println!(
+            "  jobs: backups, restores and apps need PostgreSQL: install it (apt-get install postgresql) \
+             and set jobs.postgres_url (PORTICO_JOBS__POSTGRES_URL)"
+        );
+    }
     println!("  Ctrl-C stops everything.");
     println!();
     portico_gateway::run(server, stop.clone());

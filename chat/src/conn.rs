@@ -41,7 +41,7 @@ pub const MAX_SUBSCRIPTIONS: usize = 100;
 /// Frames written before one flush.
 const WRITE_BATCH: usize = 64;
 /// How long a close frame may take to be written.
-const CLOSE_WRITE: Duration = Duration::from_secs(2);
+const CLOSE_WRITE: Duration = Duration::from_secs(5);
 /// How long to wait for the client's close after ours: its input is read
 /// meanwhile, so the socket closes with a FIN behind what is still unsent
 /// (unread input would make it a reset, which discards that).
@@ -461,6 +461,11 @@ async fn write_loop<Si>(
         sink.close().await
     })
     .await;
+    // Whether or not the close frame made it in time: the client must see
+    // the end of the stream behind what was sent, not a silent socket.
+    if let Some(s) = &socket {
+        s.shutdown_write();
+    }
 }
 
 async fn feed<Si>(sink: &mut Si, item: Out) -> Result<(), WsError>

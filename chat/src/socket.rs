@@ -72,6 +72,12 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Acce
 pub struct Socket(Arc<TcpStream>);
 
 impl Socket {
+    /// Sends FIN after what is queued (the peer reads to the end, then EOF),
+    /// whoever else still holds the socket.
+    pub fn shutdown_write(&self) {
+        let _ = rustix::net::shutdown(&*self.0, rustix::net::Shutdown::Write);
+    }
+
     /// Enlarges the send buffer so that one more small frame fits.
     pub fn make_room(&self) {
         if let Err(e) = rustix::net::sockopt::set_socket_send_buffer_size(&*self.0, EVICTION_BUFFER) {

@@ -258,3 +258,43 @@ async fn history_and_offsets_survive_sigkill_and_ctrl_c() {
     let want: Vec<(u64, String)> = (1..=4).map(|i| (i, format!("m{i}"))).collect();
     assert_eq!(history(&http, edge.https).await, want, "history after Ctrl-C");
 }
+
+#[tokio::test]
+async fn portico_token_gives_staff_access_to_the_jobs_api() {
+    // No secret given: `up` makes one under data/, as for a new user.
+    let (svc, edge) = up_with(&[("PORTICO_AUTH__JWT_SECRET", String::new())]);
+    assert!(svc.dir.path().join("jwt-secret").exists());
+    let log = svc.proc.log();
+    assert!(
+        log.contains("portico token --role super_admin"),
+        "the banner says how:\n{log}"
+    );
+    assert!(log.contains("need PostgreSQL"), "and what jobs lacks:\n{log}");
+    let token = |args: &[&str]| {
+        std::process::Command::new(portico_tests::bins::portico())
+            .arg("token")
+            .args(args)
+            .env_remove("PORTICO_AUTH__JWT_SECRET")
+            .env_remove("PORTICO_CONFIG")
+            .env("PORTICO_DATA_DIR", svc.dir.path())
+            .output()
+            .unwrap()
+    };
+    let out = token(&["--role", "super_admin"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let staff = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let http = https_client(&svc.certificate("localhost"));
+    let url = format!("https://localhost:{}/api/customers", edge.https);
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 401, "no token");
+    let r = http.get(&url).bearer_auth(&staff).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        503,
+        "the token is accepted; the database is what is missing"
+    );
+    assert!(r.text().await.unwrap().contains("jobs.postgres_url"));
+
+    let bad = token(&["--role", "root"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown role `root`"));
+}
