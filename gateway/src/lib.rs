@@ -120,9 +120,10 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Gatew
         tokens: tokens.clone(),
         every: Duration::from_millis(cfg.paas.routes_poll_ms),
     };
+    let edge_chat = health.task();
     let edge = proxy::Edge {
         routes: routes.clone(),
-        chat: health.task(),
+        chat: edge_chat.clone(),
         tokens,
         limits: limits.clone(),
         trusted_proxies: g.trusted_proxies.clone(),
@@ -177,6 +178,7 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Gatew
         "admin",
         AdminEndpoints {
             addr: g.admin_listen.0,
+            chat: edge_chat.clone(),
         },
     );
 
@@ -348,9 +350,26 @@ struct NoCallbacks;
 #[async_trait]
 impl pingora::listeners::TlsAccept for NoCallbacks {}
 
-/// `/metrics`, `/healthz`, `/readyz` on the private admin address.
+/// `/metrics`, `/healthz`, `/readyz` on the private admin address. Ready
+/// means at least one chat shard passes its health check (503 names the
+/// shards that are down otherwise).
 struct AdminEndpoints {
     addr: std::net::SocketAddr,
+    chat: Arc<LoadBalancer<KetamaHashing>>,
+}
+
+/// `Err` naming the down shards when none is healthy.
+fn shards_ready(chat: &LoadBalancer<KetamaHashing>) -> Result<(), String> {
+    let all = chat.backends().get_backend();
+    let down: Vec<String> = all
+        .iter()
+        .filter(|b| !chat.backends().ready(b))
+        .map(|b| b.addr.to_string())
+        .collect();
+    if !all.is_empty() && down.len() == all.len() {
+        return Err(format!("no healthy chat shard (down: {})", down.join(", ")));
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -375,7 +394,11 @@ impl BackgroundService for AdminEndpoints {
             }
         };
         let _ = portico_common::telemetry::metrics();
-        let app = admin::router(Readiness::always());
+        let chat = self.chat.clone();
+        let app = admin::router(Readiness::new(move || {
+            let result = shards_ready(&chat);
+            async move { result }
+        }));
         let stopped = async move {
             let _ = shutdown.changed().await;
         };

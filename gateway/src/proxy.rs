@@ -91,6 +91,15 @@ fn authority(req: &RequestHeader) -> Option<&str> {
         .or_else(|| req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()))
 }
 
+/// `/metrics`, `/healthz`, `/readyz` (and below): the chat shards' and jobs'
+/// operational endpoints, which the edge never proxies.
+fn is_internal(path: &str) -> bool {
+    ["/metrics", "/healthz", "/readyz"].iter().any(|p| {
+        path.strip_prefix(p)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    })
+}
+
 /// A small HTML page written by the gateway itself (unknown or stopped
 /// apps): never a connection error, never cached.
 async fn page(session: &mut Session, status: u16, title: &str, text: &str) -> Result<bool> {
@@ -319,6 +328,11 @@ impl ProxyHttp for Edge {
                     ctx.route = route;
                 }
             }
+        }
+        // The services' operational endpoints are for the admin listeners
+        // only: the edge never hands them to a stranger.
+        if ctx.route.is_chat() && is_internal(session.req_header().uri.path()) {
+            return page(session, 404, "Not found", "There is nothing at this address.").await;
         }
         // A token costs an HMAC: verify it only where the user matters.
         if ctx.route.is_chat() || ctx.route.class.as_ref().is_some_and(|c| c.limits_users()) {

@@ -263,11 +263,18 @@ impl Ws {
 
     /// Waits for the server's close frame and returns its code.
     pub async fn expect_close(&mut self) -> u16 {
+        self.expect_close_within(RECV_TIMEOUT).await
+    }
+
+    /// [`Ws::expect_close`] allowing `wait` between frames: a client that
+    /// stalled with a tiny receive window resumes at the sender's next
+    /// zero-window probe, which TCP backs off to seconds.
+    pub async fn expect_close_within(&mut self, wait: Duration) -> u16 {
         loop {
-            match self.next_frame(RECV_TIMEOUT).await {
+            match self.next_frame(wait).await {
                 Some(Ok(_)) => continue,
                 Some(Err(code)) => return code,
-                None => panic!("no close within {RECV_TIMEOUT:?}"),
+                None => panic!("no close within {wait:?}"),
             }
         }
     }

@@ -382,3 +382,46 @@ async fn ordinary_disconnects_are_not_errors() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn internal_endpoints_stay_internal_and_readiness_follows_the_shards() {
+    let (chat, port, gw, edge) = stack(&[], &[]);
+    let http = portico_tests::client::https_client(&gw.certificate("localhost"));
+    for path in ["/metrics", "/healthz", "/readyz", "/metrics/x"] {
+        let r = http
+            .get(format!("https://localhost:{}{path}", edge.https))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+        assert!(
+            !r.text().await.unwrap().contains("portico_"),
+            "{path}: no metrics"
+        );
+    }
+    let readyz = |admin: u16| async move {
+        let r = reqwest::get(format!("http://127.0.0.1:{admin}/readyz"))
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    portico_tests::eventually(Duration::from_secs(10), "ready with a healthy shard", || async {
+        (readyz(edge.admin).await.0 == 200).then_some(())
+    })
+    .await;
+    drop(chat); // killed
+    let (_, why) = portico_tests::eventually(Duration::from_secs(10), "not ready without shards", || async {
+        let r = readyz(edge.admin).await;
+        (r.0 == 503).then_some(r)
+    })
+    .await;
+    assert!(
+        why.contains(&format!("127.0.0.1:{port}")),
+        "names the shard: {why}"
+    );
+    let _chat = Service::chat_on(port, &[("PORTICO_CHAT__PUBLISH_PER_SEC", "1000000".to_string())]);
+    portico_tests::eventually(Duration::from_secs(10), "ready again", || async {
+        (readyz(edge.admin).await.0 == 200).then_some(())
+    })
+    .await;
+}
