@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod pg;
 mod up;
 
 #[derive(Parser)]

@@ -22,6 +22,8 @@ pub fn run(mut cfg: PorticoConfig, config_path: Option<&std::path::Path>) -> Exi
         tracing::error!(error = format!("{e:#}"), "cannot start");
         return ExitCode::FAILURE;
     }
+    // Stopped with `up` (dropped last, after the services).
+    let postgres = private_postgres(&mut cfg);
     let stop = CancellationToken::new();
     let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<()>>();
     let backend = {
@@ -70,6 +72,13 @@ pub fn run(mut cfg: PorticoConfig, config_path: Option<&std::path::Path>) -> Exi
         g.https_listen.port()
     );
     println!("  staff API token: portico token --role super_admin  (backups, apps, audit)");
+    if let Some(pg) = &postgres {
+        println!(
+            "  jobs: a private PostgreSQL under {} (127.0.0.1:{})",
+            cfg.data_dir.join("postgres").display(),
+            pg.port
+        );
+    }
     if cfg.jobs.postgres_url.is_none() {
         println!(
             "  jobs: backups, restores and apps need PostgreSQL: install it (apt-get install postgresql) \
@@ -83,6 +92,36 @@ pub fn run(mut cfg: PorticoConfig, config_path: Option<&std::path::Path>) -> Exi
     match backend.join() {
         Ok(Ok(())) => ExitCode::SUCCESS,
         _ => ExitCode::FAILURE,
+    }
+}
+
+/// Jobs needs PostgreSQL: without a configured one, `up` runs its own when
+/// the binaries are installed (see `pg`). A failure to start it is told,
+/// not fatal: the chat works without it. Customers live under
+/// `data_dir/customers` unless configured.
+fn private_postgres(cfg: &mut PorticoConfig) -> Option<crate::pg::PrivatePostgres> {
+    if cfg.jobs.customers_root == portico_config::JobsConfig::default().customers_root {
+        cfg.jobs.customers_root = cfg.data_dir.join("customers");
+    }
+    if cfg.jobs.postgres_url.is_some() || !cfg.up.postgres {
+        return None;
+    }
+    let bin = crate::pg::bin_dir()?;
+    match crate::pg::PrivatePostgres::start(&cfg.data_dir, &bin) {
+        Ok(pg) => {
+            cfg.jobs.postgres_url = Some(Secret::new(pg.url.clone()));
+            if cfg.jobs.pg_bin_dir.is_none() {
+                cfg.jobs.pg_bin_dir = Some(bin);
+            }
+            Some(pg)
+        }
+        Err(e) => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "the private PostgreSQL for jobs did not start"
+            );
+            None
+        }
     }
 }
 

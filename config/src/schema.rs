@@ -569,11 +569,17 @@ pub fn is_http_path(s: &str) -> bool {
 pub struct UpConfig {
     /// Chat shards to run; shard N listens on `chat.listen` port + N - 1.
     pub chat_shards: u16,
+    /// Without `jobs.postgres_url`, run a private PostgreSQL for jobs under
+    /// `data_dir/postgres` when its binaries are installed.
+    pub postgres: bool,
 }
 
 impl Default for UpConfig {
     fn default() -> Self {
-        UpConfig { chat_shards: 2 }
+        UpConfig {
+            chat_shards: 2,
+            postgres: true,
+        }
     }
 }
 

@@ -261,8 +261,12 @@ async fn history_and_offsets_survive_sigkill_and_ctrl_c() {
 
 #[tokio::test]
 async fn portico_token_gives_staff_access_to_the_jobs_api() {
-    // No secret given: `up` makes one under data/, as for a new user.
-    let (svc, edge) = up_with(&[("PORTICO_AUTH__JWT_SECRET", String::new())]);
+    // No secret given: `up` makes one under data/, as for a new user; and
+    // no PostgreSQL (as where it is not installed).
+    let (svc, edge) = up_with(&[
+        ("PORTICO_AUTH__JWT_SECRET", String::new()),
+        ("PORTICO_UP__POSTGRES", "false".into()),
+    ]);
     assert!(svc.dir.path().join("jwt-secret").exists());
     let log = svc.proc.log();
     assert!(
@@ -297,4 +301,85 @@ async fn portico_token_gives_staff_access_to_the_jobs_api() {
     let bad = token(&["--role", "root"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown role `root`"));
+}
+
+#[tokio::test]
+async fn with_postgresql_installed_up_backs_a_customer_up_end_to_end() {
+    if !portico_tests::servers::pg_bin("initdb").is_file() {
+        eprintln!("\n*** SKIPPED: PostgreSQL is not installed (scripts/test installs it) ***\n");
+        return;
+    }
+    let (svc, edge) = up();
+    let log = svc.proc.log();
+    assert!(log.contains("a private PostgreSQL under"), "{log}");
+    let pg = svc.dir.path().join("postgres");
+    let read = |f: &str| std::fs::read_to_string(pg.join(f)).unwrap().trim().to_string();
+    let db = format!(
+        "postgres://portico:{}@127.0.0.1:{}/portico_jobs",
+        read("password"),
+        read("port")
+    );
+    // A demo shop under up's customers root; its database is the jobs one.
+    let tree = svc.dir.path().join("customers/shop.example.com");
+    for (path, content) in [
+        ("backend/package.json", "{\"version\": \"1.0.0\"}"),
+        ("backend/src/app.js", "app"),
+        ("backend/.env", "SECRET=1"),
+        ("backend/uploads/a.png", "PNG"),
+        ("admin/index.js", "admin"),
+        ("store/index.js", "store"),
+    ] {
+        let p = tree.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+    let http = https_client(&svc.certificate("localhost"));
+    let base = format!("https://localhost:{}", edge.https);
+    let staff = token_with_roles("ops", &["super_admin"]);
+    let r = http
+        .post(format!("{base}/api/customers"))
+        .bearer_auth(&staff)
+        .json(&json!({"id": "shop", "domain": "shop.example.com", "database_url": db}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let r: serde_json::Value = http
+        .post(format!("{base}/api/customers/shop/backups"))
+        .bearer_auth(&staff)
+        .json(&json!({"type": "fast"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let task = r["task"].as_i64().unwrap_or_else(|| panic!("{r}"));
+    let t = portico_tests::eventually(Duration::from_secs(60), "the backup", || {
+        let (http, staff, base) = (http.clone(), staff.clone(), base.clone());
+        async move {
+            let t: serde_json::Value = http
+                .get(format!("{base}/api/customers/shop/tasks/{task}"))
+                .bearer_auth(&staff)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            matches!(t["state"].as_str(), Some("succeeded" | "failed")).then_some(t)
+        }
+    })
+    .await;
+    assert_eq!(t["state"], "succeeded", "{t}");
+    let backups: serde_json::Value = http
+        .get(format!("{base}/api/customers/shop/backups"))
+        .bearer_auth(&staff)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(backups["backups"].as_array().map(Vec::len), Some(1), "{backups}");
 }
