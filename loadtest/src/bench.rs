@@ -238,6 +238,17 @@ fn snapshot(stack: &Stack) -> Vec<(u64, Duration)> {
         .collect()
 }
 
+/// ERROR lines in the gateway's log so far: (all, about clients).
+fn gateway_errors(stack: &Stack) -> (u64, u64) {
+    let log = stack.gateway.proc.log();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"level\":\"ERROR\""))
+        .collect();
+    let clients = errors.iter().filter(|l| l.contains("Downstream")).count();
+    (errors.len() as u64, clients as u64)
+}
+
 /// Loopback source addresses for the generator: 127.0.0.2 … 127.0.0.(1+n).
 pub(crate) fn sources(n: u8) -> Vec<IpAddr> {
     (2..2 + n)
@@ -333,9 +344,15 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             drop_one_delivery: false,
         };
         let before = snapshot(&stack);
+        let errors_before = gateway_errors(&stack);
         let sampler = Sampler::start(&stack);
         let mut report: Report = generator::run(scenario).await?;
         report.servers = sampler.finish(&before, report.connections_ok);
+        // After the run's connections are gone: their ends must not be errors.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let errors_after = gateway_errors(&stack);
+        report.gateway_error_lines = Some(errors_after.0 - errors_before.0);
+        report.gateway_client_error_lines = Some(errors_after.1 - errors_before.1);
         println!("\n== {name}\n{}", report.table());
         std::fs::write(
             args.out.join(format!("{name}.json")),

@@ -86,6 +86,13 @@ pub struct Report {
     /// CPU seconds the generator itself used during the publish phase: near
     /// (cores × duration) means the client was the bottleneck.
     pub generator_cpu_secs: f64,
+    /// Filled in by `bench`: ERROR lines the gateway logged during the
+    /// run (ordinary client disconnects must not be among them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_error_lines: Option<u64>,
+    /// Of those, the ones about clients (`Downstream …`): must be 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_client_error_lines: Option<u64>,
     /// Filled in by `bench`: per-process server measurements.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub servers: Vec<ServerUsage>,
@@ -148,6 +155,8 @@ impl Report {
             deliveries_per_sec: delivered as f64 / publish.as_secs_f64().max(0.001),
             latency_ms: Percentiles::of(latency),
             generator_cpu_secs: cpu.as_secs_f64(),
+            gateway_error_lines: None,
+            gateway_client_error_lines: None,
             servers: Vec::new(),
         }
     }
@@ -159,6 +168,12 @@ impl Report {
             p.push(format!(
                 "{} acknowledged deliveries lost (allowed {max_lost})",
                 self.deliveries_lost
+            ));
+        }
+        if self.gateway_client_error_lines.is_some_and(|n| n > 0) {
+            p.push(format!(
+                "{} gateway ERROR lines about clients (ordinary disconnects must not be errors)",
+                self.gateway_client_error_lines.unwrap_or(0)
             ));
         }
         if self.deliveries_duplicated > 0 {
@@ -223,6 +238,9 @@ impl Report {
             self.generator_cpu_secs,
             self.duration_secs,
         );
+        if let (Some(n), Some(c)) = (self.gateway_error_lines, self.gateway_client_error_lines) {
+            t.push_str(&format!("gateway ERROR lines   {n}   (about clients: {c})\n"));
+        }
         for s in &self.servers {
             t.push_str(&format!(
                 "server {:<15} RSS {:.1} → {:.1} MiB, {} conns, {:.1} KiB/conn, CPU {:.1} s\n",
