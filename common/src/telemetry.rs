@@ -19,14 +19,101 @@ pub fn init_tracing(cfg: &LogConfig) {
         LogFormat::Pretty => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().flatten_event(true).try_init()
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{Layer, fmt};
+    let layer = if json {
+        fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .boxed()
     } else {
-        builder.try_init()
+        fmt::layer().with_writer(std::io::stderr).boxed()
     };
+    let _ = tracing_subscriber::registry()
+        .with(layer.with_filter(filter).with_filter(ClientDepartures))
+        .try_init();
+}
+
+/// Pingora logs some ordinary client departures at ERROR from places no
+/// hook of ours reaches (an HTTP/2 client gone during the handshake, a
+/// downstream reset): those are counted by cause in
+/// `portico_gateway_client_disconnects_total` and not logged. Upstream and
+/// server failures are untouched.
+struct ClientDepartures;
+
+impl<S> tracing_subscriber::layer::Filter<S> for ClientDepartures {
+    fn enabled(&self, _: &tracing::Metadata<'_>, _: &tracing_subscriber::layer::Context<'_, S>) -> bool {
+        true
+    }
+
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        let meta = event.metadata();
+        if *meta.level() != tracing::Level::ERROR {
+            return true;
+        }
+        let mut message = Message::default();
+        event.record(&mut message);
+        // Events bridged from `log` (Pingora's) carry their target as a field.
+        let target = message.target.as_deref().unwrap_or(meta.target());
+        if !target.starts_with("pingora") {
+            return true;
+        }
+        match departure(&message.text) {
+            Some(cause) => {
+                metrics::counter!("portico_gateway_client_disconnects_total", "cause" => cause).increment(1);
+                false
+            }
+            None => true,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Message {
+    text: String,
+    target: Option<String>,
+}
+
+impl tracing::field::Visit for Message {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        match field.name() {
+            "message" => self.text = format!("{value:?}"),
+            "log.target" => self.target = Some(format!("{value:?}").trim_matches('"').to_string()),
+            _ => {}
+        }
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        match field.name() {
+            "message" => self.text = value.to_string(),
+            "log.target" => self.target = Some(value.to_string()),
+            _ => {}
+        }
+    }
+}
+
+/// Whether a Pingora error message is a client that went away, and how.
+fn departure(message: &str) -> Option<&'static str> {
+    let about_client = message.contains("H2 handshake error") || message.contains("Downstream");
+    if !about_client {
+        return None;
+    }
+    let m = message.to_ascii_lowercase();
+    if m.contains("broken pipe") || m.contains("connection reset") {
+        Some("reset")
+    } else if m.contains("close_notify") || m.contains("unexpected eof") || m.contains("early eof") {
+        Some("no_close_notify")
+    } else if m.contains("connection closed") || m.contains("closed before") {
+        Some("closed")
+    } else {
+        None
+    }
 }
 
 /// Latency buckets (seconds) for every `*_seconds` histogram.
@@ -49,4 +136,29 @@ pub fn metrics() -> &'static PrometheusHandle {
         let _ = metrics::set_global_recorder(recorder);
         handle
     })
+}
+
+#[cfg(test)]
+mod departure_tests {
+    #[test]
+    fn client_departures_are_told_from_failures() {
+        use super::departure;
+        assert_eq!(
+            departure(
+                "H2 handshake error HandshakeError context: while h2 handshaking with client cause: Broken pipe (os error 32)"
+            ),
+            Some("reset")
+        );
+        assert_eq!(
+            departure(
+                "Fail to proxy: Downstream ReadError cause: peer closed connection without sending TLS close_notify"
+            ),
+            Some("no_close_notify")
+        );
+        assert_eq!(
+            departure("Fail to proxy: Upstream ConnectError cause: Connection reset by peer"),
+            None
+        );
+        assert_eq!(departure("failed to acquire reusable stream"), None);
+    }
 }

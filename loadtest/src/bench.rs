@@ -245,8 +245,39 @@ fn gateway_errors(stack: &Stack) -> (u64, u64) {
         .lines()
         .filter(|l| l.contains("\"level\":\"ERROR\""))
         .collect();
-    let clients = errors.iter().filter(|l| l.contains("Downstream")).count();
+    let clients = errors
+        .iter()
+        .filter(|l| l.contains("Downstream") || l.contains("H2 handshake error"))
+        .count();
     (errors.len() as u64, clients as u64)
+}
+
+/// Up to three distinct kinds of gateway ERROR line (their message, cut).
+fn error_samples(stack: &Stack) -> Vec<String> {
+    let mut seen: Vec<String> = Vec::new();
+    for line in stack
+        .gateway
+        .proc
+        .log()
+        .lines()
+        .filter(|l| l.contains("\"level\":\"ERROR\""))
+    {
+        let message = line
+            .split("\"message\":\"")
+            .nth(1)
+            .unwrap_or(line)
+            .chars()
+            .take(160)
+            .collect::<String>();
+        let kind: String = message.chars().take(40).collect();
+        if !seen.iter().any(|s| s.starts_with(&kind)) {
+            seen.push(message);
+        }
+        if seen.len() == 3 {
+            break;
+        }
+    }
+    seen
 }
 
 /// Loopback source addresses for the generator: 127.0.0.2 … 127.0.0.(1+n).
@@ -353,6 +384,9 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         let errors_after = gateway_errors(&stack);
         report.gateway_error_lines = Some(errors_after.0 - errors_before.0);
         report.gateway_client_error_lines = Some(errors_after.1 - errors_before.1);
+        for line in error_samples(&stack) {
+            eprintln!("{name}: gateway ERROR, e.g.: {line}");
+        }
         println!("\n== {name}\n{}", report.table());
         std::fs::write(
             args.out.join(format!("{name}.json")),

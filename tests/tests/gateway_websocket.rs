@@ -359,6 +359,19 @@ async fn ordinary_disconnects_are_not_errors() {
         .unwrap();
         drop(tls);
     }
+    // HTTP/2 clients that leave right after TLS, during the h2 handshake.
+    for _ in 0..20 {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", edge.https))
+            .await
+            .unwrap();
+        let cfg = portico_tests::client::tls_config(&ca, &[b"h2"]);
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        drop(tls);
+    }
     // WebSocket clients that close the tab (the TCP connection just ends).
     for i in 0..30 {
         let (ws, _) = Ws::via_gateway(edge.https, &token(&format!("tab{i}")), &ca, &[]).await;
