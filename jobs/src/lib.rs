@@ -4,20 +4,16 @@
 //! and an audit log. Backups, restores and PaaS deploys today; upgrades and
 //! mail migrations are further task kinds on the same queue.
 //!
-//! Code map: [`db`] (schema, queue, records), [`worker`] (claim, lease,
-//! retry, reaper), [`backup`] and [`restore`] (the work), [`archive`]
-//! (tar.gz in and out), [`api`] (REST), [`links`] (signed downloads),
-//! [`progress`] (events), [`paas`] (hosted apps on Docker).
+//! Code map: [`queue`] (the core: database, claim, lease, fencing, retry,
+//! reaper, audit; no kind), [`kinds`] (one folder per task kind: its
+//! steps, routes and tables), [`customers`], [`api`] (the REST core:
+//! state, caller, errors), [`archive`] (tar.gz in and out).
 
 pub mod api;
 pub mod archive;
-pub mod backup;
-pub mod db;
-pub mod links;
-pub mod paas;
-pub mod progress;
-pub mod restore;
-pub mod worker;
+pub mod customers;
+pub mod kinds;
+pub mod queue;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,7 +36,7 @@ pub enum StartError {
     #[error("auth.jwt_secret is not set (PORTICO_AUTH__JWT_SECRET)")]
     NoSecret,
     #[error("jobs database: {0}")]
-    Db(#[from] db::DbError),
+    Db(#[from] queue::DbError),
 }
 
 fn describe_metrics() {
@@ -58,6 +54,7 @@ fn describe_metrics() {
 pub struct Bound {
     listener: TcpListener,
     api: Arc<api::Api>,
+    kinds: kinds::Kinds,
 }
 
 /// Binds the listener and, when a database is configured, connects and
@@ -72,20 +69,19 @@ pub async fn bind(cfg: &PorticoConfig) -> Result<Bound, StartError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })?;
+    let kinds = kinds::Kinds::new(cfg);
     let db = match &j.postgres_url {
-        Some(url) => Some(db::Db::connect(url.expose(), j.postgres_pool).await?),
+        Some(url) => Some(queue::Db::connect(url.expose(), j.postgres_pool, &kinds::Kinds::schemas()).await?),
         None => None,
     };
     let tokens = Tokens::new(&cfg.auth.jwt_secret);
     let api = Arc::new(api::Api {
         db,
         cfg: j.clone(),
-        events: progress::Events::new(j.chat_url.clone(), &tokens),
-        signer: links::Signer::new(cfg.auth.jwt_secret.expose().as_bytes()),
+        events: queue::progress::Events::new(j.chat_url.clone(), &tokens),
         tokens,
-        paas: Arc::new(paas::Paas::new(&cfg.paas, &cfg.data_dir)),
     });
-    Ok(Bound { listener, api })
+    Ok(Bound { listener, api, kinds })
 }
 
 impl Bound {
@@ -98,18 +94,14 @@ impl Bound {
     pub async fn serve(self, stop: CancellationToken) -> std::io::Result<()> {
         tracing::info!(addr = %self.local_addr(), queue = self.api.db.is_some(), "jobs service listening");
         let workers = self.api.db.clone().map(|db| {
-            let w = Arc::new(worker::Workers {
-                db: db.clone(),
-                cfg: self.api.cfg.clone(),
-                events: self.api.events.clone(),
-                paas: self.api.paas.clone(),
-            });
-            let watch = tokio::spawn(self.api.paas.clone().watch(db, stop.clone()));
-            let run = tokio::spawn(w.run(stop.clone()));
-            async move {
-                let _ = run.await;
-                let _ = watch.await;
-            }
+            let kinds = self.kinds.tasks(&db, &self.api);
+            let w = Arc::new(queue::Workers::new(
+                db,
+                self.api.cfg.clone(),
+                self.api.events.clone(),
+                &kinds,
+            ));
+            tokio::spawn(w.run(stop.clone()))
         });
         let readiness = match self.api.db.clone() {
             Some(db) => Readiness::new(move || {
@@ -124,7 +116,10 @@ impl Bound {
             }),
             None => Readiness::always(),
         };
-        let app: Router = api::router(self.api).merge(admin::router(readiness));
+        let app: Router = api::router(self.api.clone())
+            .merge(customers::api::router(self.api.clone()))
+            .merge(self.kinds.router(self.api))
+            .merge(admin::router(readiness));
         axum::serve(self.listener, app)
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await?;

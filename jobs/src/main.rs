@@ -61,18 +61,20 @@ fn main() -> std::process::ExitCode {
             let url = cfg.jobs.postgres_url.as_ref().ok_or_else(|| {
                 anyhow::anyhow!("jobs.postgres_url is not set: the customer registry is needed")
             })?;
-            let db = portico_jobs::db::Db::connect(url.expose(), 1).await?;
+            let db =
+                portico_jobs::queue::Db::connect(url.expose(), 1, &portico_jobs::kinds::Kinds::schemas())
+                    .await?;
             let c = db
                 .customer(&customer)
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("customer {customer} is not registered"))?;
-            let o = portico_jobs::restore::Options {
+            let o = portico_jobs::kinds::restore::Options {
                 dry_run,
                 target_db,
                 target_root,
                 pg_bin_dir: cfg.jobs.pg_bin_dir.clone(),
             };
-            let report = portico_jobs::restore::restore(&c, &backup, &o).await?;
+            let report = portico_jobs::kinds::restore::restore(&c, &backup, &o).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }),

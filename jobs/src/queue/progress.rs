@@ -12,8 +12,8 @@ use portico_common::auth::Tokens;
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use super::db::Subject;
 use crate::archive::Meter;
-use crate::db::Subject;
 
 /// What a running task reports.
 #[derive(Debug)]

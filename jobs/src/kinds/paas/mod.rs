@@ -20,8 +20,12 @@
 
 pub mod api;
 pub mod context;
+pub mod db;
 pub mod engine;
 pub mod source;
+mod task;
+
+pub use task::PaasKind;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -33,8 +37,9 @@ use portico_config::PaasConfig;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::db::{App, Claimed, Db, DbError};
-use crate::progress::Progress;
+use crate::queue::progress::Progress;
+use crate::queue::{Claimed, Db, DbError};
+use db::App;
 use engine::{Engine, Limits, TASK_LABEL};
 use source::{Kind, Repo};
 
@@ -112,13 +117,29 @@ pub fn state_of(app: &App, i: Option<&engine::Inspected>, max_restarts: u32) -> 
     }
 }
 
-/// Removes a directory when dropped (clones of finished deploys).
+/// Removes a directory when dropped (clones of finished deploys), on a
+/// blocking thread: a clone can hold thousands of files.
 struct RemoveOnDrop(PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let dir = std::mem::take(&mut self.0);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(move || std::fs::remove_dir_all(dir));
+            }
+            Err(_) => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
     }
+}
+
+/// Runs blocking filesystem work off the runtime's threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, PaasError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| PaasError::Context(e.to_string()))
 }
 
 impl Paas {
@@ -194,17 +215,21 @@ impl Paas {
         }
 
         progress.step("clone");
-        std::fs::create_dir_all(&self.work_dir)
-            .map_err(|e| PaasError::Context(format!("{}: {e}", self.work_dir.display())))?;
         let dir = self.work_dir.join(format!("{name}-t{}-a{}", t.id, t.attempt));
-        let _ = std::fs::remove_dir_all(&dir);
+        let (work, fresh) = (self.work_dir.clone(), dir.clone());
+        blocking(move || {
+            let _ = std::fs::remove_dir_all(&fresh);
+            std::fs::create_dir_all(&work).map_err(|e| PaasError::Context(format!("{}: {e}", work.display())))
+        })
+        .await??;
         let _cleanup = RemoveOnDrop(dir.clone());
         let timeout = Duration::from_secs(self.cfg.clone_timeout_secs);
         let commit = source::clone(&repo, app.git_ref.as_deref(), &dir, timeout).await?;
         progress.line(&format!("cloned {} at {commit}", app.repo));
 
         progress.step("detect");
-        let kind = source::detect(&dir)?;
+        let detect_dir = dir.clone();
+        let kind = blocking(move || source::detect(&detect_dir)).await??;
         let generated = source::dockerfile(&kind, &self.cfg.images);
         progress.line(&format!(
             "type {}{}",
@@ -429,15 +454,15 @@ impl Paas {
         for (id, _, _) in self.engine.images(Some(app)).await? {
             self.engine.remove_image(&id).await?;
         }
-        if let Ok(entries) = std::fs::read_dir(&self.work_dir) {
-            let prefix = format!("{app}-t");
-            for e in entries.flatten() {
+        let (work, prefix) = (self.work_dir.clone(), format!("{app}-t"));
+        blocking(move || {
+            for e in std::fs::read_dir(&work).into_iter().flatten().flatten() {
                 if e.file_name().to_string_lossy().starts_with(&prefix) {
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }
-        }
-        Ok(())
+        })
+        .await
     }
 
     /// Keeps the database in step with Docker until `stop` (see the module

@@ -9,6 +9,13 @@
 //!
 //! Layout: `customers/<domain>/backups/<YYYYMMDD-HHMMSS>/` (700), files 600.
 
+pub mod api;
+pub mod db;
+pub mod links;
+mod task;
+
+pub use task::{BackupKind, Made, clean_partials_of};
+
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -20,8 +27,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::archive::{self, Excludes};
-use crate::db::Customer;
-use crate::progress::Progress;
+use crate::customers::Customer;
+use crate::queue::progress::Progress;
 
 pub const MANIFEST: &str = "backup.json";
 const SERVICES: [&str; 3] = ["backend", "admin", "store"];
@@ -289,7 +296,8 @@ pub async fn run(
     let started = Instant::now();
     let root = PathBuf::from(&c.root);
     progress.step("pre-check");
-    clean_partials(&root);
+    let partials = root.clone();
+    let _ = tokio::task::spawn_blocking(move || clean_partials(&partials)).await;
     let pre = precheck(c, &inc, s).await?;
     progress.set_total(pre.estimate.max(1));
     let l = layout(&root);
@@ -333,7 +341,11 @@ pub async fn run(
             .ok_or_else(|| BackupError::NoDatabase(c.id.clone()))?;
         let out = dir.join("db.dump");
         pg_dump(url, &out, s).await?;
-        let (sha, size) = archive::sha256_file(&out).map_err(io("db.dump"))?;
+        let dump = out.clone();
+        let (sha, size) = tokio::task::spawn_blocking(move || archive::sha256_file(&dump))
+            .await
+            .map_err(|e| BackupError::Io("db.dump".into(), std::io::Error::other(e)))?
+            .map_err(io("db.dump"))?;
         artifacts.push(json!({ "file": "db.dump", "sha256": sha, "size": size }));
     }
 

@@ -15,14 +15,19 @@
 //! database and the tree as they were. A dry run stops after step 1 and
 //! reports what would change.
 
+pub mod api;
+mod task;
+
+pub use task::RestoreKind;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use serde_json::{Value, json};
 
 use crate::archive::{self, Change};
-use crate::backup::{self, MANIFEST};
-use crate::db::Customer;
+use crate::customers::Customer;
+use crate::kinds::backup::{self, MANIFEST};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -63,7 +68,8 @@ pub async fn restore(c: &Customer, backup_id: &str, o: &Options) -> Result<Value
     }
     let root = PathBuf::from(&c.root);
     let dir = backup::backups_dir(&root).join(backup_id);
-    let text = std::fs::read_to_string(dir.join(MANIFEST))
+    let text = tokio::fs::read_to_string(dir.join(MANIFEST))
+        .await
         .map_err(|_| RestoreError::NotFound(backup_id.to_string()))?;
     let manifest: Value = serde_json::from_str(&text).map_err(|e| RestoreError::Manifest(e.to_string()))?;
     let artifacts = manifest["artifacts"]
@@ -144,7 +150,12 @@ pub async fn restore(c: &Customer, backup_id: &str, o: &Options) -> Result<Value
     }
 
     // 3. Stage, then move into place (undone on error).
-    let stage = Stage::create(&target_root, backup_id)?;
+    let stage = {
+        let (root, id) = (target_root.clone(), backup_id.to_string());
+        tokio::task::spawn_blocking(move || Stage::create(&root, &id))
+            .await
+            .map_err(|e| RestoreError::Files(e.to_string()))??
+    };
     let result = async {
         let mut staged = Vec::new();
         for (i, (path, into)) in archives.iter().enumerate() {
@@ -175,7 +186,7 @@ pub async fn restore(c: &Customer, backup_id: &str, o: &Options) -> Result<Value
         Ok::<_, RestoreError>(())
     }
     .await;
-    stage.remove();
+    let _ = tokio::task::spawn_blocking(move || stage.remove()).await;
     result.map(|()| report)
 }
 

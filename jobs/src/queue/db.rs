@@ -1,5 +1,7 @@
-//! The jobs database: schema, the task queue, customers, backups and the
-//! audit log, on PostgreSQL (deadpool-postgres).
+//! The jobs database (PostgreSQL, deadpool-postgres): the pool, the core
+//! schema, the task queue and the audit log. It knows no task kind: each
+//! kind adds its own queries in an `impl Db` block of its folder and its
+//! own tables as a [`Schema`] with a version table of its own.
 //!
 //! The queue is a table, not a crate (the queue crates bring a second
 //! driver). A worker claims a task with `FOR UPDATE SKIP LOCKED` and holds
@@ -23,6 +25,15 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Serializes migrations between jobs processes.
 const MIGRATION_LOCK: i64 = 0x706f_7274_6963_6f02;
 
+/// A kind's tables: migrations applied in order, counted in `version_table`.
+pub struct Schema {
+    pub version_table: &'static str,
+    pub migrations: &'static [&'static str],
+}
+
+/// The core schema. Its first migrations also created the tables of the
+/// first kinds (backups, apps), from before kinds had schemas of their
+/// own; they stay here so that existing databases keep their history.
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE customers (
@@ -123,51 +134,6 @@ pub enum DbError {
     Full(String),
 }
 
-/// A hosted app: its source and what serves it now.
-#[derive(Debug, Clone, Serialize)]
-pub struct App {
-    pub name: String,
-    pub repo: String,
-    pub git_ref: Option<String>,
-    /// The container port (none: the generated image's, or the one the
-    /// image exposes).
-    pub port: Option<i32>,
-    pub health_path: String,
-    /// `running` or `stopped` (by the API).
-    pub desired: String,
-    /// The detected type of the deployed code.
-    pub kind: Option<String>,
-    pub container: Option<String>,
-    pub image: Option<String>,
-    /// Where Docker publishes the container on 127.0.0.1 (private).
-    pub host_port: Option<i32>,
-    pub deployed_at: Option<String>,
-    pub created_by: String,
-    pub created_at: String,
-}
-
-const APP_COLUMNS: &str = "name, repo, git_ref, port, health_path, desired, kind, container, image, host_port, \
-     to_char(deployed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), created_by, \
-     to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')";
-
-fn app_from(r: &tokio_postgres::Row) -> App {
-    App {
-        name: r.get(0),
-        repo: r.get(1),
-        git_ref: r.get(2),
-        port: r.get(3),
-        health_path: r.get(4),
-        desired: r.get(5),
-        kind: r.get(6),
-        container: r.get(7),
-        image: r.get(8),
-        host_port: r.get(9),
-        deployed_at: r.get(10),
-        created_by: r.get(11),
-        created_at: r.get(12),
-    }
-}
-
 /// Whose task: the queue allows one active task per customer and per app.
 #[derive(Debug, Clone, Copy)]
 pub enum Subject<'a> {
@@ -205,21 +171,8 @@ impl Claimed {
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> DbError {
+pub(crate) fn unavailable(e: impl std::fmt::Display) -> DbError {
     DbError::Unavailable(e.to_string())
-}
-
-/// A registered customer.
-#[derive(Debug, Clone, Serialize)]
-pub struct Customer {
-    pub id: String,
-    pub domain: String,
-    pub root: String,
-    /// The customer database (a secret: never serialized).
-    #[serde(skip)]
-    pub db_url: Option<String>,
-    pub has_database: bool,
-    pub process_manager: String,
 }
 
 /// A task as the API shows it.
@@ -240,6 +193,27 @@ pub struct TaskRecord {
     pub finished_at: Option<String>,
 }
 
+/// A task whose lease ran out, and what the reaper made of it.
+#[derive(Debug, Clone)]
+pub struct Reaped {
+    pub id: i64,
+    pub customer_id: Option<String>,
+    pub app: Option<String>,
+    pub kind: String,
+    /// `queued` (another attempt follows) or `failed`.
+    pub state: String,
+}
+
+impl Reaped {
+    pub fn subject(&self) -> Subject<'_> {
+        match (&self.customer_id, &self.app) {
+            (Some(c), _) => Subject::Customer(c),
+            (None, Some(a)) => Subject::App(a),
+            (None, None) => Subject::Customer(""),
+        }
+    }
+}
+
 /// A claimed task: what a worker needs to run it.
 #[derive(Debug, Clone)]
 pub struct Claimed {
@@ -251,19 +225,6 @@ pub struct Claimed {
     pub params: Value,
     pub attempt: i32,
     pub created_by: String,
-}
-
-/// A completed backup's row.
-#[derive(Debug, Clone, Serialize)]
-pub struct BackupRow {
-    pub id: String,
-    pub task: i64,
-    pub kind: String,
-    pub size_bytes: i64,
-    pub duration_ms: i64,
-    pub created_by: String,
-    pub created_at: String,
-    pub manifest: Value,
 }
 
 #[derive(Clone)]
@@ -293,21 +254,10 @@ fn task_from(r: &tokio_postgres::Row) -> TaskRecord {
     }
 }
 
-fn customer_from(r: &tokio_postgres::Row) -> Customer {
-    let db_url: Option<String> = r.get(3);
-    Customer {
-        id: r.get(0),
-        domain: r.get(1),
-        root: r.get(2),
-        has_database: db_url.is_some(),
-        db_url,
-        process_manager: r.get(4),
-    }
-}
-
 impl Db {
-    /// Connects and applies pending migrations.
-    pub async fn connect(url: &str, pool_size: usize) -> Result<Db, DbError> {
+    /// Connects and applies pending migrations: the core's, then each of
+    /// `kinds`' schemas.
+    pub async fn connect(url: &str, pool_size: usize, kinds: &[&Schema]) -> Result<Db, DbError> {
         let pool = pg::pool(url, pool_size, QUERY_TIMEOUT).map_err(|e| match e {
             pg::PgError::Url(e) => unavailable(format!("jobs.postgres_url: {e}")),
             e => unavailable(e),
@@ -315,10 +265,15 @@ impl Db {
         pg::migrate(&pool, "jobs_schema", MIGRATION_LOCK, MIGRATIONS)
             .await
             .map_err(unavailable)?;
+        for k in kinds {
+            pg::migrate(&pool, k.version_table, MIGRATION_LOCK, k.migrations)
+                .await
+                .map_err(unavailable)?;
+        }
         Ok(Db { pool })
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object, DbError> {
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, DbError> {
         self.pool.get().await.map_err(unavailable)
     }
 
@@ -327,53 +282,6 @@ impl Db {
             Ok(c) => c.simple_query("SELECT 1").await.is_ok(),
             Err(_) => false,
         }
-    }
-
-    // ---- customers -------------------------------------------------------
-
-    pub async fn add_customer(&self, c: &Customer) -> Result<(), DbError> {
-        let r = self
-            .client()
-            .await?
-            .execute(
-                "INSERT INTO customers (id, domain, root, db_url, process_manager) VALUES ($1, $2, $3, $4, $5)",
-                &[&c.id, &c.domain, &c.root, &c.db_url, &c.process_manager],
-            )
-            .await;
-        match r {
-            Ok(_) => Ok(()),
-            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Err(DbError::Exists(format!(
-                "customer {} or domain {}",
-                c.id, c.domain
-            ))),
-            Err(e) => Err(unavailable(e)),
-        }
-    }
-
-    pub async fn customer(&self, id: &str) -> Result<Option<Customer>, DbError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
-                "SELECT id, domain, root, db_url, process_manager FROM customers WHERE id = $1",
-                &[&id],
-            )
-            .await
-            .map_err(unavailable)?;
-        Ok(row.as_ref().map(customer_from))
-    }
-
-    pub async fn customers(&self) -> Result<Vec<Customer>, DbError> {
-        let rows = self
-            .client()
-            .await?
-            .query(
-                "SELECT id, domain, root, db_url, process_manager FROM customers ORDER BY id",
-                &[],
-            )
-            .await
-            .map_err(unavailable)?;
-        Ok(rows.iter().map(customer_from).collect())
     }
 
     // ---- the queue -------------------------------------------------------
@@ -527,8 +435,8 @@ impl Db {
     }
 
     /// Re-queues (or fails, when out of attempts) tasks whose lease ran
-    /// out: their worker died or stalled. Returns (id, customer, new state).
-    pub async fn reap(&self) -> Result<Vec<(i64, Option<String>, String)>, DbError> {
+    /// out: their worker died or stalled.
+    pub async fn reap(&self) -> Result<Vec<Reaped>, DbError> {
         let rows = self
             .client()
             .await?
@@ -539,12 +447,21 @@ impl Db {
                     error = 'attempt ' || attempt || ': lease expired (worker lost)',
                     lease_until = NULL
                  WHERE state = 'running' AND lease_until < now()
-                 RETURNING id, customer_id, state",
+                 RETURNING id, customer_id, app, kind, state",
                 &[],
             )
             .await
             .map_err(unavailable)?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+        Ok(rows
+            .iter()
+            .map(|r| Reaped {
+                id: r.get(0),
+                customer_id: r.get(1),
+                app: r.get(2),
+                kind: r.get(3),
+                state: r.get(4),
+            })
+            .collect())
     }
 
     /// Asks a task to stop: a queued one is cancelled at once, a running
@@ -610,228 +527,6 @@ impl Db {
             .await
             .map_err(unavailable)?;
         Ok(rows.iter().map(task_from).collect())
-    }
-
-    // ---- backups ---------------------------------------------------------
-
-    #[allow(clippy::too_many_arguments)]
-    pub async fn add_backup(
-        &self,
-        t: &Claimed,
-        id: &str,
-        kind: &str,
-        size: u64,
-        duration: Duration,
-        manifest: &Value,
-    ) -> Result<bool, DbError> {
-        // Fenced by the attempt, and once per task: `false` if this attempt
-        // no longer owns the task or the task already has its backup.
-        let n = self
-            .client()
-            .await?
-            .execute(
-                "INSERT INTO backups (customer_id, id, task_id, kind, size_bytes, duration_ms, manifest, created_by)
-                 SELECT $1, $2, $3, $4, $5, $6, $7, $8
-                 WHERE EXISTS (SELECT 1 FROM tasks WHERE id = $3 AND attempt = $9 AND state = 'running')
-                 ON CONFLICT (task_id) DO NOTHING",
-                &[
-                    &t.customer_id,
-                    &id,
-                    &t.id,
-                    &kind,
-                    &(size as i64),
-                    &(duration.as_millis() as i64),
-                    manifest,
-                    &t.created_by,
-                    &t.attempt,
-                ],
-            )
-            .await
-            .map_err(unavailable)?;
-        Ok(n == 1)
-    }
-
-    /// The backup a task recorded, if it got that far (id, size, manifest).
-    pub async fn backup_of_task(&self, task: i64) -> Result<Option<(String, u64)>, DbError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt("SELECT id, size_bytes FROM backups WHERE task_id = $1", &[&task])
-            .await
-            .map_err(unavailable)?;
-        Ok(row.map(|r| (r.get(0), r.get::<_, i64>(1) as u64)))
-    }
-
-    /// Newest first.
-    pub async fn backups(&self, customer: &str) -> Result<Vec<BackupRow>, DbError> {
-        let rows = self
-            .client()
-            .await?
-            .query(
-                "SELECT id, task_id, kind, size_bytes, duration_ms, created_by,
-                        to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), manifest
-                 FROM backups WHERE customer_id = $1 ORDER BY created_at DESC, id DESC",
-                &[&customer],
-            )
-            .await
-            .map_err(unavailable)?;
-        Ok(rows
-            .iter()
-            .map(|r| BackupRow {
-                id: r.get(0),
-                task: r.get(1),
-                kind: r.get(2),
-                size_bytes: r.get(3),
-                duration_ms: r.get(4),
-                created_by: r.get(5),
-                created_at: r.get(6),
-                manifest: r.get(7),
-            })
-            .collect())
-    }
-
-    pub async fn delete_backup(&self, customer: &str, id: &str) -> Result<bool, DbError> {
-        let n = self
-            .client()
-            .await?
-            .execute(
-                "DELETE FROM backups WHERE customer_id = $1 AND id = $2",
-                &[&customer, &id],
-            )
-            .await
-            .map_err(unavailable)?;
-        Ok(n == 1)
-    }
-
-    // ---- apps (PaaS) -------------------------------------------------------
-
-    /// Registers an app unless `max` apps exist already (`Exists` for a
-    /// taken name, `Unavailable` naming the cap when full).
-    pub async fn add_app(&self, a: &App, max: usize) -> Result<(), DbError> {
-        let r = self
-            .client()
-            .await?
-            .execute(
-                "INSERT INTO apps (name, repo, git_ref, port, health_path, created_by)
-                 SELECT $1, $2, $3, $4, $5, $6 WHERE (SELECT count(*) FROM apps) < $7",
-                &[
-                    &a.name,
-                    &a.repo,
-                    &a.git_ref,
-                    &a.port,
-                    &a.health_path,
-                    &a.created_by,
-                    &(max as i64),
-                ],
-            )
-            .await;
-        match r {
-            Ok(1) => Ok(()),
-            Ok(_) => Err(DbError::Full(format!("{max} apps exist already (paas.max_apps)"))),
-            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                Err(DbError::Exists(format!("app {}", a.name)))
-            }
-            Err(e) => Err(unavailable(e)),
-        }
-    }
-
-    pub async fn app(&self, name: &str) -> Result<Option<App>, DbError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
-                &format!("SELECT {APP_COLUMNS} FROM apps WHERE name = $1"),
-                &[&name],
-            )
-            .await
-            .map_err(unavailable)?;
-        Ok(row.as_ref().map(app_from))
-    }
-
-    pub async fn apps(&self) -> Result<Vec<App>, DbError> {
-        let rows = self
-            .client()
-            .await?
-            .query(&format!("SELECT {APP_COLUMNS} FROM apps ORDER BY name"), &[])
-            .await
-            .map_err(unavailable)?;
-        Ok(rows.iter().map(app_from).collect())
-    }
-
-    /// Points the app at a new container, if `t` still holds its lease
-    /// (a deploy whose attempt was taken over switches nothing). Returns
-    /// the previous container and image, or `None` when fenced off.
-    pub async fn switch_app(
-        &self,
-        t: &Claimed,
-        name: &str,
-        kind: &str,
-        container: &str,
-        image: &str,
-        host_port: u16,
-    ) -> Result<Option<(Option<String>, Option<String>)>, DbError> {
-        let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(unavailable)?;
-        let Some(old) = tx
-            .query_opt(
-                "SELECT container, image FROM apps WHERE name = $1 FOR UPDATE",
-                &[&name],
-            )
-            .await
-            .map_err(unavailable)?
-        else {
-            return Ok(None);
-        };
-        let n = tx
-            .execute(
-                "UPDATE apps SET kind = $2, container = $3, image = $4, host_port = $5,
-                        desired = 'running', deployed_at = now()
-                 WHERE name = $1 AND EXISTS (SELECT 1 FROM tasks WHERE id = $6 AND attempt = $7 AND state = 'running')",
-                &[&name, &kind, &container, &image, &i32::from(host_port), &t.id, &t.attempt],
-            )
-            .await
-            .map_err(unavailable)?;
-        tx.commit().await.map_err(unavailable)?;
-        Ok((n == 1).then(|| (old.get(0), old.get(1))))
-    }
-
-    /// Records where Docker publishes the app's container now (it may pick
-    /// another port after a restart); `None` when it publishes none.
-    pub async fn set_app_port(
-        &self,
-        name: &str,
-        container: &str,
-        host_port: Option<u16>,
-    ) -> Result<bool, DbError> {
-        let n = self
-            .client()
-            .await?
-            .execute(
-                "UPDATE apps SET host_port = $3 WHERE name = $1 AND container = $2 AND host_port IS DISTINCT FROM $3",
-                &[&name, &container, &host_port.map(i32::from)],
-            )
-            .await
-            .map_err(unavailable)?;
-        Ok(n == 1)
-    }
-
-    pub async fn set_app_desired(&self, name: &str, desired: &str) -> Result<(), DbError> {
-        self.client()
-            .await?
-            .execute("UPDATE apps SET desired = $2 WHERE name = $1", &[&name, &desired])
-            .await
-            .map_err(unavailable)?;
-        Ok(())
-    }
-
-    pub async fn delete_app(&self, name: &str) -> Result<bool, DbError> {
-        let n = self
-            .client()
-            .await?
-            .execute("DELETE FROM apps WHERE name = $1", &[&name])
-            .await
-            .map_err(unavailable)?;
-        Ok(n == 1)
     }
 
     /// Of `ids`, the tasks that have ended (succeeded, failed, cancelled).

@@ -25,13 +25,24 @@ use portico_config::is_http_path;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::PaasError;
+use super::db::App;
 use super::source::{Repo, is_git_ref};
-use crate::api::{Api, OPS_LEAD, STAFF, SUPER_ADMIN, bad, json_body, not_found};
-use crate::db::{App, Subject};
+use super::{Paas, PaasError};
+use crate::api::{Api, OPS_LEAD, SERVICE, STAFF, SUPER_ADMIN, bad, json_body, not_found};
+use crate::queue::Subject;
 
-/// The role of other Portico services (the gateway reads the routes).
-const SERVICE: &str = "service";
+/// The apps routes' state: the core API and the Docker side.
+pub struct PaasApi {
+    pub api: Arc<Api>,
+    pub paas: Arc<Paas>,
+}
+
+impl std::ops::Deref for PaasApi {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
+    }
+}
 
 impl From<PaasError> for ApiError {
     fn from(e: PaasError) -> Self {
@@ -47,7 +58,7 @@ impl From<PaasError> for ApiError {
     }
 }
 
-pub fn router(api: Arc<Api>) -> Router {
+pub fn router(api: Arc<PaasApi>) -> Router {
     Router::new()
         .route("/api/apps", post(create).get(list))
         .route("/api/apps/{name}", get(show).delete(delete))
@@ -94,7 +105,7 @@ fn name_ok(name: &str) -> Result<(), ApiError> {
     }
 }
 
-impl Api {
+impl PaasApi {
     /// Docker answers (checked before anything else an app call needs).
     async fn docker(&self) -> Result<(), ApiError> {
         self.paas.engine.ping().await.map_err(ApiError::from)
@@ -151,7 +162,7 @@ struct NewApp {
 }
 
 async fn create(
-    State(api): State<Arc<Api>>,
+    State(api): State<Arc<PaasApi>>,
     headers: HeaderMap,
     body: Result<Json<NewApp>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -232,14 +243,14 @@ async fn create(
     Ok((StatusCode::CREATED, Json(json!({ "app": app, "task": task }))))
 }
 
-async fn list(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<impl IntoResponse, ApiError> {
+async fn list(State(api): State<Arc<PaasApi>>, headers: HeaderMap) -> Result<impl IntoResponse, ApiError> {
     api.caller(&headers, STAFF)?;
     api.docker().await?;
     Ok(Json(json!({ "apps": api.db()?.apps().await? })))
 }
 
 async fn show(
-    State(api): State<Arc<Api>>,
+    State(api): State<Arc<PaasApi>>,
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -258,7 +269,7 @@ async fn show(
 }
 
 async fn delete(
-    State(api): State<Arc<Api>>,
+    State(api): State<Arc<PaasApi>>,
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -290,7 +301,7 @@ async fn delete(
 }
 
 async fn deploy(
-    State(api): State<Arc<Api>>,
+    State(api): State<Arc<PaasApi>>,
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -323,7 +334,7 @@ async fn deploy(
 }
 
 async fn stop(
-    State(api): State<Arc<Api>>,
+    State(api): State<Arc<PaasApi>>,
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -338,7 +349,7 @@ async fn stop(
 }
 
 async fn start(
-    State(api): State<Arc<Api>>,
+    State(api): State<Arc<PaasApi>>,
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -364,7 +375,7 @@ struct LogQuery {
 /// The container's output as text: the last `tail` lines (default 100,
 /// at most 10,000), then, with `follow=true`, new lines as they come.
 async fn logs(
-    State(api): State<Arc<Api>>,
+    State(api): State<Arc<PaasApi>>,
     headers: HeaderMap,
     Path(name): Path<String>,
     query: Result<Query<LogQuery>, QueryRejection>,
@@ -384,7 +395,7 @@ async fn logs(
 }
 
 async fn tasks(
-    State(api): State<Arc<Api>>,
+    State(api): State<Arc<PaasApi>>,
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -396,7 +407,7 @@ async fn tasks(
 }
 
 async fn task(
-    State(api): State<Arc<Api>>,
+    State(api): State<Arc<PaasApi>>,
     headers: HeaderMap,
     Path((name, task)): Path<(String, i64)>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -407,7 +418,7 @@ async fn task(
 
 /// The gateway's route table: every app, whether it should serve, and
 /// where (127.0.0.1 and the container's published port).
-async fn routes(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<impl IntoResponse, ApiError> {
+async fn routes(State(api): State<Arc<PaasApi>>, headers: HeaderMap) -> Result<impl IntoResponse, ApiError> {
     api.caller(&headers, &[SERVICE, SUPER_ADMIN])?;
     let apps = api.db()?.apps().await?;
     let routes: Vec<_> = apps
@@ -433,7 +444,7 @@ async fn routes(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<impl 
 /// Cancels a queued deploy at once, a running one at its next step (its
 /// new container and image are removed; the old one keeps serving).
 async fn cancel(
-    State(api): State<Arc<Api>>,
+    State(api): State<Arc<PaasApi>>,
     headers: HeaderMap,
     Path((name, task)): Path<(String, i64)>,
 ) -> Result<impl IntoResponse, ApiError> {

@@ -1,6 +1,9 @@
 //! Workers: claim tasks, run them under a renewed lease, report progress,
 //! and end each attempt with a fenced update; the reaper takes back tasks
 //! whose worker died. Every task belongs to this module's `JoinSet`.
+//!
+//! What a task does is its [`Kind`]'s business: the worker looks the kind
+//! up by the task's `kind` column and knows nothing else about it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,27 +14,87 @@ use serde_json::{Value, json};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::archive::Meter;
-use crate::backup::{self, Include};
-use crate::db::{Claimed, Db, Outcome};
-use crate::progress::{Events, Progress};
-use crate::restore;
+use std::collections::HashMap;
 
-pub struct Workers {
-    pub db: Db,
-    pub cfg: JobsConfig,
-    pub events: Events,
-    pub paas: Arc<crate::paas::Paas>,
+use tracing::Instrument;
+
+use super::db::{Claimed, Db, Outcome, Subject};
+use super::progress::{Events, Progress};
+use crate::archive::Meter;
+
+/// A task kind: what runs when a task of this kind is claimed.
+#[async_trait::async_trait]
+pub trait Kind: Send + Sync + 'static {
+    /// The task's `kind` column (and the prefix of its events).
+    fn name(&self) -> &'static str;
+
+    /// Runs one attempt. Progress goes to `progress`; a cancel request
+    /// sets `progress.meter.cancelled`.
+    async fn perform(&self, t: &Claimed, progress: &Arc<Progress>) -> Result<Value, Failure>;
+
+    /// After an attempt failed, or its lease ran out: remove what a dead
+    /// attempt leaves behind (partial files). Runs before any retry.
+    async fn abandoned(&self, _subject: Subject<'_>) {}
+
+    /// Background work the kind needs while the service runs (e.g. keeping
+    /// containers in their desired state), until `stop`.
+    async fn watch(self: Arc<Self>, _stop: CancellationToken) {}
 }
 
 /// What a task failed with, and whether to try again.
-struct Failure {
-    message: String,
-    retryable: bool,
-    cancelled: bool,
+#[derive(Debug)]
+pub struct Failure {
+    pub message: String,
+    pub retryable: bool,
+    pub cancelled: bool,
+}
+
+impl Failure {
+    /// Will not get better by trying again.
+    pub fn fatal(message: impl Into<String>) -> Failure {
+        Failure {
+            message: message.into(),
+            retryable: false,
+            cancelled: false,
+        }
+    }
+
+    /// Transient: the task is queued again while attempts remain.
+    pub fn retry(message: impl Into<String>) -> Failure {
+        Failure {
+            message: message.into(),
+            retryable: true,
+            cancelled: false,
+        }
+    }
+
+    /// Stopped on request.
+    pub fn cancelled(message: impl Into<String>) -> Failure {
+        Failure {
+            message: message.into(),
+            retryable: false,
+            cancelled: true,
+        }
+    }
+}
+
+pub struct Workers {
+    db: Db,
+    cfg: JobsConfig,
+    events: Events,
+    kinds: HashMap<&'static str, Arc<dyn Kind>>,
 }
 
 impl Workers {
+    pub fn new(db: Db, cfg: JobsConfig, events: Events, kinds: &[Arc<dyn Kind>]) -> Workers {
+        Workers {
+            db,
+            cfg,
+            events,
+            kinds: kinds.iter().map(|k| (k.name(), k.clone())).collect(),
+        }
+    }
+
     fn lease(&self) -> Duration {
         Duration::from_secs(self.cfg.lease_secs)
     }
@@ -44,6 +107,9 @@ impl Workers {
             set.spawn(self.clone().claim_loop(stop.clone()));
         }
         set.spawn(self.clone().reap_loop(stop.clone()));
+        for k in self.kinds.values() {
+            set.spawn(k.clone().watch(stop.clone()));
+        }
         while set.join_next().await.is_some() {}
     }
 
@@ -79,14 +145,14 @@ impl Workers {
             }
             match self.db.reap().await {
                 Ok(reaped) => {
-                    for (id, customer, state) in reaped {
-                        tracing::warn!(task = id, customer, state, "lease expired: worker lost");
-                        metrics::counter!("portico_jobs_tasks_reaped_total").increment(1);
-                        if state == "failed"
-                            && let Some(customer) = customer
-                            && let Ok(Some(c)) = self.db.customer(&customer).await
+                    for r in reaped {
+                        tracing::warn!(task = r.id, subject = %r.subject(), kind = r.kind, state = r.state, "lease expired: worker lost");
+                        metrics::counter!("portico_jobs_tasks_reaped_total", "kind" => r.kind.clone())
+                            .increment(1);
+                        if r.state == "failed"
+                            && let Some(k) = self.kinds.get(r.kind.as_str())
                         {
-                            backup::clean_partials(std::path::Path::new(&c.root));
+                            k.abandoned(r.subject()).await;
                         }
                     }
                 }
@@ -104,8 +170,12 @@ impl Workers {
 
     async fn execute(&self, t: Claimed) {
         let span = tracing::info_span!("task", id = t.id, kind = %t.kind, subject = %t.subject(), attempt = t.attempt);
-        let _e = span.enter();
+        self.attempt(t).instrument(span).await
+    }
+
+    async fn attempt(&self, t: Claimed) {
         tracing::info!("task started");
+        let kind = self.kinds.get(t.kind.as_str()).cloned();
         let meter = Meter::new(self.cfg.backup_max_bytes_per_sec);
         let progress = Progress::new(meter.clone());
         let lost = Arc::new(AtomicBool::new(false));
@@ -119,7 +189,10 @@ impl Workers {
             lost.clone(),
             beat_stop.clone(),
         ));
-        let result = self.perform(&t, progress.clone()).await;
+        let result = match &kind {
+            Some(k) => k.perform(&t, &progress).await,
+            None => Err(Failure::fatal(format!("unknown task kind `{}`", t.kind))),
+        };
         beat_stop.cancel();
         let _ = beat.await;
         if lost.load(Ordering::Acquire) {
@@ -155,9 +228,9 @@ impl Workers {
             Err(f) => (Outcome::Failed(f.message.clone()), None, Some(f.message.clone())),
         };
         if result.is_err()
-            && let Some(c) = self.customer(&t).await
+            && let Some(k) = &kind
         {
-            backup::clean_partials(std::path::Path::new(&c.root));
+            k.abandoned(t.subject()).await;
         }
         match self.db.finish(&t, outcome, &last).await {
             Ok(true) => {}
@@ -198,111 +271,6 @@ impl Workers {
                 &data,
             )
             .await;
-    }
-
-    async fn customer(&self, t: &Claimed) -> Option<crate::db::Customer> {
-        self.db.customer(t.customer_id.as_deref()?).await.ok().flatten()
-    }
-
-    /// Keeps the newest `keep` backups of a customer (directories and rows).
-    async fn retain(&self, customer: &str, root: &std::path::Path, keep: usize) -> Vec<String> {
-        let root = root.to_path_buf();
-        let deleted = tokio::task::spawn_blocking(move || backup::retain(&root, keep))
-            .await
-            .unwrap_or_default();
-        for old in &deleted {
-            let _ = self.db.delete_backup(customer, old).await;
-        }
-        deleted
-    }
-
-    async fn perform(&self, t: &Claimed, progress: Arc<Progress>) -> Result<Value, Failure> {
-        let fail = |message: String, retryable: bool| Failure {
-            message,
-            retryable,
-            cancelled: false,
-        };
-        if t.kind == "deploy" {
-            return self
-                .paas
-                .deploy(&self.db, t, &progress)
-                .await
-                .map_err(|e| Failure {
-                    cancelled: matches!(e, crate::paas::PaasError::Cancelled),
-                    retryable: e.retryable(),
-                    message: e.to_string(),
-                });
-        }
-        let c = self.customer(t).await.ok_or_else(|| {
-            fail(
-                format!(
-                    "customer {} is not registered",
-                    t.customer_id.as_deref().unwrap_or("?")
-                ),
-                false,
-            )
-        })?;
-        match t.kind.as_str() {
-            "backup" => {
-                let settings = backup::Settings::from(&self.cfg);
-                let root = std::path::PathBuf::from(&c.root);
-                // A previous attempt died after recording its backup: that
-                // one is the task's result, not a reason for a second.
-                if let Some((id, size)) = self
-                    .db
-                    .backup_of_task(t.id)
-                    .await
-                    .map_err(|e| fail(e.to_string(), true))?
-                {
-                    let deleted = self.retain(&c.id, &root, settings.keep).await;
-                    return Ok(
-                        json!({ "backup": id, "size_bytes": size, "recovered": true, "retention_deleted": deleted }),
-                    );
-                }
-                let kind = t.params["type"].as_str().unwrap_or("fast").to_string();
-                let inc: Include =
-                    serde_json::from_value(t.params["include"].clone()).unwrap_or(Include::FAST);
-                let started = std::time::Instant::now();
-                let (id, manifest) = backup::run(&c, &kind, inc, &settings, progress)
-                    .await
-                    .map_err(|e| Failure {
-                        cancelled: matches!(e, backup::BackupError::Cancelled),
-                        retryable: e.retryable(),
-                        message: e.to_string(),
-                    })?;
-                let size = manifest["stats"]["total_bytes"].as_u64().unwrap_or(0);
-                let recorded = self
-                    .db
-                    .add_backup(t, &id, &kind, size, started.elapsed(), &manifest)
-                    .await
-                    .map_err(|e| fail(e.to_string(), true))?;
-                if !recorded {
-                    // Another attempt owns the task now: this copy is surplus.
-                    let dir = backup::backups_dir(&root).join(&id);
-                    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
-                    return Err(fail("the task was taken over by another attempt".into(), false));
-                }
-                // Only now that the new one is complete: drop the oldest.
-                let deleted = self.retain(&c.id, &root, settings.keep).await;
-                Ok(
-                    json!({ "backup": id, "size_bytes": size, "duration_ms": started.elapsed().as_millis() as u64, "retention_deleted": deleted }),
-                )
-            }
-            "restore" => {
-                progress.step("restore");
-                let o = restore::Options {
-                    dry_run: t.params["dry_run"].as_bool().unwrap_or(false),
-                    target_db: t.params["target_db"].as_str().map(str::to_string),
-                    target_root: None,
-                    pg_bin_dir: self.cfg.pg_bin_dir.clone(),
-                };
-                let backup_id = t.params["backup"].as_str().unwrap_or_default();
-                restore::restore(&c, backup_id, &o)
-                    .await
-                    .map_err(|e| fail(e.to_string(), false))
-            }
-            other => Err(fail(format!("unknown task kind `{other}`"), false)),
-        }
     }
 }
 

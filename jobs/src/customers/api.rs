@@ -1,0 +1,173 @@
+//! Customer routes: register (super_admin), list, show, and a customer's
+//! tasks (list, show, cancel).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use portico_common::api::ApiError;
+use portico_config::is_hostname;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::Customer;
+use crate::api::{Api, STAFF, SUPER_ADMIN, bad, json_body, not_found};
+use crate::queue::Subject;
+
+pub fn router(api: Arc<Api>) -> Router {
+    Router::new()
+        .route("/api/customers", post(create_customer).get(list_customers))
+        .route("/api/customers/{id}", get(get_customer))
+        .route("/api/customers/{id}/tasks", get(list_tasks))
+        .route("/api/customers/{id}/tasks/{task}", get(get_task))
+        .route("/api/customers/{id}/tasks/{task}/cancel", post(cancel_task))
+        .with_state(api)
+}
+
+impl Api {
+    pub(crate) async fn customer(&self, id: &str) -> Result<Customer, ApiError> {
+        self.db()?
+            .customer(id)
+            .await?
+            .ok_or_else(|| not_found(format!("customer {id}")))
+    }
+}
+
+fn is_slug(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewCustomer {
+    id: String,
+    domain: String,
+    /// The customer database, e.g. postgres://user:pw@host/db.
+    database_url: Option<String>,
+    process_manager: Option<String>,
+    /// Who may follow the ops conversation (besides the creator).
+    #[serde(default)]
+    ops_members: Vec<String>,
+}
+
+async fn create_customer(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    body: Result<Json<NewCustomer>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let who = api.caller(&headers, &[SUPER_ADMIN])?;
+    let req = json_body(body)?;
+    if !is_slug(&req.id) {
+        return Err(bad(
+            "invalid_id",
+            "id must be 1-63 of a-z 0-9 - (not starting with -)",
+        ));
+    }
+    if !is_hostname(&req.domain) {
+        return Err(bad(
+            "invalid_domain",
+            format!("`{}` is not a valid domain", req.domain),
+        ));
+    }
+    if let Some(url) = &req.database_url
+        && url.parse::<tokio_postgres::Config>().is_err()
+    {
+        return Err(bad(
+            "invalid_database_url",
+            "database_url is not a valid PostgreSQL URL",
+        ));
+    }
+    let pm = req.process_manager.unwrap_or_else(|| "pm2".into());
+    if !["pm2", "systemd"].contains(&pm.as_str()) {
+        return Err(bad(
+            "invalid_process_manager",
+            "process_manager must be pm2 or systemd",
+        ));
+    }
+    if req.ops_members.len() > 100 || req.ops_members.iter().any(|m| m.is_empty() || m.len() > 128) {
+        return Err(bad(
+            "invalid_ops_members",
+            "ops_members: at most 100 user ids of 1-128 bytes",
+        ));
+    }
+    let root: PathBuf = api.cfg.customers_root.join(req.domain.to_ascii_lowercase());
+    let c = Customer {
+        id: req.id.clone(),
+        domain: req.domain.to_ascii_lowercase(),
+        root: root.display().to_string(),
+        has_database: req.database_url.is_some(),
+        db_url: req.database_url,
+        process_manager: pm,
+    };
+    let r = api.db()?.add_customer(&c).await;
+    api.audit(
+        &who,
+        "customer.create",
+        Subject::Customer(&c.id),
+        None,
+        if r.is_ok() { "ok" } else { "refused" },
+        json!({ "domain": c.domain }),
+    )
+    .await;
+    r?;
+    let mut members = req.ops_members;
+    members.push(who.sub.clone());
+    api.events.open_channel(Subject::Customer(&c.id), &members).await;
+    Ok((StatusCode::CREATED, Json(c)))
+}
+
+async fn list_customers(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    api.caller(&headers, STAFF)?;
+    Ok(Json(json!({ "customers": api.db()?.customers().await? })))
+}
+
+async fn get_customer(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    api.caller(&headers, STAFF)?;
+    Ok(Json(api.customer(&id).await?))
+}
+
+async fn list_tasks(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    api.caller(&headers, STAFF)?;
+    Ok(Json(
+        json!({ "tasks": api.db()?.tasks(Subject::Customer(&id), 100).await? }),
+    ))
+}
+
+async fn get_task(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path((id, task)): Path<(String, i64)>,
+) -> Result<impl IntoResponse, ApiError> {
+    api.caller(&headers, STAFF)?;
+    Ok(Json(api.task_of(Subject::Customer(&id), task).await?))
+}
+
+async fn cancel_task(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path((id, task)): Path<(String, i64)>,
+) -> Result<impl IntoResponse, ApiError> {
+    let who = api.caller(&headers, STAFF)?;
+    api.cancel(&who, Subject::Customer(&id), task).await
+}

@@ -1,0 +1,70 @@
+//! The restore route: queue a restore (or a dry run) of a backup.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::post;
+use portico_common::api::ApiError;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::api::{Api, OPS_LEAD, SUPER_ADMIN, bad, json_body};
+use crate::kinds::backup::api::backup_id;
+use crate::queue::Subject;
+
+pub fn router(api: Arc<Api>) -> Router {
+    Router::new()
+        .route("/api/customers/{id}/backups/{backup}/restore", post(restore))
+        .with_state(api)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RestoreRequest {
+    #[serde(default)]
+    dry_run: bool,
+    target_db: Option<String>,
+}
+
+async fn restore(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path((id, backup)): Path<(String, String)>,
+    body: Result<Json<RestoreRequest>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let who = api.caller(&headers, &[SUPER_ADMIN, OPS_LEAD])?;
+    let backup = backup_id(&backup)?.to_string();
+    let req = json_body(body)?;
+    if let Some(url) = &req.target_db
+        && url.parse::<tokio_postgres::Config>().is_err()
+    {
+        return Err(bad(
+            "invalid_target_db",
+            "target_db is not a valid PostgreSQL URL",
+        ));
+    }
+    api.customer(&id).await?;
+    let params = json!({ "backup": backup, "dry_run": req.dry_run, "target_db": req.target_db });
+    let r = api
+        .db()?
+        .enqueue(Subject::Customer(&id), "restore", &params, &who.sub, 1)
+        .await;
+    api.audit(
+        &who,
+        "backup.restore",
+        Subject::Customer(&id),
+        Some(&backup),
+        if r.is_ok() { "queued" } else { "refused" },
+        json!({ "dry_run": req.dry_run }),
+    )
+    .await;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "task": r?, "state": "queued" })),
+    ))
+}
