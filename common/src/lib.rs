@@ -1,5 +1,5 @@
 //! What every Portico service shares: logging, metrics, health endpoints,
-//! shutdown, user tokens and PostgreSQL plumbing.
+//! shutdown, user tokens, private files and PostgreSQL plumbing.
 //!
 //! It exists so that the three services behave the same at their edges
 //! (same log format, same `/metrics`, same signal handling, one token format)
@@ -9,6 +9,7 @@ pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod cli;
+pub mod files;
 pub mod pg;
 pub mod shutdown;
 pub mod telemetry;

@@ -420,6 +420,74 @@ pub struct JobsConfig {
     pub prune_after_days: u32,
     /// Directory of `pg_dump`/`pg_restore`; none: from `PATH`.
     pub pg_bin_dir: Option<PathBuf>,
+    /// Blue/green upgrades of customers' shops.
+    pub upgrade: UpgradeConfig,
+}
+
+/// Blue/green upgrades: where releases come from, how long steps may take,
+/// how the switch is made, and how the process managers are driven.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpgradeConfig {
+    /// The release catalog (`releases.json`); archives are resolved
+    /// relative to its directory. Missing file: no release is offered.
+    pub releases: PathBuf,
+    /// Releases kept on disk besides the current and the previous one.
+    pub keep_releases: usize,
+    /// Longest an install, migrate or build command may run.
+    pub step_timeout_secs: u64,
+    /// How long a new instance may take to pass its health checks.
+    pub health_deadline_secs: u64,
+    /// After the switch: how long the old instance keeps serving requests
+    /// already sent to it before it is stopped.
+    pub drain_secs: u64,
+    /// Longest wait for the gateways to fetch the new route table after a
+    /// switch (they poll every `paas.routes_poll_ms`).
+    pub switch_wait_secs: u64,
+    /// `.env` changes wait for an approver (super_admin, ops_lead).
+    pub require_env_approval: bool,
+    /// The gateway's HTTPS address, for the checks through the edge after a
+    /// switch (e.g. `https://127.0.0.1:443`); none: checks go to the
+    /// instances directly.
+    pub gateway_url: Option<String>,
+    /// A CA certificate (PEM) the gateway's certificates chain to, besides
+    /// the system's (a self-signed or private CA).
+    pub gateway_ca_file: Option<PathBuf>,
+    /// `supervisor`: the `supervisorctl` command line (program and
+    /// arguments, e.g. `["supervisorctl", "-c", "/etc/supervisor/supervisord.conf"]`).
+    pub supervisorctl: Vec<String>,
+    /// `supervisor`: the directory supervisord includes program files from.
+    pub supervisor_conf_dir: PathBuf,
+    /// `systemd`: the template unit (`<name>@<instance>.service`) and the
+    /// directory of the per-instance environment files it reads.
+    pub systemd_unit: String,
+    pub systemd_env_dir: PathBuf,
+    /// `command`: templates run with `sh -c` to start and stop an
+    /// instance; `{instance}`, `{dir}`, `{env_file}` are replaced.
+    pub command_start: Option<String>,
+    pub command_stop: Option<String>,
+}
+
+impl Default for UpgradeConfig {
+    fn default() -> Self {
+        UpgradeConfig {
+            releases: PathBuf::from("templates/releases.json"),
+            keep_releases: 3,
+            step_timeout_secs: 900,
+            health_deadline_secs: 60,
+            drain_secs: 5,
+            switch_wait_secs: 15,
+            require_env_approval: false,
+            gateway_url: None,
+            gateway_ca_file: None,
+            supervisorctl: vec!["supervisorctl".into()],
+            supervisor_conf_dir: PathBuf::from("/etc/supervisor/conf.d"),
+            systemd_unit: "portico-shop".into(),
+            systemd_env_dir: PathBuf::from("/run/portico-shop"),
+            command_start: None,
+            command_stop: None,
+        }
+    }
 }
 
 impl Default for JobsConfig {
@@ -441,6 +509,7 @@ impl Default for JobsConfig {
             technician_can_delete: false,
             prune_after_days: 30,
             pg_bin_dir: None,
+            upgrade: UpgradeConfig::default(),
         }
     }
 }
@@ -783,6 +852,42 @@ impl PorticoConfig {
             && !url.starts_with("https://")
         {
             return bad("jobs.chat_url", "must be an http:// or https:// URL");
+        }
+        let u = &j.upgrade;
+        for (key, v) in [
+            ("jobs.upgrade.step_timeout_secs", u.step_timeout_secs),
+            ("jobs.upgrade.health_deadline_secs", u.health_deadline_secs),
+            ("jobs.upgrade.switch_wait_secs", u.switch_wait_secs),
+        ] {
+            if v == 0 {
+                return bad(key, "must be at least 1");
+            }
+        }
+        if let Some(url) = &u.gateway_url
+            && !url.starts_with("https://")
+        {
+            return bad(
+                "jobs.upgrade.gateway_url",
+                "must be an https:// URL (the gateway's TLS listener)",
+            );
+        }
+        if u.supervisorctl.is_empty() {
+            return bad(
+                "jobs.upgrade.supervisorctl",
+                "must name the supervisorctl program",
+            );
+        }
+        if !is_hostname(&u.systemd_unit.replace('_', "-")) || u.systemd_unit.contains('.') {
+            return bad(
+                "jobs.upgrade.systemd_unit",
+                "must be a unit name without `@` or suffix",
+            );
+        }
+        if u.command_start.is_some() != u.command_stop.is_some() {
+            return bad(
+                "jobs.upgrade.command_start",
+                "command_start and command_stop go together",
+            );
         }
         let p = &self.paas;
         if !is_hostname(&p.domain) {

@@ -188,6 +188,32 @@ fn jobs_keys_are_checked() {
         ),
         ("PORTICO_JOBS__CHAT_URL", "ftp://x", "jobs.chat_url"),
         ("PORTICO_JOBS__WORKERS", "0", "jobs.workers"),
+        (
+            "PORTICO_JOBS__UPGRADE__STEP_TIMEOUT_SECS",
+            "0",
+            "jobs.upgrade.step_timeout_secs",
+        ),
+        (
+            "PORTICO_JOBS__UPGRADE__GATEWAY_URL",
+            "http://127.0.0.1:80",
+            "jobs.upgrade.gateway_url",
+        ),
+        (
+            "PORTICO_JOBS__UPGRADE__SUPERVISORCTL",
+            "[]",
+            "jobs.upgrade.supervisorctl",
+        ),
+        (
+            "PORTICO_JOBS__UPGRADE__SYSTEMD_UNIT",
+            "shop@.service",
+            "jobs.upgrade.systemd_unit",
+        ),
+        (
+            "PORTICO_JOBS__UPGRADE__COMMAND_START",
+            "start {instance}",
+            "jobs.upgrade.command_start",
+        ),
+        ("PORTICO_JOBS__UPGRADE__DRAIN", "5", "jobs.upgrade.drain"),
     ]);
 }
 

@@ -10,6 +10,10 @@
 //! `Content-Location`, `Refresh` and `Link` that would reveal the private
 //! address ([`public_location`]).
 //!
+//! Customers' shops are served on their own hostnames (`<domain>`,
+//! `admin.<domain>`, `api.<domain>`) by the release the jobs service says
+//! serves now; a blue/green switch is a new table.
+//!
 //! [`AppRoutes`] is the table, swapped whole; [`RoutesPoller`] fetches it
 //! from the jobs service (`/api/paas/routes`) every `paas.routes_poll_ms`,
 //! so new, moved and removed apps take effect within a poll and without a
@@ -66,6 +70,8 @@ pub struct AppRoutes {
     domain: String,
     max_body_bytes: u64,
     table: ArcSwap<HashMap<Arc<str>, AppState>>,
+    /// Customers' shops by hostname (lowercase): the release serving now.
+    sites: ArcSwap<HashMap<String, Arc<Route>>>,
 }
 
 impl AppRoutes {
@@ -74,7 +80,45 @@ impl AppRoutes {
             domain: domain.to_ascii_lowercase(),
             max_body_bytes,
             table: ArcSwap::default(),
+            sites: ArcSwap::default(),
         }
+    }
+
+    /// The route of a customer's shop served at `host`, if any.
+    pub fn site(&self, host: &str) -> Option<Arc<Route>> {
+        let sites = self.sites.load();
+        if sites.is_empty() {
+            return None;
+        }
+        sites.get(host.to_ascii_lowercase().as_str()).cloned()
+    }
+
+    /// Installs the shops' table; returns whether anything changed.
+    fn install_sites(&self, entries: &[SiteEntry]) -> bool {
+        let next: HashMap<String, Arc<Route>> = entries
+            .iter()
+            .map(|e| {
+                (
+                    e.host.to_ascii_lowercase(),
+                    Arc::new(Route {
+                        name: Arc::from("shop"),
+                        target: Target::Upstream(e.upstream),
+                        timeout: DEFAULT_TIMEOUT,
+                        max_body_bytes: self.max_body_bytes,
+                        class: None,
+                    }),
+                )
+            })
+            .collect();
+        let current = self.sites.load();
+        let same = current.len() == next.len()
+            && next
+                .iter()
+                .all(|(h, r)| current.get(h).is_some_and(|c| c.target == r.target));
+        if !same {
+            self.sites.store(Arc::new(next));
+        }
+        !same
     }
 
     /// The domain under which apps have their hostnames.
@@ -311,6 +355,15 @@ pub fn public_location(location: &str, site: &Site) -> Option<String> {
 #[derive(Debug, Deserialize)]
 struct RoutesDoc {
     apps: Vec<RouteEntry>,
+    /// Customers' shops (absent from older jobs services).
+    #[serde(default)]
+    sites: Vec<SiteEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SiteEntry {
+    host: String,
+    upstream: SocketAddr,
 }
 
 #[derive(Debug, Deserialize)]
@@ -334,7 +387,7 @@ pub struct RoutesPoller {
 const TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 
 impl RoutesPoller {
-    async fn fetch(&self, http: &reqwest::Client) -> Result<Vec<RouteEntry>, String> {
+    async fn fetch(&self, http: &reqwest::Client) -> Result<(Vec<RouteEntry>, Vec<SiteEntry>), String> {
         let token = self.tokens.issue("portico-gateway", &["service"], TOKEN_LIFETIME);
         let resp = http
             .get(&self.url)
@@ -353,13 +406,20 @@ impl RoutesPoller {
         let doc: RoutesDoc = resp.json().await.map_err(|e| e.to_string())?;
         // Only loopback upstreams: the table must never point the edge at
         // another machine, whatever the answer says.
-        Ok(doc
+        let apps = doc
             .apps
             .into_iter()
             .filter(|r| r.upstream.is_none_or(|a| a.ip().is_loopback()))
             .filter(|r| r.name.len() <= 63)
             .take(100_000)
-            .collect())
+            .collect();
+        let sites = doc
+            .sites
+            .into_iter()
+            .filter(|s| s.upstream.ip().is_loopback() && portico_config::is_hostname(&s.host))
+            .take(100_000)
+            .collect();
+        Ok((apps, sites))
     }
 }
 
@@ -379,7 +439,7 @@ impl BackgroundService for RoutesPoller {
                 _ = tick.tick() => {}
             }
             match self.fetch(&http).await {
-                Ok(entries) => {
+                Ok((entries, sites)) => {
                     if failing {
                         tracing::info!("app routes reachable again");
                         failing = false;
@@ -387,6 +447,10 @@ impl BackgroundService for RoutesPoller {
                     if self.routes.install(&entries) {
                         metrics::counter!("portico_gateway_app_route_updates_total").increment(1);
                         tracing::info!(apps = entries.len(), "app routes updated");
+                    }
+                    if self.routes.install_sites(&sites) {
+                        metrics::counter!("portico_gateway_app_route_updates_total").increment(1);
+                        tracing::info!(hosts = sites.len(), "shop routes updated");
                     }
                 }
                 Err(e) => {

@@ -269,7 +269,9 @@ impl ProxyHttp for Edge {
         let req = session.req_header();
         let host = authority(req).map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name));
         ctx.route = self.routes.load().route(host, req.uri.path()).clone();
-        if let Some(m) = self.apps.resolve(host, req.uri.path()) {
+        if let Some(site) = host.and_then(|h| self.apps.site(h)) {
+            ctx.route = site;
+        } else if let Some(m) = self.apps.resolve(host, req.uri.path()) {
             match m.state {
                 None => {
                     return page(session, 404, "No such app", "No app is deployed at this address.").await;

@@ -37,6 +37,8 @@ pub enum StartError {
     NoSecret,
     #[error("jobs database: {0}")]
     Db(#[from] queue::DbError),
+    #[error("{0}")]
+    Catalog(#[from] kinds::upgrade::catalog::CatalogError),
 }
 
 fn describe_metrics() {
@@ -70,6 +72,9 @@ pub async fn bind(cfg: &PorticoConfig) -> Result<Bound, StartError> {
         .await
         .map_err(|source| StartError::Bind { addr, source })?;
     let kinds = kinds::Kinds::new(cfg);
+    // A broken release catalog is a configuration error: say so now, not
+    // at the first upgrade. (It is read again at every use.)
+    kinds.check()?;
     let db = match &j.postgres_url {
         Some(url) => Some(queue::Db::connect(url.expose(), j.postgres_pool, &kinds::Kinds::schemas()).await?),
         None => None,

@@ -38,10 +38,20 @@ enum Command {
         #[arg(long)]
         target_root: Option<PathBuf>,
     },
+    /// Runs one instance of a shop's service from its spec (written by an
+    /// upgrade; process managers run this): sets the directory and the
+    /// environment, then becomes the release's start command.
+    RunInstance {
+        /// The spec (JSON) under the customer's `run/` directory.
+        spec: PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if let Some(Command::RunInstance { spec }) = &args.command {
+        return run_instance(spec);
+    }
     let cfg = match portico_common::cli::load_config(args.config.as_deref(), args.check_config) {
         Ok(cfg) => cfg,
         Err(code) => return code,
@@ -78,5 +88,26 @@ fn main() -> std::process::ExitCode {
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }),
+        Some(Command::RunInstance { .. }) => unreachable!("handled before the config is read"),
     }
+}
+
+fn run_instance(path: &std::path::Path) -> std::process::ExitCode {
+    let spec: portico_jobs::kinds::upgrade::pm::Spec = match std::fs::read(path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("portico-jobs run-instance: {}: {e}", path.display());
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let e = spec.exec();
+    eprintln!(
+        "portico-jobs run-instance: cannot start `{}` in {}: {e}",
+        spec.command,
+        spec.dir.display()
+    );
+    std::process::ExitCode::from(1)
 }

@@ -439,6 +439,11 @@ pub fn up_env(extra: &[(&'static str, String)]) -> (Vec<(&'static str, String)>,
 
 impl Service {
     /// The self-signed certificate the gateway generated.
+    /// Where the gateway keeps the certificate it serves for `host`.
+    pub fn certificate_path(&self, host: &str) -> PathBuf {
+        self.dir.path().join("certs").join(format!("{host}.crt"))
+    }
+
     pub fn certificate(&self, host: &str) -> Vec<u8> {
         std::fs::read(self.dir.path().join("certs").join(format!("{host}.crt"))).expect("gateway certificate")
     }

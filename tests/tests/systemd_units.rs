@@ -15,6 +15,10 @@ fn units_are_hardened() {
         ("portico-gateway.service", "portico-gateway.service"),
         ("portico-chat@.service", "portico-chat@1.service"),
         ("portico-jobs.service", "portico-jobs.service"),
+        (
+            "portico-shop@.service",
+            "portico-shop@shop-a-1_0_0-t1-store.service",
+        ),
     ] {
         let unit = dir.path().join(instance);
         std::fs::copy(format!("{src}/{file}"), &unit).unwrap();

@@ -88,10 +88,13 @@ async fn create_customer(
         ));
     }
     let pm = req.process_manager.unwrap_or_else(|| "pm2".into());
-    if !["pm2", "systemd"].contains(&pm.as_str()) {
+    if !super::PROCESS_MANAGERS.contains(&pm.as_str()) {
         return Err(bad(
             "invalid_process_manager",
-            "process_manager must be pm2 or systemd",
+            format!(
+                "process_manager must be one of {}",
+                super::PROCESS_MANAGERS.join(", ")
+            ),
         ));
     }
     if req.ops_members.len() > 100 || req.ops_members.iter().any(|m| m.is_empty() || m.len() > 128) {

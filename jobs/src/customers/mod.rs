@@ -7,6 +7,9 @@ pub mod db;
 
 pub use db::Customer;
 
+/// What may run a customer's shop (`kinds::upgrade::pm` drives each).
+pub const PROCESS_MANAGERS: [&str; 4] = ["supervisor", "systemd", "pm2", "command"];
+
 use crate::queue::{Claimed, Db, Failure};
 
 /// The customer a task is for; a fatal failure when it is gone.

@@ -1,14 +1,18 @@
 //! The task kinds, each in its folder with its parameters, its steps (a
 //! [`Kind`]), its routes and its tables: [`backup`], [`restore`],
-//! [`paas`] (app deploys).
+//! [`paas`] (app deploys), [`upgrade`] (blue/green releases of a shop:
+//! the kinds `upgrade`, `rollback`, `serve`); [`edge`] is the route table
+//! the gateways poll (apps and shops).
 //!
 //! This is the one place that lists them: a new kind adds its folder and
 //! a line to each of [`Kinds::schemas`], [`Kinds::router`] and
 //! [`Kinds::tasks`]; the queue core does not change.
 
 pub mod backup;
+pub mod edge;
 pub mod paas;
 pub mod restore;
+pub mod upgrade;
 
 use std::sync::Arc;
 
@@ -22,6 +26,7 @@ use crate::queue::{Db, Kind, Schema};
 pub struct Kinds {
     paas: Arc<paas::Paas>,
     signer_secret: Vec<u8>,
+    shops: Arc<upgrade::Shared>,
 }
 
 impl Kinds {
@@ -29,12 +34,18 @@ impl Kinds {
         Kinds {
             paas: Arc::new(paas::Paas::new(&cfg.paas, &cfg.data_dir)),
             signer_secret: cfg.auth.jwt_secret.expose().as_bytes().to_vec(),
+            shops: Arc::new(upgrade::Shared::new(&cfg.jobs)),
         }
+    }
+
+    /// What can be checked before serving: the release catalog parses.
+    pub fn check(&self) -> Result<(), upgrade::catalog::CatalogError> {
+        self.shops.catalog().map(|_| ())
     }
 
     /// The kinds' own tables (the core's come first).
     pub fn schemas() -> Vec<&'static Schema> {
-        vec![]
+        vec![&upgrade::db::SCHEMA]
     }
 
     /// Every kind's routes, on the shared core state.
@@ -46,18 +57,35 @@ impl Kinds {
             })))
             .merge(restore::api::router(api.clone()))
             .merge(paas::api::router(Arc::new(paas::api::PaasApi {
-                api,
+                api: api.clone(),
                 paas: self.paas.clone(),
+            })))
+            .merge(upgrade::api::router(Arc::new(upgrade::api::UpgradeApi {
+                api: api.clone(),
+                shared: self.shops.clone(),
+            })))
+            .merge(edge::router(Arc::new(edge::EdgeApi {
+                api,
+                shops: self.shops.clone(),
             })))
     }
 
     /// The kinds the workers run.
     pub fn tasks(&self, db: &Db, api: &Api) -> Vec<Arc<dyn Kind>> {
+        let backup = Arc::new(backup::BackupKind {
+            db: db.clone(),
+            cfg: api.cfg.clone(),
+        });
+        let shop = |mode| -> Arc<dyn Kind> {
+            Arc::new(upgrade::UpgradeKind::new(
+                db.clone(),
+                self.shops.clone(),
+                backup.clone(),
+                mode,
+            ))
+        };
         vec![
-            Arc::new(backup::BackupKind {
-                db: db.clone(),
-                cfg: api.cfg.clone(),
-            }),
+            backup.clone(),
             Arc::new(restore::RestoreKind {
                 db: db.clone(),
                 cfg: api.cfg.clone(),
@@ -66,6 +94,9 @@ impl Kinds {
                 db: db.clone(),
                 paas: self.paas.clone(),
             }),
+            shop(upgrade::Mode::Upgrade),
+            shop(upgrade::Mode::Rollback),
+            shop(upgrade::Mode::Serve),
         ]
     }
 }

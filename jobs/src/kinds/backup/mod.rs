@@ -423,19 +423,10 @@ pub async fn run(
 /// Writes `backup.json` (600) through a temporary name and a rename, then
 /// syncs the directory: the backup is complete exactly when it appears.
 fn write_manifest(dir: &Path, manifest: &Value) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = dir.join(".backup.json.tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(serde_json::to_string_pretty(manifest)?.as_bytes())?;
-    f.sync_all()?;
-    fs::rename(&tmp, dir.join(MANIFEST))?;
-    fs::File::open(dir)?.sync_all()
+    portico_common::files::write_private(
+        &dir.join(MANIFEST),
+        serde_json::to_string_pretty(manifest)?.as_bytes(),
+    )
 }
 
 fn pg_tool(s: &Settings, name: &str) -> PathBuf {

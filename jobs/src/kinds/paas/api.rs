@@ -1,7 +1,7 @@
 //! The apps REST API: create, list, get (with container state, memory
 //! and CPU), delete, deploy/redeploy (a queued task), stop, start, logs
-//! (tail and follow) and an app's tasks (with cancel); plus `/api/paas/routes`, the
-//! route table the gateway polls (service token).
+//! (tail and follow) and an app's tasks (with cancel). The route table the
+//! gateway polls is [`crate::kinds::edge`].
 //!
 //! Every handler checks the caller, then that Docker answers (503
 //! `docker_unreachable` naming the engine address), then the database.
@@ -28,7 +28,7 @@ use serde_json::json;
 use super::db::App;
 use super::source::{Repo, is_git_ref};
 use super::{Paas, PaasError};
-use crate::api::{Api, OPS_LEAD, SERVICE, STAFF, SUPER_ADMIN, bad, json_body, not_found};
+use crate::api::{Api, OPS_LEAD, STAFF, SUPER_ADMIN, bad, json_body, not_found};
 use crate::queue::Subject;
 
 /// The apps routes' state: the core API and the Docker side.
@@ -69,7 +69,6 @@ pub fn router(api: Arc<PaasApi>) -> Router {
         .route("/api/apps/{name}/tasks", get(tasks))
         .route("/api/apps/{name}/tasks/{task}", get(task))
         .route("/api/apps/{name}/tasks/{task}/cancel", post(cancel))
-        .route("/api/paas/routes", get(routes))
         .with_state(api)
 }
 
@@ -414,31 +413,6 @@ async fn task(
     api.caller(&headers, STAFF)?;
     name_ok(&name)?;
     Ok(Json(api.task_of(Subject::App(&name), task).await?))
-}
-
-/// The gateway's route table: every app, whether it should serve, and
-/// where (127.0.0.1 and the container's published port).
-async fn routes(State(api): State<Arc<PaasApi>>, headers: HeaderMap) -> Result<impl IntoResponse, ApiError> {
-    api.caller(&headers, &[SERVICE, SUPER_ADMIN])?;
-    let apps = api.db()?.apps().await?;
-    let routes: Vec<_> = apps
-        .iter()
-        .map(|a| {
-            let state = match (&a.container, a.desired.as_str(), a.host_port) {
-                (None, _, _) => "not_deployed",
-                (Some(_), "stopped", _) => "stopped",
-                // Exited or between restarts: Docker publishes no port.
-                (Some(_), _, None) => "down",
-                _ => "running",
-            };
-            json!({
-                "name": a.name,
-                "state": state,
-                "upstream": a.host_port.filter(|_| state == "running").map(|p| format!("127.0.0.1:{p}")),
-            })
-        })
-        .collect();
-    Ok(Json(json!({ "apps": routes })))
 }
 
 /// Cancels a queued deploy at once, a running one at its next step (its
