@@ -422,6 +422,51 @@ pub struct JobsConfig {
     pub pg_bin_dir: Option<PathBuf>,
     /// Blue/green upgrades of customers' shops.
     pub upgrade: UpgradeConfig,
+    /// Mail migrations into customers' mail servers.
+    pub mail: MailConfig,
+}
+
+/// Mail migrations: credential encryption, throughput limits, the DNS gate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MailConfig {
+    /// Keys that encrypt mailbox credentials at rest, by key id: 32 bytes,
+    /// base64. Several may exist (rotation); new secrets use `active_key`.
+    pub keys: std::collections::BTreeMap<String, Secret>,
+    /// The key id new credentials are encrypted with.
+    pub active_key: Option<String>,
+    /// The DNS gate opens (an approver may set `ready_for_dns`) at this
+    /// verified ratio.
+    pub gate_min_ratio: f64,
+    /// Mailboxes synced at once within a job.
+    pub max_concurrent_mailboxes: usize,
+    /// Copy rate cap per job (bytes/s); 0: none.
+    pub max_bytes_per_sec: u64,
+    /// A run fails once this many messages could not be copied.
+    pub errors_max: u32,
+    /// Largest message copied (bigger ones are counted as errors).
+    pub max_message_bytes: u64,
+    /// HMAC-SHA256 secret of the `dns.applied` webhook.
+    pub webhook_secret: Option<Secret>,
+    /// Whether plain (non-TLS) IMAP may be used to these hosts; loopback
+    /// is always allowed.
+    pub allow_plain_imap: bool,
+}
+
+impl Default for MailConfig {
+    fn default() -> Self {
+        MailConfig {
+            keys: Default::default(),
+            active_key: None,
+            gate_min_ratio: 0.99,
+            max_concurrent_mailboxes: 2,
+            max_bytes_per_sec: 0,
+            errors_max: 50,
+            max_message_bytes: 50 << 20,
+            webhook_secret: None,
+            allow_plain_imap: false,
+        }
+    }
 }
 
 /// Blue/green upgrades: where releases come from, how long steps may take,
@@ -510,6 +555,7 @@ impl Default for JobsConfig {
             prune_after_days: 30,
             pg_bin_dir: None,
             upgrade: UpgradeConfig::default(),
+            mail: MailConfig::default(),
         }
     }
 }
@@ -889,6 +935,36 @@ impl PorticoConfig {
                 "command_start and command_stop go together",
             );
         }
+        let m = &j.mail;
+        if !(m.gate_min_ratio > 0.0 && m.gate_min_ratio <= 1.0) {
+            return bad("jobs.mail.gate_min_ratio", "must be in (0, 1]");
+        }
+        if m.max_concurrent_mailboxes == 0 {
+            return bad("jobs.mail.max_concurrent_mailboxes", "must be at least 1");
+        }
+        for (id, key) in &m.keys {
+            if !is_key_id(id) {
+                return bad(&format!("jobs.mail.keys.{id}"), "key ids are 1-32 of a-z 0-9 _ -");
+            }
+            if !is_key_32(key.expose()) {
+                return bad(
+                    &format!("jobs.mail.keys.{id}"),
+                    "must be 32 bytes in base64 (e.g. `openssl rand -base64 32`)",
+                );
+            }
+        }
+        match &m.active_key {
+            Some(k) if !m.keys.contains_key(k) => {
+                return bad("jobs.mail.active_key", format!("no key `{k}` in jobs.mail.keys"));
+            }
+            None if !m.keys.is_empty() => {
+                return bad(
+                    "jobs.mail.active_key",
+                    "name the key new credentials are encrypted with",
+                );
+            }
+            _ => {}
+        }
         let p = &self.paas;
         if !is_hostname(&p.domain) {
             return bad("paas.domain", format!("`{}` is not a valid domain", p.domain));
@@ -969,4 +1045,23 @@ pub fn is_hostname(h: &str) -> bool {
                 && !l.ends_with('-')
                 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
+}
+
+/// A key id: 1-32 of a-z 0-9 _ -.
+pub fn is_key_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// Standard base64 of exactly 32 bytes (44 characters with padding).
+pub fn is_key_32(s: &str) -> bool {
+    let s = s.trim();
+    s.len() == 44
+        && s.ends_with('=')
+        && !s[..43].contains('=')
+        && s[..43]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
 }

@@ -214,6 +214,17 @@ fn jobs_keys_are_checked() {
             "jobs.upgrade.command_start",
         ),
         ("PORTICO_JOBS__UPGRADE__DRAIN", "5", "jobs.upgrade.drain"),
+        (
+            "PORTICO_JOBS__MAIL__GATE_MIN_RATIO",
+            "1.5",
+            "jobs.mail.gate_min_ratio",
+        ),
+        ("PORTICO_JOBS__MAIL__KEYS__K1", "c2hvcnQ=", "jobs.mail.keys.k1"),
+        (
+            "PORTICO_JOBS__MAIL__MAX_CONCURRENT_MAILBOXES",
+            "0",
+            "jobs.mail.max_concurrent_mailboxes",
+        ),
     ]);
 }
 

@@ -106,7 +106,14 @@ impl Routes {
             })
             .collect();
         // The jobs service's API (customers, backups, tasks, audit, apps).
-        for prefix in ["/api/jobs", "/api/customers", "/api/audit", "/api/apps"] {
+        for prefix in [
+            "/api/jobs",
+            "/api/customers",
+            "/api/audit",
+            "/api/apps",
+            "/api/releases",
+            "/api/migration",
+        ] {
             entries.push(Entry {
                 host: None,
                 prefix: prefix.into(),
@@ -204,6 +211,8 @@ mod tests {
         assert_eq!(r.route(None, "/api/jobs").name(), "jobs");
         assert_eq!(r.route(None, "/api/jobs/x").name(), "jobs");
         assert_eq!(r.route(None, "/api/jobsx").name(), "chat");
+        assert_eq!(r.route(None, "/api/migration/gate").name(), "jobs");
+        assert_eq!(r.route(None, "/api/releases").name(), "jobs");
         assert_eq!(r.route(None, "/ws").name(), "chat");
         assert_eq!(r.route(None, "/media/a.png").name(), "media");
         assert_eq!(

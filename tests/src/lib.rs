@@ -8,6 +8,7 @@
 pub mod bins;
 pub mod client;
 pub mod docker;
+pub mod dovecot;
 pub mod proc;
 pub mod servers;
 pub mod upstream;

@@ -1,7 +1,8 @@
 //! The task kinds, each in its folder with its parameters, its steps (a
 //! [`Kind`]), its routes and its tables: [`backup`], [`restore`],
 //! [`paas`] (app deploys), [`upgrade`] (blue/green releases of a shop:
-//! the kinds `upgrade`, `rollback`, `serve`); [`edge`] is the route table
+//! the kinds `upgrade`, `rollback`, `serve`), [`mail`] (mail migrations:
+//! the kind `mail`); [`edge`] is the route table
 //! the gateways poll (apps and shops).
 //!
 //! This is the one place that lists them: a new kind adds its folder and
@@ -10,6 +11,7 @@
 
 pub mod backup;
 pub mod edge;
+pub mod mail;
 pub mod paas;
 pub mod restore;
 pub mod upgrade;
@@ -27,6 +29,7 @@ pub struct Kinds {
     paas: Arc<paas::Paas>,
     signer_secret: Vec<u8>,
     shops: Arc<upgrade::Shared>,
+    mail: Arc<mail::Shared>,
 }
 
 impl Kinds {
@@ -35,6 +38,7 @@ impl Kinds {
             paas: Arc::new(paas::Paas::new(&cfg.paas, &cfg.data_dir)),
             signer_secret: cfg.auth.jwt_secret.expose().as_bytes().to_vec(),
             shops: Arc::new(upgrade::Shared::new(&cfg.jobs)),
+            mail: Arc::new(mail::Shared::new(&cfg.jobs.mail)),
         }
     }
 
@@ -45,7 +49,7 @@ impl Kinds {
 
     /// The kinds' own tables (the core's come first).
     pub fn schemas() -> Vec<&'static Schema> {
-        vec![&upgrade::db::SCHEMA]
+        vec![&upgrade::db::SCHEMA, &mail::db::SCHEMA]
     }
 
     /// Every kind's routes, on the shared core state.
@@ -63,6 +67,10 @@ impl Kinds {
             .merge(upgrade::api::router(Arc::new(upgrade::api::UpgradeApi {
                 api: api.clone(),
                 shared: self.shops.clone(),
+            })))
+            .merge(mail::api::router(Arc::new(mail::api::MailApi {
+                api: api.clone(),
+                shared: self.mail.clone(),
             })))
             .merge(edge::router(Arc::new(edge::EdgeApi {
                 api,
@@ -97,6 +105,10 @@ impl Kinds {
             shop(upgrade::Mode::Upgrade),
             shop(upgrade::Mode::Rollback),
             shop(upgrade::Mode::Serve),
+            Arc::new(mail::MailKind {
+                db: db.clone(),
+                shared: self.mail.clone(),
+            }),
         ]
     }
 }

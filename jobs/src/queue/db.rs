@@ -171,7 +171,15 @@ impl Claimed {
     }
 }
 
-pub(crate) fn unavailable(e: impl std::fmt::Display) -> DbError {
+/// A failed call, with the server's own words when it gave some
+/// (tokio-postgres' `Display` says only "db error").
+pub(crate) fn unavailable(e: impl std::fmt::Display + 'static) -> DbError {
+    let any: &dyn std::any::Any = &e;
+    if let Some(pg) = any.downcast_ref::<tokio_postgres::Error>()
+        && let Some(db) = pg.as_db_error()
+    {
+        return DbError::Unavailable(format!("{}: {}", db.code().code(), db.message()));
+    }
     DbError::Unavailable(e.to_string())
 }
 

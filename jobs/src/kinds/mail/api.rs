@@ -1,0 +1,677 @@
+//! Mail migration routes under `/api/migration/` (seed 004's roles:
+//! manage = super_admin, ops_lead, technician; approve the gate =
+//! super_admin, ops_lead; override = super_admin). Passwords go in, are
+//! sealed at once, and never come out; every call is audited.
+
+use std::ops::Deref;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hmac::{Hmac, Mac};
+use portico_common::api::ApiError;
+use portico_common::auth::Claims;
+use portico_config::is_hostname;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::Sha256;
+
+use super::db::MailJob;
+use super::imap::Server;
+use super::{Shared, aad};
+use crate::api::{Api, OPS_LEAD, SERVICE, STAFF, SUPER_ADMIN, bad, json_body, not_found};
+use crate::queue::Subject;
+
+pub struct MailApi {
+    pub api: Arc<Api>,
+    pub shared: Arc<Shared>,
+}
+
+impl Deref for MailApi {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
+    }
+}
+
+const APPROVERS: &[&str] = &[SUPER_ADMIN, OPS_LEAD];
+
+pub fn router(api: Arc<MailApi>) -> Router {
+    Router::new()
+        .route("/api/migration/jobs", post(create_job).get(list_jobs))
+        .route("/api/migration/jobs/{id}", get(show_job))
+        .route(
+            "/api/migration/jobs/{id}/mailboxes",
+            post(add_mailbox).get(list_mailboxes),
+        )
+        .route(
+            "/api/migration/jobs/{id}/mailboxes/import",
+            post(import_mailboxes),
+        )
+        .route("/api/migration/jobs/{id}/preflight", post(preflight))
+        .route("/api/migration/jobs/{id}/sync", post(sync))
+        .route("/api/migration/jobs/{id}/verify", get(verify))
+        .route("/api/migration/jobs/{id}/report.csv", get(report_csv))
+        .route("/api/migration/jobs/{id}/approve-gate", post(approve_gate))
+        .route("/api/migration/jobs/{id}/override-gate", post(override_gate))
+        .route("/api/migration/gate", get(gate))
+        .route("/api/migration/webhooks/dns-applied", post(dns_applied))
+        .with_state(api)
+}
+
+fn server_ok(s: &Server, field: &str) -> Result<(), ApiError> {
+    let ip = s.host.parse::<std::net::IpAddr>().is_ok();
+    if !(ip || is_hostname(&s.host)) || s.port == 0 {
+        return Err(bad(
+            "invalid_server",
+            format!("{field}: host must be a hostname or an IP, port 1-65535"),
+        ));
+    }
+    Ok(())
+}
+
+fn login_ok(s: &str, field: &str) -> Result<(), ApiError> {
+    if s.is_empty() || s.len() > 320 || s.chars().any(|c| c.is_control() || c == '"' || c == '\\') {
+        return Err(bad(
+            "invalid_login",
+            format!("{field}: 1-320 characters, no quotes, backslashes or control characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn password_ok(s: &str, field: &str) -> Result<(), ApiError> {
+    if s.is_empty() || s.len() > 1024 || s.contains(['\r', '\n', '\0']) {
+        return Err(bad(
+            "invalid_password",
+            format!("{field}: 1-1024 bytes, one line"),
+        ));
+    }
+    Ok(())
+}
+
+impl MailApi {
+    async fn job(&self, id: i64) -> Result<MailJob, ApiError> {
+        self.db()?
+            .mail_job(id)
+            .await?
+            .ok_or_else(|| not_found(format!("migration job {id}")))
+    }
+
+    async fn note(&self, who: &Claims, action: &str, job: &MailJob, result: &str, detail: Value) {
+        self.audit(
+            who,
+            action,
+            Subject::Customer(&job.customer),
+            Some(&format!("mail-job:{}", job.id)),
+            result,
+            detail,
+        )
+        .await;
+    }
+
+    /// Stores a mailbox: the row, then its secrets sealed with its id.
+    async fn store_mailbox(&self, job: &MailJob, m: &NewMailbox) -> Result<i64, ApiError> {
+        login_ok(&m.source_login, "source_login")?;
+        login_ok(&m.dest_login, "dest_login")?;
+        password_ok(&m.source_password, "source_password")?;
+        password_ok(&m.dest_password, "dest_password")?;
+        let map = serde_json::to_value(m.folder_map.clone().unwrap_or_default()).unwrap_or_default();
+        let db = self.db()?;
+        let id = db
+            .add_mailbox(job.id, &m.source_login, &m.dest_login, &map)
+            .await?;
+        let seal = |pw: &str, side: &str| {
+            self.shared
+                .vault
+                .seal(pw, &aad(id, side))
+                .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, "no_key", e.to_string()))
+        };
+        let sealed =
+            seal(&m.source_password, "source").and_then(|s| Ok((s, seal(&m.dest_password, "destination")?)));
+        match sealed {
+            Ok((s, d)) => db.set_mailbox_secrets(id, Some(&s), &d).await?,
+            Err(e) => {
+                let _ = db.delete_mailbox(id).await;
+                return Err(e);
+            }
+        }
+        Ok(id)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewJob {
+    customer: String,
+    domain: String,
+    source_type: String,
+    source: Option<Server>,
+    destination: Server,
+    #[serde(default)]
+    options: Value,
+}
+
+async fn create_job(
+    State(api): State<Arc<MailApi>>,
+    headers: HeaderMap,
+    body: Result<Json<NewJob>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let who = api.caller(&headers, STAFF)?;
+    let req = json_body(body)?;
+    api.shared
+        .vault
+        .ready()
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, "no_key", e.to_string()))?;
+    if !is_hostname(&req.domain) {
+        return Err(bad("invalid_domain", format!("`{}` is not a domain", req.domain)));
+    }
+    match req.source_type.as_str() {
+        "imap" => {}
+        "pst" | "tgz" => {
+            return Err(ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unsupported_source",
+                format!(
+                    "{} sources are not supported yet; use an imap source",
+                    req.source_type
+                ),
+            ));
+        }
+        other => {
+            return Err(bad(
+                "invalid_source_type",
+                format!("`{other}`: source_type is imap, pst or tgz"),
+            ));
+        }
+    }
+    let source = req
+        .source
+        .as_ref()
+        .ok_or_else(|| bad("invalid_source", "an imap job needs source {host, port, tls}"))?;
+    server_ok(source, "source")?;
+    server_ok(&req.destination, "destination")?;
+    if !req.options.is_null() && !req.options.is_object() {
+        return Err(bad("invalid_options", "options must be an object"));
+    }
+    let domain = req.domain.to_ascii_lowercase();
+    let id = api
+        .db()?
+        .add_mail_job(
+            &req.customer,
+            &domain,
+            &req.source_type,
+            Some(&serde_json::to_value(source).unwrap_or_default()),
+            &serde_json::to_value(&req.destination).unwrap_or_default(),
+            &if req.options.is_null() {
+                json!({})
+            } else {
+                req.options.clone()
+            },
+            &who.sub,
+        )
+        .await?;
+    let job = api.job(id).await?;
+    api.note(&who, "mail.job.create", &job, "ok", json!({ "domain": domain }))
+        .await;
+    Ok((StatusCode::CREATED, Json(job)))
+}
+
+async fn list_jobs(
+    State(api): State<Arc<MailApi>>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    api.caller(&headers, STAFF)?;
+    Ok(Json(json!({ "jobs": api.db()?.mail_jobs().await? })))
+}
+
+async fn show_job(
+    State(api): State<Arc<MailApi>>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<impl IntoResponse, ApiError> {
+    api.caller(&headers, STAFF)?;
+    let job = api.job(id).await?;
+    let db = api.db()?;
+    Ok(Json(json!({
+        "job": job,
+        "ratio": job.ratio(),
+        "min_ratio": api.shared.cfg.gate_min_ratio,
+        "mailboxes": db.mailboxes(id).await?,
+        "runs": db.mail_runs(id).await?,
+    })))
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct NewMailbox {
+    source_login: String,
+    source_password: String,
+    dest_login: String,
+    dest_password: String,
+    folder_map: Option<std::collections::BTreeMap<String, String>>,
+}
+
+async fn add_mailbox(
+    State(api): State<Arc<MailApi>>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    body: Result<Json<NewMailbox>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let who = api.caller(&headers, STAFF)?;
+    let req = json_body(body)?;
+    let job = api.job(id).await?;
+    let r = api.store_mailbox(&job, &req).await;
+    api.note(
+        &who,
+        "mail.mailbox.add",
+        &job,
+        if r.is_ok() { "ok" } else { "refused" },
+        json!({ "source_login": req.source_login }),
+    )
+    .await;
+    Ok((StatusCode::CREATED, Json(json!({ "id": r? }))))
+}
+
+/// CSV lines `source_login,source_password,dest_login,dest_password`
+/// (a header line with these names is skipped); each line is stored or
+/// refused on its own, with its line number and reason.
+async fn import_mailboxes(
+    State(api): State<Arc<MailApi>>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let who = api.caller(&headers, STAFF)?;
+    let job = api.job(id).await?;
+    if body.len() > 1 << 20 {
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            "at most 1 MiB of CSV".into(),
+        ));
+    }
+    let text = std::str::from_utf8(&body).map_err(|_| bad("invalid_csv", "the CSV is not UTF-8"))?;
+    let (mut created, mut errors) = (Vec::new(), Vec::new());
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let line = line.trim();
+        if line.is_empty() || (n == 1 && line.to_ascii_lowercase().starts_with("source_login")) {
+            continue;
+        }
+        let cols: Vec<&str> = line.split(',').map(str::trim).collect();
+        if cols.len() != 4 {
+            errors.push(json!({ "line": n, "error": format!("{} fields, expected 4: source_login,source_password,dest_login,dest_password", cols.len()) }));
+            continue;
+        }
+        let m = NewMailbox {
+            source_login: cols[0].into(),
+            source_password: cols[1].into(),
+            dest_login: cols[2].into(),
+            dest_password: cols[3].into(),
+            folder_map: None,
+        };
+        match api.store_mailbox(&job, &m).await {
+            Ok(mid) => created.push(json!({ "line": n, "id": mid, "source_login": m.source_login })),
+            Err(ApiError(_, code, message)) => {
+                errors.push(json!({ "line": n, "error": code, "message": message }))
+            }
+        }
+    }
+    api.note(
+        &who,
+        "mail.mailbox.import",
+        &job,
+        "ok",
+        json!({ "created": created.len(), "errors": errors.len() }),
+    )
+    .await;
+    Ok(Json(json!({ "created": created, "errors": errors })))
+}
+
+async fn list_mailboxes(
+    State(api): State<Arc<MailApi>>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<impl IntoResponse, ApiError> {
+    api.caller(&headers, STAFF)?;
+    api.job(id).await?;
+    Ok(Json(json!({ "mailboxes": api.db()?.mailboxes(id).await? })))
+}
+
+/// Logs in on both sides of every mailbox, lists the source's folders with
+/// their messages and bytes, and estimates the copy time.
+async fn preflight(
+    State(api): State<Arc<MailApi>>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<impl IntoResponse, ApiError> {
+    let who = api.caller(&headers, STAFF)?;
+    let job = api.job(id).await?;
+    let mut out = Vec::new();
+    let (mut messages, mut bytes) = (0u64, 0u64);
+    for mb in api.db()?.mailboxes(id).await? {
+        let r: Result<Value, String> = async {
+            let (mut src, dst) = api.shared.sessions(&job, &mb).await.map_err(|f| f.message)?;
+            let mut folders = Vec::new();
+            for f in src.folders().await.map_err(|e| e.to_string())?.into_iter().filter(|f| f.selectable) {
+                src.examine(&f.raw).await.map_err(|e| e.to_string())?;
+                let list = src.summaries(1).await.map_err(|e| e.to_string())?;
+                let size: u64 = list.iter().map(|m| u64::from(m.size)).sum();
+                messages += list.len() as u64;
+                bytes += size;
+                folders.push(json!({ "folder": super::folders::decode(&f.raw), "messages": list.len(), "bytes": size }));
+            }
+            src.logout().await;
+            dst.logout().await;
+            Ok(json!({ "folders": folders }))
+        }
+        .await;
+        out.push(match r {
+            Ok(v) => json!({ "mailbox": mb.source_login, "ok": true, "source": v }),
+            Err(e) => json!({ "mailbox": mb.source_login, "ok": false, "error": e }),
+        });
+    }
+    // A conservative rate for the estimate: the cap, or 5 MB/s.
+    let rate = match api.shared.cfg.max_bytes_per_sec {
+        0 => 5_000_000,
+        n => n,
+    };
+    api.note(
+        &who,
+        "mail.preflight",
+        &job,
+        "ok",
+        json!({ "messages": messages, "bytes": bytes }),
+    )
+    .await;
+    Ok(Json(json!({
+        "mailboxes": out,
+        "messages": messages,
+        "bytes": bytes,
+        "estimated_seconds": bytes / rate + messages / 200,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SyncRequest {
+    kind: String,
+}
+
+async fn sync(
+    State(api): State<Arc<MailApi>>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    body: Result<Json<SyncRequest>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let who = api.caller(&headers, STAFF)?;
+    let req = json_body(body)?;
+    if !["initial", "delta", "final", "verify"].contains(&req.kind.as_str()) {
+        return Err(bad("invalid_kind", "kind is initial, delta, final or verify"));
+    }
+    let job = api.job(id).await?;
+    let r = api
+        .db()?
+        .enqueue(
+            Subject::Customer(&job.customer),
+            "mail",
+            &json!({ "job": id, "run": req.kind }),
+            &who.sub,
+            api.cfg.max_attempts.max(5),
+        )
+        .await;
+    api.note(
+        &who,
+        "mail.sync",
+        &job,
+        if r.is_ok() { "queued" } else { "refused" },
+        json!({ "kind": req.kind }),
+    )
+    .await;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "task": r?, "state": "queued" })),
+    ))
+}
+
+async fn verification(api: &MailApi, job: &MailJob) -> Result<Value, ApiError> {
+    let db = api.db()?;
+    let mut mailboxes = Vec::new();
+    for mb in db.mailboxes(job.id).await? {
+        let folders = db.folder_states(mb.id).await?;
+        mailboxes.push(json!({
+            "mailbox": mb.source_login,
+            "destination": mb.dest_login,
+            "folders": folders.iter().map(|f| json!({
+                "source": super::folders::decode(&f.source_folder),
+                "destination": super::folders::decode(&f.dest_folder),
+                "source_count": f.source_count,
+                "dest_count": f.dest_count,
+                "verified": f.verified,
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    Ok(json!({
+        "job": job.id,
+        "domain": job.domain,
+        "gate": job.gate,
+        "verified": job.verified,
+        "expected": job.expected,
+        "ratio": job.ratio(),
+        "min_ratio": api.shared.cfg.gate_min_ratio,
+        "mailboxes": mailboxes,
+    }))
+}
+
+async fn verify(
+    State(api): State<Arc<MailApi>>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<impl IntoResponse, ApiError> {
+    api.caller(&headers, STAFF)?;
+    let job = api.job(id).await?;
+    Ok(Json(verification(&api, &job).await?))
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+async fn report_csv(
+    State(api): State<Arc<MailApi>>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<Response, ApiError> {
+    api.caller(&headers, STAFF)?;
+    let job = api.job(id).await?;
+    let v = verification(&api, &job).await?;
+    let mut out = String::from("mailbox,source_folder,destination_folder,source_count,dest_count,verified\n");
+    for mb in v["mailboxes"].as_array().into_iter().flatten() {
+        for f in mb["folders"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "{},{},{},{},{},{}\n",
+                csv_field(mb["mailbox"].as_str().unwrap_or_default()),
+                csv_field(f["source"].as_str().unwrap_or_default()),
+                csv_field(f["destination"].as_str().unwrap_or_default()),
+                f["source_count"],
+                f["dest_count"],
+                f["verified"]
+            ));
+        }
+    }
+    Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], out).into_response())
+}
+
+async fn approve_gate(
+    State(api): State<Arc<MailApi>>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<impl IntoResponse, ApiError> {
+    let who = api.caller(&headers, APPROVERS)?;
+    let job = api.job(id).await?;
+    let (ratio, min) = (job.ratio(), api.shared.cfg.gate_min_ratio);
+    if job.gate != "warning" || ratio < min {
+        api.note(
+            &who,
+            "mail.gate.approve",
+            &job,
+            "refused",
+            json!({ "ratio": ratio, "gate": job.gate }),
+        )
+        .await;
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "gate_not_ready",
+            format!("verified ratio {ratio:.4} (needs {min}); gate is {}", job.gate),
+        ));
+    }
+    api.db()?.set_gate(id, "ready_for_dns", &who.sub, None).await?;
+    api.note(&who, "mail.gate.approve", &job, "ok", json!({ "ratio": ratio }))
+        .await;
+    Ok(Json(json!({ "gate": "ready_for_dns", "ratio": ratio })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Override {
+    reason: String,
+}
+
+async fn override_gate(
+    State(api): State<Arc<MailApi>>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    body: Result<Json<Override>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let who = api.caller(&headers, &[SUPER_ADMIN])?;
+    let req = json_body(body)?;
+    let reason = req.reason.trim();
+    if reason.len() < 3 || reason.len() > 1000 {
+        return Err(bad(
+            "invalid_reason",
+            "an override needs a reason of 3-1000 characters",
+        ));
+    }
+    let job = api.job(id).await?;
+    api.db()?
+        .set_gate(id, "ready_for_dns", &who.sub, Some(reason))
+        .await?;
+    api.note(
+        &who,
+        "mail.gate.override",
+        &job,
+        "ok",
+        json!({ "reason": reason, "ratio": job.ratio() }),
+    )
+    .await;
+    Ok(Json(json!({ "gate": "ready_for_dns", "overridden": true })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GateQuery {
+    domain: String,
+}
+
+/// For other systems (a DNS panel): may this domain's MX move?
+async fn gate(
+    State(api): State<Arc<MailApi>>,
+    headers: HeaderMap,
+    query: Result<Query<GateQuery>, QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    api.caller(
+        &headers,
+        &[SERVICE, SUPER_ADMIN, OPS_LEAD, crate::api::TECHNICIAN],
+    )?;
+    let Query(q) = query.map_err(|e| bad("invalid_query", e.body_text()))?;
+    let job = api
+        .db()?
+        .mail_job_by_domain(&q.domain.to_ascii_lowercase())
+        .await?
+        .ok_or_else(|| not_found(format!("no migration job for {}", q.domain)))?;
+    Ok(Json(json!({
+        "domain": job.domain,
+        "gate": job.gate,
+        "ratio": job.ratio(),
+        "min_ratio": api.shared.cfg.gate_min_ratio,
+        "ready": matches!(job.gate.as_str(), "ready_for_dns" | "dns_applied"),
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DnsApplied {
+    delivery_id: String,
+    domain: String,
+}
+
+/// `dns.applied`: the DNS system says the MX moved. Signed with
+/// HMAC-SHA256 over the body (`X-Portico-Signature: sha256=<hex>`,
+/// compared in constant time); a delivery id seen before changes nothing.
+async fn dns_applied(
+    State(api): State<Arc<MailApi>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let unauthorized = |m: &str| ApiError(StatusCode::UNAUTHORIZED, "bad_signature", m.to_string());
+    let secret = api.shared.cfg.webhook_secret.as_ref().ok_or_else(|| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_secret",
+            "jobs.mail.webhook_secret is not set".into(),
+        )
+    })?;
+    let sig = headers
+        .get("x-portico-signature")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("sha256="))
+        .and_then(|h| hex::decode(h).ok())
+        .ok_or_else(|| unauthorized("X-Portico-Signature: sha256=<hex> is required"))?;
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes()).expect("HMAC takes any key");
+    mac.update(&body);
+    mac.verify_slice(&sig)
+        .map_err(|_| unauthorized("the signature does not match the body"))?;
+    let req: DnsApplied = serde_json::from_slice(&body).map_err(|e| bad("invalid_body", e.to_string()))?;
+    if req.delivery_id.is_empty() || req.delivery_id.len() > 200 {
+        return Err(bad("invalid_delivery", "delivery_id: 1-200 characters"));
+    }
+    let db = api.db()?;
+    let job = db
+        .mail_job_by_domain(&req.domain.to_ascii_lowercase())
+        .await?
+        .ok_or_else(|| not_found(format!("no migration job for {}", req.domain)))?;
+    if !db.webhook_once(&req.delivery_id, &job.domain).await? {
+        return Ok(Json(json!({ "gate": job.gate, "replayed": true })));
+    }
+    if job.gate != "ready_for_dns" && job.gate != "dns_applied" {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "gate_not_ready",
+            format!("the gate of {} is {}, not ready_for_dns", job.domain, job.gate),
+        ));
+    }
+    db.set_gate(job.id, "dns_applied", "webhook:dns.applied", None)
+        .await?;
+    let _ = db
+        .audit(
+            "webhook:dns.applied",
+            "mail.gate.dns_applied",
+            Subject::Customer(&job.customer),
+            Some(&format!("mail-job:{}", job.id)),
+            "ok",
+            &json!({ "delivery_id": req.delivery_id }),
+        )
+        .await;
+    Ok(Json(json!({ "gate": "dns_applied", "replayed": false })))
+}

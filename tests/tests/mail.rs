@@ -1,0 +1,569 @@
+//! Mail migrations between two real Dovecot servers (passwd-file users,
+//! maildirs), through the jobs service on real PostgreSQL: a generated
+//! corpus (nested folders with non-ASCII names, every flag and keywords,
+//! internal dates years apart, a 10 MB attachment, duplicate Message-Ids,
+//! messages without one) is copied with identical per-folder counts, flags
+//! and dates; a second sync copies nothing; a delta copies exactly the new
+//! messages; a jobs process killed mid-sync leaves no duplicate and no gap;
+//! the DNS gate, its roles, the override and the signed webhook.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use portico_tests::bins;
+use portico_tests::client::{api_call, token_with_roles};
+use portico_tests::dovecot::{Dovecot, Held};
+use portico_tests::servers::{Postgres, Service, pg_bin};
+use portico_tests::{eventually, free_port};
+use serde_json::{Value, json};
+use sha2::Sha256;
+
+const ADMIN: &[&str] = &["super_admin"];
+const USER: &str = "alice@shop.test";
+const SRC_PW: &str = "src-Secret-4711";
+const DST_PW: &str = "dst-Secret-0815";
+const WEBHOOK: &str = "webhook-secret-for-tests";
+
+/// Source folders (separator `.`, no SPECIAL-USE) and where they must land
+/// on the destination (separator `/`, SPECIAL-USE folders).
+const FOLDERS: &[(&str, &str)] = &[
+    ("INBOX", "INBOX"),
+    ("Itens Enviados", "Sent"),
+    ("Rascunhos", "Drafts"),
+    ("Projetos", "Projetos"),
+    ("Projetos.Ação 2024", "Projetos/Ação 2024"),
+    ("Çöp Kutusu", "Trash"),
+];
+
+/// Modified UTF-7, for CREATE and APPEND of non-ASCII names.
+fn mutf7(s: &str) -> String {
+    let mut out = String::new();
+    let mut pending: Vec<u16> = Vec::new();
+    let flush = |p: &mut Vec<u16>, out: &mut String| {
+        if !p.is_empty() {
+            use base64::Engine;
+            let bytes: Vec<u8> = p.iter().flat_map(|u| u.to_be_bytes()).collect();
+            let e = base64::engine::GeneralPurpose::new(
+                &base64::alphabet::IMAP_MUTF7,
+                base64::engine::general_purpose::NO_PAD,
+            );
+            out.push('&');
+            out.push_str(&e.encode(bytes));
+            out.push('-');
+            p.clear();
+        }
+    };
+    for c in s.chars() {
+        if (' '..='~').contains(&c) {
+            flush(&mut pending, &mut out);
+            if c == '&' {
+                out.push_str("&-");
+            } else {
+                out.push(c);
+            }
+        } else {
+            let mut b = [0u16; 2];
+            pending.extend_from_slice(c.encode_utf16(&mut b));
+        }
+    }
+    flush(&mut pending, &mut out);
+    out
+}
+
+fn message(i: usize, id: Option<&str>, extra: usize) -> Vec<u8> {
+    let mut m = format!(
+        "From: Sender {i} <s{i}@old.example>\r\nTo: {USER}\r\nSubject: message {i} çé\r\nDate: Mon, 1 Jan 2018 10:00:00 +0000\r\n"
+    );
+    if let Some(id) = id {
+        m.push_str(&format!("Message-ID: {id}\r\n"));
+    }
+    m.push_str("MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n");
+    m.push_str(&format!("Body of message {i}.\r\n"));
+    for l in 0..extra {
+        m.push_str(&format!(
+            "line {l} of padding for message {i} ................................\r\n"
+        ));
+    }
+    m.into_bytes()
+}
+
+const FLAGS: &[&str] = &[
+    "",
+    "\\Seen",
+    "\\Seen \\Answered",
+    "\\Flagged",
+    "\\Seen \\Draft",
+    "\\Seen $Work",
+    "$Label1 \\Flagged \\Seen",
+];
+
+/// Fills the source with `n` messages (plus a 10 MB one and duplicates).
+fn corpus(src: &Dovecot, n: usize, start: usize) {
+    let mut imap = src.imap(USER, SRC_PW);
+    if start == 0 {
+        for (f, _) in FOLDERS.iter().skip(1) {
+            imap.create(&mutf7(f));
+        }
+    }
+    for i in start..start + n {
+        let (folder, _) = FOLDERS[i % FOLDERS.len()];
+        let id = if i % 97 == 0 {
+            None
+        } else {
+            Some(format!("<m{i}@corpus.test>"))
+        };
+        let year = 2004 + (i % 20);
+        let date = format!(
+            "{:02}-{}-{year} {:02}:{:02}:00 +0000",
+            1 + i % 28,
+            ["Jan", "Mar", "Jun", "Oct"][i % 4],
+            i % 24,
+            i % 60
+        );
+        imap.append(
+            &mutf7(folder),
+            FLAGS[i % FLAGS.len()],
+            &date,
+            &message(i, id.as_deref(), i % 40),
+        );
+        // Every 150th message has a twin with the same Message-Id.
+        if i % 150 == 1 {
+            imap.append(
+                &mutf7(folder),
+                "\\Seen",
+                &date,
+                &message(i + 1_000_000, id.as_deref(), 1),
+            );
+        }
+    }
+    if start == 0 {
+        let mut big = message(999_999, Some("<big@corpus.test>"), 0);
+        big.extend(
+            std::iter::repeat_n(b'x', 10 << 20)
+                .collect::<Vec<u8>>()
+                .chunks(76)
+                .flat_map(|c| [c, b"\r\n"].concat()),
+        );
+        imap.append("INBOX", "\\Seen", "24-Dec-2010 18:30:00 +0100", &big);
+    }
+}
+
+/// The source's messages with their folders mapped to the destination's.
+fn expected(src: &Dovecot) -> Vec<Held> {
+    let map: BTreeMap<String, String> = FOLDERS
+        .iter()
+        .map(|(s, d)| (s.to_string(), d.to_string()))
+        .collect();
+    let mut v: Vec<Held> = src
+        .held(USER)
+        .into_iter()
+        .map(|mut h| {
+            h.mailbox = map.get(&h.mailbox).cloned().unwrap_or(h.mailbox);
+            h
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+struct Stack {
+    pg: Postgres,
+    jobs: Option<Service>,
+    port: u16,
+    env: Vec<(&'static str, String)>,
+    src: Dovecot,
+    dst: Dovecot,
+    _root: tempfile::TempDir,
+}
+
+impl Stack {
+    fn start(extra: &[(&'static str, String)]) -> Option<Stack> {
+        if !Dovecot::available() {
+            eprintln!("SKIPPED LOUDLY: dovecot is not installed (scripts/test installs dovecot-imapd)");
+            return None;
+        }
+        let src = Dovecot::start(".", &[], &[(USER, SRC_PW)]);
+        let dst = Dovecot::start(
+            "/",
+            &[
+                ("Sent", "\\Sent"),
+                ("Drafts", "\\Drafts"),
+                ("Trash", "\\Trash"),
+                ("Junk", "\\Junk"),
+                ("Archive", "\\Archive"),
+            ],
+            &[(USER, DST_PW)],
+        );
+        let pg = Postgres::start();
+        let root = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut env = vec![
+            ("PORTICO_JOBS__LISTEN", format!("127.0.0.1:{port}")),
+            ("PORTICO_JOBS__POSTGRES_URL", pg.url()),
+            ("PORTICO_JOBS__CUSTOMERS_ROOT", root.path().display().to_string()),
+            (
+                "PORTICO_JOBS__PG_BIN_DIR",
+                pg_bin("pg_dump").parent().unwrap().display().to_string(),
+            ),
+            ("PORTICO_JOBS__LEASE_SECS", "3".into()),
+            ("PORTICO_JOBS__REAP_SECS", "1".into()),
+            (
+                "PORTICO_JOBS__MAIL__KEYS__K1",
+                "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=".into(),
+            ),
+            ("PORTICO_JOBS__MAIL__ACTIVE_KEY", "k1".into()),
+            ("PORTICO_JOBS__MAIL__WEBHOOK_SECRET", WEBHOOK.into()),
+        ];
+        env.extend(extra.iter().cloned());
+        let mut s = Stack {
+            pg,
+            jobs: None,
+            port,
+            env,
+            src,
+            dst,
+            _root: root,
+        };
+        s.start_jobs();
+        Some(s)
+    }
+
+    fn start_jobs(&mut self) {
+        self.jobs = Some(Service::start(&bins::jobs(), &[], &self.env, self.port));
+    }
+
+    async fn call(&self, method: &str, path: &str, roles: &[&str], body: Option<Value>) -> (u16, Value) {
+        api_call(self.port, method, path, roles, body).await
+    }
+
+    /// Customer `shop`, a job for shop.test and alice's mailbox (by CSV,
+    /// with a bad line refused on its own).
+    async fn job(&self) -> i64 {
+        let (s, b) = self
+            .call(
+                "POST",
+                "/api/customers",
+                ADMIN,
+                Some(json!({ "id": "shop", "domain": "shop.test" })),
+            )
+            .await;
+        assert_eq!(s, 201, "{b}");
+        let (s, b) = self
+            .call(
+                "POST",
+                "/api/migration/jobs",
+                &["technician"],
+                Some(json!({
+                    "customer": "shop", "domain": "shop.test", "source_type": "imap",
+                    "source": { "host": "127.0.0.1", "port": self.src.port, "tls": false },
+                    "destination": { "host": "127.0.0.1", "port": self.dst.port, "tls": false },
+                })),
+            )
+            .await;
+        assert_eq!(s, 201, "{b}");
+        let job = b["id"].as_i64().unwrap();
+        let csv = format!(
+            "source_login,source_password,dest_login,dest_password\n{USER},{SRC_PW},{USER},{DST_PW}\nbroken line\n"
+        );
+        let r = reqwest::Client::new()
+            .post(format!(
+                "http://127.0.0.1:{}/api/migration/jobs/{job}/mailboxes/import",
+                self.port
+            ))
+            .bearer_auth(token_with_roles("tech", &["technician"]))
+            .body(csv)
+            .send()
+            .await
+            .unwrap();
+        let b: Value = r.json().await.unwrap();
+        assert_eq!(b["created"].as_array().unwrap().len(), 1, "{b}");
+        assert_eq!(b["errors"][0]["line"], 3, "{b}");
+        job
+    }
+
+    async fn sync(&self, job: i64, kind: &str) -> Value {
+        let (s, b) = self
+            .call(
+                "POST",
+                &format!("/api/migration/jobs/{job}/sync"),
+                &["technician"],
+                Some(json!({ "kind": kind })),
+            )
+            .await;
+        assert_eq!(s, 202, "{b}");
+        self.finished(b["task"].as_i64().unwrap()).await
+    }
+
+    async fn finished(&self, task: i64) -> Value {
+        eventually(
+            Duration::from_secs(240),
+            "the mail task to finish",
+            || async move {
+                let (_, t) = self
+                    .call("GET", &format!("/api/customers/shop/tasks/{task}"), ADMIN, None)
+                    .await;
+                ["succeeded", "failed", "cancelled"]
+                    .contains(&t["state"].as_str()?)
+                    .then_some(t)
+            },
+        )
+        .await
+    }
+}
+
+fn sign(body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(WEBHOOK.as_bytes()).unwrap();
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+async fn webhook(port: u16, body: &Value, sig: &str) -> (u16, Value) {
+    let body = body.to_string();
+    let r = reqwest::Client::new()
+        .post(format!(
+            "http://127.0.0.1:{port}/api/migration/webhooks/dns-applied"
+        ))
+        .header("x-portico-signature", sig)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corpus_is_copied_exactly_then_deltas_copy_only_what_is_new_and_the_gate_opens() {
+    let Some(s) = Stack::start(&[]) else { return };
+    corpus(&s.src, 2000, 0);
+    let want = expected(&s.src);
+    assert!(want.len() > 2000, "{}", want.len());
+    let job = s.job().await;
+
+    let (st, pre) = s
+        .call(
+            "POST",
+            &format!("/api/migration/jobs/{job}/preflight"),
+            &["technician"],
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{pre}");
+    assert_eq!(pre["messages"], want.len(), "{pre}");
+    assert!(pre["bytes"].as_u64().unwrap() > 10 << 20, "{pre}");
+
+    let t = s.sync(job, "initial").await;
+    assert_eq!(t["state"], "succeeded", "{t}");
+    assert_eq!(t["result"]["copied"], want.len(), "{t}");
+    // Same folders, counts, Message-Ids, flags (keywords too) and dates.
+    let got = s.dst.held(USER);
+    let counts = |v: &[Held]| {
+        let mut m: BTreeMap<String, usize> = BTreeMap::new();
+        for h in v {
+            *m.entry(h.mailbox.clone()).or_default() += 1;
+        }
+        m
+    };
+    assert_eq!(counts(&got), counts(&want));
+    assert_eq!(got, want, "messages differ");
+    assert!(got.iter().any(|h| h.flags.contains("$Work")));
+    assert!(got.iter().any(|h| h.size > 10 << 20));
+    assert_eq!(t["result"]["ratio"], 1.0, "{t}");
+
+    // Again: nothing copied.
+    let t = s.sync(job, "delta").await;
+    assert_eq!(t["result"]["copied"], 0, "{t}");
+    let t = s.sync(job, "final").await;
+    assert_eq!(t["result"]["copied"], 0, "{t}");
+    // Ten new messages: exactly ten copied.
+    corpus(&s.src, 10, 5000);
+    let t = s.sync(job, "delta").await;
+    assert_eq!(t["result"]["copied"], 10, "{t}");
+    assert_eq!(s.dst.held(USER), expected(&s.src));
+
+    // The verification report, per folder.
+    let (_, v) = s
+        .call(
+            "GET",
+            &format!("/api/migration/jobs/{job}/verify"),
+            &["technician"],
+            None,
+        )
+        .await;
+    assert_eq!(v["gate"], "warning", "{v}");
+    let folders = v["mailboxes"][0]["folders"].as_array().unwrap();
+    assert!(
+        folders
+            .iter()
+            .any(|f| f["source"] == "Projetos.Ação 2024" && f["destination"] == "Projetos/Ação 2024"),
+        "{v}"
+    );
+    assert!(folders.iter().all(|f| f["verified"] == f["source_count"]), "{v}");
+
+    // The gate: a technician may not approve; an ops_lead may at 1.0.
+    let (st, _) = s
+        .call(
+            "POST",
+            &format!("/api/migration/jobs/{job}/approve-gate"),
+            &["technician"],
+            None,
+        )
+        .await;
+    assert_eq!(st, 403);
+    let (st, b) = s
+        .call(
+            "POST",
+            &format!("/api/migration/jobs/{job}/approve-gate"),
+            &["ops_lead"],
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{b}");
+    let (st, g) = s
+        .call("GET", "/api/migration/gate?domain=shop.test", &["service"], None)
+        .await;
+    assert_eq!((st, g["gate"].as_str()), (200, Some("ready_for_dns")), "{g}");
+
+    // The webhook: a bad signature is refused; a replay changes nothing.
+    let body = json!({ "delivery_id": "d-1", "domain": "shop.test" });
+    let (st, _) = webhook(s.port, &body, "sha256=00").await;
+    assert_eq!(st, 401);
+    let (st, b) = webhook(s.port, &body, &sign(body.to_string().as_bytes())).await;
+    assert_eq!((st, b["gate"].as_str()), (200, Some("dns_applied")), "{b}");
+    let (st, b) = webhook(s.port, &body, &sign(body.to_string().as_bytes())).await;
+    assert_eq!((st, b["replayed"].as_bool()), (200, Some(true)), "{b}");
+
+    // No password in clear anywhere in the database.
+    let dump = std::process::Command::new(pg_bin("pg_dump"))
+        .arg(s.pg.url())
+        .output()
+        .unwrap();
+    assert!(dump.status.success());
+    let text = String::from_utf8_lossy(&dump.stdout);
+    assert!(text.contains("mail_mailboxes"));
+    assert!(
+        !text.contains(SRC_PW) && !text.contains(DST_PW),
+        "a password is in the database dump"
+    );
+    let (_, mbs) = s
+        .call(
+            "GET",
+            &format!("/api/migration/jobs/{job}/mailboxes"),
+            &["technician"],
+            None,
+        )
+        .await;
+    assert!(!mbs.to_string().contains("Secret"), "{mbs}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn below_the_ratio_the_gate_stays_shut_until_a_super_admin_overrides() {
+    // Messages over 20 kB are refused (counted as errors): 2 of 100.
+    let Some(s) = Stack::start(&[("PORTICO_JOBS__MAIL__MAX_MESSAGE_BYTES", "20000".into())]) else {
+        return;
+    };
+    let mut imap = s.src.imap(USER, SRC_PW);
+    for i in 0..100 {
+        let padding = if i % 50 == 7 { 400 } else { 2 };
+        imap.append(
+            "INBOX",
+            "\\Seen",
+            "01-Jan-2020 10:00:00 +0000",
+            &message(i, Some(&format!("<r{i}@x>")), padding),
+        );
+    }
+    let job = s.job().await;
+    let t = s.sync(job, "initial").await;
+    assert_eq!(t["state"], "succeeded", "{t}");
+    assert_eq!(t["result"]["ratio"], 0.98, "{t}");
+    assert_eq!(t["result"]["errors"], 2, "{t}");
+    let (st, b) = s
+        .call(
+            "POST",
+            &format!("/api/migration/jobs/{job}/approve-gate"),
+            &["ops_lead"],
+            None,
+        )
+        .await;
+    assert_eq!(st, 409, "{b}");
+    assert!(b["message"].as_str().unwrap().contains("0.98"), "{b}");
+    let (st, _) = s
+        .call(
+            "POST",
+            &format!("/api/migration/jobs/{job}/override-gate"),
+            &["ops_lead"],
+            Some(json!({ "reason": "customer accepts" })),
+        )
+        .await;
+    assert_eq!(st, 403);
+    let (st, b) = s
+        .call(
+            "POST",
+            &format!("/api/migration/jobs/{job}/override-gate"),
+            ADMIN,
+            Some(json!({ "reason": "two newsletters too big, customer accepts" })),
+        )
+        .await;
+    assert_eq!(st, 200, "{b}");
+    let (_, g) = s
+        .call("GET", "/api/migration/gate?domain=shop.test", &["service"], None)
+        .await;
+    assert_eq!(g["gate"], "ready_for_dns");
+    let (_, audit) = s.call("GET", "/api/audit?customer=shop", ADMIN, None).await;
+    let entry = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "mail.gate.override")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        entry["detail"]["reason"], "two newsletters too big, customer accepts",
+        "{entry}"
+    );
+    assert_eq!(entry["actor"], "ops-person");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_jobs_process_killed_mid_sync_leaves_no_duplicate_and_no_gap() {
+    // About 2 MB/s: the sync takes a few seconds and can be caught.
+    let Some(mut s) = Stack::start(&[("PORTICO_JOBS__MAIL__MAX_BYTES_PER_SEC", "1500000".into())]) else {
+        return;
+    };
+    corpus(&s.src, 600, 0);
+    let want = expected(&s.src);
+    let job = s.job().await;
+    let (st, b) = s
+        .call(
+            "POST",
+            &format!("/api/migration/jobs/{job}/sync"),
+            &["technician"],
+            Some(json!({ "kind": "initial" })),
+        )
+        .await;
+    assert_eq!(st, 202, "{b}");
+    let task = b["task"].as_i64().unwrap();
+    // Kill twice, each time with part of the mail copied.
+    for round in 0..2 {
+        let before = s.dst.held(USER).len();
+        eventually(
+            Duration::from_secs(60),
+            "more messages at the destination",
+            || async {
+                let n = s.dst.held(USER).len();
+                (n > before + 50 && n < want.len()).then_some(())
+            },
+        )
+        .await;
+        let mut j = s.jobs.take().unwrap();
+        j.proc.signal("KILL");
+        j.proc.wait_exit(Duration::from_secs(5));
+        let partial = s.dst.held(USER).len();
+        assert!(partial < want.len(), "round {round}: the sync had finished");
+        s.start_jobs();
+    }
+    let t = s.finished(task).await;
+    assert_eq!(t["state"], "succeeded", "{t}");
+    assert!(t["attempt"].as_i64().unwrap() >= 3, "{t}");
+    assert_eq!(s.dst.held(USER), want, "duplicates or gaps after the crashes");
+}
