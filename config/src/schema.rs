@@ -451,6 +451,8 @@ pub struct MailConfig {
     /// Whether plain (non-TLS) IMAP may be used to these hosts; loopback
     /// is always allowed.
     pub allow_plain_imap: bool,
+    /// Largest PST upload.
+    pub max_pst_bytes: u64,
 }
 
 impl Default for MailConfig {
@@ -465,6 +467,7 @@ impl Default for MailConfig {
             max_message_bytes: 50 << 20,
             webhook_secret: None,
             allow_plain_imap: false,
+            max_pst_bytes: 20 << 30,
         }
     }
 }

@@ -567,3 +567,144 @@ async fn a_jobs_process_killed_mid_sync_leaves_no_duplicate_and_no_gap() {
     assert!(t["attempt"].as_i64().unwrap() >= 3, "{t}");
     assert_eq!(s.dst.held(USER), want, "duplicates or gaps after the crashes");
 }
+
+/// Creates customer `id` (domain `<id>.test`), a pst job and one mailbox;
+/// uploads `pst`; returns (job, mailbox).
+async fn pst_job(s: &Stack, id: &str, pst: Vec<u8>) -> (i64, i64) {
+    let (st, b) = s
+        .call(
+            "POST",
+            "/api/customers",
+            ADMIN,
+            Some(json!({ "id": id, "domain": format!("{id}.test") })),
+        )
+        .await;
+    assert_eq!(st, 201, "{b}");
+    let (st, b) = s
+        .call(
+            "POST",
+            "/api/migration/jobs",
+            &["technician"],
+            Some(
+                json!({ "customer": id, "domain": format!("{id}.test"), "source_type": "pst",
+                         "destination": { "host": "127.0.0.1", "port": s.dst.port, "tls": false } }),
+            ),
+        )
+        .await;
+    assert_eq!(st, 201, "{b}");
+    let job = b["id"].as_i64().unwrap();
+    let (st, b) = s
+        .call(
+            "POST",
+            &format!("/api/migration/jobs/{job}/mailboxes"),
+            &["technician"],
+            Some(json!({ "source_login": "outlook.pst", "dest_login": USER, "dest_password": DST_PW })),
+        )
+        .await;
+    assert_eq!(st, 201, "{b}");
+    let mb = b["id"].as_i64().unwrap();
+    let r = reqwest::Client::new()
+        .put(format!(
+            "http://127.0.0.1:{}/api/migration/jobs/{job}/mailboxes/{mb}/pst",
+            s.port
+        ))
+        .bearer_auth(token_with_roles("tech", &["technician"]))
+        .body(pst)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    (job, mb)
+}
+
+async fn task_of(s: &Stack, customer: &str, job: i64, kind: &str) -> Value {
+    let (st, b) = s
+        .call(
+            "POST",
+            &format!("/api/migration/jobs/{job}/sync"),
+            &["technician"],
+            Some(json!({ "kind": kind })),
+        )
+        .await;
+    assert_eq!(st, 202, "{b}");
+    let task = b["task"].as_i64().unwrap();
+    eventually(
+        Duration::from_secs(120),
+        "the PST task to finish",
+        || async move {
+            let (_, t) = s
+                .call(
+                    "GET",
+                    &format!("/api/customers/{customer}/tasks/{task}"),
+                    ADMIN,
+                    None,
+                )
+                .await;
+            ["succeeded", "failed", "cancelled"]
+                .contains(&t["state"].as_str()?)
+                .then_some(t)
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pst_fixture_imports_with_its_counts_and_a_damaged_one_imports_nothing() {
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/fixtures/mail/sample.pst"
+    );
+    let Ok(pst) = std::fs::read(fixture) else {
+        eprintln!("SKIPPED LOUDLY: {fixture} is not there");
+        return;
+    };
+    let Some(s) = Stack::start(&[]) else { return };
+
+    let (job, _) = pst_job(&s, "outlook", pst.clone()).await;
+    let t = task_of(&s, "outlook", job, "initial").await;
+    assert_eq!(t["state"], "succeeded", "{t}");
+    assert_eq!(t["result"]["copied"], 10, "{t}");
+    assert_eq!(t["result"]["ratio"], 1.0, "{t}");
+    // The README's counts: 10 messages in dev_age_apache_org, all with a
+    // Message-Id, read (Status: RO) and dated from their Date header.
+    let held = s.dst.held(USER);
+    assert_eq!(
+        s.dst.counts(USER).get("dev_age_apache_org"),
+        Some(&10),
+        "{held:?}"
+    );
+    assert!(
+        held.iter()
+            .all(|h| h.message_id.starts_with('<') && h.flags == "\\Seen"),
+        "{held:?}"
+    );
+    assert!(held.iter().all(|h| h.received.starts_with("20")), "{held:?}");
+    // Again: nothing new.
+    let t = task_of(&s, "outlook", job, "delta").await;
+    assert_eq!(t["result"]["copied"], 0, "{t}");
+
+    // Damaged copies: nothing imported, nothing verified, the gate shut.
+    let mut flipped = pst.clone();
+    flipped[..4].copy_from_slice(b"XXXX");
+    for (id, bad) in [("flipped", flipped), ("truncated", pst[..100_000].to_vec())] {
+        let before = s.dst.held(USER).len();
+        let (job, _) = pst_job(&s, id, bad).await;
+        let t = task_of(&s, id, job, "initial").await;
+        assert_eq!(t["state"], "failed", "{id}: {t}");
+        assert!(t["error"].as_str().unwrap().contains("readpst"), "{id}: {t}");
+        assert_eq!(s.dst.held(USER).len(), before, "{id}: something was imported");
+        let (_, v) = s
+            .call(
+                "GET",
+                &format!("/api/migration/jobs/{job}/verify"),
+                &["technician"],
+                None,
+            )
+            .await;
+        assert_eq!(
+            (v["verified"].as_i64(), v["gate"].as_str()),
+            (Some(0), Some("blocked")),
+            "{id}: {v}"
+        );
+    }
+}

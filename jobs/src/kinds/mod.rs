@@ -38,7 +38,7 @@ impl Kinds {
             paas: Arc::new(paas::Paas::new(&cfg.paas, &cfg.data_dir)),
             signer_secret: cfg.auth.jwt_secret.expose().as_bytes().to_vec(),
             shops: Arc::new(upgrade::Shared::new(&cfg.jobs)),
-            mail: Arc::new(mail::Shared::new(&cfg.jobs.mail)),
+            mail: Arc::new(mail::Shared::new(&cfg.jobs.mail, &cfg.data_dir)),
         }
     }
 

@@ -54,6 +54,10 @@ pub fn router(api: Arc<MailApi>) -> Router {
             "/api/migration/jobs/{id}/mailboxes/import",
             post(import_mailboxes),
         )
+        .route(
+            "/api/migration/jobs/{id}/mailboxes/{mailbox}/pst",
+            axum::routing::put(upload_pst).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/api/migration/jobs/{id}/preflight", post(preflight))
         .route("/api/migration/jobs/{id}/sync", post(sync))
         .route("/api/migration/jobs/{id}/verify", get(verify))
@@ -120,7 +124,17 @@ impl MailApi {
     async fn store_mailbox(&self, job: &MailJob, m: &NewMailbox) -> Result<i64, ApiError> {
         login_ok(&m.source_login, "source_login")?;
         login_ok(&m.dest_login, "dest_login")?;
-        password_ok(&m.source_password, "source_password")?;
+        match (job.source_type.as_str(), &m.source_password) {
+            ("imap", Some(p)) => password_ok(p, "source_password")?,
+            ("imap", None) => {
+                return Err(bad(
+                    "invalid_password",
+                    "source_password is required for an imap job",
+                ));
+            }
+            (_, Some(_)) => return Err(bad("invalid_password", "a pst job takes no source_password")),
+            (_, None) => {}
+        }
         password_ok(&m.dest_password, "dest_password")?;
         let map = serde_json::to_value(m.folder_map.clone().unwrap_or_default()).unwrap_or_default();
         let db = self.db()?;
@@ -133,10 +147,14 @@ impl MailApi {
                 .seal(pw, &aad(id, side))
                 .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, "no_key", e.to_string()))
         };
-        let sealed =
-            seal(&m.source_password, "source").and_then(|s| Ok((s, seal(&m.dest_password, "destination")?)));
+        let sealed = m
+            .source_password
+            .as_deref()
+            .map(|p| seal(p, "source"))
+            .transpose()
+            .and_then(|s| Ok((s, seal(&m.dest_password, "destination")?)));
         match sealed {
-            Ok((s, d)) => db.set_mailbox_secrets(id, Some(&s), &d).await?,
+            Ok((s, d)) => db.set_mailbox_secrets(id, s.as_deref(), &d).await?,
             Err(e) => {
                 let _ = db.delete_mailbox(id).await;
                 return Err(e);
@@ -173,8 +191,21 @@ async fn create_job(
         return Err(bad("invalid_domain", format!("`{}` is not a domain", req.domain)));
     }
     match req.source_type.as_str() {
-        "imap" => {}
-        "pst" | "tgz" => {
+        "imap" => {
+            let source = req
+                .source
+                .as_ref()
+                .ok_or_else(|| bad("invalid_source", "an imap job needs source {host, port, tls}"))?;
+            server_ok(source, "source")?;
+        }
+        "pst" if req.source.is_some() => {
+            return Err(bad(
+                "invalid_source",
+                "a pst job has no source server: upload a PST per mailbox",
+            ));
+        }
+        "pst" => {}
+        "tgz" => {
             return Err(ApiError(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "unsupported_source",
@@ -191,11 +222,6 @@ async fn create_job(
             ));
         }
     }
-    let source = req
-        .source
-        .as_ref()
-        .ok_or_else(|| bad("invalid_source", "an imap job needs source {host, port, tls}"))?;
-    server_ok(source, "source")?;
     server_ok(&req.destination, "destination")?;
     if !req.options.is_null() && !req.options.is_object() {
         return Err(bad("invalid_options", "options must be an object"));
@@ -207,7 +233,10 @@ async fn create_job(
             &req.customer,
             &domain,
             &req.source_type,
-            Some(&serde_json::to_value(source).unwrap_or_default()),
+            req.source
+                .as_ref()
+                .map(|s| serde_json::to_value(s).unwrap_or_default())
+                .as_ref(),
             &serde_json::to_value(&req.destination).unwrap_or_default(),
             &if req.options.is_null() {
                 json!({})
@@ -252,7 +281,8 @@ async fn show_job(
 #[serde(deny_unknown_fields)]
 struct NewMailbox {
     source_login: String,
-    source_password: String,
+    /// Not for PST jobs (the source is the uploaded file).
+    source_password: Option<String>,
     dest_login: String,
     dest_password: String,
     folder_map: Option<std::collections::BTreeMap<String, String>>,
@@ -312,7 +342,7 @@ async fn import_mailboxes(
         }
         let m = NewMailbox {
             source_login: cols[0].into(),
-            source_password: cols[1].into(),
+            source_password: (!cols[1].is_empty()).then(|| cols[1].to_string()),
             dest_login: cols[2].into(),
             dest_password: cols[3].into(),
             folder_map: None,
@@ -333,6 +363,86 @@ async fn import_mailboxes(
     )
     .await;
     Ok(Json(json!({ "created": created, "errors": errors })))
+}
+
+/// Streams a PST for a mailbox of a pst job to disk (mode 600), at most
+/// `jobs.mail.max_pst_bytes`; replaces an earlier upload only when whole.
+async fn upload_pst(
+    State(api): State<Arc<MailApi>>,
+    headers: HeaderMap,
+    Path((id, mailbox)): Path<(i64, i64)>,
+    body: axum::body::Body,
+) -> Result<impl IntoResponse, ApiError> {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let who = api.caller(&headers, STAFF)?;
+    let job = api.job(id).await?;
+    if job.source_type != "pst" {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "not_pst",
+            format!("job {id} is an {} job", job.source_type),
+        ));
+    }
+    if !api.db()?.mailboxes(id).await?.iter().any(|m| m.id == mailbox) {
+        return Err(not_found(format!("mailbox {mailbox} of job {id}")));
+    }
+    let path = api.shared.pst_path(id, mailbox);
+    let dir = path.parent().expect("a file in a directory").to_path_buf();
+    let io = |e: std::io::Error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string());
+    tokio::fs::create_dir_all(&dir).await.map_err(io)?;
+    // Mail is private: the directories are the service user's alone.
+    for d in [&api.shared.dir, &dir] {
+        use std::os::unix::fs::PermissionsExt;
+        tokio::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
+            .await
+            .map_err(io)?;
+    }
+    let tmp = dir.join(format!(".upload-{mailbox}-{}", rand::random::<u32>()));
+    let mut f = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .await
+        .map_err(io)?;
+    let max = api.shared.cfg.max_pst_bytes;
+    let mut size = 0u64;
+    let mut stream = body.into_data_stream();
+    let result: Result<(), ApiError> = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| bad("upload_interrupted", e.to_string()))?;
+            size += chunk.len() as u64;
+            if size > max {
+                return Err(ApiError(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("a PST may have at most {max} bytes (jobs.mail.max_pst_bytes)"),
+                ));
+            }
+            f.write_all(&chunk).await.map_err(io)?;
+        }
+        f.sync_all().await.map_err(io)?;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(e);
+    }
+    tokio::fs::rename(&tmp, &path).await.map_err(io)?;
+    api.note(
+        &who,
+        "mail.pst.upload",
+        &job,
+        "ok",
+        json!({ "mailbox": mailbox, "bytes": size }),
+    )
+    .await;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "mailbox": mailbox, "bytes": size })),
+    ))
 }
 
 async fn list_mailboxes(

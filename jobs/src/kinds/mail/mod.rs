@@ -11,13 +11,15 @@
 //! verified) → `ready_for_dns` (an approver, at `jobs.mail.gate_min_ratio`)
 //! → `dns_applied` (the webhook); a super_admin may override with a reason.
 //!
-//! Only IMAP sources are implemented; PST and Zimbra TGZ sources are
-//! refused at job creation with a clear error.
+//! Sources: IMAP servers, and PST files uploaded per mailbox ([`pst`],
+//! through readpst). Zimbra TGZ sources are refused at job creation with a
+//! clear error (not implemented yet).
 
 pub mod api;
 pub mod db;
 pub mod folders;
 pub mod imap;
+pub mod pst;
 pub mod sync;
 pub mod vault;
 
@@ -45,14 +47,44 @@ pub fn aad(mailbox: i64, side: &str) -> String {
 pub struct Shared {
     pub cfg: MailConfig,
     pub vault: Vault,
+    /// Uploaded PSTs, their extracted messages, quarantine mboxes (700).
+    pub dir: std::path::PathBuf,
 }
 
 impl Shared {
-    pub fn new(cfg: &MailConfig) -> Shared {
+    pub fn new(cfg: &MailConfig, data_dir: &std::path::Path) -> Shared {
         Shared {
             cfg: cfg.clone(),
             vault: Vault::new(cfg),
+            dir: data_dir.join("mail"),
         }
+    }
+
+    /// Where a mailbox's uploaded PST is kept.
+    pub fn pst_path(&self, job: i64, mailbox: i64) -> std::path::PathBuf {
+        self.dir
+            .join(format!("job-{job}"))
+            .join(format!("mailbox-{mailbox}.pst"))
+    }
+
+    /// A session on the destination of a mailbox.
+    pub async fn dest_session(&self, job: &db::MailJob, mb: &Mailbox) -> Result<Session, Failure> {
+        let pw = self
+            .vault
+            .open(&mb.dest_secret, &aad(mb.id, "destination"))
+            .map_err(|e| Failure::fatal(e.to_string()))?;
+        let dst = job
+            .dest_server()
+            .ok_or_else(|| Failure::fatal("the job has no destination"))?;
+        Session::open(&dst, &mb.dest_login, &pw, self.cfg.allow_plain_imap)
+            .await
+            .map_err(|e| {
+                if e.retryable() {
+                    Failure::retry(e.to_string())
+                } else {
+                    Failure::fatal(e.to_string())
+                }
+            })
     }
 
     /// Opens both sessions of a mailbox.
@@ -153,10 +185,66 @@ impl Kind for MailKind {
                     .acquire_owned()
                     .await
                     .map_err(|e| Failure::retry(e.to_string()))?;
-                let (mut src, mut dst) = shared.sessions(&job, &mb).await?;
-                let r = sync::mailbox(&db, &mb, &mut src, &mut dst, kind, &limits, &progress).await;
-                src.logout().await;
-                dst.logout().await;
+                let local = if job.source_type == "pst" {
+                    let pst = shared.pst_path(job.id, mb.id);
+                    if !pst.is_file() {
+                        return Err(Failure::fatal(format!(
+                            "no PST uploaded for mailbox {}",
+                            mb.source_login
+                        )));
+                    }
+                    progress.line(&format!("{}: reading the PST", mb.source_login));
+                    let out = shared
+                        .dir
+                        .join(format!("job-{}", job.id))
+                        .join(format!("mailbox-{}.extract", mb.id));
+                    Some(pst::extract(&pst, &out).await.map_err(Failure::fatal)?)
+                } else {
+                    None
+                };
+                let quarantine = shared
+                    .dir
+                    .join(format!("job-{}", job.id))
+                    .join(format!("quarantine-run-{run}.mbox"));
+                // A dropped connection costs a reconnect, not the run: the
+                // saved state and the key counts make the next pass carry on
+                // without copying anything twice.
+                let mut reconnects = 0;
+                let r = loop {
+                    let r = match &local {
+                        Some(folders) => {
+                            let mut dst = shared.dest_session(&job, &mb).await?;
+                            let r = sync::import_local(
+                                &db,
+                                &mb,
+                                folders,
+                                &mut dst,
+                                &limits,
+                                &progress,
+                                &quarantine,
+                            )
+                            .await;
+                            dst.logout().await;
+                            r
+                        }
+                        None => {
+                            let (mut src, mut dst) = shared.sessions(&job, &mb).await?;
+                            let r =
+                                sync::mailbox(&db, &mb, &mut src, &mut dst, kind, &limits, &progress).await;
+                            src.logout().await;
+                            dst.logout().await;
+                            r
+                        }
+                    };
+                    match r {
+                        Err(SyncError::Imap(ref e)) if e.retryable() && reconnects < 3 => {
+                            reconnects += 1;
+                            progress.line(&format!("{}: {e}; reconnecting", mb.source_login));
+                            tokio::time::sleep(std::time::Duration::from_millis(500 * reconnects)).await;
+                        }
+                        r => break r,
+                    }
+                };
                 r.map_err(|e| match e {
                     SyncError::Cancelled => Failure::cancelled("cancelled on request"),
                     SyncError::TooManyErrors(..) => Failure::fatal(e.to_string()),
@@ -178,9 +266,11 @@ impl Kind for MailKind {
                 }
             }
         }
-        let (copied, bytes) = reports
-            .iter()
-            .fold((0, 0), |(c, b), r| (c + r.copied, b + r.bytes));
+        // Counted as they happen: a reconnected pass reports only its own.
+        let (copied, bytes) = (
+            limits.copied.load(Ordering::Acquire),
+            limits.bytes.load(Ordering::Acquire),
+        );
         let errors = limits.errors.load(Ordering::Acquire);
         let counts = json!(reports);
         if let Some(f) = failure {

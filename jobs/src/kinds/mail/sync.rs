@@ -22,7 +22,8 @@ use serde::Serialize;
 
 use super::db::{FolderState, Mailbox};
 use super::folders;
-use super::imap::{ImapError, Session};
+use super::imap::{ImapError, Session, Summary};
+use super::pst::LocalFolder;
 use crate::queue::Db;
 use crate::queue::progress::Progress;
 
@@ -264,4 +265,182 @@ pub async fn mailbox(
         report.folders.push(fr);
     }
     Ok(report)
+}
+
+/// Appends local folders (from a PST) to the destination, by the same key
+/// multisets as an IMAP copy; messages the destination refuses go to the
+/// `quarantine` mbox, counted. Verified per folder like any run.
+pub async fn import_local(
+    db: &Db,
+    mb: &Mailbox,
+    local: &[LocalFolder],
+    dst: &mut Session,
+    limits: &Limits,
+    progress: &Arc<Progress>,
+    quarantine: &std::path::Path,
+) -> Result<MailboxReport, SyncError> {
+    let mut report = MailboxReport {
+        mailbox: mb.source_login.clone(),
+        ..Default::default()
+    };
+    let overrides: BTreeMap<String, String> =
+        serde_json::from_value(mb.folder_map.clone()).unwrap_or_default();
+    let dest_folders = dst.folders().await?;
+    let mut existing: std::collections::HashSet<String> =
+        dest_folders.iter().map(|f| f.raw.clone()).collect();
+    let (dest_delim, dest_prefix) = (dst.delimiter.clone(), dst.prefix.clone());
+    for lf in local {
+        let name = lf.components.join("/");
+        let src = folders::Folder {
+            raw: if lf.components.is_empty() || name.eq_ignore_ascii_case("inbox") {
+                "INBOX".into()
+            } else {
+                folders::encode(&name)
+            },
+            delimiter: Some("/".into()),
+            role: None,
+            selectable: true,
+        };
+        let target = folders::map(&src, &dest_folders, &dest_delim, &dest_prefix, &overrides);
+        if existing.insert(target.clone()) {
+            dst.create(&target).await?;
+        }
+        dst.select(&target).await?;
+        let mut have = counts(dst.summaries(1).await?.into_iter().map(|m| m.key));
+        dst.unselect().await?;
+        let want = counts(lf.messages.iter().map(|m| m.key.clone()));
+        let mut fr = FolderReport {
+            source: if name.is_empty() {
+                "(root)".into()
+            } else {
+                name.clone()
+            },
+            destination: folders::decode(&target),
+            ..Default::default()
+        };
+        progress.line(&format!(
+            "{}: {} → {} ({} messages)",
+            mb.source_login,
+            fr.source,
+            fr.destination,
+            lf.messages.len()
+        ));
+        for m in &lf.messages {
+            if progress.meter.cancelled.load(Ordering::Acquire) {
+                return Err(SyncError::Cancelled);
+            }
+            if have.get(&m.key).copied().unwrap_or(0) >= want.get(&m.key).copied().unwrap_or(0) {
+                continue;
+            }
+            let path = m.path.clone();
+            let body = tokio::task::spawn_blocking(move || std::fs::read(path).map(|b| super::pst::crlf(&b)))
+                .await
+                .map_err(|e| SyncError::Db(e.to_string()))?
+                .map_err(|e| SyncError::Db(format!("{}: {e}", m.path.display())))?;
+            let summary = Summary {
+                uid: 0,
+                key: m.key.clone(),
+                flags: m.flags.clone(),
+                internal_date: m.internal_date.clone(),
+                size: body.len() as u32,
+            };
+            let r = if body.len() as u64 > limits.max_message_bytes {
+                Err(format!(
+                    "{}: {} bytes, larger than jobs.mail.max_message_bytes",
+                    m.path.display(),
+                    body.len()
+                ))
+            } else {
+                dst.append(&target, &summary, &body)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match r {
+                Ok(()) => {
+                    *have.entry(m.key.clone()).or_insert(0) += 1;
+                    fr.copied += 1;
+                    fr.bytes += body.len() as u64;
+                    limits.copied.fetch_add(1, Ordering::Relaxed);
+                    progress
+                        .meter
+                        .bytes
+                        .fetch_add(body.len() as u64, Ordering::Relaxed);
+                    limits.throttle(body.len() as u64).await;
+                }
+                Err(e) => {
+                    quarantine_append(quarantine, &body).await;
+                    let n = limits.errors.fetch_add(1, Ordering::AcqRel) + 1;
+                    progress.line(&format!("quarantined: {e}"));
+                    report.errors.push(e.clone());
+                    if n > limits.errors_max {
+                        return Err(SyncError::TooManyErrors(n, e));
+                    }
+                }
+            }
+        }
+        if fr.copied > 0 {
+            dst.select(&target).await?;
+            have = counts(dst.summaries(1).await?.into_iter().map(|m| m.key));
+            dst.unselect().await?;
+        }
+        fr.source_count = lf.messages.len() as u64;
+        fr.dest_count = have.values().sum();
+        fr.verified = want
+            .iter()
+            .map(|(k, n)| (*n).min(have.get(k).copied().unwrap_or(0)))
+            .sum();
+        db.save_folder(
+            mb.id,
+            &FolderState {
+                source_folder: fr.source.clone(),
+                dest_folder: target.clone(),
+                uidvalidity: 0,
+                last_uid: 0,
+                source_count: fr.source_count as i64,
+                dest_count: fr.dest_count as i64,
+                verified: fr.verified as i64,
+            },
+        )
+        .await
+        .map_err(|e| SyncError::Db(e.to_string()))?;
+        report.copied += fr.copied;
+        report.bytes += fr.bytes;
+        report.folders.push(fr);
+    }
+    Ok(report)
+}
+
+/// Appends a message to an mbox file (">From " quoting), mode 600.
+async fn quarantine_append(path: &std::path::Path, body: &[u8]) {
+    let mut out = format!(
+        "From portico-quarantine {}\n",
+        chrono::Utc::now().format("%a %b %e %H:%M:%S %Y")
+    )
+    .into_bytes();
+    for line in body.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.starts_with(b"From ")
+            || (line.starts_with(b">") && line.trim_ascii_start().starts_with(b">From "))
+        {
+            out.push(b'>');
+        }
+        out.extend_from_slice(line);
+        out.push(b'\n');
+    }
+    out.push(b'\n');
+    let path = path.to_path_buf();
+    let _ = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Some(d) = path.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)?
+            .write_all(&out)
+    })
+    .await;
 }
