@@ -571,6 +571,11 @@ async fn a_jobs_process_killed_mid_sync_leaves_no_duplicate_and_no_gap() {
 /// Creates customer `id` (domain `<id>.test`), a pst job and one mailbox;
 /// uploads `pst`; returns (job, mailbox).
 async fn pst_job(s: &Stack, id: &str, pst: Vec<u8>) -> (i64, i64) {
+    file_job(s, id, "pst", pst).await
+}
+
+/// Like [`pst_job`] for any file source (`pst`, `tgz`).
+async fn file_job(s: &Stack, id: &str, source_type: &str, file: Vec<u8>) -> (i64, i64) {
     let (st, b) = s
         .call(
             "POST",
@@ -586,7 +591,7 @@ async fn pst_job(s: &Stack, id: &str, pst: Vec<u8>) -> (i64, i64) {
             "/api/migration/jobs",
             &["technician"],
             Some(
-                json!({ "customer": id, "domain": format!("{id}.test"), "source_type": "pst",
+                json!({ "customer": id, "domain": format!("{id}.test"), "source_type": source_type,
                          "destination": { "host": "127.0.0.1", "port": s.dst.port, "tls": false } }),
             ),
         )
@@ -605,11 +610,11 @@ async fn pst_job(s: &Stack, id: &str, pst: Vec<u8>) -> (i64, i64) {
     let mb = b["id"].as_i64().unwrap();
     let r = reqwest::Client::new()
         .put(format!(
-            "http://127.0.0.1:{}/api/migration/jobs/{job}/mailboxes/{mb}/pst",
+            "http://127.0.0.1:{}/api/migration/jobs/{job}/mailboxes/{mb}/upload",
             s.port
         ))
         .bearer_auth(token_with_roles("tech", &["technician"]))
-        .body(pst)
+        .body(file)
         .send()
         .await
         .unwrap();
@@ -707,4 +712,87 @@ async fn the_pst_fixture_imports_with_its_counts_and_a_damaged_one_imports_nothi
             "{id}: {v}"
         );
     }
+}
+
+/// A Zimbra-layout export: folders as directories, `*.eml` messages, each
+/// with a bencoded `.eml.meta` (date in ms, flag letters).
+fn zimbra_tgz(messages: &[(&str, &str, &str, i64)]) -> Vec<u8> {
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::default(),
+    ));
+    let mut add = |path: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        tar.append_data(&mut h, path, data).unwrap();
+    };
+    for (i, (folder, flags, id, ms)) in messages.iter().enumerate() {
+        let body = format!(
+            "From: z{i}@zimbra.example\nTo: {USER}\nSubject: zimbra {i}\nDate: Tue, 2 Feb 2016 10:00:00 +0000\nMessage-ID: {id}\n\nexported {i}\n"
+        );
+        let name = format!("{folder}/{i:04}-zimbra {i}.eml");
+        add(&name, body.as_bytes());
+        let meta = format!("d1:di{ms}e1:f{}:{flags}e", flags.len());
+        add(&format!("{name}.meta"), meta.as_bytes());
+    }
+    add("Inbox.meta", b"d1:n5:Inboxe");
+    tar.into_inner().unwrap().finish().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_zimbra_export_imports_with_its_flags_and_dates() {
+    let Some(s) = Stack::start(&[]) else { return };
+    let tgz = zimbra_tgz(&[
+        ("Inbox", "", "<z0@x>", 1_262_304_000_000),
+        ("Inbox", "u", "<z1@x>", 1_420_070_400_000),
+        ("Sent", "r", "<z2@x>", 1_577_836_800_000),
+        ("Projects/2024", "f", "<z3@x>", 1_704_067_200_000),
+        ("Drafts", "d", "<z4@x>", 1_704_067_200_000),
+    ]);
+    let (job, _) = file_job(&s, "zimbra", "tgz", tgz).await;
+    let t = task_of(&s, "zimbra", job, "initial").await;
+    assert_eq!(t["state"], "succeeded", "{t}");
+    assert_eq!(t["result"]["copied"], 5, "{t}");
+    let held: BTreeMap<String, Held> = s
+        .dst
+        .held(USER)
+        .into_iter()
+        .map(|h| (h.message_id.clone(), h))
+        .collect();
+    let check = |id: &str, mailbox: &str, flags: &str, date: &str| {
+        let h = &held[id];
+        assert_eq!(
+            (h.mailbox.as_str(), h.flags.as_str()),
+            (mailbox, flags),
+            "{id}: {h:?}"
+        );
+        assert!(h.received.starts_with(date), "{id}: {h:?}");
+    };
+    check("<z0@x>", "INBOX", "\\Seen", "2010-01-01");
+    check("<z1@x>", "INBOX", "", "2015-01-01");
+    check("<z2@x>", "Sent", "\\Answered \\Seen", "2020-01-01");
+    check("<z3@x>", "Projects/2024", "\\Flagged \\Seen", "2024-01-01");
+    check("<z4@x>", "Drafts", "\\Draft \\Seen", "2024-01-01");
+    // An archive whose entry leaves its directory is refused whole.
+    let (job, _) = file_job(&s, "evil", "tgz", {
+        let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::default(),
+        ));
+        let mut h = tar::Header::new_gnu();
+        let data = b"From: x\n\nx\n";
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.as_gnu_mut().unwrap().name[..16].copy_from_slice(b"../escape/a.eml\0");
+        h.set_cksum();
+        tar.append(&h, &data[..]).unwrap();
+        tar.into_inner().unwrap().finish().unwrap()
+    })
+    .await;
+    let t = task_of(&s, "evil", job, "initial").await;
+    assert_eq!(t["state"], "failed", "{t}");
+    assert!(t["error"].as_str().unwrap().contains("TGZ"), "{t}");
 }

@@ -55,8 +55,8 @@ pub fn router(api: Arc<MailApi>) -> Router {
             post(import_mailboxes),
         )
         .route(
-            "/api/migration/jobs/{id}/mailboxes/{mailbox}/pst",
-            axum::routing::put(upload_pst).layer(axum::extract::DefaultBodyLimit::disable()),
+            "/api/migration/jobs/{id}/mailboxes/{mailbox}/upload",
+            axum::routing::put(upload).layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .route("/api/migration/jobs/{id}/preflight", post(preflight))
         .route("/api/migration/jobs/{id}/sync", post(sync))
@@ -198,23 +198,13 @@ async fn create_job(
                 .ok_or_else(|| bad("invalid_source", "an imap job needs source {host, port, tls}"))?;
             server_ok(source, "source")?;
         }
-        "pst" if req.source.is_some() => {
+        "pst" | "tgz" if req.source.is_some() => {
             return Err(bad(
                 "invalid_source",
-                "a pst job has no source server: upload a PST per mailbox",
+                "a pst or tgz job has no source server: upload a file per mailbox",
             ));
         }
-        "pst" => {}
-        "tgz" => {
-            return Err(ApiError(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "unsupported_source",
-                format!(
-                    "{} sources are not supported yet; use an imap source",
-                    req.source_type
-                ),
-            ));
-        }
+        "pst" | "tgz" => {}
         other => {
             return Err(bad(
                 "invalid_source_type",
@@ -365,9 +355,10 @@ async fn import_mailboxes(
     Ok(Json(json!({ "created": created, "errors": errors })))
 }
 
-/// Streams a PST for a mailbox of a pst job to disk (mode 600), at most
-/// `jobs.mail.max_pst_bytes`; replaces an earlier upload only when whole.
-async fn upload_pst(
+/// Streams a mailbox's source file (the PST of a pst job, the export of a
+/// tgz job) to disk (mode 600), at most `jobs.mail.max_pst_bytes`;
+/// replaces an earlier upload only when whole.
+async fn upload(
     State(api): State<Arc<MailApi>>,
     headers: HeaderMap,
     Path((id, mailbox)): Path<(i64, i64)>,
@@ -377,17 +368,17 @@ async fn upload_pst(
     use tokio::io::AsyncWriteExt;
     let who = api.caller(&headers, STAFF)?;
     let job = api.job(id).await?;
-    if job.source_type != "pst" {
+    if job.source_type == "imap" {
         return Err(ApiError(
             StatusCode::CONFLICT,
-            "not_pst",
-            format!("job {id} is an {} job", job.source_type),
+            "not_a_file_source",
+            format!("job {id} copies from an IMAP server: nothing to upload"),
         ));
     }
     if !api.db()?.mailboxes(id).await?.iter().any(|m| m.id == mailbox) {
         return Err(not_found(format!("mailbox {mailbox} of job {id}")));
     }
-    let path = api.shared.pst_path(id, mailbox);
+    let path = api.shared.upload_path(&job, mailbox);
     let dir = path.parent().expect("a file in a directory").to_path_buf();
     let io = |e: std::io::Error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string());
     tokio::fs::create_dir_all(&dir).await.map_err(io)?;
@@ -417,7 +408,7 @@ async fn upload_pst(
                 return Err(ApiError(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "too_large",
-                    format!("a PST may have at most {max} bytes (jobs.mail.max_pst_bytes)"),
+                    format!("an upload may have at most {max} bytes (jobs.mail.max_pst_bytes)"),
                 ));
             }
             f.write_all(&chunk).await.map_err(io)?;
@@ -433,7 +424,7 @@ async fn upload_pst(
     tokio::fs::rename(&tmp, &path).await.map_err(io)?;
     api.note(
         &who,
-        "mail.pst.upload",
+        "mail.upload",
         &job,
         "ok",
         json!({ "mailbox": mailbox, "bytes": size }),

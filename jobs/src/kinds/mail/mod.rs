@@ -11,9 +11,8 @@
 //! verified) → `ready_for_dns` (an approver, at `jobs.mail.gate_min_ratio`)
 //! → `dns_applied` (the webhook); a super_admin may override with a reason.
 //!
-//! Sources: IMAP servers, and PST files uploaded per mailbox ([`pst`],
-//! through readpst). Zimbra TGZ sources are refused at job creation with a
-//! clear error (not implemented yet).
+//! Sources: IMAP servers, and files uploaded per mailbox: Outlook PSTs
+//! ([`pst`], through readpst) and Zimbra/Carbonio TGZ exports ([`tgz`]).
 
 pub mod api;
 pub mod db;
@@ -21,6 +20,7 @@ pub mod folders;
 pub mod imap;
 pub mod pst;
 pub mod sync;
+pub mod tgz;
 pub mod vault;
 
 use std::sync::Arc;
@@ -60,11 +60,11 @@ impl Shared {
         }
     }
 
-    /// Where a mailbox's uploaded PST is kept.
-    pub fn pst_path(&self, job: i64, mailbox: i64) -> std::path::PathBuf {
+    /// Where a mailbox's uploaded PST or TGZ export is kept.
+    pub fn upload_path(&self, job: &db::MailJob, mailbox: i64) -> std::path::PathBuf {
         self.dir
-            .join(format!("job-{job}"))
-            .join(format!("mailbox-{mailbox}.pst"))
+            .join(format!("job-{}", job.id))
+            .join(format!("mailbox-{mailbox}.{}", job.source_type))
     }
 
     /// A session on the destination of a mailbox.
@@ -185,22 +185,29 @@ impl Kind for MailKind {
                     .acquire_owned()
                     .await
                     .map_err(|e| Failure::retry(e.to_string()))?;
-                let local = if job.source_type == "pst" {
-                    let pst = shared.pst_path(job.id, mb.id);
-                    if !pst.is_file() {
+                let local = if job.source_type == "imap" {
+                    None
+                } else {
+                    let file = shared.upload_path(&job, mb.id);
+                    if !file.is_file() {
                         return Err(Failure::fatal(format!(
-                            "no PST uploaded for mailbox {}",
-                            mb.source_login
+                            "no {} uploaded for mailbox {}",
+                            job.source_type, mb.source_login
                         )));
                     }
-                    progress.line(&format!("{}: reading the PST", mb.source_login));
+                    progress.line(&format!("{}: reading the {}", mb.source_login, job.source_type));
                     let out = shared
                         .dir
                         .join(format!("job-{}", job.id))
                         .join(format!("mailbox-{}.extract", mb.id));
-                    Some(pst::extract(&pst, &out).await.map_err(Failure::fatal)?)
-                } else {
-                    None
+                    let folders = if job.source_type == "pst" {
+                        pst::extract(&file, &out).await
+                    } else {
+                        tokio::task::spawn_blocking(move || tgz::extract(&file, &out))
+                            .await
+                            .map_err(|e| Failure::retry(e.to_string()))?
+                    };
+                    Some(folders.map_err(Failure::fatal)?)
                 };
                 let quarantine = shared
                     .dir
