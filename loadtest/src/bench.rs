@@ -24,9 +24,9 @@ use crate::report::{Report, ServerUsage};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Scenarios to run: fanout, dm, idle, proxy, paas, faults, edge
-    /// (default: all but faults and edge, which have their own tables:
-    /// loadtest/results/faults.md and edge.md).
+    /// Scenarios to run: fanout, dm, idle, proxy, paas, faults, edge, mail
+    /// (default: all but faults, edge and mail, which have their own
+    /// tables: loadtest/results/faults.md, edge.md and mail.md).
     #[arg(long, value_delimiter = ',', default_value = "fanout,dm,idle,proxy,paas")]
     pub scenarios: Vec<String>,
     /// Divide connection counts and durations by 10 (a smoke run).
@@ -341,6 +341,11 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 ));
                 continue;
             }
+            "mail" => {
+                failed |= !crate::mail::run(&args.out, args.quick).await?;
+                tokio::task::spawn_blocking(move || drop(stack)).await?;
+                continue;
+            }
             "edge" => {
                 failed |= !crate::edge::run(&args.out).await?;
                 tokio::task::spawn_blocking(move || drop(stack)).await?;
@@ -353,7 +358,9 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 tokio::task::spawn_blocking(move || drop(stack)).await?;
                 continue;
             }
-            other => anyhow::bail!("unknown scenario {other} (fanout, dm, idle, proxy, paas, faults, edge)"),
+            other => {
+                anyhow::bail!("unknown scenario {other} (fanout, dm, idle, proxy, paas, faults, edge, mail)")
+            }
         };
         let conns = conns / scale as usize;
         let rate = rate / scale as u32;

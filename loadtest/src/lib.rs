@@ -10,6 +10,7 @@ pub mod bench;
 pub mod edge;
 pub mod faults;
 pub mod generator;
+pub mod mail;
 pub mod report;
 pub mod sys;
 pub mod verify;
