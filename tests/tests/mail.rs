@@ -522,6 +522,29 @@ async fn below_the_ratio_the_gate_stays_shut_until_a_super_admin_overrides() {
         "{entry}"
     );
     assert_eq!(entry["actor"], "ops-person");
+    // The report, as a page and as CSV.
+    let get = |path: String| async move {
+        let r = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}{path}", s.port))
+            .bearer_auth(token_with_roles("tech", &["technician"]))
+            .send()
+            .await
+            .unwrap();
+        let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+        (ct, r.text().await.unwrap())
+    };
+    let (ct, page) = get(format!("/api/migration/jobs/{job}/report.html")).await;
+    assert!(ct.starts_with("text/html"), "{ct}");
+    assert!(
+        page.contains("verified 98 of 100") && page.contains("class=\"short\""),
+        "{page}"
+    );
+    let (ct, csv) = get(format!("/api/migration/jobs/{job}/report.csv")).await;
+    assert!(ct.starts_with("text/csv"), "{ct}");
+    assert!(
+        csv.lines().any(|l| l == "alice@shop.test,INBOX,INBOX,100,98,98"),
+        "{csv}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -73,6 +73,11 @@ impl Progress {
         self.state.lock().expect("progress lock").1 = total;
     }
 
+    /// Adds to the estimated total (work discovered as a task goes).
+    pub fn add_total(&self, more: u64) {
+        self.state.lock().expect("progress lock").1 += more;
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         let (step, total) = self.state.lock().expect("progress lock").clone();
         let bytes = self.meter.bytes.load(std::sync::atomic::Ordering::Relaxed);

@@ -62,6 +62,7 @@ pub fn router(api: Arc<MailApi>) -> Router {
         .route("/api/migration/jobs/{id}/sync", post(sync))
         .route("/api/migration/jobs/{id}/verify", get(verify))
         .route("/api/migration/jobs/{id}/report.csv", get(report_csv))
+        .route("/api/migration/jobs/{id}/report.html", get(report_html))
         .route("/api/migration/jobs/{id}/approve-gate", post(approve_gate))
         .route("/api/migration/jobs/{id}/override-gate", post(override_gate))
         .route("/api/migration/gate", get(gate))
@@ -255,8 +256,9 @@ async fn show_job(
     headers: HeaderMap,
     Path(id): Path<i64>,
 ) -> Result<impl IntoResponse, ApiError> {
-    api.caller(&headers, STAFF)?;
+    let who = api.caller(&headers, STAFF)?;
     let job = api.job(id).await?;
+    api.note(&who, "mail.job.show", &job, "ok", json!({})).await;
     let db = api.db()?;
     Ok(Json(json!({
         "job": job,
@@ -576,8 +578,9 @@ async fn verify(
     headers: HeaderMap,
     Path(id): Path<i64>,
 ) -> Result<impl IntoResponse, ApiError> {
-    api.caller(&headers, STAFF)?;
+    let who = api.caller(&headers, STAFF)?;
     let job = api.job(id).await?;
+    api.note(&who, "mail.verify", &job, "ok", json!({})).await;
     Ok(Json(verification(&api, &job).await?))
 }
 
@@ -589,13 +592,77 @@ fn csv_field(s: &str) -> String {
     }
 }
 
+fn html(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+/// The job's verification as a page a person can read or print.
+async fn report_html(
+    State(api): State<Arc<MailApi>>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<Response, ApiError> {
+    let who = api.caller(&headers, STAFF)?;
+    let job = api.job(id).await?;
+    let v = verification(&api, &job).await?;
+    let mut rows = String::new();
+    for mb in v["mailboxes"].as_array().into_iter().flatten() {
+        for f in mb["folders"].as_array().into_iter().flatten() {
+            let ok = f["verified"] == f["source_count"];
+            rows.push_str(&format!(
+                "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+                if ok { "ok" } else { "short" },
+                html(mb["mailbox"].as_str().unwrap_or_default()),
+                html(f["source"].as_str().unwrap_or_default()),
+                html(f["destination"].as_str().unwrap_or_default()),
+                f["source_count"],
+                f["dest_count"],
+                f["verified"],
+            ));
+        }
+    }
+    let page = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Migration of {d}</title>\
+         <style>body{{font:14px system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse}}\
+         td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}tr.short td{{background:#fee}}</style></head>\
+         <body><h1>Mail migration of {d}</h1><p>Gate: <b>{g}</b> · verified {vv} of {e} ({r:.2}%, needs {m:.2}%)</p>\
+         <table><tr><th>mailbox</th><th>source folder</th><th>destination folder</th><th>source</th>\
+         <th>destination</th><th>verified</th></tr>\n{rows}</table></body></html>\n",
+        d = html(&job.domain),
+        g = html(&job.gate),
+        vv = job.verified,
+        e = job.expected,
+        r = job.ratio() * 100.0,
+        m = api.shared.cfg.gate_min_ratio * 100.0,
+    );
+    api.note(&who, "mail.report", &job, "ok", json!({ "format": "html" }))
+        .await;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; style-src 'unsafe-inline'",
+            ),
+        ],
+        page,
+    )
+        .into_response())
+}
+
 async fn report_csv(
     State(api): State<Arc<MailApi>>,
     headers: HeaderMap,
     Path(id): Path<i64>,
 ) -> Result<Response, ApiError> {
-    api.caller(&headers, STAFF)?;
+    let who = api.caller(&headers, STAFF)?;
     let job = api.job(id).await?;
+    api.note(&who, "mail.report", &job, "ok", json!({ "format": "csv" }))
+        .await;
     let v = verification(&api, &job).await?;
     let mut out = String::from("mailbox,source_folder,destination_folder,source_count,dest_count,verified\n");
     for mb in v["mailboxes"].as_array().into_iter().flatten() {

@@ -147,6 +147,11 @@ pub async fn mailbox(
         let target = folders::map(&folder, &dest_folders, &dest_delim, &dest_prefix, &overrides);
         let (uidvalidity, _) = src.examine(&folder.raw).await?;
         let all = src.summaries(1).await?;
+        // Known folder by folder: the ETA firms up as the run goes.
+        if kind != RunKind::Verify {
+            let folder_bytes: u64 = all.iter().filter(|m| m.uid >= 1).map(|m| u64::from(m.size)).sum();
+            progress.add_total(folder_bytes);
+        }
         let state = saved.get(&folder.raw);
         let from = match (kind, state) {
             (RunKind::Delta, Some(s)) if s.uidvalidity == i64::from(uidvalidity) => s.last_uid as u32 + 1,
