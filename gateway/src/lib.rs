@@ -253,6 +253,10 @@ impl ShutdownSignalWatch for Signals {
 fn describe_metrics() {
     use metrics::{Unit, describe_counter, describe_histogram};
     let _ = portico_common::telemetry::metrics();
+    metrics::describe_gauge!(
+        "portico_gateway_chat_shards",
+        "Chat shards by health-check state (healthy, down)."
+    );
     describe_counter!(
         "portico_gateway_requests_total",
         "HTTPS requests, by route and status."
@@ -394,6 +398,20 @@ impl BackgroundService for AdminEndpoints {
             }
         };
         let _ = portico_common::telemetry::metrics();
+        // The shards' health as Prometheus sees it (alerts: shard down, no
+        // healthy shard), refreshed every second.
+        let gauge_chat = self.chat.clone();
+        let gauges = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let all = gauge_chat.backends().get_backend();
+                let healthy = all.iter().filter(|b| gauge_chat.backends().ready(b)).count();
+                metrics::gauge!("portico_gateway_chat_shards", "state" => "healthy").set(healthy as f64);
+                metrics::gauge!("portico_gateway_chat_shards", "state" => "down")
+                    .set((all.len() - healthy) as f64);
+            }
+        });
         let chat = self.chat.clone();
         let app = admin::router(Readiness::new(move || {
             let result = shards_ready(&chat);
@@ -405,5 +423,6 @@ impl BackgroundService for AdminEndpoints {
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped).await {
             tracing::error!(error = %e, "admin endpoints failed");
         }
+        gauges.abort();
     }
 }

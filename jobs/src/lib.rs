@@ -46,6 +46,26 @@ fn describe_metrics() {
         "portico_jobs_tasks_total",
         "Tasks ended, by kind and result (ok, failed)."
     );
+    metrics::describe_gauge!(
+        "portico_jobs_tasks",
+        "Tasks queued and running now, by kind and state."
+    );
+    metrics::describe_gauge!(
+        "portico_jobs_backup_last_success_timestamp_seconds",
+        "When each customer's newest successful backup was made (its registration time while it has none)."
+    );
+    metrics::describe_gauge!(
+        "portico_jobs_mail_gate",
+        "Each mail migration's DNS gate: 1 for its current state (blocked, warning, ready_for_dns, dns_applied)."
+    );
+    metrics::describe_gauge!(
+        "portico_jobs_mail_gate_ratio",
+        "Each mail migration's verified ratio (verified / expected messages)."
+    );
+    metrics::describe_gauge!(
+        "portico_jobs_app_restarts",
+        "Restarts of each hosted app's current container, as Docker counts them."
+    );
     metrics::describe_counter!(
         "portico_jobs_tasks_reaped_total",
         "Tasks whose lease ran out (their worker died) and were re-queued or failed."

@@ -39,6 +39,7 @@ async fn metrics_pass_promtool() {
         "portico_gateway_request_duration_seconds",
         "portico_gateway_upstream_seconds",
         "portico_gateway_connections",
+        "portico_gateway_chat_shards{state=\"healthy\"}",
     ] {
         assert!(text.contains(metric), "gateway exposes {metric}:\n{text}");
     }

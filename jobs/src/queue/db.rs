@@ -492,6 +492,20 @@ impl Db {
         Ok(n == 1)
     }
 
+    /// Queued and running tasks, by (kind, state).
+    pub async fn active_counts(&self) -> Result<Vec<(String, String, i64)>, DbError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT kind, state, count(*) FROM tasks WHERE state IN ('queued', 'running') GROUP BY 1, 2",
+                &[],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+    }
+
     /// Deletes finished tasks older than `days`.
     pub async fn prune(&self, days: u32) -> Result<u64, DbError> {
         self.client()

@@ -143,6 +143,18 @@ impl Workers {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            if let Ok(active) = self.db.active_counts().await {
+                for kind in self.kinds.keys() {
+                    for state in ["queued", "running"] {
+                        let n = active
+                            .iter()
+                            .find(|(k, s, _)| k == kind && s == state)
+                            .map_or(0, |(_, _, n)| *n);
+                        metrics::gauge!("portico_jobs_tasks", "kind" => *kind, "state" => state)
+                            .set(n as f64);
+                    }
+                }
+            }
             match self.db.reap().await {
                 Ok(reaped) => {
                     for r in reaped {

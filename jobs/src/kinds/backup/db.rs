@@ -110,4 +110,20 @@ impl Db {
             .map_err(unavailable)?;
         Ok(n == 1)
     }
+
+    /// Per customer, when its newest backup was made (epoch seconds), or
+    /// when it was registered while it has none.
+    pub async fn backup_freshness(&self) -> Result<Vec<(String, f64)>, DbError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT c.id, extract(epoch FROM coalesce(max(b.created_at), c.created_at))::float8
+                 FROM customers c LEFT JOIN backups b ON b.customer_id = c.id GROUP BY c.id, c.created_at",
+                &[],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
 }

@@ -128,6 +128,23 @@ impl Kind for BackupKind {
     async fn abandoned(&self, subject: Subject<'_>) {
         clean_partials_of(&self.db, subject).await;
     }
+
+    /// Publishes each customer's backup freshness every 30 s.
+    async fn watch(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Ok(rows) = self.db.backup_freshness().await {
+                for (customer, at) in rows {
+                    metrics::gauge!("portico_jobs_backup_last_success_timestamp_seconds", "customer" => customer)
+                        .set(at);
+                }
+            }
+        }
+    }
 }
 
 /// Removes the partial backups a dead attempt left in the customer's tree.

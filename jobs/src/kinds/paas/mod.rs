@@ -518,6 +518,14 @@ impl Paas {
         if !sweep {
             return Ok(());
         }
+        for app in &apps {
+            if let Some(current) = &app.container
+                && let Ok(Some(i)) = self.engine.inspect(current).await
+            {
+                metrics::gauge!("portico_jobs_app_restarts", "app" => app.name.clone())
+                    .set(i.restart_count as f64);
+            }
+        }
         // Listed before the task states are read: whatever a deploy
         // starts after this point is not in these lists.
         let image_list = self.engine.images(None).await?;
