@@ -31,3 +31,23 @@ fn units_are_hardened() {
         assert!(out.status.success(), "{instance} exposure above 2.5:\n{text}");
     }
 }
+
+/// A chat instance's port comes from its own environment file, never from
+/// pasting the instance number into a port (`910%i` is 91010 for @10).
+#[test]
+fn chat_instances_take_their_port_from_their_own_environment_file() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/systemd/portico-chat@.service"
+    ))
+    .unwrap();
+    let keys: Vec<&str> = unit.lines().filter(|l| !l.starts_with('#')).collect();
+    assert!(
+        keys.contains(&"EnvironmentFile=/etc/portico/chat-%i.env"),
+        "{unit}"
+    );
+    assert!(
+        !keys.iter().any(|l| l.contains("LISTEN") && l.contains("%i")),
+        "{unit}"
+    );
+}
