@@ -151,6 +151,7 @@ impl Bound {
     pub async fn serve(self, stop: CancellationToken) -> std::io::Result<()> {
         let Bound { shard, listener } = self;
         tracing::info!(addr = %listener.local_addr()?, shard = shard.cfg.shard_id, "chat shard listening");
+        portico_common::notify::ready(&stop);
         let app = crate::http::router(shard.clone());
         // Housekeeping owned by this function: aborted when it returns.
         let mut background = tokio::task::JoinSet::new();
@@ -175,6 +176,7 @@ impl Bound {
         let http_stop = stop.clone();
         background.spawn(async move {
             stop.cancelled().await;
+            portico_common::notify::stopping();
             drain_ws.cancel();
         });
         let app = app.into_make_service_with_connect_info::<crate::socket::ConnSocket>();

@@ -10,6 +10,7 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod files;
+pub mod notify;
 pub mod pg;
 pub mod shutdown;
 pub mod telemetry;

@@ -118,6 +118,7 @@ impl Bound {
     /// requests. Running tasks are left to their lease.
     pub async fn serve(self, stop: CancellationToken) -> std::io::Result<()> {
         tracing::info!(addr = %self.local_addr(), queue = self.api.db.is_some(), "jobs service listening");
+        portico_common::notify::ready(&stop);
         let workers = self.api.db.clone().map(|db| {
             let kinds = self.kinds.tasks(&db, &self.api);
             let w = Arc::new(queue::Workers::new(
@@ -146,7 +147,10 @@ impl Bound {
             .merge(self.kinds.router(self.api))
             .merge(admin::router(readiness));
         axum::serve(self.listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .with_graceful_shutdown(async move {
+                stop.cancelled().await;
+                portico_common::notify::stopping();
+            })
             .await?;
         if let Some(w) = workers {
             let _ = w.await;
