@@ -36,39 +36,11 @@ const FOLDERS: &[(&str, &str)] = &[
     ("Çöp Kutusu", "Trash"),
 ];
 
-/// Modified UTF-7, for CREATE and APPEND of non-ASCII names.
+/// Modified UTF-7, for CREATE and APPEND of non-ASCII names. The jobs
+/// service's own encoder: Dovecot decodes what it stores, and `held()`
+/// compares Dovecot's names, so a wrong encoding still fails the tests.
 fn mutf7(s: &str) -> String {
-    let mut out = String::new();
-    let mut pending: Vec<u16> = Vec::new();
-    let flush = |p: &mut Vec<u16>, out: &mut String| {
-        if !p.is_empty() {
-            use base64::Engine;
-            let bytes: Vec<u8> = p.iter().flat_map(|u| u.to_be_bytes()).collect();
-            let e = base64::engine::GeneralPurpose::new(
-                &base64::alphabet::IMAP_MUTF7,
-                base64::engine::general_purpose::NO_PAD,
-            );
-            out.push('&');
-            out.push_str(&e.encode(bytes));
-            out.push('-');
-            p.clear();
-        }
-    };
-    for c in s.chars() {
-        if (' '..='~').contains(&c) {
-            flush(&mut pending, &mut out);
-            if c == '&' {
-                out.push_str("&-");
-            } else {
-                out.push(c);
-            }
-        } else {
-            let mut b = [0u16; 2];
-            pending.extend_from_slice(c.encode_utf16(&mut b));
-        }
-    }
-    flush(&mut pending, &mut out);
-    out
+    portico_jobs::kinds::mail::folders::encode(s)
 }
 
 fn message(i: usize, id: Option<&str>, extra: usize) -> Vec<u8> {

@@ -10,4 +10,4 @@ pub mod progress;
 pub mod worker;
 
 pub use db::{Claimed, Db, DbError, Outcome, Schema, Subject, TaskRecord};
-pub use worker::{Failure, Kind, Workers};
+pub use worker::{Failure, Kind, Workers, every};

@@ -41,6 +41,22 @@ pub trait Kind: Send + Sync + 'static {
     async fn watch(self: Arc<Self>, _stop: CancellationToken) {}
 }
 
+/// Runs `f` every `period` until `stop` (a kind's [`Kind::watch`] work,
+/// such as publishing gauges).
+pub async fn every<F, Fut>(period: Duration, stop: CancellationToken, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => f().await,
+        }
+    }
+}
+
 /// What a task failed with, and whether to try again.
 #[derive(Debug)]
 pub struct Failure {

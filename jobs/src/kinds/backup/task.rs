@@ -131,19 +131,13 @@ impl Kind for BackupKind {
 
     /// Publishes each customer's backup freshness every 30 s.
     async fn watch(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
+        crate::queue::every(std::time::Duration::from_secs(30), stop, || async {
+            for (customer, at) in self.db.backup_freshness().await.unwrap_or_default() {
+                metrics::gauge!("portico_jobs_backup_last_success_timestamp_seconds", "customer" => customer)
+                    .set(at);
             }
-            if let Ok(rows) = self.db.backup_freshness().await {
-                for (customer, at) in rows {
-                    metrics::gauge!("portico_jobs_backup_last_success_timestamp_seconds", "customer" => customer)
-                        .set(at);
-                }
-            }
-        }
+        })
+        .await
     }
 }
 

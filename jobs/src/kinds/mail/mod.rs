@@ -136,23 +136,16 @@ impl Kind for MailKind {
 
     /// Publishes every job's gate and ratio every 30 s.
     async fn watch(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let Ok(jobs) = self.db.mail_jobs().await else {
-                continue;
-            };
-            for j in jobs {
+        crate::queue::every(std::time::Duration::from_secs(30), stop, || async {
+            for j in self.db.mail_jobs().await.unwrap_or_default() {
                 for state in ["blocked", "warning", "ready_for_dns", "dns_applied"] {
                     metrics::gauge!("portico_jobs_mail_gate", "domain" => j.domain.clone(), "state" => state)
                         .set(if j.gate == state { 1.0 } else { 0.0 });
                 }
                 metrics::gauge!("portico_jobs_mail_gate_ratio", "domain" => j.domain.clone()).set(j.ratio());
             }
-        }
+        })
+        .await
     }
 
     async fn perform(&self, t: &Claimed, progress: &Arc<Progress>) -> Result<Value, Failure> {

@@ -112,6 +112,16 @@ fn counts(keys: impl Iterator<Item = String>) -> HashMap<String, u64> {
     m
 }
 
+/// The key counts of a destination folder. The folder is left unselected:
+/// APPENDs to a selected folder bring untagged EXISTS that a client must
+/// not mistake for the APPEND's continuation.
+async fn dest_counts(dst: &mut Session, folder: &str) -> Result<HashMap<String, u64>, SyncError> {
+    dst.select(folder).await?;
+    let have = counts(dst.summaries(1).await?.into_iter().map(|m| m.key));
+    dst.unselect().await?;
+    Ok(have)
+}
+
 /// Syncs (or verifies) one mailbox between two open sessions.
 #[allow(clippy::too_many_arguments)]
 pub async fn mailbox(
@@ -163,9 +173,7 @@ pub async fn mailbox(
         if existing.insert(target.clone()) {
             dst.create(&target).await?;
         }
-        dst.select(&target).await?;
-        let mut have = counts(dst.summaries(1).await?.into_iter().map(|m| m.key));
-        dst.unselect().await?;
+        let mut have = dest_counts(dst, &target).await?;
         progress.line(&format!(
             "{}: {} → {} ({} messages)",
             mb.source_login,
@@ -241,10 +249,7 @@ pub async fn mailbox(
         // Verify: every source key counted at the destination (a fresh
         // listing after the copies).
         let have = if kind == RunKind::Verify || fr.copied > 0 {
-            dst.select(&target).await?;
-            let h = counts(dst.summaries(1).await?.into_iter().map(|m| m.key));
-            dst.unselect().await?;
-            h
+            dest_counts(dst, &target).await?
         } else {
             have
         };
@@ -310,9 +315,7 @@ pub async fn import_local(
         if existing.insert(target.clone()) {
             dst.create(&target).await?;
         }
-        dst.select(&target).await?;
-        let mut have = counts(dst.summaries(1).await?.into_iter().map(|m| m.key));
-        dst.unselect().await?;
+        let mut have = dest_counts(dst, &target).await?;
         let want = counts(lf.messages.iter().map(|m| m.key.clone()));
         let mut fr = FolderReport {
             source: if name.is_empty() {
@@ -384,9 +387,7 @@ pub async fn import_local(
             }
         }
         if fr.copied > 0 {
-            dst.select(&target).await?;
-            have = counts(dst.summaries(1).await?.into_iter().map(|m| m.key));
-            dst.unselect().await?;
+            have = dest_counts(dst, &target).await?;
         }
         fr.source_count = lf.messages.len() as u64;
         fr.dest_count = have.values().sum();
