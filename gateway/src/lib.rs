@@ -253,6 +253,10 @@ impl ShutdownSignalWatch for Signals {
 fn describe_metrics() {
     use metrics::{Unit, describe_counter, describe_histogram};
     let _ = portico_common::telemetry::metrics();
+    describe_counter!(
+        "portico_gateway_upstream_errors_total",
+        "Requests that failed on the upstream side, by route and kind (connect, timeout, io)."
+    );
     metrics::describe_gauge!(
         "portico_gateway_chat_shards",
         "Chat shards by health-check state (healthy, down)."

@@ -558,6 +558,19 @@ impl ProxyHttp for Edge {
                 ErrorSource::Internal | ErrorSource::Unset => 500,
             },
         };
+        if *e.esource() == ErrorSource::Upstream {
+            let kind = match e.etype() {
+                ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError => "connect",
+                ErrorType::ReadTimedout | ErrorType::WriteTimedout => "timeout",
+                _ => "io",
+            };
+            metrics::counter!(
+                "portico_gateway_upstream_errors_total",
+                "route" => ctx.route.name().to_string(),
+                "kind" => kind
+            )
+            .increment(1);
+        }
         if code == 503
             && session.response_written().is_none()
             && let Some(app) = &ctx.app

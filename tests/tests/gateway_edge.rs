@@ -219,6 +219,15 @@ async fn malformed_requests_get_the_edges_own_answer() {
         "none reached the upstream: {:?}",
         up.heads()
     );
+    // The refused connection is counted, by route and kind.
+    let m = portico_tests::client::metrics(edge.admin).await;
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("portico_gateway_upstream_errors_total{")
+                && l.contains("kind=\"connect\"")
+                && l.ends_with(" 1")),
+        "{m}"
+    );
 
     // HTTP/2 is held to the same header count as HTTP/1.
     let h2 = reqwest::Client::builder()
