@@ -685,6 +685,15 @@ async fn wait_200(client: &reqwest::Client, url: &str, deadline: Instant) -> Res
     }
 }
 
+/// Kills a process group when dropped.
+struct KillGroup(rustix::process::Pid);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        let _ = rustix::process::kill_process_group(self.0, rustix::process::Signal::KILL);
+    }
+}
+
 /// Runs a release command with `sh -c` in `dir`, its output lines into
 /// progress; on failure, its last lines.
 async fn run_command(
@@ -706,6 +715,13 @@ async fn run_command(
         .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot run `{cmd}`: {e}"))?;
+    // Whatever the command started (a build's workers, a stray daemon)
+    // ends with it: the whole process group, on success, failure, timeout
+    // or when this task is dropped.
+    let _group = child
+        .id()
+        .and_then(|id| rustix::process::Pid::from_raw(id as i32))
+        .map(KillGroup);
     let (out, err) = (child.stdout.take(), child.stderr.take());
     let last = std::sync::Mutex::new(VecDeque::with_capacity(20));
     let note = |line: String| {
@@ -745,4 +761,33 @@ async fn run_command(
     }
     let lines: Vec<String> = last.lock().expect("lines lock").iter().cloned().collect();
     Err(format!("exit {status}\n{}", lines.join("\n")))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// A command that outlives its timeout takes its children with it.
+    #[tokio::test]
+    async fn a_timed_out_command_leaves_no_process_behind() {
+        let d = tempfile::tempdir().unwrap();
+        let progress = crate::queue::progress::Progress::new(Arc::new(crate::archive::Meter::default()));
+        let cmd = "sleep 30 & echo $! > child.pid; echo started; wait";
+        let r = super::run_command(cmd, d.path(), &BTreeMap::new(), Duration::from_secs(1), &progress).await;
+        assert!(r.unwrap_err().contains("timed out after 1 s"));
+        let pid: i32 = std::fs::read_to_string(d.path().join("child.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Gone (or a zombie of init's, which /proc shows as Z).
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(
+            stat.is_empty() || stat.contains(") Z "),
+            "the background child survived: {stat}"
+        );
+    }
 }
