@@ -248,6 +248,9 @@ impl UpgradeKind {
             let root = r.root.clone();
             blocking(move || layout::installed_version(&root)).await?
         };
+        // Read once per attempt: the start commands and the checks of every
+        // release this attempt touches come from the same catalog.
+        let catalog = self.shared.catalog();
         // A retry after this task already switched: finish from there.
         if let Some(site) = r.site.clone().filter(|s| s.task == t.id) {
             let v = Version::parse(&site.version).map_err(fatal)?;
@@ -255,25 +258,25 @@ impl UpgradeKind {
             let blue = site.previous_instances.clone();
             let prev = site.previous_version.clone();
             return self
-                .after_switch(r, &v, &site.instances, prev.as_deref(), blue)
+                .after_switch(
+                    r,
+                    catalog.as_ref().ok(),
+                    &v,
+                    &site.instances,
+                    prev.as_deref(),
+                    blue,
+                )
                 .await;
         }
-        let (target, release, from) = match self.mode {
+        let catalog = catalog.map_err(fatal)?;
+        let (target, from) = match self.mode {
             Mode::Upgrade => {
                 let to = t.params["to"].as_str().unwrap_or_default();
                 let to = Version::parse(to).map_err(|e| fatal(format!("`{to}`: {e}")))?;
-                let catalog = self.shared.catalog().map_err(fatal)?;
-                let release = catalog
-                    .get(&to)
-                    .cloned()
-                    .ok_or_else(|| fatal(format!("release {to} is not in the catalog")))?;
                 let from = installed.clone().ok_or_else(|| {
                     fatal("the installed version is unknown (no current release, no backend/package.json)")
                 })?;
-                if !release.accepts(&from) {
-                    return Err(fatal(format!("release {to} does not upgrade from {from}")));
-                }
-                (to, Some(release), Some(from))
+                (to, Some(from))
             }
             Mode::Rollback => {
                 let site = r
@@ -289,23 +292,33 @@ impl UpgradeKind {
                 if !blocking(move || layout::is_complete(&root, &p)).await? {
                     return Err(fatal(format!("release {prev} is no longer on disk")));
                 }
-                (prev, None, Version::parse(&site.version).ok())
+                (prev, Version::parse(&site.version).ok())
             }
             Mode::Serve => {
                 let v = installed
                     .clone()
                     .ok_or_else(|| fatal("no installed release found"))?;
-                (
-                    v,
-                    None,
-                    r.site.as_ref().and_then(|s| Version::parse(&s.version).ok()),
-                )
+                (v, r.site.as_ref().and_then(|s| Version::parse(&s.version).ok()))
             }
         };
+        // Every mode starts the target from its catalog entry: a release no
+        // longer in the catalog cannot be started again.
+        let release = catalog.get(&target).cloned().ok_or_else(|| match self.mode {
+            Mode::Upgrade => fatal(format!("release {target} is not in the catalog")),
+            _ => fatal(format!(
+                "release {target} is not in the catalog: its start command is unknown"
+            )),
+        })?;
+        if self.mode == Mode::Upgrade
+            && let Some(from) = &from
+            && !release.accepts(from)
+        {
+            return Err(fatal(format!("release {target} does not upgrade from {from}")));
+        }
         let mut report = json!({ "from": from.as_ref().map(|v| v.to_string()), "to": target.to_string() });
 
-        if let Some(release) = &release {
-            self.prepare(r, release, installed.as_ref(), &mut report).await?;
+        if self.mode == Mode::Upgrade {
+            self.prepare(r, &release, installed.as_ref(), &mut report).await?;
         }
 
         // Green: the target started beside whatever serves now.
@@ -319,14 +332,10 @@ impl UpgradeKind {
                 let (root, v) = (r.root.clone(), target.clone());
                 blocking(move || layout::service_dir(&root, &v, s)).await?
             };
-            let svc_release = match &release {
-                Some(rel) => rel.service(s).clone(),
-                None => self.release_of(&target, s)?,
-            };
             let spec = pm::Spec {
                 env: r.env(&dir, &target, Some(port)),
                 dir,
-                command: svc_release.start.clone(),
+                command: release.service(s).start.clone(),
             };
             let _ = r.pm.stop(&r.run_dir(), &name).await;
             green.insert(
@@ -344,15 +353,16 @@ impl UpgradeKind {
         }
 
         r.progress.step("health");
-        if let Err(e) = self.check_direct(&target, release.as_ref(), &green).await {
+        if let Err(e) = self.check_direct(&target, Some(&release), &green).await {
             self.stop_all(r, &green).await;
             return Err(fatal(format!(
                 "health check of {target} failed before the switch: {e}"
             )));
         }
-        r.cancelled().inspect_err(|_| {
-            let _ = &green;
-        })?;
+        if let Err(cancelled) = r.cancelled() {
+            self.stop_all(r, &green).await;
+            return Err(cancelled);
+        }
 
         r.progress.step("switch");
         let blue = r.site.as_ref().map(|s| s.instances.clone());
@@ -373,25 +383,13 @@ impl UpgradeKind {
             }
         }
         let after = self
-            .after_switch(r, &target, &green, blue_version.as_deref(), blue)
+            .after_switch(r, Some(&catalog), &target, &green, blue_version.as_deref(), blue)
             .await?;
         let mut out = report;
         if let (Some(o), Some(a)) = (out.as_object_mut(), after.as_object()) {
             o.extend(a.clone());
         }
         Ok(out)
-    }
-
-    /// The catalog entry for a service of an installed release (rollback,
-    /// serve): its start command and checks. A release no longer in the
-    /// catalog cannot be started again.
-    fn release_of(&self, v: &Version, service: &str) -> Result<catalog::Service, Failure> {
-        let catalog = self.shared.catalog().map_err(fatal)?;
-        catalog.get(v).map(|r| r.service(service).clone()).ok_or_else(|| {
-            fatal(format!(
-                "release {v} is not in the catalog: its start command is unknown"
-            ))
-        })
     }
 
     /// Backup, layout, unpack, `.env`, install/migrate/build.
@@ -495,6 +493,7 @@ impl UpgradeKind {
     async fn after_switch(
         &self,
         r: &mut Run<'_>,
+        catalog: Option<&Catalog>,
         target: &Version,
         green: &Instances,
         blue_version: Option<&str>,
@@ -520,13 +519,10 @@ impl UpgradeKind {
         tokio::time::sleep(Duration::from_secs(up.drain_secs)).await;
 
         r.progress.step("verify");
-        let release = self.shared.catalog().ok().and_then(|c| c.get(target).cloned());
+        let release = catalog.and_then(|c| c.get(target));
         let check = match &up.gateway_url {
-            Some(url) => {
-                self.check_gateway(url, &r.c.domain, target, release.as_ref())
-                    .await
-            }
-            None => self.check_direct(target, release.as_ref(), green).await,
+            Some(url) => self.check_gateway(url, &r.c.domain, target, release).await,
+            None => self.check_direct(target, release, green).await,
         };
         if let Err(e) = check {
             let (Some(bv), Some(blue)) = (blue_version, blue.clone()) else {
@@ -552,8 +548,8 @@ impl UpgradeKind {
             self.stop_all(r, green).await;
             let blue_ok = match Version::parse(bv) {
                 Ok(v) => {
-                    let rel = self.shared.catalog().ok().and_then(|c| c.get(&v).cloned());
-                    self.check_direct(&v, rel.as_ref(), &blue).await
+                    self.check_direct(&v, catalog.and_then(|c| c.get(&v)), &blue)
+                        .await
                 }
                 Err(e) => Err(e.to_string()),
             };
