@@ -32,6 +32,20 @@ pub(crate) const STAFF: &[&str] = &[SUPER_ADMIN, OPS_LEAD, TECHNICIAN];
 /// The role of other Portico services (the gateway reads route tables).
 pub(crate) const SERVICE: &str = "service";
 
+/// A kind's route state: the shared [`Api`] (reached through `Deref`) and
+/// what the kind adds to it (its signer, its Docker side, its config).
+pub struct KindApi<S> {
+    pub api: Arc<Api>,
+    pub kind: S,
+}
+
+impl<S> std::ops::Deref for KindApi<S> {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
+    }
+}
+
 /// What every route shares.
 pub struct Api {
     /// None without `jobs.postgres_url`: queue-backed routes answer 503.

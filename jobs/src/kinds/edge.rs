@@ -16,12 +16,11 @@ use portico_common::api::ApiError;
 use serde_json::json;
 
 use super::upgrade::{Shared, hosts};
-use crate::api::{Api, SERVICE, SUPER_ADMIN};
+use crate::api::{KindApi, SERVICE, SUPER_ADMIN};
 
-pub struct EdgeApi {
-    pub api: Arc<Api>,
-    pub shops: Arc<Shared>,
-}
+/// The route table's state: the shared API and the shops' shared state
+/// (which counts the gateways' fetches).
+pub type EdgeApi = KindApi<Arc<Shared>>;
 
 pub fn router(api: Arc<EdgeApi>) -> Router {
     Router::new()
@@ -30,8 +29,8 @@ pub fn router(api: Arc<EdgeApi>) -> Router {
 }
 
 async fn routes(State(e): State<Arc<EdgeApi>>, headers: HeaderMap) -> Result<impl IntoResponse, ApiError> {
-    e.api.caller(&headers, &[SERVICE, SUPER_ADMIN])?;
-    let db = e.api.db()?;
+    e.caller(&headers, &[SERVICE, SUPER_ADMIN])?;
+    let db = e.db()?;
     let apps: Vec<_> = db
         .apps()
         .await?
@@ -59,6 +58,6 @@ async fn routes(State(e): State<Arc<EdgeApi>>, headers: HeaderMap) -> Result<imp
             }
         }
     }
-    e.shops.note_poll();
+    e.kind.note_poll();
     Ok(Json(json!({ "apps": apps, "sites": sites })))
 }

@@ -57,24 +57,24 @@ impl Kinds {
         Router::new()
             .merge(backup::api::router(Arc::new(backup::api::BackupApi {
                 api: api.clone(),
-                signer: backup::links::Signer::new(&self.signer_secret),
+                kind: backup::links::Signer::new(&self.signer_secret),
             })))
             .merge(restore::api::router(api.clone()))
             .merge(paas::api::router(Arc::new(paas::api::PaasApi {
                 api: api.clone(),
-                paas: self.paas.clone(),
+                kind: self.paas.clone(),
             })))
             .merge(upgrade::api::router(Arc::new(upgrade::api::UpgradeApi {
                 api: api.clone(),
-                shared: self.shops.clone(),
+                kind: self.shops.clone(),
             })))
             .merge(mail::api::router(Arc::new(mail::api::MailApi {
                 api: api.clone(),
-                shared: self.mail.clone(),
+                kind: self.mail.clone(),
             })))
             .merge(edge::router(Arc::new(edge::EdgeApi {
                 api,
-                shops: self.shops.clone(),
+                kind: self.shops.clone(),
             })))
     }
 

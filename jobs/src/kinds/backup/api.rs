@@ -1,7 +1,6 @@
 //! Backup routes: create (fast or custom, pre-checked), list, delete,
 //! signed download links and the download itself.
 
-use std::ops::Deref;
 use std::sync::Arc;
 
 use axum::Json;
@@ -19,21 +18,11 @@ use tower::ServiceExt;
 
 use super::links::Signer;
 use super::{self as backup, Include};
-use crate::api::{Api, OPS_LEAD, STAFF, SUPER_ADMIN, bad, json_body, not_found};
+use crate::api::{KindApi, OPS_LEAD, STAFF, SUPER_ADMIN, bad, json_body, not_found};
 use crate::queue::Subject;
 
-/// The backup routes' state: the core API and the link signer.
-pub struct BackupApi {
-    pub api: Arc<Api>,
-    pub signer: Signer,
-}
-
-impl Deref for BackupApi {
-    type Target = Api;
-    fn deref(&self) -> &Api {
-        &self.api
-    }
-}
+/// The backup routes' state: the shared API and the download-link signer.
+pub type BackupApi = KindApi<Signer>;
 
 pub fn router(api: Arc<BackupApi>) -> Router {
     Router::new()
@@ -198,7 +187,7 @@ async fn links(
     let links: Vec<Value> = files
         .iter()
         .map(|f| {
-            let sig = api.signer.sign(&id, backup, f, expires);
+            let sig = api.kind.sign(&id, backup, f, expires);
             json!({ "file": f, "url": format!("/api/customers/{id}/backups/{backup}/download?file={f}&expires={expires}&sig={sig}") })
         })
         .collect();
@@ -232,7 +221,7 @@ async fn download(
 ) -> Result<Response, ApiError> {
     let forbidden = |m: String| ApiError(StatusCode::FORBIDDEN, "forbidden", m);
     let Query(q) = query.map_err(|_| forbidden("a signed link is required (file, expires, sig)".into()))?;
-    api.signer
+    api.kind
         .verify(&id, &backup, &q.file, q.expires, &q.sig, now_secs())
         .map_err(|e| forbidden(e.to_string()))?;
     // A valid signature names our own files, but check shape anyway.

@@ -3,7 +3,6 @@
 //! super_admin, ops_lead; override = super_admin). Passwords go in, are
 //! sealed at once, and never come out; every call is audited.
 
-use std::ops::Deref;
 use std::sync::Arc;
 
 use axum::Json;
@@ -25,20 +24,11 @@ use sha2::Sha256;
 use super::db::MailJob;
 use super::imap::Server;
 use super::{Shared, aad};
-use crate::api::{Api, OPS_LEAD, SERVICE, STAFF, SUPER_ADMIN, bad, json_body, not_found};
+use crate::api::{KindApi, OPS_LEAD, SERVICE, STAFF, SUPER_ADMIN, bad, json_body, not_found};
 use crate::queue::Subject;
 
-pub struct MailApi {
-    pub api: Arc<Api>,
-    pub shared: Arc<Shared>,
-}
-
-impl Deref for MailApi {
-    type Target = Api;
-    fn deref(&self) -> &Api {
-        &self.api
-    }
-}
+/// The mail routes' state: the shared API and the mail config and vault.
+pub type MailApi = KindApi<Arc<Shared>>;
 
 const APPROVERS: &[&str] = &[SUPER_ADMIN, OPS_LEAD];
 
@@ -143,7 +133,7 @@ impl MailApi {
             .add_mailbox(job.id, &m.source_login, &m.dest_login, &map)
             .await?;
         let seal = |pw: &str, side: &str| {
-            self.shared
+            self.kind
                 .vault
                 .seal(pw, &aad(id, side))
                 .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, "no_key", e.to_string()))
@@ -184,7 +174,7 @@ async fn create_job(
 ) -> Result<impl IntoResponse, ApiError> {
     let who = api.caller(&headers, STAFF)?;
     let req = json_body(body)?;
-    api.shared
+    api.kind
         .vault
         .ready()
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, "no_key", e.to_string()))?;
@@ -263,7 +253,7 @@ async fn show_job(
     Ok(Json(json!({
         "job": job,
         "ratio": job.ratio(),
-        "min_ratio": api.shared.cfg.gate_min_ratio,
+        "min_ratio": api.kind.cfg.gate_min_ratio,
         "mailboxes": db.mailboxes(id).await?,
         "runs": db.mail_runs(id).await?,
     })))
@@ -380,12 +370,12 @@ async fn upload(
     if !api.db()?.mailboxes(id).await?.iter().any(|m| m.id == mailbox) {
         return Err(not_found(format!("mailbox {mailbox} of job {id}")));
     }
-    let path = api.shared.upload_path(&job, mailbox);
+    let path = api.kind.upload_path(&job, mailbox);
     let dir = path.parent().expect("a file in a directory").to_path_buf();
     let io = |e: std::io::Error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string());
     tokio::fs::create_dir_all(&dir).await.map_err(io)?;
     // Mail is private: the directories are the service user's alone.
-    for d in [&api.shared.dir, &dir] {
+    for d in [&api.kind.dir, &dir] {
         use std::os::unix::fs::PermissionsExt;
         tokio::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
             .await
@@ -399,7 +389,7 @@ async fn upload(
         .open(&tmp)
         .await
         .map_err(io)?;
-    let max = api.shared.cfg.max_pst_bytes;
+    let max = api.kind.cfg.max_pst_bytes;
     let mut size = 0u64;
     let mut stream = body.into_data_stream();
     let result: Result<(), ApiError> = async {
@@ -461,7 +451,7 @@ async fn preflight(
     let (mut messages, mut bytes) = (0u64, 0u64);
     for mb in api.db()?.mailboxes(id).await? {
         let r: Result<Value, String> = async {
-            let (mut src, dst) = api.shared.sessions(&job, &mb).await.map_err(|f| f.message)?;
+            let (mut src, dst) = api.kind.sessions(&job, &mb).await.map_err(|f| f.message)?;
             let mut folders = Vec::new();
             for f in src.folders().await.map_err(|e| e.to_string())?.into_iter().filter(|f| f.selectable) {
                 src.examine(&f.raw).await.map_err(|e| e.to_string())?;
@@ -482,7 +472,7 @@ async fn preflight(
         });
     }
     // A conservative rate for the estimate: the cap, or 5 MB/s.
-    let rate = match api.shared.cfg.max_bytes_per_sec {
+    let rate = match api.kind.cfg.max_bytes_per_sec {
         0 => 5_000_000,
         n => n,
     };
@@ -568,7 +558,7 @@ async fn verification(api: &MailApi, job: &MailJob) -> Result<Value, ApiError> {
         "verified": job.verified,
         "expected": job.expected,
         "ratio": job.ratio(),
-        "min_ratio": api.shared.cfg.gate_min_ratio,
+        "min_ratio": api.kind.cfg.gate_min_ratio,
         "mailboxes": mailboxes,
     }))
 }
@@ -637,7 +627,7 @@ async fn report_html(
         vv = job.verified,
         e = job.expected,
         r = job.ratio() * 100.0,
-        m = api.shared.cfg.gate_min_ratio * 100.0,
+        m = api.kind.cfg.gate_min_ratio * 100.0,
     );
     api.note(&who, "mail.report", &job, "ok", json!({ "format": "html" }))
         .await;
@@ -688,7 +678,7 @@ async fn approve_gate(
 ) -> Result<impl IntoResponse, ApiError> {
     let who = api.caller(&headers, APPROVERS)?;
     let job = api.job(id).await?;
-    let (ratio, min) = (job.ratio(), api.shared.cfg.gate_min_ratio);
+    let (ratio, min) = (job.ratio(), api.kind.cfg.gate_min_ratio);
     if job.gate != "warning" || ratio < min {
         api.note(
             &who,
@@ -772,7 +762,7 @@ async fn gate(
         "domain": job.domain,
         "gate": job.gate,
         "ratio": job.ratio(),
-        "min_ratio": api.shared.cfg.gate_min_ratio,
+        "min_ratio": api.kind.cfg.gate_min_ratio,
         "ready": matches!(job.gate.as_str(), "ready_for_dns" | "dns_applied"),
     })))
 }
@@ -793,7 +783,7 @@ async fn dns_applied(
     body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
     let unauthorized = |m: &str| ApiError(StatusCode::UNAUTHORIZED, "bad_signature", m.to_string());
-    let secret = api.shared.cfg.webhook_secret.as_ref().ok_or_else(|| {
+    let secret = api.kind.cfg.webhook_secret.as_ref().ok_or_else(|| {
         ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_secret",

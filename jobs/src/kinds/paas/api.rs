@@ -28,21 +28,11 @@ use serde_json::json;
 use super::db::App;
 use super::source::{Repo, is_git_ref};
 use super::{Paas, PaasError};
-use crate::api::{Api, OPS_LEAD, STAFF, SUPER_ADMIN, bad, json_body, not_found};
+use crate::api::{KindApi, OPS_LEAD, STAFF, SUPER_ADMIN, bad, json_body, not_found};
 use crate::queue::Subject;
 
-/// The apps routes' state: the core API and the Docker side.
-pub struct PaasApi {
-    pub api: Arc<Api>,
-    pub paas: Arc<Paas>,
-}
-
-impl std::ops::Deref for PaasApi {
-    type Target = Api;
-    fn deref(&self) -> &Api {
-        &self.api
-    }
-}
+/// The apps routes' state: the shared API and the Docker side.
+pub type PaasApi = KindApi<Arc<Paas>>;
 
 impl From<PaasError> for ApiError {
     fn from(e: PaasError) -> Self {
@@ -107,7 +97,7 @@ fn name_ok(name: &str) -> Result<(), ApiError> {
 impl PaasApi {
     /// Docker answers (checked before anything else an app call needs).
     async fn docker(&self) -> Result<(), ApiError> {
-        self.paas.engine.ping().await.map_err(ApiError::from)
+        self.kind.engine.ping().await.map_err(ApiError::from)
     }
 
     async fn app(&self, name: &str) -> Result<App, ApiError> {
@@ -168,7 +158,7 @@ async fn create(
     let who = api.caller(&headers, &[SUPER_ADMIN, OPS_LEAD])?;
     let req = json_body(body)?;
     name_ok(&req.name)?;
-    let repo = Repo::parse(&req.repo, api.paas.cfg.local_repos_root.as_deref())
+    let repo = Repo::parse(&req.repo, api.kind.cfg.local_repos_root.as_deref())
         .map_err(|e| bad("invalid_repo", e))?;
     if let Some(r) = &req.git_ref
         && !is_git_ref(r)
@@ -180,7 +170,7 @@ async fn create(
     }
     let health_path = req
         .health_path
-        .unwrap_or_else(|| api.paas.cfg.health.path.clone());
+        .unwrap_or_else(|| api.kind.cfg.health.path.clone());
     if !is_http_path(&health_path) {
         return Err(bad(
             "invalid_health_path",
@@ -207,7 +197,7 @@ async fn create(
         created_at: String::new(),
     };
     let db = api.db()?;
-    let r = db.add_app(&app, api.paas.cfg.max_apps).await;
+    let r = db.add_app(&app, api.kind.cfg.max_apps).await;
     api.audit(
         &who,
         "app.create",
@@ -256,13 +246,13 @@ async fn show(
     api.caller(&headers, STAFF)?;
     api.docker().await?;
     let app = api.app(&name).await?;
-    let status = api.paas.status(&app).await?;
+    let status = api.kind.status(&app).await?;
     let active = api.db()?.active_task(Subject::App(&name)).await?;
     Ok(Json(json!({
         "app": app,
         "status": status,
         "active_task": active,
-        "url": format!("https://{name}.{}/", api.paas.cfg.domain),
+        "url": format!("https://{name}.{}/", api.kind.cfg.domain),
         "path": format!("/paas/{name}/"),
     })))
 }
@@ -282,7 +272,7 @@ async fn delete(
     // DELETE can simply be repeated.
     let db = api.db()?;
     db.set_app_desired(&name, "stopped").await?;
-    let removed = api.paas.remove_all(&name).await;
+    let removed = api.kind.remove_all(&name).await;
     if removed.is_ok() {
         db.delete_app(&name).await?;
     }
@@ -341,7 +331,7 @@ async fn stop(
     // The route says stopped first, so the gateway answers 503 instead
     // of trying a container on its way down.
     api.db()?.set_app_desired(&name, "stopped").await?;
-    api.paas.engine.stop(&id).await?;
+    api.kind.engine.stop(&id).await?;
     api.audit(&who, "app.stop", Subject::App(&name), None, "ok", json!({}))
         .await;
     Ok(Json(json!({ "app": name, "state": "stopped" })))
@@ -353,9 +343,9 @@ async fn start(
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let (who, id) = api.idle_deployed(&headers, &name).await?;
-    api.paas.engine.start(&id).await?;
+    api.kind.engine.start(&id).await?;
     // Docker publishes a started container on a fresh port.
-    let port = api.paas.engine.inspect(&id).await?.and_then(|i| i.host_port);
+    let port = api.kind.engine.inspect(&id).await?.and_then(|i| i.host_port);
     let db = api.db()?;
     db.set_app_port(&name, &id, port).await?;
     db.set_app_desired(&name, "running").await?;
@@ -388,7 +378,7 @@ async fn logs(
     api.docker().await?;
     let app = api.app(&name).await?;
     let id = deployed(&app)?.to_string();
-    let stream = api.paas.engine.logs(&id, tail, q.follow.unwrap_or(false)).await?;
+    let stream = api.kind.engine.logs(&id, tail, q.follow.unwrap_or(false)).await?;
     let body = Body::from_stream(stream.map(|r| r.map_err(std::io::Error::other)));
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())
 }

@@ -7,7 +7,6 @@
 //! engines are not met (409), or an archive does not match its checksum
 //! (422): the plan is computed and checked first, then the task queued.
 
-use std::ops::Deref;
 use std::sync::Arc;
 
 use axum::Json;
@@ -24,21 +23,12 @@ use serde_json::{Value, json};
 
 use super::catalog::SERVICES;
 use super::{Mode, Shared, layout};
-use crate::api::{Api, OPS_LEAD, STAFF, SUPER_ADMIN, bad, json_body, not_found};
+use crate::api::{KindApi, OPS_LEAD, STAFF, SUPER_ADMIN, bad, json_body, not_found};
 use crate::customers::Customer;
 use crate::queue::Subject;
 
-pub struct UpgradeApi {
-    pub api: Arc<Api>,
-    pub shared: Arc<Shared>,
-}
-
-impl Deref for UpgradeApi {
-    type Target = Api;
-    fn deref(&self) -> &Api {
-        &self.api
-    }
-}
+/// The upgrade routes' state: the shared API and the upgrade config.
+pub type UpgradeApi = KindApi<Arc<Shared>>;
 
 pub fn router(api: Arc<UpgradeApi>) -> Router {
     Router::new()
@@ -118,7 +108,7 @@ impl UpgradeApi {
                 format!("`{to}` is not a semantic version: {e}"),
             )
         })?;
-        let catalog = self.shared.catalog().map_err(catalog_error)?;
+        let catalog = self.kind.catalog().map_err(catalog_error)?;
         let release = catalog
             .get(&to)
             .cloned()
@@ -224,7 +214,7 @@ impl UpgradeApi {
             "drain and checks through the gateway",
             "stop the old release",
         ]);
-        if self.shared.cfg.upgrade.require_env_approval {
+        if self.kind.cfg.upgrade.require_env_approval {
             steps.insert(3, ".env changes wait for approval");
         }
         Ok(Plan {
@@ -286,7 +276,7 @@ async fn releases(
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
     api.caller(&headers, STAFF)?;
-    let catalog = api.shared.catalog().map_err(catalog_error)?;
+    let catalog = api.kind.catalog().map_err(catalog_error)?;
     Ok(Json(json!({ "releases": catalog.releases })))
 }
 
