@@ -95,7 +95,26 @@ pub struct MailboxReport {
     pub errors: Vec<String>,
 }
 
+impl FolderReport {
+    /// The folder's verification from the key counts of both sides: every
+    /// source message whose key the destination holds (as often).
+    fn verify(&mut self, want: &HashMap<String, u64>, have: &HashMap<String, u64>) {
+        self.source_count = want.values().sum();
+        self.dest_count = have.values().sum();
+        self.verified = want
+            .iter()
+            .map(|(k, n)| (*n).min(have.get(k).copied().unwrap_or(0)))
+            .sum();
+    }
+}
+
 impl MailboxReport {
+    fn add(&mut self, f: FolderReport) {
+        self.copied += f.copied;
+        self.bytes += f.bytes;
+        self.folders.push(f);
+    }
+
     pub fn expected(&self) -> u64 {
         self.folders.iter().map(|f| f.source_count).sum()
     }
@@ -253,12 +272,7 @@ pub async fn mailbox(
         } else {
             have
         };
-        fr.source_count = all.len() as u64;
-        fr.dest_count = have.values().sum();
-        fr.verified = want
-            .iter()
-            .map(|(k, n)| (*n).min(have.get(k).copied().unwrap_or(0)))
-            .sum();
+        fr.verify(&want, &have);
         st.source_count = fr.source_count as i64;
         st.dest_count = fr.dest_count as i64;
         st.verified = fr.verified as i64;
@@ -270,9 +284,7 @@ pub async fn mailbox(
         db.save_folder(mb.id, &st)
             .await
             .map_err(|e| SyncError::Db(e.to_string()))?;
-        report.copied += fr.copied;
-        report.bytes += fr.bytes;
-        report.folders.push(fr);
+        report.add(fr);
     }
     Ok(report)
 }
@@ -389,12 +401,7 @@ pub async fn import_local(
         if fr.copied > 0 {
             have = dest_counts(dst, &target).await?;
         }
-        fr.source_count = lf.messages.len() as u64;
-        fr.dest_count = have.values().sum();
-        fr.verified = want
-            .iter()
-            .map(|(k, n)| (*n).min(have.get(k).copied().unwrap_or(0)))
-            .sum();
+        fr.verify(&want, &have);
         db.save_folder(
             mb.id,
             &FolderState {
@@ -409,9 +416,7 @@ pub async fn import_local(
         )
         .await
         .map_err(|e| SyncError::Db(e.to_string()))?;
-        report.copied += fr.copied;
-        report.bytes += fr.bytes;
-        report.folders.push(fr);
+        report.add(fr);
     }
     Ok(report)
 }
@@ -425,9 +430,9 @@ async fn quarantine_append(path: &std::path::Path, body: &[u8]) {
     .into_bytes();
     for line in body.split(|b| *b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.starts_with(b"From ")
-            || (line.starts_with(b">") && line.trim_ascii_start().starts_with(b">From "))
-        {
+        // mboxrd: `From ` behind any number of `>` gains one more.
+        let quotes = line.iter().take_while(|b| **b == b'>').count();
+        if line[quotes..].starts_with(b"From ") {
             out.push(b'>');
         }
         out.extend_from_slice(line);
@@ -449,4 +454,34 @@ async fn quarantine_append(path: &std::path::Path, body: &[u8]) {
             .write_all(&out)
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn quarantine_quotes_from_lines_the_mboxrd_way() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("q.mbox");
+        super::quarantine_append(
+            &p,
+            b"Subject: s\r\n\r\nFrom here\r\n>From there\r\n>>From far\r\nok\r\n",
+        )
+        .await;
+        let text = std::fs::read_to_string(&p).unwrap();
+        let body: Vec<&str> = text.lines().skip(1).collect();
+        assert_eq!(
+            body,
+            [
+                "Subject: s",
+                "",
+                ">From here",
+                ">>From there",
+                ">>>From far",
+                "ok",
+                "",
+                ""
+            ][..body.len()]
+        );
+        assert!(text.starts_with("From portico-quarantine "));
+    }
 }
