@@ -25,20 +25,20 @@ pub fn run(mut cfg: PorticoConfig, config_path: Option<&std::path::Path>) -> Exi
     // Stopped with `up` (dropped last, after the services).
     let postgres = private_postgres(&mut cfg);
     let stop = CancellationToken::new();
-    let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<()>>();
+    let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<Option<String>>>();
     let backend = {
         let cfg = cfg.clone();
         let stop = stop.clone();
         std::thread::spawn(move || backends(cfg, stop, ready_tx))
     };
-    match ready_rx.recv() {
-        Ok(Ok(())) => {}
+    let new_admin = match ready_rx.recv() {
+        Ok(Ok(admin)) => admin,
         Ok(Err(e)) => {
             tracing::error!(error = format!("{e:#}"), "cannot start");
             return ExitCode::FAILURE;
         }
         Err(_) => return ExitCode::FAILURE,
-    }
+    };
     let server = match portico_gateway::build(
         &cfg,
         portico_gateway::Reload {
@@ -71,6 +71,20 @@ pub fn run(mut cfg: PorticoConfig, config_path: Option<&std::path::Path>) -> Exi
         cfg.paas.domain,
         g.https_listen.port()
     );
+    if cfg.jobs.postgres_url.is_some() {
+        let file = cfg.data_dir.join(CONSOLE_ADMIN);
+        println!("  ops console: https://{host}:{}/console/", g.https_listen.port());
+        match &new_admin {
+            Some(pw) => println!(
+                "    user admin, password {pw}  (shown once; kept in {})",
+                file.display()
+            ),
+            None => println!(
+                "    log in as a staff user (the first password is in {})",
+                file.display()
+            ),
+        }
+    }
     println!("  staff API token: portico token --role super_admin  (backups, apps, audit)");
     if let Some(pg) = &postgres {
         println!(
@@ -184,6 +198,9 @@ fn load_or_create_secret(path: &Path) -> anyhow::Result<Secret> {
     Ok(Secret::new(secret))
 }
 
+/// Where `up` keeps the console's first admin password (mode 0600).
+const CONSOLE_ADMIN: &str = "console-admin.txt";
+
 fn rand_byte() -> u8 {
     rand::random()
 }
@@ -192,7 +209,7 @@ fn rand_byte() -> u8 {
 fn backends(
     cfg: PorticoConfig,
     stop: CancellationToken,
-    ready: mpsc::Sender<anyhow::Result<()>>,
+    ready: mpsc::Sender<anyhow::Result<Option<String>>>,
 ) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
@@ -209,13 +226,14 @@ fn backends(
                 shards.push(portico_chat::bind(c, &cfg.auth, engines.clone()).await?);
             }
             let jobs = portico_jobs::bind(&cfg).await?;
-            Ok((shards, jobs))
+            let admin = jobs.demo_admin(&cfg.data_dir.join(CONSOLE_ADMIN)).await?;
+            Ok((shards, jobs, admin))
         }
         .await;
         let (shards, jobs) = match started {
-            Ok(s) => {
-                let _ = ready.send(Ok(()));
-                s
+            Ok((shards, jobs, admin)) => {
+                let _ = ready.send(Ok(admin));
+                (shards, jobs)
             }
             Err(e) => {
                 let _ = ready.send(Err(e));

@@ -2,7 +2,8 @@
 //!
 //! Routes from `[[gateway.routes]]` (host and path prefix → an upstream
 //! address or the chat shard set) are tried first, longest prefix first;
-//! then `/api/jobs` goes to `gateway.jobs_upstream`; everything else (the
+//! then the jobs service's prefixes (`/api/jobs`, `/api/customers`, …,
+//! `/console`) go to `gateway.jobs_upstream`; everything else (the
 //! chat API, `/ws`, the demo page) to the chat shards. The table is
 //! immutable; [`crate::reload`] swaps in a new one on SIGHUP. Each route
 //! carries its own upstream timeout, body limit and rate-limit class.
@@ -105,7 +106,8 @@ impl Routes {
                 }
             })
             .collect();
-        // The jobs service's API (customers, backups, tasks, audit, apps).
+        // The jobs service: its API (customers, backups, tasks, audit,
+        // apps, releases, mail, staff logins) and the ops console.
         for prefix in [
             "/api/jobs",
             "/api/customers",
@@ -113,6 +115,9 @@ impl Routes {
             "/api/apps",
             "/api/releases",
             "/api/migration",
+            "/api/auth",
+            "/api/staff",
+            "/console",
         ] {
             entries.push(Entry {
                 host: None,
@@ -213,6 +218,9 @@ mod tests {
         assert_eq!(r.route(None, "/api/jobsx").name(), "chat");
         assert_eq!(r.route(None, "/api/migration/gate").name(), "jobs");
         assert_eq!(r.route(None, "/api/releases").name(), "jobs");
+        assert_eq!(r.route(None, "/api/auth/login").name(), "jobs");
+        assert_eq!(r.route(None, "/console/").name(), "jobs");
+        assert_eq!(r.route(None, "/consoles").name(), "chat");
         assert_eq!(r.route(None, "/ws").name(), "chat");
         assert_eq!(r.route(None, "/media/a.png").name(), "media");
         assert_eq!(

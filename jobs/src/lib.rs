@@ -7,13 +7,17 @@
 //! Code map: [`queue`] (the core: database, claim, lease, fencing, retry,
 //! reaper, audit; no kind), [`kinds`] (one folder per task kind: its
 //! steps, routes and tables), [`customers`], [`api`] (the REST core:
-//! state, caller, errors), [`archive`] (tar.gz in and out).
+//! state, errors), [`staff`] (accounts, sessions and the caller
+//! extractor), [`console`] (the staff web pages), [`archive`] (tar.gz in
+//! and out).
 
 pub mod api;
 pub mod archive;
+pub mod console;
 pub mod customers;
 pub mod kinds;
 pub mod queue;
+pub mod staff;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -72,6 +76,13 @@ fn describe_metrics() {
     );
 }
 
+/// The tables beyond the core's: staff accounts, then each kind's.
+pub fn schemas() -> Vec<&'static queue::Schema> {
+    let mut s = vec![&staff::db::SCHEMA];
+    s.extend(kinds::Kinds::schemas());
+    s
+}
+
 /// A bound, not yet serving jobs service.
 pub struct Bound {
     listener: TcpListener,
@@ -96,7 +107,7 @@ pub async fn bind(cfg: &PorticoConfig) -> Result<Bound, StartError> {
     // at the first upgrade. (It is read again at every use.)
     kinds.check()?;
     let db = match &j.postgres_url {
-        Some(url) => Some(queue::Db::connect(url.expose(), j.postgres_pool, &kinds::Kinds::schemas()).await?),
+        Some(url) => Some(queue::Db::connect(url.expose(), j.postgres_pool, &schemas()).await?),
         None => None,
     };
     let tokens = Tokens::new(&cfg.auth.jwt_secret);
@@ -112,6 +123,33 @@ pub async fn bind(cfg: &PorticoConfig) -> Result<Bound, StartError> {
 impl Bound {
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    /// For `portico up`: when the database has no staff account yet, adds
+    /// the super admin `admin` with a generated password, kept in `file`
+    /// (mode 0600), and answers the password (to be printed once). `None`
+    /// without a database or when accounts exist.
+    pub async fn demo_admin(&self, file: &std::path::Path) -> anyhow::Result<Option<String>> {
+        let Some(db) = &self.api.db else { return Ok(None) };
+        if db.user_count().await? > 0 {
+            return Ok(None);
+        }
+        let (user, password) = staff::api::add_account(
+            db,
+            "admin",
+            "admin@portico.localhost",
+            "Portico admin",
+            api::SUPER_ADMIN,
+            None,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot add the console's admin: {}", e.2))?;
+        let password = password.expect("a generated password is answered");
+        portico_common::files::write_private(
+            file,
+            format!("user: {}\npassword: {password}\n", user.id).as_bytes(),
+        )?;
+        Ok(Some(password))
     }
 
     /// Serves (and runs the workers) until `stop`, then finishes in-flight
@@ -143,9 +181,16 @@ impl Bound {
             None => Readiness::always(),
         };
         let app: Router = api::router(self.api.clone())
+            .merge(staff::api::router(self.api.clone()))
             .merge(customers::api::router(self.api.clone()))
+            .merge(console::router(Arc::new(api::KindApi {
+                api: self.api.clone(),
+                kind: self.kinds.console(),
+            })))
             .merge(self.kinds.router(self.api))
             .merge(admin::router(readiness));
+        // The peer address tells whether `X-Real-IP` came from the gateway.
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         axum::serve(self.listener, app)
             .with_graceful_shutdown(async move {
                 stop.cancelled().await;

@@ -1,5 +1,7 @@
-//! `portico-jobs`: runs the ops service (see `portico_jobs`), or restores
-//! a backup from the command line (`restore`, see jobs/RESTORE.md).
+//! `portico-jobs`: runs the ops service (see `portico_jobs`), restores a
+//! backup from the command line (`restore`, see jobs/RESTORE.md), or
+//! manages staff accounts (`user add|passwd|disable|enable`: the first
+//! super admin, and recovery when nobody can log in).
 
 use std::path::PathBuf;
 
@@ -38,6 +40,11 @@ enum Command {
         #[arg(long)]
         target_root: Option<PathBuf>,
     },
+    /// Staff accounts of the console (stored in jobs.postgres_url).
+    User {
+        #[command(subcommand)]
+        action: UserAction,
+    },
     /// Runs one instance of a shop's service from its spec (written by an
     /// upgrade; process managers run this): sets the directory and the
     /// environment, then becomes the release's start command.
@@ -45,6 +52,110 @@ enum Command {
         /// The spec (JSON) under the customer's `run/` directory.
         spec: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum UserAction {
+    /// Adds an account; prints the password when it is generated.
+    Add {
+        /// The user id (a-z 0-9 . _ -).
+        id: String,
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        name: String,
+        /// super_admin, ops_lead or technician.
+        #[arg(long, default_value = "technician")]
+        role: String,
+        /// Read the password from the first line of stdin instead of generating one.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Sets a new password (ends the user's sessions); prints it when generated.
+    Passwd {
+        id: String,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Disables an account: its sessions end at once.
+    Disable { id: String },
+    /// Enables a disabled account.
+    Enable { id: String },
+}
+
+fn stdin_password(read: bool) -> anyhow::Result<Option<String>> {
+    if !read {
+        return Ok(None);
+    }
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    Ok(Some(line.trim_end_matches(['\r', '\n']).to_string()))
+}
+
+async fn user(cfg: portico_config::PorticoConfig, action: UserAction) -> anyhow::Result<()> {
+    let url = cfg.jobs.postgres_url.as_ref().ok_or_else(|| {
+        anyhow::anyhow!("jobs.postgres_url is not set: staff accounts live in the jobs database")
+    })?;
+    let db = portico_jobs::queue::Db::connect(url.expose(), 1, &portico_jobs::schemas()).await?;
+    let api_err = |e: portico_common::api::ApiError| anyhow::anyhow!("{}", e.2);
+    let (action_name, id, printed) = match action {
+        UserAction::Add {
+            id,
+            email,
+            name,
+            role,
+            password_stdin,
+        } => {
+            let pw = stdin_password(password_stdin)?;
+            let (u, generated) = portico_jobs::staff::api::add_account(&db, &id, &email, &name, &role, pw)
+                .await
+                .map_err(api_err)?;
+            eprintln!("added {} ({}, {})", u.id, u.email, u.role.as_str());
+            ("staff.add", id, generated)
+        }
+        UserAction::Passwd { id, password_stdin } => {
+            let pw = stdin_password(password_stdin)?;
+            let generated = pw.is_none();
+            let pw = pw.unwrap_or_else(portico_jobs::staff::generate_password);
+            portico_jobs::staff::check_password(&pw)?;
+            let hash = tokio::task::spawn_blocking({
+                let pw = pw.clone();
+                move || portico_jobs::staff::hash_password(&pw)
+            })
+            .await?;
+            db.set_password(&id, &hash).await?;
+            eprintln!("password of {id} set; their sessions ended");
+            ("staff.password", id, generated.then_some(pw))
+        }
+        UserAction::Disable { id } => {
+            db.set_disabled(&id, true).await?;
+            eprintln!("{id} disabled; their sessions ended");
+            ("staff.disable", id, None)
+        }
+        UserAction::Enable { id } => {
+            db.set_disabled(&id, false).await?;
+            eprintln!("{id} enabled");
+            ("staff.enable", id, None)
+        }
+    };
+    let actor = format!(
+        "cli:{}",
+        std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+    );
+    db.audit_row(
+        &actor,
+        action_name,
+        None,
+        Some(&format!("staff:{id}")),
+        "ok",
+        &serde_json::json!({}),
+    )
+    .await?;
+    if let Some(pw) = printed {
+        // The only time the password is shown: stdout, for a script to keep.
+        println!("{pw}");
+    }
+    Ok(())
 }
 
 fn main() -> std::process::ExitCode {
@@ -71,9 +182,7 @@ fn main() -> std::process::ExitCode {
             let url = cfg.jobs.postgres_url.as_ref().ok_or_else(|| {
                 anyhow::anyhow!("jobs.postgres_url is not set: the customer registry is needed")
             })?;
-            let db =
-                portico_jobs::queue::Db::connect(url.expose(), 1, &portico_jobs::kinds::Kinds::schemas())
-                    .await?;
+            let db = portico_jobs::queue::Db::connect(url.expose(), 1, &portico_jobs::schemas()).await?;
             let c = db
                 .customer(&customer)
                 .await?
@@ -88,6 +197,9 @@ fn main() -> std::process::ExitCode {
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }),
+        Some(Command::User { action }) => {
+            portico_common::cli::run_async(cfg, |cfg, _stop| async move { user(cfg, action).await })
+        }
         Some(Command::RunInstance { .. }) => unreachable!("handled before the config is read"),
     }
 }

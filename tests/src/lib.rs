@@ -6,6 +6,7 @@
 //! directories, so tests run in parallel and twice in a row.
 
 pub mod bins;
+pub mod browser;
 pub mod client;
 pub mod docker;
 pub mod dovecot;

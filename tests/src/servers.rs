@@ -15,21 +15,29 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Waits until `probe` succeeds, failing the test with `proc`'s log if the
 /// process dies or the deadline passes.
-fn wait_until(proc: &mut Proc, what: &str, mut probe: impl FnMut() -> bool) {
+fn wait_until(proc: &mut Proc, what: &str, probe: impl FnMut() -> bool) {
+    if let Err(e) = wait_for(proc, what, probe) {
+        panic!("{e}");
+    }
+}
+
+/// [`wait_until`] that answers the failure instead of panicking.
+fn wait_for(proc: &mut Proc, what: &str, mut probe: impl FnMut() -> bool) -> Result<(), String> {
     let deadline = Instant::now() + START_TIMEOUT;
     while !probe() {
         if !proc.is_running() {
-            panic!("{} exited before {what}:\n{}", proc.name, proc.log());
+            return Err(format!("{} exited before {what}:\n{}", proc.name, proc.log()));
         }
         if Instant::now() > deadline {
-            panic!(
+            return Err(format!(
                 "{} not {what} after {START_TIMEOUT:?}:\n{}",
                 proc.name,
                 proc.log()
-            );
+            ));
         }
         std::thread::sleep(Duration::from_millis(25));
     }
+    Ok(())
 }
 
 /// `GET path` over plain HTTP/1.0; the status code, if any answer came.
@@ -266,6 +274,17 @@ impl Service {
         env: &[(&str, String)],
         health_port: u16,
     ) -> Service {
+        Service::try_start_in(dir, bin, args, env, health_port).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Service::start_in`] that answers a failed start (with the log).
+    pub fn try_start_in(
+        dir: TempDir,
+        bin: &Path,
+        args: &[&str],
+        env: &[(&str, String)],
+        health_port: u16,
+    ) -> Result<Service, String> {
         let mut cmd = Command::new(bin);
         cmd.args(args)
             .env_remove("PORTICO_CONFIG")
@@ -281,14 +300,14 @@ impl Service {
             .unwrap_or("service")
             .to_string();
         let mut proc = Proc::spawn(&name, cmd, &dir.path().join("service.log"));
-        wait_until(&mut proc, "healthy", || {
+        wait_for(&mut proc, "healthy", || {
             http_status(health_port, "/healthz") == Some(200)
-        });
-        Service {
+        })?;
+        Ok(Service {
             proc,
             health_port,
             dir,
-        }
+        })
     }
 
     /// A chat shard on a free port with the in-memory engines.
@@ -407,11 +426,23 @@ pub fn up() -> (Service, EdgePorts) {
     up_with(&[])
 }
 
-/// [`up`] with extra `PORTICO_*` variables.
+/// [`up`] with extra `PORTICO_*` variables. `up` binds half a dozen free
+/// ports; when another test took one of them between the pick and the
+/// bind, it starts again on new ones (up to three times).
 pub fn up_with(extra: &[(&'static str, String)]) -> (Service, EdgePorts) {
-    let (env, edge) = up_env(extra);
-    let svc = up_in(tempfile::tempdir().expect("tempdir"), &env, &edge);
-    (svc, edge)
+    for attempt in 1.. {
+        let (env, edge) = up_env(extra);
+        let dir = tempfile::tempdir().expect("tempdir");
+        match Service::try_start_in(dir, &bins::portico(), &["up"], &env, edge.admin) {
+            Ok(mut svc) => {
+                edge.wait_listening(&mut svc.proc);
+                return (svc, edge);
+            }
+            Err(e) if attempt < 3 && e.contains("Address already in use") => continue,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    unreachable!("the loop returns or panics")
 }
 
 /// `portico up` with `env` on `edge`'s ports, on the state in `dir`.

@@ -8,7 +8,7 @@ use axum::Json;
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use portico_common::api::ApiError;
@@ -17,7 +17,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::Customer;
-use crate::api::{Api, STAFF, SUPER_ADMIN, bad, json_body, not_found};
+use crate::api::{Api, bad, json_body, not_found};
+use crate::api::{Caller, Staff, SuperAdmin};
 use crate::queue::Subject;
 
 pub fn router(api: Arc<Api>) -> Router {
@@ -62,10 +63,9 @@ struct NewCustomer {
 
 async fn create_customer(
     State(api): State<Arc<Api>>,
-    headers: HeaderMap,
+    who: Caller<SuperAdmin>,
     body: Result<Json<NewCustomer>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let who = api.caller(&headers, &[SUPER_ADMIN])?;
     let req = json_body(body)?;
     if !is_slug(&req.id) {
         return Err(bad(
@@ -131,27 +131,24 @@ async fn create_customer(
 
 async fn list_customers(
     State(api): State<Arc<Api>>,
-    headers: HeaderMap,
+    _who: Caller<Staff>,
 ) -> Result<impl IntoResponse, ApiError> {
-    api.caller(&headers, STAFF)?;
     Ok(Json(json!({ "customers": api.db()?.customers().await? })))
 }
 
 async fn get_customer(
     State(api): State<Arc<Api>>,
-    headers: HeaderMap,
+    _who: Caller<Staff>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    api.caller(&headers, STAFF)?;
     Ok(Json(api.customer(&id).await?))
 }
 
 async fn list_tasks(
     State(api): State<Arc<Api>>,
-    headers: HeaderMap,
+    _who: Caller<Staff>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    api.caller(&headers, STAFF)?;
     Ok(Json(
         json!({ "tasks": api.db()?.tasks(Subject::Customer(&id), 100).await? }),
     ))
@@ -159,18 +156,16 @@ async fn list_tasks(
 
 async fn get_task(
     State(api): State<Arc<Api>>,
-    headers: HeaderMap,
+    _who: Caller<Staff>,
     Path((id, task)): Path<(String, i64)>,
 ) -> Result<impl IntoResponse, ApiError> {
-    api.caller(&headers, STAFF)?;
     Ok(Json(api.task_of(Subject::Customer(&id), task).await?))
 }
 
 async fn cancel_task(
     State(api): State<Arc<Api>>,
-    headers: HeaderMap,
+    who: Caller<Staff>,
     Path((id, task)): Path<(String, i64)>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let who = api.caller(&headers, STAFF)?;
     api.cancel(&who, Subject::Customer(&id), task).await
 }

@@ -9,14 +9,14 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use portico_common::api::ApiError;
 use serde_json::json;
 
 use super::upgrade::{Shared, hosts};
-use crate::api::{KindApi, SERVICE, SUPER_ADMIN};
+use crate::api::KindApi;
+use crate::api::{Caller, Services};
 
 /// The route table's state: the shared API and the shops' shared state
 /// (which counts the gateways' fetches).
@@ -28,8 +28,10 @@ pub fn router(api: Arc<EdgeApi>) -> Router {
         .with_state(api)
 }
 
-async fn routes(State(e): State<Arc<EdgeApi>>, headers: HeaderMap) -> Result<impl IntoResponse, ApiError> {
-    e.caller(&headers, &[SERVICE, SUPER_ADMIN])?;
+async fn routes(
+    State(e): State<Arc<EdgeApi>>,
+    _who: Caller<Services>,
+) -> Result<impl IntoResponse, ApiError> {
     let db = e.db()?;
     let apps: Vec<_> = db
         .apps()

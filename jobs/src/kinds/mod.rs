@@ -78,6 +78,14 @@ impl Kinds {
             })))
     }
 
+    /// What the console reads of the kinds besides the database.
+    pub fn console(&self) -> crate::console::Parts {
+        crate::console::Parts {
+            paas: self.paas.clone(),
+            shops: self.shops.clone(),
+        }
+    }
+
     /// The kinds the workers run.
     pub fn tasks(&self, db: &Db, api: &Api) -> Vec<Arc<dyn Kind>> {
         let backup = Arc::new(backup::BackupKind {

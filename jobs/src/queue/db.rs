@@ -285,6 +285,15 @@ impl Db {
         self.pool.get().await.map_err(unavailable)
     }
 
+    /// Runs a read-only query (for views that join several parts).
+    pub(crate) async fn read(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, DbError> {
+        self.client().await?.query(sql, params).await.map_err(unavailable)
+    }
+
     pub async fn ping(&self) -> bool {
         match self.client().await {
             Ok(c) => c.simple_query("SELECT 1").await.is_ok(),
@@ -587,6 +596,20 @@ impl Db {
                 Some(target.map_or_else(|| format!("app:{a}"), |t| format!("app:{a}#{t}"))),
             ),
         };
+        self.audit_row(actor, action, customer, target.as_deref(), result, detail)
+            .await
+    }
+
+    /// Writes an audit entry about anything (`customer` when it concerns one).
+    pub async fn audit_row(
+        &self,
+        actor: &str,
+        action: &str,
+        customer: Option<&str>,
+        target: Option<&str>,
+        result: &str,
+        detail: &Value,
+    ) -> Result<(), DbError> {
         self.client()
             .await?
             .execute(
@@ -598,7 +621,8 @@ impl Db {
         Ok(())
     }
 
-    pub async fn audit_log(&self, customer: Option<&str>, limit: i64) -> Result<Vec<Value>, DbError> {
+    /// The newest audit entries that match `f`, newest first.
+    pub async fn audit_log(&self, f: &AuditFilter) -> Result<Vec<Value>, DbError> {
         let rows = self
             .client()
             .await?
@@ -606,13 +630,29 @@ impl Db {
                 "SELECT json_build_object('id', id, 'at', to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
                         'actor', actor, 'action', action, 'customer', customer_id, 'target', target,
                         'result', result, 'detail', detail)::jsonb
-                 FROM audit WHERE ($1::text IS NULL OR customer_id = $1) ORDER BY id DESC LIMIT $2",
-                &[&customer, &limit],
+                 FROM audit
+                 WHERE ($1::text IS NULL OR customer_id = $1) AND ($2::text IS NULL OR actor = $2)
+                   AND ($3::text IS NULL OR action = $3 OR action LIKE $3 || '.%')
+                   AND ($4::timestamptz IS NULL OR at >= $4) AND ($5::timestamptz IS NULL OR at < $5)
+                 ORDER BY id DESC LIMIT $6",
+                &[&f.customer, &f.actor, &f.action, &f.since, &f.until, &f.limit],
             )
             .await
             .map_err(unavailable)?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
+}
+
+/// Which audit entries to show (every field optional).
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub customer: Option<String>,
+    pub actor: Option<String>,
+    /// An action (`backup.create`) or a family of them (`backup`).
+    pub action: Option<String>,
+    pub since: Option<std::time::SystemTime>,
+    pub until: Option<std::time::SystemTime>,
+    pub limit: i64,
 }
 
 /// How an attempt ended.

@@ -106,6 +106,17 @@ impl Progress {
     }
 }
 
+/// Why the chat server did not do what jobs asked.
+#[derive(Debug, thiserror::Error)]
+#[error("live progress: {0}")]
+pub struct EventsError(String);
+
+impl From<EventsError> for portico_common::api::ApiError {
+    fn from(e: EventsError) -> Self {
+        portico_common::api::ApiError(http::StatusCode::BAD_GATEWAY, "chat_unavailable", e.to_string())
+    }
+}
+
 /// Publishes task events to the chat server.
 #[derive(Clone)]
 pub struct Events {
@@ -152,6 +163,39 @@ impl Events {
             .await;
         if let Err(e) = r {
             tracing::warn!(%subject, error = %e, "cannot open the ops conversation");
+        }
+    }
+
+    /// Whether events go anywhere (`jobs.chat_url` is set).
+    pub fn enabled(&self) -> bool {
+        self.chat_url.is_some()
+    }
+
+    /// Makes `user` a member of the subject's conversation (creating it if
+    /// the chat server lost it or was down when the subject was created),
+    /// so that they can follow its events live.
+    pub async fn add_member(&self, subject: Subject<'_>, user: &str) -> Result<(), EventsError> {
+        let Some(base) = &self.chat_url else {
+            return Err(EventsError("jobs.chat_url is not set".into()));
+        };
+        let add = || async {
+            self.http
+                .post(format!("{base}/api/conversations/{}/members", channel(subject)))
+                .bearer_auth(&self.token)
+                .json(&json!({ "user": user }))
+                .send()
+                .await
+                .map_err(|e| EventsError(format!("chat server unreachable: {e}")))
+        };
+        let mut resp = add().await?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            self.open_channel(subject, &[user.to_string()]).await;
+            resp = add().await?;
+        }
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(EventsError(format!("the chat server answered {}", resp.status())))
         }
     }
 

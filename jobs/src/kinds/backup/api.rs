@@ -7,7 +7,7 @@ use axum::Json;
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use portico_common::api::ApiError;
@@ -18,6 +18,7 @@ use tower::ServiceExt;
 
 use super::links::Signer;
 use super::{self as backup, Include};
+use crate::api::{Caller, Staff};
 use crate::api::{KindApi, OPS_LEAD, STAFF, SUPER_ADMIN, bad, json_body, not_found};
 use crate::queue::Subject;
 
@@ -49,11 +50,10 @@ struct NewBackup {
 
 async fn create_backup(
     State(api): State<Arc<BackupApi>>,
-    headers: HeaderMap,
+    who: Caller<Staff>,
     Path(id): Path<String>,
     body: Result<Json<NewBackup>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let who = api.caller(&headers, STAFF)?;
     let req = json_body(body)?;
     let include = match (req.kind.as_str(), req.include) {
         ("fast", None) => Include::FAST,
@@ -114,10 +114,9 @@ async fn create_backup(
 
 async fn list_backups(
     State(api): State<Arc<BackupApi>>,
-    headers: HeaderMap,
+    _who: Caller<Staff>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    api.caller(&headers, STAFF)?;
     api.customer(&id).await?;
     Ok(Json(json!({ "backups": api.db()?.backups(&id).await? })))
 }
@@ -132,7 +131,7 @@ pub(crate) fn backup_id(id: &str) -> Result<&str, ApiError> {
 
 async fn delete_backup(
     State(api): State<Arc<BackupApi>>,
-    headers: HeaderMap,
+    who: Caller<Staff>,
     Path((id, backup)): Path<(String, String)>,
 ) -> Result<impl IntoResponse, ApiError> {
     let roles: &[&str] = if api.cfg.technician_can_delete {
@@ -140,7 +139,7 @@ async fn delete_backup(
     } else {
         &[SUPER_ADMIN, OPS_LEAD]
     };
-    let who = api.caller(&headers, roles)?;
+    who.require(roles)?;
     let backup = backup_id(&backup)?;
     let c = api.customer(&id).await?;
     if !api.db()?.delete_backup(&id, backup).await? {
@@ -163,10 +162,9 @@ async fn delete_backup(
 /// Signed links for every file of a backup (and its manifest).
 async fn links(
     State(api): State<Arc<BackupApi>>,
-    headers: HeaderMap,
+    who: Caller<Staff>,
     Path((id, backup)): Path<(String, String)>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let who = api.caller(&headers, STAFF)?;
     let backup = backup_id(&backup)?;
     api.customer(&id).await?;
     let row = api

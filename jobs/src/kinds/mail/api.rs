@@ -24,13 +24,12 @@ use sha2::Sha256;
 use super::db::MailJob;
 use super::imap::Server;
 use super::{Shared, aad};
-use crate::api::{KindApi, OPS_LEAD, SERVICE, STAFF, SUPER_ADMIN, bad, json_body, not_found};
+use crate::api::{Caller, Leads, Staff, StaffOrServices, SuperAdmin};
+use crate::api::{KindApi, bad, json_body, not_found};
 use crate::queue::Subject;
 
 /// The mail routes' state: the shared API and the mail config and vault.
 pub type MailApi = KindApi<Arc<Shared>>;
-
-const APPROVERS: &[&str] = &[SUPER_ADMIN, OPS_LEAD];
 
 pub fn router(api: Arc<MailApi>) -> Router {
     Router::new()
@@ -169,10 +168,9 @@ struct NewJob {
 
 async fn create_job(
     State(api): State<Arc<MailApi>>,
-    headers: HeaderMap,
+    who: Caller<Staff>,
     body: Result<Json<NewJob>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let who = api.caller(&headers, STAFF)?;
     let req = json_body(body)?;
     api.kind
         .vault
@@ -235,18 +233,16 @@ async fn create_job(
 
 async fn list_jobs(
     State(api): State<Arc<MailApi>>,
-    headers: HeaderMap,
+    _who: Caller<Staff>,
 ) -> Result<impl IntoResponse, ApiError> {
-    api.caller(&headers, STAFF)?;
     Ok(Json(json!({ "jobs": api.db()?.mail_jobs().await? })))
 }
 
 async fn show_job(
     State(api): State<Arc<MailApi>>,
-    headers: HeaderMap,
+    who: Caller<Staff>,
     Path(id): Path<i64>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let who = api.caller(&headers, STAFF)?;
     let job = api.job(id).await?;
     api.note(&who, "mail.job.show", &job, "ok", json!({})).await;
     let db = api.db()?;
@@ -272,11 +268,10 @@ struct NewMailbox {
 
 async fn add_mailbox(
     State(api): State<Arc<MailApi>>,
-    headers: HeaderMap,
+    who: Caller<Staff>,
     Path(id): Path<i64>,
     body: Result<Json<NewMailbox>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let who = api.caller(&headers, STAFF)?;
     let req = json_body(body)?;
     let job = api.job(id).await?;
     let r = api.store_mailbox(&job, &req).await;
@@ -296,11 +291,10 @@ async fn add_mailbox(
 /// refused on its own, with its line number and reason.
 async fn import_mailboxes(
     State(api): State<Arc<MailApi>>,
-    headers: HeaderMap,
+    who: Caller<Staff>,
     Path(id): Path<i64>,
     body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
-    let who = api.caller(&headers, STAFF)?;
     let job = api.job(id).await?;
     if body.len() > 1 << 20 {
         return Err(ApiError(
@@ -352,13 +346,12 @@ async fn import_mailboxes(
 /// replaces an earlier upload only when whole.
 async fn upload(
     State(api): State<Arc<MailApi>>,
-    headers: HeaderMap,
+    who: Caller<Staff>,
     Path((id, mailbox)): Path<(i64, i64)>,
     body: axum::body::Body,
 ) -> Result<impl IntoResponse, ApiError> {
     use futures_util::StreamExt;
     use tokio::io::AsyncWriteExt;
-    let who = api.caller(&headers, STAFF)?;
     let job = api.job(id).await?;
     if job.source_type == "imap" {
         return Err(ApiError(
@@ -430,10 +423,9 @@ async fn upload(
 
 async fn list_mailboxes(
     State(api): State<Arc<MailApi>>,
-    headers: HeaderMap,
+    _who: Caller<Staff>,
     Path(id): Path<i64>,
 ) -> Result<impl IntoResponse, ApiError> {
-    api.caller(&headers, STAFF)?;
     api.job(id).await?;
     Ok(Json(json!({ "mailboxes": api.db()?.mailboxes(id).await? })))
 }
@@ -442,10 +434,9 @@ async fn list_mailboxes(
 /// their messages and bytes, and estimates the copy time.
 async fn preflight(
     State(api): State<Arc<MailApi>>,
-    headers: HeaderMap,
+    who: Caller<Staff>,
     Path(id): Path<i64>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let who = api.caller(&headers, STAFF)?;
     let job = api.job(id).await?;
     let mut out = Vec::new();
     let (mut messages, mut bytes) = (0u64, 0u64);
@@ -500,11 +491,10 @@ struct SyncRequest {
 
 async fn sync(
     State(api): State<Arc<MailApi>>,
-    headers: HeaderMap,
+    who: Caller<Staff>,
     Path(id): Path<i64>,
     body: Result<Json<SyncRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let who = api.caller(&headers, STAFF)?;
     let req = json_body(body)?;
     if !["initial", "delta", "final", "verify"].contains(&req.kind.as_str()) {
         return Err(bad("invalid_kind", "kind is initial, delta, final or verify"));
@@ -565,10 +555,9 @@ async fn verification(api: &MailApi, job: &MailJob) -> Result<Value, ApiError> {
 
 async fn verify(
     State(api): State<Arc<MailApi>>,
-    headers: HeaderMap,
+    who: Caller<Staff>,
     Path(id): Path<i64>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let who = api.caller(&headers, STAFF)?;
     let job = api.job(id).await?;
     api.note(&who, "mail.verify", &job, "ok", json!({})).await;
     Ok(Json(verification(&api, &job).await?))
@@ -593,10 +582,9 @@ fn html(s: &str) -> String {
 /// The job's verification as a page a person can read or print.
 async fn report_html(
     State(api): State<Arc<MailApi>>,
-    headers: HeaderMap,
+    who: Caller<Staff>,
     Path(id): Path<i64>,
 ) -> Result<Response, ApiError> {
-    let who = api.caller(&headers, STAFF)?;
     let job = api.job(id).await?;
     let v = verification(&api, &job).await?;
     let mut rows = String::new();
@@ -646,10 +634,9 @@ async fn report_html(
 
 async fn report_csv(
     State(api): State<Arc<MailApi>>,
-    headers: HeaderMap,
+    who: Caller<Staff>,
     Path(id): Path<i64>,
 ) -> Result<Response, ApiError> {
-    let who = api.caller(&headers, STAFF)?;
     let job = api.job(id).await?;
     api.note(&who, "mail.report", &job, "ok", json!({ "format": "csv" }))
         .await;
@@ -673,10 +660,9 @@ async fn report_csv(
 
 async fn approve_gate(
     State(api): State<Arc<MailApi>>,
-    headers: HeaderMap,
+    who: Caller<Leads>,
     Path(id): Path<i64>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let who = api.caller(&headers, APPROVERS)?;
     let job = api.job(id).await?;
     let (ratio, min) = (job.ratio(), api.kind.cfg.gate_min_ratio);
     if job.gate != "warning" || ratio < min {
@@ -708,11 +694,10 @@ struct Override {
 
 async fn override_gate(
     State(api): State<Arc<MailApi>>,
-    headers: HeaderMap,
+    who: Caller<SuperAdmin>,
     Path(id): Path<i64>,
     body: Result<Json<Override>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let who = api.caller(&headers, &[SUPER_ADMIN])?;
     let req = json_body(body)?;
     let reason = req.reason.trim();
     if reason.len() < 3 || reason.len() > 1000 {
@@ -745,13 +730,9 @@ struct GateQuery {
 /// For other systems (a DNS panel): may this domain's MX move?
 async fn gate(
     State(api): State<Arc<MailApi>>,
-    headers: HeaderMap,
+    _who: Caller<StaffOrServices>,
     query: Result<Query<GateQuery>, QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    api.caller(
-        &headers,
-        &[SERVICE, SUPER_ADMIN, OPS_LEAD, crate::api::TECHNICIAN],
-    )?;
     let Query(q) = query.map_err(|e| bad("invalid_query", e.body_text()))?;
     let job = api
         .db()?

@@ -15,12 +15,11 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::StreamExt;
 use portico_common::api::ApiError;
-use portico_common::auth::Claims;
 use portico_config::is_http_path;
 use serde::Deserialize;
 use serde_json::json;
@@ -28,7 +27,8 @@ use serde_json::json;
 use super::db::App;
 use super::source::{Repo, is_git_ref};
 use super::{Paas, PaasError};
-use crate::api::{KindApi, OPS_LEAD, STAFF, SUPER_ADMIN, bad, json_body, not_found};
+use crate::api::{Caller, Leads, Staff};
+use crate::api::{KindApi, bad, json_body, not_found};
 use crate::queue::Subject;
 
 /// The apps routes' state: the shared API and the Docker side.
@@ -108,14 +108,13 @@ impl PaasApi {
             .ok_or_else(|| not_found(format!("app {name}")))
     }
 
-    /// For stop and start: a staff caller, Docker reachable, the app
-    /// deployed and without an active task; the caller and its container.
-    async fn idle_deployed(&self, headers: &HeaderMap, name: &str) -> Result<(Claims, String), ApiError> {
-        let who = self.caller(headers, STAFF)?;
+    /// For stop and start: Docker reachable, the app deployed and
+    /// without an active task; its container.
+    async fn idle_deployed(&self, name: &str) -> Result<String, ApiError> {
         self.docker().await?;
         let app = self.app(name).await?;
         self.idle(name).await?;
-        Ok((who, deployed(&app)?.to_string()))
+        Ok(deployed(&app)?.to_string())
     }
 
     /// 409 while the app has a queued or running task.
@@ -152,10 +151,9 @@ struct NewApp {
 
 async fn create(
     State(api): State<Arc<PaasApi>>,
-    headers: HeaderMap,
+    who: Caller<Leads>,
     body: Result<Json<NewApp>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let who = api.caller(&headers, &[SUPER_ADMIN, OPS_LEAD])?;
     let req = json_body(body)?;
     name_ok(&req.name)?;
     let repo = Repo::parse(&req.repo, api.kind.cfg.local_repos_root.as_deref())
@@ -232,18 +230,16 @@ async fn create(
     Ok((StatusCode::CREATED, Json(json!({ "app": app, "task": task }))))
 }
 
-async fn list(State(api): State<Arc<PaasApi>>, headers: HeaderMap) -> Result<impl IntoResponse, ApiError> {
-    api.caller(&headers, STAFF)?;
+async fn list(State(api): State<Arc<PaasApi>>, _who: Caller<Staff>) -> Result<impl IntoResponse, ApiError> {
     api.docker().await?;
     Ok(Json(json!({ "apps": api.db()?.apps().await? })))
 }
 
 async fn show(
     State(api): State<Arc<PaasApi>>,
-    headers: HeaderMap,
+    _who: Caller<Staff>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    api.caller(&headers, STAFF)?;
     api.docker().await?;
     let app = api.app(&name).await?;
     let status = api.kind.status(&app).await?;
@@ -259,10 +255,9 @@ async fn show(
 
 async fn delete(
     State(api): State<Arc<PaasApi>>,
-    headers: HeaderMap,
+    who: Caller<Leads>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let who = api.caller(&headers, &[SUPER_ADMIN, OPS_LEAD])?;
     api.docker().await?;
     api.app(&name).await?;
     api.idle(&name).await?;
@@ -291,10 +286,9 @@ async fn delete(
 
 async fn deploy(
     State(api): State<Arc<PaasApi>>,
-    headers: HeaderMap,
+    who: Caller<Staff>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let who = api.caller(&headers, STAFF)?;
     api.docker().await?;
     api.app(&name).await?;
     let r = api
@@ -324,10 +318,10 @@ async fn deploy(
 
 async fn stop(
     State(api): State<Arc<PaasApi>>,
-    headers: HeaderMap,
+    who: Caller<Staff>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let (who, id) = api.idle_deployed(&headers, &name).await?;
+    let id = api.idle_deployed(&name).await?;
     // The route says stopped first, so the gateway answers 503 instead
     // of trying a container on its way down.
     api.db()?.set_app_desired(&name, "stopped").await?;
@@ -339,10 +333,10 @@ async fn stop(
 
 async fn start(
     State(api): State<Arc<PaasApi>>,
-    headers: HeaderMap,
+    who: Caller<Staff>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let (who, id) = api.idle_deployed(&headers, &name).await?;
+    let id = api.idle_deployed(&name).await?;
     api.kind.engine.start(&id).await?;
     // Docker publishes a started container on a fresh port.
     let port = api.kind.engine.inspect(&id).await?.and_then(|i| i.host_port);
@@ -365,11 +359,10 @@ struct LogQuery {
 /// at most 10,000), then, with `follow=true`, new lines as they come.
 async fn logs(
     State(api): State<Arc<PaasApi>>,
-    headers: HeaderMap,
+    _who: Caller<Staff>,
     Path(name): Path<String>,
     query: Result<Query<LogQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    api.caller(&headers, STAFF)?;
     let Query(q) = query.map_err(|e| bad("invalid_query", e.body_text()))?;
     let tail = q.tail.unwrap_or(100);
     if tail > 10_000 {
@@ -385,10 +378,9 @@ async fn logs(
 
 async fn tasks(
     State(api): State<Arc<PaasApi>>,
-    headers: HeaderMap,
+    _who: Caller<Staff>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    api.caller(&headers, STAFF)?;
     name_ok(&name)?;
     Ok(Json(
         json!({ "tasks": api.db()?.tasks(Subject::App(&name), 100).await? }),
@@ -397,10 +389,9 @@ async fn tasks(
 
 async fn task(
     State(api): State<Arc<PaasApi>>,
-    headers: HeaderMap,
+    _who: Caller<Staff>,
     Path((name, task)): Path<(String, i64)>,
 ) -> Result<impl IntoResponse, ApiError> {
-    api.caller(&headers, STAFF)?;
     name_ok(&name)?;
     Ok(Json(api.task_of(Subject::App(&name), task).await?))
 }
@@ -409,10 +400,9 @@ async fn task(
 /// new container and image are removed; the old one keeps serving).
 async fn cancel(
     State(api): State<Arc<PaasApi>>,
-    headers: HeaderMap,
+    who: Caller<Staff>,
     Path((name, task)): Path<(String, i64)>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let who = api.caller(&headers, STAFF)?;
     name_ok(&name)?;
     api.cancel(&who, Subject::App(&name), task).await
 }

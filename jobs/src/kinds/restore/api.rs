@@ -6,14 +6,15 @@ use axum::Json;
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::post;
 use portico_common::api::ApiError;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::api::{Api, OPS_LEAD, SUPER_ADMIN, bad, json_body};
+use crate::api::{Api, bad, json_body};
+use crate::api::{Caller, Leads};
 use crate::kinds::backup::api::backup_id;
 use crate::queue::Subject;
 
@@ -33,11 +34,10 @@ struct RestoreRequest {
 
 async fn restore(
     State(api): State<Arc<Api>>,
-    headers: HeaderMap,
+    who: Caller<Leads>,
     Path((id, backup)): Path<(String, String)>,
     body: Result<Json<RestoreRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let who = api.caller(&headers, &[SUPER_ADMIN, OPS_LEAD])?;
     let backup = backup_id(&backup)?.to_string();
     let req = json_body(body)?;
     if let Some(url) = &req.target_db

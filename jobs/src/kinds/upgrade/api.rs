@@ -13,7 +13,7 @@ use axum::Json;
 use axum::Router;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use portico_common::api::ApiError;
@@ -23,7 +23,8 @@ use serde_json::{Value, json};
 
 use super::catalog::SERVICES;
 use super::{Mode, Shared, layout};
-use crate::api::{KindApi, OPS_LEAD, STAFF, SUPER_ADMIN, bad, json_body, not_found};
+use crate::api::{Caller, Leads, Staff};
+use crate::api::{KindApi, bad, json_body, not_found};
 use crate::customers::Customer;
 use crate::queue::Subject;
 
@@ -41,8 +42,6 @@ pub fn router(api: Arc<UpgradeApi>) -> Router {
         .route("/api/customers/{id}/tasks/{task}/approve-env", post(approve))
         .with_state(api)
 }
-
-const UPGRADERS: &[&str] = &[SUPER_ADMIN, OPS_LEAD];
 
 fn catalog_error(e: super::catalog::CatalogError) -> ApiError {
     ApiError(StatusCode::SERVICE_UNAVAILABLE, "catalog_invalid", e.to_string())
@@ -273,9 +272,8 @@ fn known(c: &super::catalog::Catalog) -> String {
 
 async fn releases(
     State(api): State<Arc<UpgradeApi>>,
-    headers: HeaderMap,
+    _who: Caller<Staff>,
 ) -> Result<impl IntoResponse, ApiError> {
-    api.caller(&headers, STAFF)?;
     let catalog = api.kind.catalog().map_err(catalog_error)?;
     Ok(Json(json!({ "releases": catalog.releases })))
 }
@@ -288,11 +286,10 @@ struct PlanQuery {
 
 async fn plan(
     State(api): State<Arc<UpgradeApi>>,
-    headers: HeaderMap,
+    _who: Caller<Staff>,
     Path(id): Path<String>,
     query: Result<Query<PlanQuery>, QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    api.caller(&headers, STAFF)?;
     let Query(q) = query.map_err(|e| bad("invalid_query", e.body_text()))?;
     let c = api.customer(&id).await?;
     Ok(Json(api.plan(&c, &q.to).await?.body))
@@ -311,11 +308,10 @@ struct UpgradeRequest {
 
 async fn upgrade(
     State(api): State<Arc<UpgradeApi>>,
-    headers: HeaderMap,
+    who: Caller<Leads>,
     Path(id): Path<String>,
     body: Result<Json<UpgradeRequest>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let who = api.caller(&headers, UPGRADERS)?;
     let req = json_body(body)?;
     if req.heap_mb.is_some_and(|m| !(256..=65536).contains(&m)) {
         return Err(bad("invalid_heap", "heapMB must be 256-65536"));
@@ -345,10 +341,9 @@ async fn upgrade(
 
 async fn rollback(
     State(api): State<Arc<UpgradeApi>>,
-    headers: HeaderMap,
+    who: Caller<Leads>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let who = api.caller(&headers, UPGRADERS)?;
     api.customer(&id).await?;
     let site = api.db()?.site(&id).await?;
     let Some(prev) = site.and_then(|s| s.previous_version) else {
@@ -369,10 +364,9 @@ async fn rollback(
 
 async fn serve(
     State(api): State<Arc<UpgradeApi>>,
-    headers: HeaderMap,
+    who: Caller<Leads>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let who = api.caller(&headers, UPGRADERS)?;
     let c = api.customer(&id).await?;
     let root = std::path::PathBuf::from(&c.root);
     let Some(v) = blocking(move || layout::installed_version(&root)).await? else {
@@ -393,10 +387,9 @@ async fn serve(
 
 async fn site(
     State(api): State<Arc<UpgradeApi>>,
-    headers: HeaderMap,
+    _who: Caller<Staff>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    api.caller(&headers, STAFF)?;
     api.customer(&id).await?;
     let site = api
         .db()?
@@ -408,10 +401,9 @@ async fn site(
 
 async fn approve(
     State(api): State<Arc<UpgradeApi>>,
-    headers: HeaderMap,
+    who: Caller<Leads>,
     Path((id, task)): Path<(String, i64)>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let who = api.caller(&headers, UPGRADERS)?;
     let t = api.task_of(Subject::Customer(&id), task).await?;
     if t.kind != "upgrade" || !matches!(t.state.as_str(), "queued" | "running") {
         return Err(ApiError(
