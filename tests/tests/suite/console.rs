@@ -380,6 +380,21 @@ async fn a_super_admin_backs_up_live_and_a_technician_cannot_delete() {
     assert_eq!(&bytes[..2], &[0x1f, 0x8b], "a gzip archive");
     screenshot(&c, "console-4-download").await;
     page_is_clean(&c, "after the backup").await;
+    // A phone's width: nothing runs off the side of the page.
+    c.set_window_size(390, 844).await.unwrap();
+    let overflow = c
+        .execute(
+            r##"const w = document.documentElement.clientWidth;
+               return [document.documentElement.scrollWidth - w,
+                       [...document.querySelectorAll("body *")].filter((e) => e.getBoundingClientRect().right > w + 1)
+                         .map((e) => e.tagName + "." + e.className + "#" + e.id).slice(0, 5)]"##,
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert!(overflow[0].as_i64().unwrap_or(0) <= 0, "the page is wider than a phone: {overflow}");
+    screenshot(&c, "console-4b-phone").await;
+    c.set_window_size(1000, 800).await.unwrap();
     let delete_buttons = c.find_all(Locator::Css("#history button.danger")).await.unwrap();
     assert_eq!(delete_buttons.len(), 1, "a super admin may delete");
 
