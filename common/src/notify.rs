@@ -33,6 +33,19 @@ pub fn ready(stop: &CancellationToken) {
     }
 }
 
+/// For a process that takes over from another (the gateway's upgrade):
+/// tells systemd that this process is now the service's main process
+/// (`MAINPID=`, accepted with `NotifyAccess=all`) and ready, so that the
+/// old one may exit without systemd taking the service for dead.
+pub fn ready_as_main() {
+    if let Err(e) = sd_notify::notify(
+        false,
+        &[NotifyState::MainPid(std::process::id()), NotifyState::Ready],
+    ) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
 /// The service is draining.
 pub fn stopping() {
     let _ = sd_notify::notify(false, &[NotifyState::Stopping]);

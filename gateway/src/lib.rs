@@ -210,6 +210,12 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Gatew
         adjust: reload.adjust,
     };
     server.add_service(background_service("config reload", reloader));
+    server.add_service(background_service(
+        "systemd notify",
+        Notify {
+            https: g.https_listen.0,
+        },
+    ));
     Ok(Gateway { server, drain })
 }
 
@@ -245,6 +251,11 @@ impl ShutdownSignalWatch for Signals {
             _ = int.recv() => ShutdownSignal::GracefulTerminate,
             _ = self.stop.cancelled() => ShutdownSignal::GracefulTerminate,
         };
+        // An upgrade is not a stop: the new process has told systemd it is
+        // the main process now; STOPPING from this one would stop the unit.
+        if !matches!(signal, ShutdownSignal::GracefulUpgrade) {
+            portico_common::notify::stopping();
+        }
         self.drain.start();
         signal
     }
@@ -347,6 +358,43 @@ impl BackgroundService for LimitsGc {
                     self.limits.gc();
                     self.routes.load().classes().iter().for_each(|c| c.gc());
                 }
+            }
+        }
+    }
+}
+
+/// Tells systemd (`Type=notify`, `NotifyAccess=all`) that this process is
+/// the service's main process and ready, once the HTTPS listener takes
+/// connections: at the first start, and in a new process of an upgrade,
+/// which thereby takes the main-process role from the old one before that
+/// one exits (see deploy/systemd/portico-gateway.service).
+struct Notify {
+    https: std::net::SocketAddr,
+}
+
+#[async_trait]
+impl BackgroundService for Notify {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        if std::env::var_os("NOTIFY_SOCKET").is_none() {
+            return;
+        }
+        let probe = match self.https.ip() {
+            ip if ip.is_unspecified() && ip.is_ipv4() => {
+                std::net::SocketAddr::from(([127, 0, 0, 1], self.https.port()))
+            }
+            ip if ip.is_unspecified() => {
+                std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, self.https.port()))
+            }
+            _ => self.https,
+        };
+        loop {
+            if tokio::net::TcpStream::connect(probe).await.is_ok() {
+                portico_common::notify::ready_as_main();
+                return;
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
         }
     }

@@ -392,7 +392,10 @@ async fn a_super_admin_backs_up_live_and_a_technician_cannot_delete() {
         )
         .await
         .unwrap();
-    assert!(overflow[0].as_i64().unwrap_or(0) <= 0, "the page is wider than a phone: {overflow}");
+    assert!(
+        overflow[0].as_i64().unwrap_or(0) <= 0,
+        "the page is wider than a phone: {overflow}"
+    );
     screenshot(&c, "console-4b-phone").await;
     c.set_window_size(1000, 800).await.unwrap();
     let delete_buttons = c.find_all(Locator::Css("#history button.danger")).await.unwrap();

@@ -16,6 +16,7 @@ mod gateway_hardening;
 mod gateway_limits;
 mod gateway_reload;
 mod gateway_sticky;
+mod gateway_systemd;
 mod gateway_upgrade;
 mod gateway_websocket;
 mod harness;
