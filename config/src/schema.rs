@@ -135,7 +135,8 @@ fn default_acme_check() -> u64 {
 }
 
 /// One route: requests for `host` (any host if absent) whose path starts
-/// with `path_prefix` (whole segments) go to `upstream`.
+/// with `path_prefix` (whole segments) go to `upstream`, or are answered
+/// with the files under `root` (exactly one of the two).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
@@ -144,7 +145,16 @@ pub struct RouteConfig {
     #[serde(default)]
     pub host: Option<String>,
     pub path_prefix: String,
-    pub upstream: RouteUpstream,
+    #[serde(default)]
+    pub upstream: Option<RouteUpstream>,
+    /// A directory (absolute path) whose files the edge serves itself.
+    #[serde(default)]
+    pub root: Option<PathBuf>,
+    /// A file route's caching: "immutable" (hashed asset names: a year),
+    /// "revalidate" (always asked again, answered 304 when unchanged) or
+    /// "max-age=N" (seconds); default "max-age=3600".
+    #[serde(default)]
+    pub cache: Option<FileCache>,
     /// Seconds to wait for the upstream's answer (between reads); default 30.
     #[serde(default)]
     pub timeout_secs: Option<u64>,
@@ -246,6 +256,68 @@ impl<'de> Deserialize<'de> for RouteUpstream {
         s.parse().map(RouteUpstream::Addr).map_err(|e: String| {
             serde::de::Error::custom(format!("upstream must be \"chat\" or ip:port: {e}"))
         })
+    }
+}
+
+/// How long browsers and caches keep a file route's answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileCache {
+    /// A year, never revalidated: for names that change with the content.
+    Immutable,
+    /// Kept, but asked again every time (304 when unchanged).
+    Revalidate,
+    /// Fresh for this many seconds.
+    MaxAge(u64),
+}
+
+impl Default for FileCache {
+    fn default() -> Self {
+        FileCache::MaxAge(3600)
+    }
+}
+
+impl FileCache {
+    /// The `Cache-Control` value.
+    pub fn header(&self) -> String {
+        match self {
+            FileCache::Immutable => "public, max-age=31536000, immutable".into(),
+            FileCache::Revalidate => "public, no-cache".into(),
+            FileCache::MaxAge(n) => format!("public, max-age={n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for FileCache {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "immutable" => Ok(FileCache::Immutable),
+            "revalidate" => Ok(FileCache::Revalidate),
+            _ => s
+                .strip_prefix("max-age=")
+                .and_then(|n| n.parse::<u64>().ok())
+                .filter(|n| *n <= 31_536_000)
+                .map(FileCache::MaxAge)
+                .ok_or_else(|| {
+                    format!("`{s}`: cache is \"immutable\", \"revalidate\" or \"max-age=N\" (N ≤ 31536000)")
+                }),
+        }
+    }
+}
+
+impl Serialize for FileCache {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            FileCache::Immutable => s.serialize_str("immutable"),
+            FileCache::Revalidate => s.serialize_str("revalidate"),
+            FileCache::MaxAge(n) => s.serialize_str(&format!("max-age={n}")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for FileCache {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -727,6 +799,33 @@ impl PorticoConfig {
             return bad("gateway.threads", "must be between 1 and 256");
         }
         for r in &g.routes {
+            match (&r.upstream, &r.root) {
+                (Some(_), None) if r.cache.is_some() => {
+                    return bad(
+                        "gateway.routes",
+                        format!("route `{}`: cache is for file routes (with root)", r.name),
+                    );
+                }
+                (Some(_), None) => {}
+                (None, Some(root)) => {
+                    if !root.is_absolute() || !root.is_dir() {
+                        return bad(
+                            "gateway.routes",
+                            format!(
+                                "route `{}`: root `{}` is not an absolute path to a directory",
+                                r.name,
+                                root.display()
+                            ),
+                        );
+                    }
+                }
+                _ => {
+                    return bad(
+                        "gateway.routes",
+                        format!("route `{}`: give exactly one of upstream, root", r.name),
+                    );
+                }
+            }
             if !r.path_prefix.starts_with('/') {
                 return bad(
                     "gateway.routes",

@@ -10,6 +10,7 @@
 
 pub mod acme;
 pub mod drain;
+pub mod files;
 pub mod guard;
 pub mod headers;
 pub mod limits;

@@ -106,6 +106,7 @@ impl AppRoutes {
                         timeout: DEFAULT_TIMEOUT,
                         max_body_bytes: self.max_body_bytes,
                         class: None,
+                        files: None,
                     }),
                 )
             })
@@ -170,6 +171,7 @@ impl AppRoutes {
                     timeout: DEFAULT_TIMEOUT,
                     max_body_bytes: self.max_body_bytes,
                     class: None,
+                    files: None,
                 })),
                 ("stopped", _) => AppState::Stopped,
                 ("down" | "running", _) => AppState::Down,

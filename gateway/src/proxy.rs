@@ -102,7 +102,7 @@ fn is_internal(path: &str) -> bool {
 
 /// A small HTML page written by the gateway itself (unknown or stopped
 /// apps): never a connection error, never cached.
-async fn page(session: &mut Session, status: u16, title: &str, text: &str) -> Result<bool> {
+pub(crate) async fn page(session: &mut Session, status: u16, title: &str, text: &str) -> Result<bool> {
     let body = format!(
         "<!doctype html><html lang=\"en\"><meta charset=\"utf-8\"><title>{title}</title>\
          <body style=\"font-family:sans-serif;max-width:40em;margin:4em auto\"><h1>{title}</h1><p>{text}</p></body></html>\n"
@@ -316,7 +316,7 @@ impl ProxyHttp for Edge {
                     let public = authority(req).unwrap_or_default().to_string();
                     let host_port = match route.target {
                         Target::Upstream(a) => a.port(),
-                        Target::Chat => 0,
+                        Target::Chat | Target::Files => 0,
                     };
                     ctx.app = Some(AppCtx {
                         name: m.name,
@@ -360,6 +360,13 @@ impl ProxyHttp for Edge {
                     .increment(1);
                 return respond(session, 429, Some(wait)).await;
             }
+        }
+        // File routes are answered here, after the screen and the limits.
+        if ctx.route.target == Target::Files {
+            return match ctx.route.files.clone() {
+                Some(files) => crate::files::serve(session, &files).await,
+                None => page(session, 404, "Not found", "There is nothing at this address.").await,
+            };
         }
         let declared = session
             .req_header()
@@ -458,6 +465,13 @@ impl ProxyHttp for Edge {
                     .addr
             }
             Target::Upstream(addr) => pingora::protocols::l4::socket::SocketAddr::Inet(addr),
+            // Answered in `request_filter`; never proxied.
+            Target::Files => {
+                return Err(Error::explain(
+                    ErrorType::ConnectNoRoute,
+                    "a file route has no upstream",
+                ));
+            }
         };
         ctx.upstream = addr.as_inet().copied();
         ctx.upstream_started = Some(Instant::now());

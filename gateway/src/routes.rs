@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use portico_config::{GatewayConfig, RouteUpstream};
 
+use crate::files::FileRoute;
 use crate::limits::ClassLimiter;
 
 /// Upstream answer timeout (between reads) when a route sets none.
@@ -31,6 +32,9 @@ pub struct Route {
     pub max_body_bytes: u64,
     /// Extra per-IP and per-user limits of the route's `limit_class`.
     pub class: Option<Arc<ClassLimiter>>,
+    /// A file route's root (None when its directory could not be opened:
+    /// every request gets 404, and the reload logged why).
+    pub files: Option<Arc<FileRoute>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +43,8 @@ pub enum Target {
     Chat,
     /// One upstream address.
     Upstream(SocketAddr),
+    /// Files the edge serves itself (see [`crate::files`]).
+    Files,
 }
 
 impl Route {
@@ -81,15 +87,26 @@ impl Routes {
                 timeout: DEFAULT_TIMEOUT,
                 max_body_bytes: g.max_body_bytes,
                 class: None,
+                files: None,
             })
         };
         let mut entries: Vec<Entry> = g
             .routes
             .iter()
             .map(|r| {
-                let target = match r.upstream {
-                    RouteUpstream::Chat => Target::Chat,
-                    RouteUpstream::Addr(a) => Target::Upstream(a.0),
+                let (target, files) = match (r.upstream, &r.root) {
+                    (Some(RouteUpstream::Chat), _) => (Target::Chat, None),
+                    (Some(RouteUpstream::Addr(a)), _) => (Target::Upstream(a.0), None),
+                    (None, root) => {
+                        let root = root.as_deref().unwrap_or(std::path::Path::new(""));
+                        let files = FileRoute::new(root, &r.path_prefix, &r.cache.unwrap_or_default())
+                            .map_err(|e| {
+                                tracing::error!(route = %r.name, root = %root.display(), error = %e, "file route unavailable");
+                            })
+                            .ok()
+                            .map(Arc::new);
+                        (Target::Files, files)
+                    }
                 };
                 let route = Route {
                     name: Arc::from(r.name.as_str()),
@@ -98,6 +115,7 @@ impl Routes {
                     max_body_bytes: r.max_body_bytes.unwrap_or(g.max_body_bytes),
                     // Validated: every class a route names exists.
                     class: r.limit_class.as_deref().and_then(|c| classes.get(c).cloned()),
+                    files,
                 };
                 Entry {
                     host: r.host.clone(),
@@ -190,7 +208,9 @@ mod tests {
                     name: "shop".into(),
                     host: Some("shop.example.com".into()),
                     path_prefix: "/".into(),
-                    upstream: RouteUpstream::Addr(ListenAddr::new([127, 0, 0, 1], 7000)),
+                    upstream: Some(RouteUpstream::Addr(ListenAddr::new([127, 0, 0, 1], 7000))),
+                    root: None,
+                    cache: None,
                     timeout_secs: Some(5),
                     max_body_bytes: Some(10),
                     limit_class: None,
@@ -199,7 +219,9 @@ mod tests {
                     name: "media".into(),
                     host: None,
                     path_prefix: "/media".into(),
-                    upstream: RouteUpstream::Addr(ListenAddr::new([127, 0, 0, 1], 7001)),
+                    upstream: Some(RouteUpstream::Addr(ListenAddr::new([127, 0, 0, 1], 7001))),
+                    root: None,
+                    cache: None,
                     timeout_secs: None,
                     max_body_bytes: None,
                     limit_class: None,

@@ -12,6 +12,7 @@ mod config_errors;
 mod console;
 mod gateway_acme;
 mod gateway_edge;
+mod gateway_files;
 mod gateway_hardening;
 mod gateway_limits;
 mod gateway_reload;

@@ -1,0 +1,482 @@
+//! File routes: `[[gateway.routes]]` with a `root` directory instead of an
+//! upstream, served by the edge itself (the `/static/` and `/media/` of
+//! seed 002's nginx site).
+//!
+//! What a request may reach: only regular files under the root, by a path
+//! whose segments, percent-decoded, are plain names (no `..`, `.`, empty,
+//! hidden `.name`, encoded `/` or `\`), and whose real path (symlinks
+//! resolved) is still under the root. Everything else is a 404, with no
+//! listing. What the answer carries: the type by extension (`nosniff`),
+//! `ETag` (size and modification time) and `Last-Modified` with `304`s,
+//! one byte range (`206`/`416`, `If-Range`), a precompressed `.br` or
+//! `.gz` sibling when the client takes it (not for ranges; otherwise the
+//! edge's gzip applies), the route's `Cache-Control`. Large files are
+//! streamed in 64 KiB reads; small ones are kept in a bounded cache whose
+//! entries are checked against the file's size and time on every hit, so
+//! a file changed on disk is served fresh.
+
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use lru::LruCache;
+use pingora::http::ResponseHeader;
+use pingora::modules::http::compression::ResponseCompression;
+use pingora::prelude::*;
+use pingora::proxy::Session;
+use portico_config::FileCache;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+/// Files at most this large are kept in memory by the cache.
+const SMALL: u64 = 64 * 1024;
+/// Entries in a route's cache (metadata for any file, bytes for small ones:
+/// at most `ENTRIES × SMALL` = 64 MiB per route).
+const ENTRIES: usize = 1024;
+/// One read of a large file.
+const CHUNK: usize = 64 * 1024;
+
+/// One file route's root and policy.
+pub struct FileRoute {
+    root: PathBuf,
+    prefix: String,
+    cache_control: String,
+    cache: Mutex<LruCache<PathBuf, Entry>>,
+}
+
+impl std::fmt::Debug for FileRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileRoute").field("root", &self.root).finish()
+    }
+}
+
+/// A servable file (or a precompressed sibling).
+#[derive(Clone)]
+struct Entry {
+    path: PathBuf,
+    len: u64,
+    modified: SystemTime,
+    etag: String,
+    /// The whole file, when small.
+    bytes: Option<Bytes>,
+}
+
+impl FileRoute {
+    /// `root` must be a directory (its real path is what requests must
+    /// stay under); `prefix` is the route's path prefix.
+    pub fn new(root: &Path, prefix: &str, cache: &FileCache) -> std::io::Result<FileRoute> {
+        let root = root.canonicalize()?;
+        if !root.is_dir() {
+            return Err(std::io::Error::other(format!(
+                "{} is not a directory",
+                root.display()
+            )));
+        }
+        Ok(FileRoute {
+            root,
+            prefix: prefix.trim_end_matches('/').to_string(),
+            cache_control: cache.header(),
+            cache: Mutex::new(LruCache::new(NonZeroUsize::new(ENTRIES).expect("nonzero"))),
+        })
+    }
+
+    /// The file a request path names, relative to the root, or `None`
+    /// when the path is not a plain one.
+    fn relative(&self, path: &str) -> Option<PathBuf> {
+        let rest = path.strip_prefix(&self.prefix)?;
+        let rest = rest.strip_prefix('/').unwrap_or(rest);
+        let mut out = PathBuf::new();
+        let segments: Vec<&str> = rest.split('/').collect();
+        for (i, seg) in segments.iter().enumerate() {
+            let last = i + 1 == segments.len();
+            if seg.is_empty() && last {
+                // A directory: its index.
+                out.push("index.html");
+                continue;
+            }
+            let name = percent_decode(seg)?;
+            if name.is_empty()
+                || name.starts_with('.')
+                || name.contains(['/', '\\', '\0'])
+                || name.chars().any(char::is_control)
+            {
+                return None;
+            }
+            out.push(name);
+        }
+        Some(out)
+    }
+
+    /// Looks a relative path up (through the cache), refusing anything
+    /// whose real path leaves the root or is not a regular file.
+    async fn lookup(&self, rel: PathBuf) -> Option<Entry> {
+        let cached = self.cache.lock().expect("file cache lock").get(&rel).cloned();
+        let root = self.root.clone();
+        let found = tokio::task::spawn_blocking(move || -> Option<(PathBuf, Entry, bool)> {
+            if let Some(e) = cached {
+                // Still the same file? (One stat; a change shows in size or time.)
+                let m = std::fs::metadata(&e.path).ok()?;
+                if m.is_file() && m.len() == e.len && m.modified().ok()? == e.modified {
+                    return Some((rel, e, false));
+                }
+            }
+            let real = root.join(&rel).canonicalize().ok()?;
+            if !real.starts_with(&root) {
+                return None;
+            }
+            let m = std::fs::metadata(&real).ok()?;
+            if !m.is_file() {
+                return None;
+            }
+            let modified = m.modified().ok()?;
+            let nanos = modified
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let bytes = if m.len() <= SMALL {
+                Some(Bytes::from(std::fs::read(&real).ok()?))
+            } else {
+                None
+            };
+            // Read between the stat and now? Then the size tells.
+            if bytes.as_ref().is_some_and(|b| b.len() as u64 != m.len()) {
+                return None;
+            }
+            let e = Entry {
+                etag: format!("\"{:x}-{:x}\"", m.len(), nanos),
+                path: real,
+                len: m.len(),
+                modified,
+                bytes,
+            };
+            Some((rel, e, true))
+        })
+        .await
+        .ok()??;
+        let (rel, e, fresh) = found;
+        if fresh {
+            self.cache.lock().expect("file cache lock").put(rel, e.clone());
+        }
+        Some(e)
+    }
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The type of a file by its extension; text gets a charset.
+fn content_type(path: &Path) -> String {
+    let mime = mime_guess::from_path(path).first_or_octet_stream();
+    let text = mime.type_() == mime_guess::mime::TEXT
+        || matches!(
+            mime.essence_str(),
+            "application/javascript" | "application/json" | "image/svg+xml"
+        );
+    if text {
+        format!("{}; charset=utf-8", mime.essence_str())
+    } else {
+        mime.essence_str().to_string()
+    }
+}
+
+/// Whether `accept` (an `Accept-Encoding` value) takes `coding` (q > 0).
+fn accepts(accept: &str, coding: &str) -> bool {
+    accept.split(',').any(|part| {
+        let mut it = part.split(';');
+        let name = it.next().unwrap_or("").trim();
+        let q = it
+            .find_map(|p| p.trim().strip_prefix("q="))
+            .and_then(|q| q.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        name.eq_ignore_ascii_case(coding) && q > 0.0
+    })
+}
+
+/// The byte range of a `Range` value over `len` bytes: `Ok(None)` when it
+/// is not one we serve as a range (several ranges, another unit: the
+/// whole file goes), `Err` when it cannot be satisfied.
+fn range(value: &str, len: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let (a, b) = spec.split_once('-').ok_or(())?;
+    let (a, b) = (a.trim(), b.trim());
+    let parse = |s: &str| s.parse::<u64>().map_err(|_| ());
+    let (start, end) = match (a.is_empty(), b.is_empty()) {
+        (false, true) => (parse(a)?, len.saturating_sub(1)),
+        (false, false) => (parse(a)?, parse(b)?.min(len.saturating_sub(1))),
+        (true, false) => {
+            let n = parse(b)?;
+            if n == 0 {
+                return Err(());
+            }
+            (len.saturating_sub(n), len.saturating_sub(1))
+        }
+        (true, true) => return Err(()),
+    };
+    if len == 0 || start >= len || start > end {
+        return Err(());
+    }
+    Ok(Some((start, end)))
+}
+
+fn header<'a>(session: &'a Session, name: &str) -> Option<&'a str> {
+    session
+        .req_header()
+        .headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+}
+
+fn etag_matches(list: &str, etag: &str) -> bool {
+    let bare = |t: &str| t.trim().trim_start_matches("W/").to_string();
+    list.trim() == "*" || list.split(',').any(|t| bare(t) == bare(etag))
+}
+
+/// Answers a request on a file route. Always answers (404 for anything
+/// that is not a servable file).
+pub async fn serve(session: &mut Session, files: &FileRoute) -> Result<bool> {
+    let method = session.req_header().method.clone();
+    let head = method == http::Method::HEAD;
+    if method != http::Method::GET && !head {
+        let mut resp = ResponseHeader::build(405, Some(4))?;
+        resp.insert_header("allow", "GET, HEAD")?;
+        resp.insert_header("content-length", "0")?;
+        crate::headers::secure(&mut resp)?;
+        session.write_response_header(Box::new(resp), true).await?;
+        return Ok(true);
+    }
+    let path = session.req_header().uri.path().to_string();
+    let Some(rel) = files.relative(&path) else {
+        return not_found(session).await;
+    };
+    let Some(entry) = files.lookup(rel.clone()).await else {
+        return not_found(session).await;
+    };
+    let ranged = header(session, "range").map(str::to_string);
+    // A precompressed sibling, not older than the file, when the client
+    // takes it (ranges are served from the file itself).
+    let mut variant = None;
+    if ranged.is_none() {
+        let accept = header(session, "accept-encoding").unwrap_or("").to_string();
+        for (coding, ext) in [("br", "br"), ("gzip", "gz")] {
+            if !accepts(&accept, coding) {
+                continue;
+            }
+            let mut name = rel.clone().into_os_string();
+            name.push(format!(".{ext}"));
+            if let Some(v) = files.lookup(PathBuf::from(name)).await
+                && v.modified >= entry.modified
+            {
+                variant = Some((coding, v));
+                break;
+            }
+        }
+    }
+    let (body, etag) = match &variant {
+        Some((coding, v)) => (
+            v.clone(),
+            format!("{}-{coding}\"", entry.etag.trim_end_matches('"')),
+        ),
+        None => (entry.clone(), entry.etag.clone()),
+    };
+    let last_modified = httpdate::fmt_http_date(entry.modified);
+    let common = |resp: &mut ResponseHeader| -> Result<()> {
+        resp.insert_header("etag", &etag)?;
+        resp.insert_header("last-modified", &last_modified)?;
+        resp.insert_header("cache-control", &files.cache_control)?;
+        resp.insert_header("vary", "Accept-Encoding")?;
+        resp.insert_header("accept-ranges", "bytes")?;
+        crate::headers::secure(resp)
+    };
+    // Our own encodings (or none, for ranges and 304s): the edge's gzip
+    // must not touch them.
+    let no_gzip = |session: &mut Session| {
+        if let Some(c) = session.downstream_modules_ctx.get_mut::<ResponseCompression>() {
+            c.adjust_level(0);
+        }
+    };
+
+    let not_modified = match (
+        header(session, "if-none-match"),
+        header(session, "if-modified-since"),
+    ) {
+        (Some(list), _) => etag_matches(list, &etag),
+        (None, Some(since)) => httpdate::parse_http_date(since).is_ok_and(|t| {
+            let secs = |t: SystemTime| {
+                t.duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+            };
+            secs(entry.modified) <= secs(t)
+        }),
+        (None, None) => false,
+    };
+    if not_modified {
+        no_gzip(session);
+        let mut resp = ResponseHeader::build(304, Some(6))?;
+        common(&mut resp)?;
+        session.write_response_header(Box::new(resp), true).await?;
+        return Ok(true);
+    }
+
+    let mut span = None;
+    if let Some(r) = &ranged {
+        // If-Range: the range holds only for the current version.
+        let current = header(session, "if-range").is_none_or(|v| {
+            v.trim() == etag || httpdate::parse_http_date(v).is_ok_and(|t| t >= entry.modified)
+        });
+        if current {
+            match range(r, body.len) {
+                Ok(s) => span = s,
+                Err(()) => {
+                    no_gzip(session);
+                    let mut resp = ResponseHeader::build(416, Some(6))?;
+                    resp.insert_header("content-range", format!("bytes */{}", body.len))?;
+                    resp.insert_header("content-length", "0")?;
+                    common(&mut resp)?;
+                    session.write_response_header(Box::new(resp), true).await?;
+                    return Ok(true);
+                }
+            }
+        }
+    }
+    let (status, start, len) = match span {
+        Some((a, b)) => (206, a, b - a + 1),
+        None => (200, 0, body.len),
+    };
+    let mut resp = ResponseHeader::build(status, Some(8))?;
+    resp.insert_header("content-type", content_type(&entry.path))?;
+    resp.insert_header("content-length", len.to_string())?;
+    if status == 206 {
+        resp.insert_header(
+            "content-range",
+            format!("bytes {start}-{}/{}", start + len - 1, body.len),
+        )?;
+    }
+    if let Some((coding, _)) = &variant {
+        resp.insert_header("content-encoding", *coding)?;
+    }
+    common(&mut resp)?;
+    if variant.is_some() || status == 206 {
+        no_gzip(session);
+    }
+    let empty = head || len == 0;
+    session.write_response_header(Box::new(resp), empty).await?;
+    if empty {
+        return Ok(true);
+    }
+    if let Some(bytes) = &body.bytes {
+        let part = bytes.slice(start as usize..(start + len) as usize);
+        session.write_response_body(Some(part), true).await?;
+        return Ok(true);
+    }
+    let mut f = tokio::fs::File::open(&body.path)
+        .await
+        .map_err(|e| Error::because(ErrorType::InternalError, "open a served file", e))?;
+    f.seek(std::io::SeekFrom::Start(start))
+        .await
+        .map_err(|e| Error::because(ErrorType::InternalError, "seek a served file", e))?;
+    let mut left = len;
+    let mut buf = vec![0u8; CHUNK];
+    while left > 0 {
+        let want = (left as usize).min(CHUNK);
+        let n = f
+            .read(&mut buf[..want])
+            .await
+            .map_err(|e| Error::because(ErrorType::InternalError, "read a served file", e))?;
+        if n == 0 {
+            // Shortened under us: the length promised cannot be kept.
+            return Error::e_explain(ErrorType::InternalError, "a served file got shorter");
+        }
+        left -= n as u64;
+        session
+            .write_response_body(Some(Bytes::copy_from_slice(&buf[..n])), left == 0)
+            .await?;
+    }
+    Ok(true)
+}
+
+async fn not_found(session: &mut Session) -> Result<bool> {
+    crate::proxy::page(session, 404, "Not found", "There is nothing at this address.").await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(dir: &Path) -> FileRoute {
+        FileRoute::new(dir, "/static", &FileCache::Immutable).unwrap()
+    }
+
+    #[test]
+    fn only_plain_paths_name_a_file() {
+        let d = tempfile::tempdir().unwrap();
+        let r = route(d.path());
+        assert_eq!(r.relative("/static/a/b.css"), Some(PathBuf::from("a/b.css")));
+        assert_eq!(r.relative("/static/"), Some(PathBuf::from("index.html")));
+        assert_eq!(
+            r.relative("/static/caf%C3%A9.txt"),
+            Some(PathBuf::from("café.txt"))
+        );
+        for bad in [
+            "/static/../etc/passwd",
+            "/static/%2e%2e/x",
+            "/static/a%2fb",
+            "/static/a%5cb",
+            "/static/.env",
+            "/static/a//b",
+            "/static/%00",
+            "/static/%zz",
+            "/other/x",
+        ] {
+            assert_eq!(r.relative(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn ranges_follow_rfc_9110() {
+        assert_eq!(range("bytes=0-9", 100), Ok(Some((0, 9))));
+        assert_eq!(range("bytes=90-", 100), Ok(Some((90, 99))));
+        assert_eq!(range("bytes=-10", 100), Ok(Some((90, 99))));
+        assert_eq!(range("bytes=95-200", 100), Ok(Some((95, 99))));
+        assert_eq!(range("bytes=0-1,5-6", 100), Ok(None));
+        assert_eq!(range("items=0-1", 100), Ok(None));
+        assert_eq!(range("bytes=100-", 100), Err(()));
+        assert_eq!(range("bytes=5-1", 100), Err(()));
+        assert_eq!(range("bytes=-0", 100), Err(()));
+        assert_eq!(range("bytes=x-1", 100), Err(()));
+    }
+
+    #[test]
+    fn encodings_and_types() {
+        assert!(accepts("gzip, deflate, br", "br"));
+        assert!(!accepts("gzip;q=0, br", "gzip"));
+        assert!(!accepts("identity", "gzip"));
+        assert_eq!(content_type(Path::new("a.css")), "text/css; charset=utf-8");
+        assert_eq!(content_type(Path::new("a.js")), "text/javascript; charset=utf-8");
+        assert_eq!(content_type(Path::new("a.png")), "image/png");
+        assert_eq!(
+            content_type(Path::new("a.unknownext")),
+            "application/octet-stream"
+        );
+        assert!(etag_matches("W/\"a\", \"b\"", "\"a\""));
+        assert!(!etag_matches("\"c\"", "\"a\""));
+    }
+}
