@@ -24,9 +24,10 @@ use crate::report::{Report, ServerUsage};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Scenarios to run: fanout, dm, idle, proxy, paas, faults, edge, mail
-    /// (default: all but faults, edge and mail, which have their own
-    /// tables: loadtest/results/faults.md, edge.md and mail.md).
+    /// Scenarios to run: fanout, dm, idle, proxy, paas, faults, edge, mail,
+    /// static, api (default: fanout, dm, idle, proxy, paas; the others
+    /// have their own tables: loadtest/results/faults.md, edge.md, mail.md,
+    /// static.md, api.md).
     #[arg(long, value_delimiter = ',', default_value = "fanout,dm,idle,proxy,paas")]
     pub scenarios: Vec<String>,
     /// Divide connection counts and durations by 10 (a smoke run).
@@ -304,7 +305,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         let cert = stack.gateway.certificate("localhost");
         let (conns, group, rate, dur) = match name.as_str() {
             "fanout" => (1_000, 100, 1_000, secs(30)),
-            "dm" => (10_000, 2, 2_000, secs(30)),
+            "dm" | "api" => (10_000, 2, 2_000, secs(30)),
             "idle" => {
                 if idle_cap < 50_000 {
                     eprintln!("idle: capped at {idle_cap} connections by the open-file limit ({fd_limit})");
@@ -346,6 +347,11 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 tokio::task::spawn_blocking(move || drop(stack)).await?;
                 continue;
             }
+            "static" => {
+                failed |= !crate::files::run(&args.out).await?;
+                tokio::task::spawn_blocking(move || drop(stack)).await?;
+                continue;
+            }
             "edge" => {
                 failed |= !crate::edge::run(&args.out).await?;
                 tokio::task::spawn_blocking(move || drop(stack)).await?;
@@ -359,7 +365,9 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 continue;
             }
             other => {
-                anyhow::bail!("unknown scenario {other} (fanout, dm, idle, proxy, paas, faults, edge, mail)")
+                anyhow::bail!(
+                    "unknown scenario {other} (fanout, dm, idle, proxy, paas, faults, edge, mail, static)"
+                )
             }
         };
         let conns = conns / scale as usize;
@@ -384,7 +392,61 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         let before = snapshot(&stack);
         let errors_before = gateway_errors(&stack);
         let sampler = Sampler::start(&stack);
+        // `api`: the REST load beside the dm WebSocket load, from its start
+        // (the WebSockets ramp up meanwhile) to the end of the run.
+        let api = (name == "api").then(|| {
+            let (https, cert, prefix) = (stack.edge.https, cert.clone(), scenario.prefix.clone());
+            let ramp = Duration::from_secs_f64(conns as f64 / 5_000.0);
+            tokio::spawn(
+                async move { crate::api::load(https, &cert, &sources(8), ramp + dur, &prefix).await },
+            )
+        });
         let mut report: Report = generator::run(scenario).await?;
+        if let Some(api) = api {
+            let (result, ok) = api.await??;
+            failed |= !ok;
+            let table: Vec<String> = result["endpoints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| {
+                    format!(
+                        "| {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                        e["endpoint"].as_str().unwrap_or(""),
+                        e["requests"],
+                        e["errors"],
+                        e["not_sent"],
+                        e["p50_ms"].as_f64().unwrap_or(0.0),
+                        e["p95_ms"].as_f64().unwrap_or(0.0),
+                        e["p99_ms"].as_f64().unwrap_or(0.0),
+                        e["max_ms"].as_f64().unwrap_or(0.0),
+                    )
+                })
+                .collect();
+            let l = &report.latency_ms;
+            let md = format!(
+                "# The chat REST API under WebSocket load\n\n`cargo run --release -p loadtest -- bench --scenarios api{}`: \
+                 {} requests/s per endpoint (open loop, {} users, 8 source addresses) through the gateway over TLS, \
+                 while the `dm` scenario runs ({} WebSockets, {} msg/s: {:.0} deliveries/s, delivery p99 {:.1} ms, \
+                 {} lost). Seed 002's target: p95 < 200 ms for every endpoint. 2 cores, generator included.\n\n\
+                 | endpoint | answered | errors | not sent | p50 ms | p95 ms | p99 ms | max ms |\n|---|---|---|---|---|---|---|---|\n{}\n",
+                if args.quick { " --quick" } else { "" },
+                result["rate_per_endpoint"],
+                result["users"],
+                report.connections_ok,
+                rate,
+                report.deliveries_per_sec,
+                l.p99,
+                report.deliveries_lost,
+                table.join("\n")
+            );
+            std::fs::write(args.out.join("api.md"), &md)?;
+            std::fs::write(
+                args.out.join("api-rest.json"),
+                serde_json::to_string_pretty(&result)?,
+            )?;
+            println!("\n{md}");
+        }
         report.servers = sampler.finish(&before, report.connections_ok);
         // After the run's connections are gone: their ends must not be errors.
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -473,7 +535,7 @@ fn compare(direct_rps: f64, direct_p99: f64, gw_rps: f64, gw_p99: f64) -> serde_
 }
 
 /// `wrk -t2 -c64 -d10s` on `url` (with a `Host` header): requests/s and p99 ms.
-async fn wrk(url: String, host: Option<String>) -> anyhow::Result<(f64, f64)> {
+pub(crate) async fn wrk(url: String, host: Option<String>) -> anyhow::Result<(f64, f64)> {
     tokio::task::spawn_blocking(move || -> anyhow::Result<(f64, f64)> {
         let mut cmd = Command::new("wrk");
         cmd.args(["-t2", "-c64", "-d10s", "--latency"]);

@@ -84,7 +84,14 @@ pub async fn run(out: &Path) -> anyhow::Result<bool> {
     let cert_dir = gw.dir.path().join("certs");
     let nginx_port = free_port();
     let down = free_port();
-    let _nginx = nginx(dir.path(), &cert_dir, nginx_port, up.port, down)?;
+    let locations = format!(
+        "location /down {{ proxy_pass http://127.0.0.1:{down}; }}\n\
+         location / {{\n      proxy_pass http://127.0.0.1:{upstream};\n      proxy_http_version 1.1;\n\
+         proxy_set_header Host $host;\n      proxy_set_header X-Real-IP $remote_addr;\n\
+         proxy_set_header X-Forwarded-For $remote_addr;\n    }}\n",
+        upstream = up.port
+    );
+    let _nginx = nginx(dir.path(), &cert_dir, nginx_port, &locations)?;
     let ca = std::fs::read(cert_dir.join("localhost.crt"))?;
     let mut rows = Vec::new();
     for (i, p) in PROBES.iter().enumerate() {
@@ -106,7 +113,7 @@ pub async fn run(out: &Path) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-fn nginx_version() -> String {
+pub(crate) fn nginx_version() -> String {
     Command::new("nginx")
         .arg("-v")
         .output()
@@ -141,7 +148,9 @@ fn gateway(upstream: u16, dir: &Path) -> anyhow::Result<(Service, EdgePorts)> {
     Ok((svc, edge))
 }
 
-fn nginx(dir: &Path, certs: &Path, port: u16, upstream: u16, down: u16) -> anyhow::Result<Proc> {
+/// Debian's nginx (2 workers, TLS and HTTP/2 on `port` with the gateway's
+/// certificate) with `locations` in its one server; stopped when dropped.
+pub(crate) fn nginx(dir: &Path, certs: &Path, port: u16, locations: &str) -> anyhow::Result<Proc> {
     let conf = dir.join("nginx.conf");
     let d = dir.display();
     std::fs::write(
@@ -153,11 +162,7 @@ fn nginx(dir: &Path, certs: &Path, port: u16, upstream: u16, down: u16) -> anyho
              client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;\n\
              uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
              server {{\n    listen 127.0.0.1:{port} ssl http2;\n    ssl_certificate {c}/localhost.crt;\n\
-             ssl_certificate_key {c}/localhost.key;\n\
-             location /down {{ proxy_pass http://127.0.0.1:{down}; }}\n\
-             location / {{\n      proxy_pass http://127.0.0.1:{upstream};\n      proxy_http_version 1.1;\n\
-             proxy_set_header Host $host;\n      proxy_set_header X-Real-IP $remote_addr;\n\
-             proxy_set_header X-Forwarded-For $remote_addr;\n    }}\n  }}\n}}\n",
+             ssl_certificate_key {c}/localhost.key;\n{locations}  }}\n}}\n",
             c = certs.display()
         ),
     )?;

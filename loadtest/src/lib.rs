@@ -6,9 +6,11 @@
 //! the start time, whether or not the server keeps up, so a slow server
 //! shows up as latency and loss instead of a politely slower test.
 
+pub mod api;
 pub mod bench;
 pub mod edge;
 pub mod faults;
+pub mod files;
 pub mod generator;
 pub mod mail;
 pub mod report;

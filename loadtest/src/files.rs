@@ -1,0 +1,99 @@
+//! `bench --scenarios static`: the gateway's file routes beside nginx
+//! serving the same files from the same directory on this machine (TLS,
+//! same certificate, 2 nginx workers, `sendfile`, `open_file_cache`),
+//! `wrk -t2 -c64 -d10s` on a 2 KB and a 1 MB file. Types are ones neither
+//! side compresses. Writes `loadtest/results/static.md` and `static.json`.
+//! Skipped, loudly, without nginx.
+
+use std::path::Path;
+use std::process::Command;
+
+use portico_tests::free_port;
+use portico_tests::servers::{EdgePorts, Service};
+use serde_json::json;
+
+use crate::bench::wrk;
+use crate::edge::{nginx, nginx_version};
+
+pub async fn run(out: &Path) -> anyhow::Result<bool> {
+    if Command::new("nginx").arg("-v").output().is_err() {
+        eprintln!("\n*** static: SKIPPED, no nginx (apt-get install nginx-light) ***\n");
+        return Ok(true);
+    }
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("static");
+    std::fs::create_dir_all(&root)?;
+    let noise = |n: usize| (0..n).map(|i| (i * 7919 % 251) as u8).collect::<Vec<u8>>();
+    std::fs::write(root.join("small.png"), noise(2 * 1024))?;
+    std::fs::write(root.join("big.bin"), noise(1024 * 1024))?;
+
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[gateway.routes]]\nname = \"static\"\npath_prefix = \"/static\"\nroot = \"{}\"\ncache = \"immutable\"\n",
+            root.display()
+        ),
+    )?;
+    let edge = EdgePorts::free();
+    let mut env = edge.env();
+    env.extend(EdgePorts::unlimited());
+    env.push((
+        "PORTICO_GATEWAY__CHAT_SHARDS",
+        format!("[\"127.0.0.1:{}\"]", free_port()),
+    ));
+    // nginx logs nothing per request here; neither does the gateway.
+    env.push(("PORTICO_LOG__LEVEL", "warn".into()));
+    let file = file.display().to_string();
+    let gw = tokio::task::spawn_blocking(move || Service::gateway(&["--config", &file], &env, &edge)).await?;
+    let cert_dir = gw.dir.path().join("certs");
+    let nginx_port = free_port();
+    let locations = format!(
+        "sendfile on;\n    open_file_cache max=1024 inactive=60s;\n    \
+         location /static/ {{ root {}; expires max; add_header X-Content-Type-Options nosniff; }}\n",
+        dir.path().display()
+    );
+    let _nginx = nginx(dir.path(), &cert_dir, nginx_port, &locations)?;
+
+    let mut rows = Vec::new();
+    let mut results = Vec::new();
+    for name in ["small.png", "big.bin"] {
+        let ours = wrk(format!("https://localhost:{}/static/{name}", edge.https), None).await?;
+        let theirs = wrk(format!("https://localhost:{nginx_port}/static/{name}"), None).await?;
+        let ratio = ours.0 / theirs.0.max(1.0);
+        println!(
+            "static {name}: gateway {:.0} req/s p99 {:.2} ms, nginx {:.0} req/s p99 {:.2} ms, ratio {ratio:.2}",
+            ours.0, ours.1, theirs.0, theirs.1
+        );
+        rows.push(format!(
+            "| {name} ({}) | {:.0} req/s, p99 {:.2} ms | {:.0} req/s, p99 {:.2} ms | {ratio:.2} |",
+            if name == "big.bin" { "1 MiB" } else { "2 KiB" },
+            ours.0,
+            ours.1,
+            theirs.0,
+            theirs.1
+        ));
+        results.push(json!({
+            "file": name, "gateway_rps": ours.0, "gateway_p99_ms": ours.1,
+            "nginx_rps": theirs.0, "nginx_p99_ms": theirs.1, "ratio": ratio,
+        }));
+    }
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let table = format!(
+        "# Static files: the gateway beside nginx\n\n`cargo run --release -p loadtest -- bench --scenarios static` \
+         on commit `{commit}`: `wrk -t2 -c64 -d10s` over TLS (HTTP/1.1, keep-alive) on this 2-core machine, \
+         load generator included; the gateway's file route and nginx ({}; 2 workers, `sendfile`, \
+         `open_file_cache`) serve the same directory with the same certificate. Goal: ratio ≥ 1.0.\n\n\
+         | file | gateway | nginx | gateway/nginx |\n|---|---|---|---|\n{}\n",
+        nginx_version(),
+        rows.join("\n")
+    );
+    std::fs::write(out.join("static.md"), &table)?;
+    std::fs::write(out.join("static.json"), serde_json::to_string_pretty(&results)?)?;
+    println!("\n{table}");
+    Ok(true)
+}
