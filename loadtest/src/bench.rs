@@ -366,7 +366,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             }
             other => {
                 anyhow::bail!(
-                    "unknown scenario {other} (fanout, dm, idle, proxy, paas, faults, edge, mail, static)"
+                    "unknown scenario {other} (fanout, dm, idle, proxy, paas, faults, edge, mail, static, api)"
                 )
             }
         };
