@@ -9,6 +9,7 @@ pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod cli;
+pub mod feeds;
 pub mod files;
 pub mod notify;
 pub mod pg;

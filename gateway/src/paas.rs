@@ -20,7 +20,6 @@
 //! restart. If the jobs service cannot be reached the last table stays.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +27,7 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
-use serde::Deserialize;
+use portico_common::feeds::{AppRoute, AppRouteState, ROUTE_FEED_VERSION, RouteFeed, SiteRoute};
 
 use crate::routes::{DEFAULT_TIMEOUT, Route, Target};
 
@@ -94,7 +93,7 @@ impl AppRoutes {
     }
 
     /// Installs the shops' table; returns whether anything changed.
-    fn install_sites(&self, entries: &[SiteEntry]) -> bool {
+    fn install_sites(&self, entries: &[SiteRoute]) -> bool {
         let next: HashMap<String, Arc<Route>> = entries
             .iter()
             .map(|e| {
@@ -161,11 +160,11 @@ impl AppRoutes {
     }
 
     /// Installs a new table; returns whether anything changed.
-    fn install(&self, routes: &[RouteEntry]) -> bool {
+    fn install(&self, routes: &[AppRoute]) -> bool {
         let mut next: HashMap<Arc<str>, AppState> = HashMap::with_capacity(routes.len());
         for r in routes {
-            let state = match (r.state.as_str(), r.upstream) {
-                ("running", Some(addr)) => AppState::Running(Arc::new(Route {
+            let state = match (r.state, r.upstream) {
+                (AppRouteState::Running, Some(addr)) => AppState::Running(Arc::new(Route {
                     name: Arc::from("paas"),
                     target: Target::Upstream(addr),
                     timeout: DEFAULT_TIMEOUT,
@@ -173,9 +172,9 @@ impl AppRoutes {
                     class: None,
                     files: None,
                 })),
-                ("stopped", _) => AppState::Stopped,
-                ("down" | "running", _) => AppState::Down,
-                _ => AppState::NotDeployed,
+                (AppRouteState::Stopped, _) => AppState::Stopped,
+                (AppRouteState::Down | AppRouteState::Running, _) => AppState::Down,
+                (AppRouteState::NotDeployed | AppRouteState::Unknown, _) => AppState::NotDeployed,
             };
             next.insert(Arc::from(r.name.as_str()), state);
         }
@@ -354,27 +353,6 @@ pub fn public_location(location: &str, site: &Site) -> Option<String> {
     Some(format!("{origin}{path}"))
 }
 
-#[derive(Debug, Deserialize)]
-struct RoutesDoc {
-    apps: Vec<RouteEntry>,
-    /// Customers' shops (absent from older jobs services).
-    #[serde(default)]
-    sites: Vec<SiteEntry>,
-}
-
-#[derive(Debug, Deserialize)]
-struct SiteEntry {
-    host: String,
-    upstream: SocketAddr,
-}
-
-#[derive(Debug, Deserialize)]
-struct RouteEntry {
-    name: String,
-    state: String,
-    upstream: Option<SocketAddr>,
-}
-
 /// Fetches the app routes from the jobs service.
 pub struct RoutesPoller {
     pub routes: Arc<AppRoutes>,
@@ -389,7 +367,7 @@ pub struct RoutesPoller {
 const TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 
 impl RoutesPoller {
-    async fn fetch(&self, http: &reqwest::Client) -> Result<(Vec<RouteEntry>, Vec<SiteEntry>), String> {
+    async fn fetch(&self, http: &reqwest::Client) -> Result<(Vec<AppRoute>, Vec<SiteRoute>), String> {
         let token = self.tokens.issue("portico-gateway", &["service"], TOKEN_LIFETIME);
         let resp = http
             .get(&self.url)
@@ -405,7 +383,13 @@ impl RoutesPoller {
                 body.chars().take(200).collect::<String>()
             ));
         }
-        let doc: RoutesDoc = resp.json().await.map_err(|e| e.to_string())?;
+        let doc: RouteFeed = resp.json().await.map_err(|e| e.to_string())?;
+        if doc.version > ROUTE_FEED_VERSION {
+            return Err(format!(
+                "route feed version {} is newer than this gateway reads ({ROUTE_FEED_VERSION}): upgrade the gateway",
+                doc.version
+            ));
+        }
         // Only loopback upstreams: the table must never point the edge at
         // another machine, whatever the answer says.
         let apps = doc
@@ -470,10 +454,10 @@ impl BackgroundService for RoutesPoller {
 mod tests {
     use super::*;
 
-    fn entry(name: &str, state: &str, upstream: Option<&str>) -> RouteEntry {
-        RouteEntry {
+    fn entry(name: &str, state: &str, upstream: Option<&str>) -> AppRoute {
+        AppRoute {
             name: name.into(),
-            state: state.into(),
+            state: serde_json::from_value(serde_json::json!(state)).unwrap(),
             upstream: upstream.map(|u| u.parse().unwrap()),
         }
     }

@@ -12,7 +12,9 @@ use axum::extract::State;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use portico_common::api::ApiError;
-use serde_json::json;
+use std::net::SocketAddr;
+
+use portico_common::feeds::{AppRoute, AppRouteState, ROUTE_FEED_VERSION, RouteFeed, SiteRoute};
 
 use super::upgrade::{Shared, hosts};
 use crate::api::KindApi;
@@ -33,33 +35,43 @@ async fn routes(
     _who: Caller<Services>,
 ) -> Result<impl IntoResponse, ApiError> {
     let db = e.db()?;
-    let apps: Vec<_> = db
+    let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let apps: Vec<AppRoute> = db
         .apps()
         .await?
         .iter()
         .map(|a| {
-            let state = match (&a.container, a.desired.as_str(), a.host_port) {
-                (None, _, _) => "not_deployed",
-                (Some(_), "stopped", _) => "stopped",
+            let port = a.host_port.and_then(|p| u16::try_from(p).ok());
+            let state = match (&a.container, a.desired.as_str(), port) {
+                (None, _, _) => AppRouteState::NotDeployed,
+                (Some(_), "stopped", _) => AppRouteState::Stopped,
                 // Exited or between restarts: Docker publishes no port.
-                (Some(_), _, None) => "down",
-                _ => "running",
+                (Some(_), _, None) => AppRouteState::Down,
+                _ => AppRouteState::Running,
             };
-            json!({
-                "name": a.name,
-                "state": state,
-                "upstream": a.host_port.filter(|_| state == "running").map(|p| format!("127.0.0.1:{p}")),
-            })
+            AppRoute {
+                name: a.name.clone(),
+                state,
+                upstream: port.filter(|_| state == AppRouteState::Running).map(loopback),
+            }
         })
         .collect();
     let mut sites = Vec::new();
     for s in db.sites().await? {
         for (service, host) in hosts(&s.domain) {
             if let Some(i) = s.instances.get(service) {
-                sites.push(json!({ "host": host, "upstream": format!("127.0.0.1:{}", i.port), "release": s.version }));
+                sites.push(SiteRoute {
+                    host,
+                    upstream: loopback(i.port),
+                    release: s.version.clone(),
+                });
             }
         }
     }
     e.kind.note_poll();
-    Ok(Json(json!({ "apps": apps, "sites": sites })))
+    Ok(Json(RouteFeed {
+        version: ROUTE_FEED_VERSION,
+        apps,
+        sites,
+    }))
 }

@@ -203,7 +203,12 @@ impl Events {
     /// retried publish idempotent.
     pub async fn publish(&self, subject: Subject<'_>, id: &str, event: &str, task: i64, data: Value) {
         let Some(base) = &self.chat_url else { return };
-        let body = json!({ "event": event, "task": task, "data": data }).to_string();
+        let body = serde_json::to_string(&portico_common::feeds::TaskEvent {
+            event: event.to_string(),
+            task,
+            data,
+        })
+        .expect("a JSON value serializes");
         let r = self
             .http
             .post(format!("{base}/api/conversations/{}/messages", channel(subject)))
