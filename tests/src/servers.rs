@@ -127,6 +127,8 @@ pub struct Postgres {
     proc: Option<Proc>,
     pub port: u16,
     dir: TempDir,
+    /// Serves TLS with a certificate from [`test_ca`] (see `tls_root`).
+    tls: bool,
 }
 
 /// Where Debian keeps the server binaries (not on PATH).
@@ -194,9 +196,33 @@ impl Postgres {
             proc: None,
             port: free_port(),
             dir,
+            tls: false,
         };
         pg.restart();
         pg
+    }
+
+    /// A server that also speaks TLS (`ssl = on`), with a certificate for
+    /// localhost and 127.0.0.1 signed by [`Postgres::tls_root`].
+    pub fn start_tls() -> Postgres {
+        let mut pg = Postgres::start();
+        pg.stop();
+        let tls = pg.dir.path().join("tls");
+        std::fs::create_dir_all(&tls).expect("mkdir");
+        test_ca(&tls, "PostgreSQL");
+        let _ = Command::new("chown")
+            .arg("-R")
+            .arg("postgres:postgres")
+            .arg(&tls)
+            .status();
+        pg.tls = true;
+        pg.restart();
+        pg
+    }
+
+    /// The root that signed a TLS server's certificate (PEM).
+    pub fn tls_root(&self) -> PathBuf {
+        self.dir.path().join("tls/root.pem")
     }
 
     pub fn url(&self) -> String {
@@ -227,6 +253,13 @@ impl Postgres {
                 "-c",
                 "full_page_writes=off",
             ]);
+        if self.tls {
+            let tls = self.dir.path().join("tls");
+            cmd.args(["-c", "ssl=on", "-c"])
+                .arg(format!("ssl_cert_file={}", tls.join("cert.pem").display()))
+                .arg("-c")
+                .arg(format!("ssl_key_file={}", tls.join("key.pem").display()));
+        }
         let log = self.dir.path().join("postgres.log");
         let mut proc = Proc::spawn("postgres", cmd, &log);
         let port = self.port;
@@ -555,27 +588,35 @@ pub struct Pebble {
     dir: TempDir,
 }
 
+/// A test root and a certificate it signed for `localhost` and 127.0.0.1:
+/// `root.pem`, `cert.pem` and `key.pem` (mode 0600) in `dir`.
+pub fn test_ca(dir: &Path, what: &str) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("Portico test: {what} TLS root"));
+    let ca_cert = ca_params.self_signed(&ca_key).expect("CA");
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().expect("key");
+    let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .expect("params")
+        .signed_by(&leaf_key, &issuer)
+        .expect("leaf");
+    std::fs::write(dir.join("root.pem"), ca_cert.pem()).expect("write");
+    std::fs::write(dir.join("cert.pem"), leaf.pem()).expect("write");
+    let key = dir.join("key.pem");
+    std::fs::write(&key, leaf_key.serialize_pem()).expect("write");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+}
+
 impl Pebble {
     pub fn start(http_port: u16, validity_secs: u64) -> Pebble {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
         let dir = tempfile::tempdir().expect("tempdir");
         let p = |n: &str| dir.path().join(n);
-        let ca_key = KeyPair::generate().expect("key");
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "Portico test: Pebble TLS root");
-        let ca_cert = ca_params.self_signed(&ca_key).expect("CA");
-        let issuer = Issuer::new(ca_params, ca_key);
-        let leaf_key = KeyPair::generate().expect("key");
-        let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .expect("params")
-            .signed_by(&leaf_key, &issuer)
-            .expect("leaf");
-        std::fs::write(p("root.pem"), ca_cert.pem()).expect("write");
-        std::fs::write(p("cert.pem"), leaf.pem()).expect("write");
-        std::fs::write(p("key.pem"), leaf_key.serialize_pem()).expect("write");
+        test_ca(dir.path(), "Pebble");
 
         let (port, mgmt, dns, dns_mgmt) = (free_port(), free_port(), free_port(), free_port());
         let config = serde_json::json!({ "pebble": {

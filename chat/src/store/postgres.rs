@@ -68,6 +68,11 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// A pool error with its causes (a TLS failure says which check failed).
+fn pool_unavailable(e: deadpool_postgres::PoolError) -> StoreError {
+    StoreError::Unavailable(pg::describe(&e))
+}
+
 impl PgStore {
     /// Connects (the URL is checked, the server need not be up yet) and
     /// applies pending migrations when it is.
@@ -108,7 +113,7 @@ fn message(conv: &ConvId, row: &tokio_postgres::Row) -> Message {
 impl Store for PgStore {
     async fn create_conversation(&self, conv: &ConvId, members: &[String]) -> Result<(), StoreError> {
         deadline(async {
-            let mut client = self.pool.get().await.map_err(unavailable)?;
+            let mut client = self.pool.get().await.map_err(pool_unavailable)?;
             let tx = client.transaction().await.map_err(unavailable)?;
             let inserted = tx
                 .execute(
@@ -133,7 +138,7 @@ impl Store for PgStore {
 
     async fn add_member(&self, conv: &ConvId, user: &str) -> Result<(), StoreError> {
         deadline(async {
-            let client = self.pool.get().await.map_err(unavailable)?;
+            let client = self.pool.get().await.map_err(pool_unavailable)?;
             client
                 .execute(
                     "INSERT INTO members (conv, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -151,7 +156,7 @@ impl Store for PgStore {
 
     async fn remove_member(&self, conv: &ConvId, user: &str) -> Result<bool, StoreError> {
         deadline(async {
-            let client = self.pool.get().await.map_err(unavailable)?;
+            let client = self.pool.get().await.map_err(pool_unavailable)?;
             let n = client
                 .execute(
                     "DELETE FROM members WHERE conv = $1 AND user_id = $2",
@@ -166,7 +171,7 @@ impl Store for PgStore {
 
     async fn mark_read(&self, conv: &ConvId, user: &str, offset: u64) -> Result<u64, StoreError> {
         deadline(async {
-            let client = self.pool.get().await.map_err(unavailable)?;
+            let client = self.pool.get().await.map_err(pool_unavailable)?;
             let offset = offset.min(i64::MAX as u64) as i64;
             let row = client
                 .query_opt(
@@ -185,7 +190,7 @@ impl Store for PgStore {
 
     async fn conversations_of(&self, user: &str, limit: u32) -> Result<Vec<ConvSummary>, StoreError> {
         deadline(async {
-            let client = self.pool.get().await.map_err(unavailable)?;
+            let client = self.pool.get().await.map_err(pool_unavailable)?;
             let rows = client
                 .query(
                     r#"SELECT c.id, c.latest_offset, m.read_offset,
@@ -222,7 +227,7 @@ impl Store for PgStore {
 
     async fn is_member(&self, conv: &ConvId, user: &str) -> Result<bool, StoreError> {
         deadline(async {
-            let client = self.pool.get().await.map_err(unavailable)?;
+            let client = self.pool.get().await.map_err(pool_unavailable)?;
             let row = client
                 .query_opt(
                     "SELECT 1 FROM members WHERE conv = $1 AND user_id = $2",
@@ -237,7 +242,7 @@ impl Store for PgStore {
 
     async fn append(&self, conv: &ConvId, msg: NewMessage) -> Result<Appended, StoreError> {
         deadline(async {
-            let mut client = self.pool.get().await.map_err(unavailable)?;
+            let mut client = self.pool.get().await.map_err(pool_unavailable)?;
             // Prepared once per connection; four round trips per append.
             let (next, find, insert) = futures_util::try_join!(
                 client.prepare_cached(NEXT_OFFSET),
@@ -292,7 +297,7 @@ impl Store for PgStore {
 
     async fn page(&self, conv: &ConvId, page: Page, limit: u32) -> Result<Vec<Message>, StoreError> {
         deadline(async {
-            let client = self.pool.get().await.map_err(unavailable)?;
+            let client = self.pool.get().await.map_err(pool_unavailable)?;
             let limit = i64::from(limit);
             let rows = match page {
                 Page::After(after) => {
@@ -323,7 +328,7 @@ impl Store for PgStore {
 
     async fn latest_offset(&self, conv: &ConvId) -> Result<u64, StoreError> {
         deadline(async {
-            let client = self.pool.get().await.map_err(unavailable)?;
+            let client = self.pool.get().await.map_err(pool_unavailable)?;
             let row = client
                 .query_opt(
                     "SELECT latest_offset FROM conversations WHERE id = $1",
@@ -339,7 +344,7 @@ impl Store for PgStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         deadline(async {
-            let client = self.pool.get().await.map_err(unavailable)?;
+            let client = self.pool.get().await.map_err(pool_unavailable)?;
             client.simple_query("SELECT 1").await.map_err(unavailable)?;
             Ok(())
         })

@@ -282,7 +282,10 @@ impl Db {
     }
 
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, DbError> {
-        self.pool.get().await.map_err(unavailable)
+        self.pool
+            .get()
+            .await
+            .map_err(|e| DbError::Unavailable(pg::describe(&e)))
     }
 
     /// Runs a read-only query (for views that join several parts).

@@ -26,6 +26,7 @@ mod loadtest_instrument;
 mod mail;
 mod metrics;
 mod paas;
+mod postgres_tls;
 mod prometheus_live;
 mod prometheus_rules;
 mod shutdown;

@@ -188,10 +188,9 @@ fn free_bytes(path: &Path) -> Result<u64, BackupError> {
 
 /// Size of the customer database, for the estimate.
 async fn database_size(url: &str) -> Result<(u64, String), BackupError> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+    let client = portico_common::pg::connect(url)
         .await
         .map_err(|e| BackupError::Dump(format!("cannot connect to the customer database: {e}")))?;
-    let task = tokio::spawn(conn);
     let row = client
         .query_one(
             "SELECT pg_database_size(current_database())::bigint, current_setting('server_version')",
@@ -199,7 +198,6 @@ async fn database_size(url: &str) -> Result<(u64, String), BackupError> {
         )
         .await
         .map_err(|e| BackupError::Dump(e.to_string()))?;
-    task.abort();
     Ok((row.get::<_, i64>(0) as u64, row.get(1)))
 }
 

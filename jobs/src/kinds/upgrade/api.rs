@@ -63,10 +63,9 @@ async fn engine_version(c: &Customer, engine: &str) -> Result<Version, String> {
     let text = match engine {
         "postgresql" => {
             let url = c.db_url.as_deref().ok_or("the customer has no database")?;
-            let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            let client = portico_common::pg::connect(url)
                 .await
                 .map_err(|e| format!("customer database: {e}"))?;
-            tokio::spawn(conn);
             let row = client
                 .query_one("SHOW server_version", &[])
                 .await
