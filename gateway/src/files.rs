@@ -17,7 +17,7 @@
 
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -58,6 +58,9 @@ struct Entry {
     len: u64,
     modified: SystemTime,
     etag: String,
+    /// `Content-Type` and `Last-Modified`, computed once per version.
+    content_type: Arc<str>,
+    last_modified: Arc<str>,
     /// The whole file, when small.
     bytes: Option<Bytes>,
 }
@@ -112,15 +115,16 @@ impl FileRoute {
     /// whose real path leaves the root or is not a regular file.
     async fn lookup(&self, rel: PathBuf) -> Option<Entry> {
         let cached = self.cache.lock().expect("file cache lock").get(&rel).cloned();
-        let root = self.root.clone();
-        let found = tokio::task::spawn_blocking(move || -> Option<(PathBuf, Entry, bool)> {
-            if let Some(e) = cached {
-                // Still the same file? (One stat; a change shows in size or time.)
-                let m = std::fs::metadata(&e.path).ok()?;
-                if m.is_file() && m.len() == e.len && m.modified().ok()? == e.modified {
-                    return Some((rel, e, false));
-                }
+        if let Some(e) = cached {
+            // Still the same file? One stat of a path just resolved: done
+            // here, as a thread hand-off would cost more than the call.
+            let m = std::fs::metadata(&e.path).ok()?;
+            if m.is_file() && m.len() == e.len && m.modified().ok()? == e.modified {
+                return Some(e);
             }
+        }
+        let root = self.root.clone();
+        let found = tokio::task::spawn_blocking(move || -> Option<(PathBuf, Entry)> {
             let real = root.join(&rel).canonicalize().ok()?;
             if !real.starts_with(&root) {
                 return None;
@@ -144,19 +148,19 @@ impl FileRoute {
             }
             let e = Entry {
                 etag: format!("\"{:x}-{:x}\"", m.len(), nanos),
+                content_type: content_type(&real).into(),
+                last_modified: httpdate::fmt_http_date(modified).into(),
                 path: real,
                 len: m.len(),
                 modified,
                 bytes,
             };
-            Some((rel, e, true))
+            Some((rel, e))
         })
         .await
         .ok()??;
-        let (rel, e, fresh) = found;
-        if fresh {
-            self.cache.lock().expect("file cache lock").put(rel, e.clone());
-        }
+        let (rel, e) = found;
+        self.cache.lock().expect("file cache lock").put(rel, e.clone());
         Some(e)
     }
 }
@@ -297,10 +301,10 @@ pub async fn serve(session: &mut Session, files: &FileRoute) -> Result<bool> {
         ),
         None => (entry.clone(), entry.etag.clone()),
     };
-    let last_modified = httpdate::fmt_http_date(entry.modified);
+    let last_modified = entry.last_modified.clone();
     let common = |resp: &mut ResponseHeader| -> Result<()> {
         resp.insert_header("etag", &etag)?;
-        resp.insert_header("last-modified", &last_modified)?;
+        resp.insert_header("last-modified", &*last_modified)?;
         resp.insert_header("cache-control", &files.cache_control)?;
         resp.insert_header("vary", "Accept-Encoding")?;
         resp.insert_header("accept-ranges", "bytes")?;
@@ -362,7 +366,7 @@ pub async fn serve(session: &mut Session, files: &FileRoute) -> Result<bool> {
         None => (200, 0, body.len),
     };
     let mut resp = ResponseHeader::build(status, Some(8))?;
-    resp.insert_header("content-type", content_type(&entry.path))?;
+    resp.insert_header("content-type", &*entry.content_type)?;
     resp.insert_header("content-length", len.to_string())?;
     if status == 206 {
         resp.insert_header(

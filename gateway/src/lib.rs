@@ -96,6 +96,10 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Gatew
         graceful_shutdown_timeout_seconds: Some(g.shutdown_timeout_secs),
         upgrade_sock: cfg.data_dir.join("gateway-upgrade.sock").display().to_string(),
         pid_file: cfg.data_dir.join("gateway.pid").display().to_string(),
+        // One runtime per thread: a connection stays on the thread that
+        // accepted it, so there are no cross-thread wake-ups per request
+        // (measured: loadtest/results/static.md, proxy.json).
+        work_stealing: false,
         ..ServerConf::default()
     };
     let opt = Opt {
