@@ -398,11 +398,13 @@ pub async fn serve(session: &mut Session, files: &FileRoute) -> Result<bool> {
         .await
         .map_err(|e| Error::because(ErrorType::InternalError, "seek a served file", e))?;
     let mut left = len;
-    let mut buf = vec![0u8; CHUNK];
     while left > 0 {
+        // Read straight into the buffer that is sent (no copy).
         let want = (left as usize).min(CHUNK);
-        let n = f
-            .read(&mut buf[..want])
+        let mut buf = bytes::BytesMut::with_capacity(want);
+        let n = (&mut f)
+            .take(want as u64)
+            .read_buf(&mut buf)
             .await
             .map_err(|e| Error::because(ErrorType::InternalError, "read a served file", e))?;
         if n == 0 {
@@ -410,9 +412,7 @@ pub async fn serve(session: &mut Session, files: &FileRoute) -> Result<bool> {
             return Error::e_explain(ErrorType::InternalError, "a served file got shorter");
         }
         left -= n as u64;
-        session
-            .write_response_body(Some(Bytes::copy_from_slice(&buf[..n])), left == 0)
-            .await?;
+        session.write_response_body(Some(buf.freeze()), left == 0).await?;
     }
     Ok(true)
 }
