@@ -1,5 +1,5 @@
 //! `bench --scenarios api`: the chat REST API through the gateway while
-//! the `dm` WebSocket load runs beside it. An open-loop schedule calls the
+//! the `dm` WebSocket load runs beside it (from 5 s after the ramp). An open-loop schedule calls the
 //! conversation list, a history page and publish over REST, each at a fixed
 //! rate from many users and source addresses; every answer's latency goes
 //! into a histogram per endpoint. Seed 002's target: p95 < 200 ms for each.
@@ -60,15 +60,18 @@ fn clients(ca: &[u8], sources: &[IpAddr], https: u16) -> anyhow::Result<Vec<reqw
         .collect()
 }
 
-/// Runs the API load for `duration` against the gateway on `https`; the
-/// per-endpoint results (and whether each p95 is under 200 ms).
-pub async fn load(
-    https: u16,
-    ca: &[u8],
-    sources: &[IpAddr],
-    duration: Duration,
-    prefix: &str,
-) -> anyhow::Result<(Value, bool)> {
+/// The users, their conversations and the clients of the API load, made
+/// before the WebSocket load starts.
+pub struct Setup {
+    clients: Arc<Vec<reqwest::Client>>,
+    base: Arc<String>,
+    tokens: Arc<Vec<String>>,
+    convs: Arc<Vec<String>>,
+}
+
+/// Makes the users' conversations (with some history to page) through
+/// the gateway on `https`.
+pub async fn setup(https: u16, ca: &[u8], sources: &[IpAddr], prefix: &str) -> anyhow::Result<Setup> {
     let clients = Arc::new(clients(ca, sources, https)?);
     let base = Arc::new(format!("https://localhost:{https}"));
     let users: Vec<String> = (0..USERS).map(|i| format!("{prefix}-api{i}")).collect();
@@ -103,7 +106,23 @@ pub async fn load(
         }
         convs.push(id);
     }
-    let convs = Arc::new(convs);
+    Ok(Setup {
+        clients,
+        base,
+        tokens,
+        convs: Arc::new(convs),
+    })
+}
+
+/// Runs the API load for `duration`; the per-endpoint results (and
+/// whether each p95 is under 200 ms with nothing failed).
+pub async fn load(s: Setup, duration: Duration) -> anyhow::Result<(Value, bool)> {
+    let Setup {
+        clients,
+        base,
+        tokens,
+        convs,
+    } = s;
     let tallies: Arc<Vec<Mutex<Tally>>> = Arc::new(
         Endpoint::ALL
             .iter()
