@@ -233,16 +233,24 @@ function setupLogin() {
   const form = $("#login");
   if (!form) return;
   const next = form.dataset.next;
+  $("button[type=submit]", form).disabled = false;
   // A live refresh token (7 days) logs in without a password.
   refreshSession().then((ok) => { if (ok) location.replace(next); });
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const err = $("#login-error");
     err.textContent = "";
-    const r = await fetch("/api/auth/login", {
-      method: "POST", credentials: "same-origin", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ account: form.elements.account.value, password: form.elements.password.value }),
-    });
+    let r;
+    try {
+      r = await fetch("/api/auth/login", {
+        method: "POST", credentials: "same-origin", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ account: form.elements.account.value, password: form.elements.password.value }),
+      });
+    } catch (e) {
+      // The network dropped the request (e.g. the machine's network changed).
+      err.textContent = "The request did not get through (" + e.message + "): try again.";
+      return;
+    }
     if (r.ok) location.assign(next);
     else err.textContent = await failure(r);
   });
@@ -275,4 +283,6 @@ document.addEventListener("DOMContentLoaded", () => {
     catch (e) { $("#logs").textContent = e.message; }
   });
   if ($("#live")) live.start();
+  // For whoever drives the page (the browser tests): the forms are wired.
+  document.documentElement.dataset.ready = "1";
 });

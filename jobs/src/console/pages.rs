@@ -3,7 +3,9 @@
 //! with the caller's permissions in mind, and leaves actions to forms that
 //! `console.js` sends to the JSON API.
 //!
-//! Forms are marked up for the script: `data-api="METHOD /path"` sends
+//! Forms are marked up for the script (and say `method="post"`, so that
+//! one sent before the script runs never puts its fields in a URL):
+//! `data-api="METHOD /path"` sends
 //! the form as JSON (`name="a.b"` nests, checkboxes are booleans,
 //! `data-raw` sends one field's text as the body), `data-confirm` asks
 //! first, `data-then` says what follows (`refresh` the listed parts of
@@ -60,12 +62,14 @@ pub async fn login(Query(q): Query<Next>) -> Response {
         html! {
             div class="login" {
                 h1 { "Portico console" }
-                form id="login" data-next=(next) {
+                // POST, and no button until the script has taken the form
+                // over: a password never lands in a URL.
+                form id="login" method="post" data-next=(next) {
                     label for="account" { "User or e-mail" }
                     input id="account" name="account" autocomplete="username" required autofocus;
                     label for="password" { "Password" }
                     input id="password" name="password" type="password" autocomplete="current-password" required;
-                    button type="submit" { "Log in" }
+                    button type="submit" disabled { "Log in" }
                     p class="error" role="alert" id="login-error" {}
                 }
             }
@@ -271,14 +275,14 @@ async fn backups_tab(
                                     @if let Some(b) = b {
                                         button type="button" class="download" data-links={ "/api/customers/" (id) "/backups/" (b.id) "/links" } { "Download" }
                                         @if may_delete {
-                                            form data-api={ "DELETE /api/customers/" (id) "/backups/" (b.id) } data-confirm={ "Delete backup " (b.id) "? This cannot be undone." } data-then="refresh history" {
+                                            form method="post" data-api={ "DELETE /api/customers/" (id) "/backups/" (b.id) } data-confirm={ "Delete backup " (b.id) "? This cannot be undone." } data-then="refresh history" {
                                                 button type="submit" class="danger" { "Delete" }
                                             }
                                         }
                                         ul class="links" {}
                                     }
                                     @if matches!(t.state.as_str(), "queued" | "running") {
-                                        form data-api={ "POST /api/customers/" (id) "/tasks/" (t.id) "/cancel" } data-confirm="Cancel this backup?" data-then="refresh history" {
+                                        form method="post" data-api={ "POST /api/customers/" (id) "/tasks/" (t.id) "/cancel" } data-confirm="Cancel this backup?" data-then="refresh history" {
                                             button type="submit" { "Cancel" }
                                         }
                                     }
@@ -307,7 +311,7 @@ async fn upgrades_tab(api: &ConsoleApi, who: &Caller<Staff>, id: &str) -> Result
                         tbody { @for (svc, i) in &s.instances { tr { td { (svc) } td { (i.name) } td { (i.port) } } } }
                     }
                     @if may && s.previous_version.is_some() {
-                        form data-api={ "POST /api/customers/" (id) "/rollback" } data-confirm="Roll back to the previous release?" data-then="live" {
+                        form method="post" data-api={ "POST /api/customers/" (id) "/rollback" } data-confirm="Roll back to the previous release?" data-then="live" {
                             button type="submit" class="danger" { "Roll back" }
                         }
                     }
@@ -330,7 +334,7 @@ async fn upgrades_tab(api: &ConsoleApi, who: &Caller<Staff>, id: &str) -> Result
                     }
                     div id="plan-out" {}
                     @if may {
-                        form data-api={ "POST /api/customers/" (id) "/upgrade" } data-from="to" data-confirm="Start the upgrade?" data-then="live" {
+                        form method="post" data-api={ "POST /api/customers/" (id) "/upgrade" } data-from="to" data-confirm="Start the upgrade?" data-then="live" {
                             button type="submit" { "Start upgrade" }
                         }
                     } @else {
@@ -357,7 +361,7 @@ fn tasks_tab(id: &str, tasks: &[crate::queue::TaskRecord]) -> Markup {
                                 td { (t.error.as_deref().unwrap_or("")) }
                                 td {
                                     @if matches!(t.state.as_str(), "queued" | "running") {
-                                        form data-api={ "POST /api/customers/" (id) "/tasks/" (t.id) "/cancel" } data-confirm="Cancel this task?" data-then="refresh tasks" {
+                                        form method="post" data-api={ "POST /api/customers/" (id) "/tasks/" (t.id) "/cancel" } data-confirm="Cancel this task?" data-then="refresh tasks" {
                                             button type="submit" { "Cancel" }
                                         }
                                     }
@@ -384,7 +388,7 @@ pub async fn apps(State(api): State<Arc<ConsoleApi>>, who: Who, uri: Uri) -> Res
             @if can(&who, Leads::ROLES) {
                 section {
                     h2 { "New app" }
-                    form data-api="POST /api/apps" data-then="refresh apps" class="inline" {
+                    form method="post" data-api="POST /api/apps" data-then="refresh apps" class="inline" {
                         label { "Name " input name="name" required pattern="[a-z0-9][a-z0-9-]{0,30}" title="a-z, 0-9 and -, up to 31"; }
                         label { "Repository " input name="repo" required placeholder="/srv/repos/blog or file:///srv/repos/blog"; }
                         label { "Git ref " input name="ref" placeholder="main"; }
@@ -445,11 +449,11 @@ pub async fn app(
             p { "Memory " (stat(&status, "memory_bytes").map(|m| human_bytes(m as i64)).unwrap_or_else(|| "—".into()))
                 " · CPU " (stat(&status, "cpu_percent").map(|c| format!("{c:.1} %")).unwrap_or_else(|| "—".into())) }
             div class="buttons" {
-                form data-api={ "POST " (base) "/deploy" } data-then="live" { button type="submit" { "Deploy" } }
-                form data-api={ "POST " (base) "/stop" } data-then="refresh main" { button type="submit" { "Stop" } }
-                form data-api={ "POST " (base) "/start" } data-then="refresh main" { button type="submit" { "Start" } }
+                form method="post" data-api={ "POST " (base) "/deploy" } data-then="live" { button type="submit" { "Deploy" } }
+                form method="post" data-api={ "POST " (base) "/stop" } data-then="refresh main" { button type="submit" { "Stop" } }
+                form method="post" data-api={ "POST " (base) "/start" } data-then="refresh main" { button type="submit" { "Start" } }
                 @if can(&who, Leads::ROLES) {
-                    form data-api={ "DELETE " (base) } data-confirm={ "Delete app " (name) " and its containers?" } data-then="go /console/apps" {
+                    form method="post" data-api={ "DELETE " (base) } data-confirm={ "Delete app " (name) " and its containers?" } data-then="go /console/apps" {
                         button type="submit" class="danger" { "Delete" }
                     }
                 }
@@ -543,18 +547,18 @@ pub async fn mail_job(
             p id="gate" { "Gate: " (gate_badge(&j.gate)) " · verified " (j.verified) " of " (j.expected)
                 @if let Some(r) = &j.gate_reason { " · " (r) } @if let Some(b) = &j.gate_by { " (" (b) ")" } }
             div class="buttons" {
-                form data-api={ "POST " (base) "/preflight" } data-then="show" { button type="submit" { "Preflight" } }
-                form data-api={ "POST " (base) "/sync" } data-then="live" { button type="submit" { "Sync now" } }
+                form method="post" data-api={ "POST " (base) "/preflight" } data-then="show" { button type="submit" { "Preflight" } }
+                form method="post" data-api={ "POST " (base) "/sync" } data-then="live" { button type="submit" { "Sync now" } }
                 a href={ (base) "/report.csv" } { "Report (CSV)" }
                 a href={ (base) "/report.html" } { "Report (HTML)" }
             }
             @if can(&who, Leads::ROLES) {
                 div class="buttons" {
                     @if j.gate == "warning" {
-                        form data-api={ "POST " (base) "/approve-gate" } data-confirm="Approve the DNS switch with this verified ratio?" data-then="refresh gate" { button type="submit" { "Approve" } }
+                        form method="post" data-api={ "POST " (base) "/approve-gate" } data-confirm="Approve the DNS switch with this verified ratio?" data-then="refresh gate" { button type="submit" { "Approve" } }
                     }
                     @if j.gate != "dns_applied" {
-                        form data-api={ "POST " (base) "/override-gate" } data-confirm="Override the gate?" data-then="refresh gate" class="inline" {
+                        form method="post" data-api={ "POST " (base) "/override-gate" } data-confirm="Override the gate?" data-then="refresh gate" class="inline" {
                             label { "Reason " input name="reason" required minlength="3" maxlength="1000"; }
                             button type="submit" class="danger" { "Override" }
                         }
@@ -589,7 +593,7 @@ pub async fn mail_job(
                         }
                     }
                 }
-                form data-api={ "POST " (base) "/mailboxes/import" } data-raw="csv" data-then="refresh mailboxes" {
+                form method="post" data-api={ "POST " (base) "/mailboxes/import" } data-raw="csv" data-then="refresh mailboxes" {
                     label for="csv" { "Import mailboxes (CSV: source_login,source_password,dest_login,dest_password)" }
                     textarea id="csv" name="csv" rows="4" required {}
                     button type="submit" { "Import" }
@@ -670,7 +674,7 @@ pub async fn users(
             h1 { "Staff" }
             section {
                 h2 { "New staff member" }
-                form data-api="POST /api/staff/users" data-then="show refresh users" class="inline" {
+                form method="post" data-api="POST /api/staff/users" data-then="show refresh users" class="inline" {
                     label { "User id " input name="id" required pattern="[a-z0-9][a-z0-9._-]{0,63}"; }
                     label { "Name " input name="name" required; }
                     label { "E-mail " input name="email" type="email" required; }
@@ -694,12 +698,12 @@ pub async fn users(
                                 td class="actions" {
                                     @if u.id != who.sub {
                                         @if u.disabled {
-                                            form data-api={ "POST /api/staff/users/" (u.id) "/enable" } data-then="refresh users" { button type="submit" { "Enable" } }
+                                            form method="post" data-api={ "POST /api/staff/users/" (u.id) "/enable" } data-then="refresh users" { button type="submit" { "Enable" } }
                                         } @else {
-                                            form data-api={ "POST /api/staff/users/" (u.id) "/disable" } data-confirm={ "Disable " (u.id) "? Their sessions end now." } data-then="refresh users" { button type="submit" class="danger" { "Disable" } }
+                                            form method="post" data-api={ "POST /api/staff/users/" (u.id) "/disable" } data-confirm={ "Disable " (u.id) "? Their sessions end now." } data-then="refresh users" { button type="submit" class="danger" { "Disable" } }
                                         }
                                     }
-                                    form data-api={ "POST /api/staff/users/" (u.id) "/password" } data-confirm={ "Set a new password for " (u.id) "? Their sessions end now." } data-then="show" { button type="submit" { "New password" } }
+                                    form method="post" data-api={ "POST /api/staff/users/" (u.id) "/password" } data-confirm={ "Set a new password for " (u.id) "? Their sessions end now." } data-then="show" { button type="submit" { "New password" } }
                                 }
                             }
                         }
