@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod archive;
+pub mod audit;
 pub mod console;
 pub mod customers;
 pub mod kinds;
@@ -181,6 +182,7 @@ impl Bound {
             None => Readiness::always(),
         };
         let app: Router = api::router(self.api.clone())
+            .merge(audit::router(self.api.clone()))
             .merge(staff::api::router(self.api.clone()))
             .merge(customers::api::router(self.api.clone()))
             .merge(console::router(Arc::new(api::KindApi {

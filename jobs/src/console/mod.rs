@@ -21,8 +21,9 @@ use axum::routing::get;
 use maud::{DOCTYPE, Markup, html};
 use portico_common::api::ApiError;
 
-use crate::api::{Caller, KindApi};
+use crate::api::KindApi;
 use crate::kinds::{paas, upgrade};
+use crate::staff::auth::Caller;
 use crate::staff::auth::Roles;
 
 /// What the console reads besides the database.

@@ -23,9 +23,11 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{ConsoleApi, bare, can, error_page, gate, human_bytes, human_secs, layout, respond};
-use crate::api::{AuditQuery, Caller, Leads, Staff, SuperAdmin, not_found};
+use crate::api::not_found;
+use crate::audit::AuditQuery;
 use crate::queue::Subject;
 use crate::staff::auth::Roles;
+use crate::staff::auth::{Caller, Leads, Staff, SuperAdmin};
 
 type Who = Result<Caller<Staff>, ApiError>;
 

@@ -18,8 +18,8 @@ use serde_json::json;
 
 use super::Customer;
 use crate::api::{Api, bad, json_body, not_found};
-use crate::api::{Caller, Staff, SuperAdmin};
 use crate::queue::Subject;
+use crate::staff::auth::{Caller, Staff, SuperAdmin};
 
 pub fn router(api: Arc<Api>) -> Router {
     Router::new()

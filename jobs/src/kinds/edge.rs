@@ -18,7 +18,7 @@ use portico_common::feeds::{AppRoute, AppRouteState, ROUTE_FEED_VERSION, RouteFe
 
 use super::upgrade::{Shared, hosts};
 use crate::api::KindApi;
-use crate::api::{Caller, Services};
+use crate::staff::auth::{Caller, Services};
 
 /// The route table's state: the shared API and the shops' shared state
 /// (which counts the gateways' fetches).

@@ -18,9 +18,9 @@ use tower::ServiceExt;
 
 use super::links::Signer;
 use super::{self as backup, Include};
-use crate::api::{Caller, Staff};
 use crate::api::{KindApi, OPS_LEAD, STAFF, SUPER_ADMIN, bad, json_body, not_found};
 use crate::queue::Subject;
+use crate::staff::auth::{Caller, Staff};
 
 /// The backup routes' state: the shared API and the download-link signer.
 pub type BackupApi = KindApi<Signer>;

@@ -24,9 +24,9 @@ use sha2::Sha256;
 use super::db::MailJob;
 use super::imap::Server;
 use super::{Shared, aad};
-use crate::api::{Caller, Leads, Staff, StaffOrServices, SuperAdmin};
 use crate::api::{KindApi, bad, json_body, not_found};
 use crate::queue::Subject;
+use crate::staff::auth::{Caller, Leads, Staff, StaffOrServices, SuperAdmin};
 
 /// The mail routes' state: the shared API and the mail config and vault.
 pub type MailApi = KindApi<Arc<Shared>>;

@@ -27,9 +27,9 @@ use serde_json::json;
 use super::db::App;
 use super::source::{Repo, is_git_ref};
 use super::{Paas, PaasError};
-use crate::api::{Caller, Leads, Staff};
 use crate::api::{KindApi, bad, json_body, not_found};
 use crate::queue::Subject;
+use crate::staff::auth::{Caller, Leads, Staff};
 
 /// The apps routes' state: the shared API and the Docker side.
 pub type PaasApi = KindApi<Arc<Paas>>;

@@ -14,9 +14,9 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::api::{Api, bad, json_body};
-use crate::api::{Caller, Leads};
 use crate::kinds::backup::api::backup_id;
 use crate::queue::Subject;
+use crate::staff::auth::{Caller, Leads};
 
 pub fn router(api: Arc<Api>) -> Router {
     Router::new()

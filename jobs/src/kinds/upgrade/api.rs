@@ -23,10 +23,10 @@ use serde_json::{Value, json};
 
 use super::catalog::SERVICES;
 use super::{Mode, Shared, layout};
-use crate::api::{Caller, Leads, Staff};
 use crate::api::{KindApi, bad, json_body, not_found};
 use crate::customers::Customer;
 use crate::queue::Subject;
+use crate::staff::auth::{Caller, Leads, Staff};
 
 /// The upgrade routes' state: the shared API and the upgrade config.
 pub type UpgradeApi = KindApi<Arc<Shared>>;
