@@ -114,15 +114,10 @@ async fn user(cfg: portico_config::PorticoConfig, action: UserAction) -> anyhow:
             ("staff.add", id, generated)
         }
         UserAction::Passwd { id, password_stdin } => {
-            let pw = stdin_password(password_stdin)?;
-            let generated = pw.is_none();
-            let pw = pw.unwrap_or_else(portico_jobs::staff::generate_password);
-            portico_jobs::staff::check_password(&pw)?;
-            let hash = tokio::task::spawn_blocking({
-                let pw = pw.clone();
-                move || portico_jobs::staff::hash_password(&pw)
-            })
-            .await?;
+            use portico_jobs::staff::api::{hashed, new_password};
+            let (pw, generated) =
+                new_password(stdin_password(password_stdin)?, "invalid_password").map_err(api_err)?;
+            let hash = hashed(&pw).await.map_err(api_err)?;
             db.set_password(&id, &hash).await?;
             eprintln!("password of {id} set; their sessions ended");
             ("staff.password", id, generated.then_some(pw))

@@ -362,9 +362,7 @@ pub async fn add_account(
     super::check_email(email).map_err(invalid)?;
     super::check_name(name).map_err(invalid)?;
     let role = Role::parse(role).ok_or_else(|| invalid(super::AccountError::Role))?;
-    let generated = password.is_none();
-    let password = password.unwrap_or_else(super::generate_password);
-    super::check_password(&password).map_err(invalid)?;
+    let (password, generated) = new_password(password, "invalid_user")?;
     let user = User {
         id: id.to_string(),
         email: email.to_lowercase(),
@@ -372,14 +370,26 @@ pub async fn add_account(
         role,
         disabled: false,
     };
-    let hash = {
-        let pw = password.clone();
-        tokio::task::spawn_blocking(move || super::hash_password(&pw))
-            .await
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-    };
+    let hash = hashed(&password).await?;
     db.add_user(&user, &hash).await?;
     Ok((user, generated.then_some(password)))
+}
+
+/// The password to set: the one given (checked; refused with `code`) or a
+/// generated one; and whether it was generated (to be shown once).
+pub fn new_password(given: Option<String>, code: &'static str) -> Result<(String, bool), ApiError> {
+    let generated = given.is_none();
+    let password = given.unwrap_or_else(super::generate_password);
+    super::check_password(&password).map_err(|e| bad(code, e.to_string()))?;
+    Ok((password, generated))
+}
+
+/// A password's Argon2id hash, computed on a blocking thread.
+pub async fn hashed(password: &str) -> Result<String, ApiError> {
+    let pw = password.to_string();
+    tokio::task::spawn_blocking(move || super::hash_password(&pw))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
 }
 
 async fn add_user(
@@ -418,15 +428,8 @@ async fn set_password(
     body: Result<Json<NewPassword>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let req = json_body(body)?;
-    let generated = req.password.is_none();
-    let password = req.password.unwrap_or_else(super::generate_password);
-    super::check_password(&password).map_err(|e| bad("invalid_password", e.to_string()))?;
-    let hash = tokio::task::spawn_blocking({
-        let pw = password.clone();
-        move || super::hash_password(&pw)
-    })
-    .await
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let (password, generated) = new_password(req.password, "invalid_password")?;
+    let hash = hashed(&password).await?;
     let r = api.db()?.set_password(&id, &hash).await;
     api.audit_staff(
         &who.sub,
