@@ -40,6 +40,57 @@ fn wait_for(proc: &mut Proc, what: &str, mut probe: impl FnMut() -> bool) -> Res
     Ok(())
 }
 
+/// A client that asks `GET path` on a plain-HTTP port over and over (a new
+/// connection each time) until stopped, counting the answers with the
+/// expected status and everything else (other statuses, refused or cut
+/// connections): what a restart must not make fail.
+pub struct Hammer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Hammer {
+    pub fn start(port: u16, path: &'static str, want: u16) -> Hammer {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ok = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let failed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let task = {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            tokio::task::spawn_blocking(move || {
+                while !stop.load(Relaxed) {
+                    if http_status(port, path) == Some(want) {
+                        ok.fetch_add(1, Relaxed);
+                    } else {
+                        failed.fetch_add(1, Relaxed);
+                    }
+                }
+            })
+        };
+        Hammer {
+            stop,
+            ok,
+            failed,
+            task,
+        }
+    }
+
+    /// Answers with the expected status so far.
+    pub fn ok(&self) -> u64 {
+        self.ok.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops; the answers that were as expected and those that were not.
+    pub async fn stop(self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stop.store(true, Relaxed);
+        self.task.await.expect("the hammer ends");
+        (self.ok.load(Relaxed), self.failed.load(Relaxed))
+    }
+}
+
 /// `GET path` over plain HTTP/1.0; the status code, if any answer came.
 pub fn http_status(port: u16, path: &str) -> Option<u16> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;

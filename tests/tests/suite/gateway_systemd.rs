@@ -9,12 +9,10 @@
 //! client hammering the gateway meanwhile sees no failed request.
 
 use std::os::unix::net::UnixDatagram;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use portico_tests::proc::Proc;
-use portico_tests::servers::{EdgePorts, http_status};
+use portico_tests::servers::{EdgePorts, Hammer};
 use portico_tests::{TEST_SECRET, bins};
 
 /// The service manager's side of the notification protocol.
@@ -124,19 +122,7 @@ async fn a_reload_under_systemd_rules_keeps_the_unit_active_and_loses_no_request
     assert_eq!(m.main_pid, old.pid(), "{:?}", m.seen);
     edge.wait_listening(&mut old);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let hammer = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        tokio::task::spawn_blocking(move || {
-            while !stop.load(Ordering::Relaxed) {
-                match http_status(edge.http, "/x") {
-                    Some(308) => ok.fetch_add(1, Ordering::Relaxed),
-                    _ => failed.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        })
-    };
+    let hammer = Hammer::start(edge.http, "/x", 308);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // ExecReload, with $MAINPID as systemd sets it.
@@ -177,20 +163,12 @@ async fn a_reload_under_systemd_rules_keeps_the_unit_active_and_loses_no_request
         "no STOPPING during a reload: {:?}",
         m.seen
     );
-    let served_before = ok.load(Ordering::Relaxed);
+    let served_before = hammer.ok();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    hammer.await.unwrap();
+    let (ok, failed) = hammer.stop().await;
     assert!(alive(new_pid), "the new main process serves");
-    assert!(
-        ok.load(Ordering::Relaxed) > served_before,
-        "answers after the old one left"
-    );
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "no failed request across the reload"
-    );
+    assert!(ok > served_before, "answers after the old one left");
+    assert_eq!(failed, 0, "no failed request across the reload");
 
     // `systemctl stop`: SIGTERM to the main process, which says STOPPING.
     std::process::Command::new("kill")
