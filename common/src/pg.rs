@@ -98,7 +98,13 @@ impl Target {
                         }
                     }
                 }
-                Some(("sslrootcert", v)) => root = Some(PathBuf::from(percent_decoded(v))),
+                Some(("sslrootcert", v)) => {
+                    root = Some(PathBuf::from(
+                        percent_encoding::percent_decode_str(v)
+                            .decode_utf8_lossy()
+                            .into_owned(),
+                    ))
+                }
                 _ => rest.push(kv),
             }
         }
@@ -145,29 +151,6 @@ impl Target {
 /// One connection to `url` (for one-off queries outside a pool).
 pub async fn connect(url: &str) -> Result<tokio_postgres::Client, PgError> {
     Target::parse(url)?.connect().await
-}
-
-fn percent_decoded(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match (
-            b[i],
-            b.get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok()),
-        ) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn connector(mode: &Tls, root: Option<&std::path::Path>) -> Result<MakeRustlsConnect, PgError> {
