@@ -11,20 +11,25 @@ use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::get;
 use hyper_util::rt::TokioIo;
 use portico_common::admin::{self, Readiness};
 use portico_common::api::ApiError;
+use portico_common::api::{ErrorBody, Errors};
 use portico_common::auth::{AuthError, Claims, bearer_token, handshake_token};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use crate::protocol::Message;
 use crate::protocol::{self, ConvId, Event, EventKind, MAX_HISTORY_PAGE};
 use crate::shard::{Budget, PublishError, Shard};
-use crate::store::{NewMessage, Page, StoreError};
+use crate::store::{ConvSummary, NewMessage, Page, StoreError};
 
 /// The demo conversation every demo user joins.
 pub const DEMO_LOBBY: &str = "lobby";
@@ -40,18 +45,8 @@ pub fn router(shard: Arc<Shard>) -> Router {
             hub.bus().ready().await.map_err(|e| e.to_string())
         }
     });
-    let mut app = Router::new()
-        .route("/ws", get(ws_handshake))
-        .route(
-            "/api/conversations",
-            post(create_conversation).get(list_conversations),
-        )
-        .route(
-            "/api/conversations/{id}/messages",
-            get(list_messages).post(post_message),
-        )
-        .route("/api/conversations/{id}/members", post(add_member))
-        .route("/api/conversations/{id}/members/{user}", delete(remove_member));
+    let (api, _) = api_router().split_for_parts();
+    let mut app = Router::new().route("/ws", get(ws_handshake)).merge(api);
     if shard.cfg.demo {
         app = app
             .route("/", get(|| async { Html(include_str!("demo.html")) }))
@@ -67,12 +62,43 @@ pub fn router(shard: Arc<Shard>) -> Router {
             .route(
                 "/demo.css",
                 get(|| async { ([(header::CONTENT_TYPE, "text/css")], include_str!("demo.css")) }),
-            )
-            .route("/demo/token", get(demo_token));
+            );
     }
     app.layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(shard)
         .merge(admin::router(ready))
+        .layer(axum::middleware::from_fn(portico_common::api::json_errors))
+}
+
+/// The REST API, each route mounted from the attribute that describes it.
+fn api_router() -> OpenApiRouter<Arc<Shard>> {
+    OpenApiRouter::with_openapi(ChatApi::openapi())
+        .routes(routes!(create_conversation, list_conversations))
+        .routes(routes!(list_messages, post_message))
+        .routes(routes!(add_member))
+        .routes(routes!(remove_member))
+        .routes(routes!(demo_token))
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Portico chat API",
+        description = "Conversations, members and history of the chat shards (the live \
+            protocol is the WebSocket at /ws: see ARCHITECTURE.md). Every shard serves the \
+            same API; the gateway routes a request to any."
+    ),
+    components(schemas(ErrorBody)),
+    tags((name = "chat", description = "Conversations, members, messages"))
+)]
+struct ChatApi;
+
+/// The description of the chat REST API (OpenAPI 3.1), from the routes
+/// [`router`] mounts.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = api_router().into_openapi();
+    portico_common::api::add_security(&mut doc, false);
+    doc
 }
 
 impl From<StoreError> for ApiError {
@@ -204,15 +230,30 @@ fn ws_config(max_message: usize) -> WebSocketConfig {
         .max_frame_size(Some(max_message))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateConversation {
-    /// Optional; a random id is chosen when absent.
+    /// Optional; a random id is chosen when absent. 1-64 of `A-Z a-z 0-9 _ -`.
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", example = "team-42")]
     id: Option<String>,
-    /// Other members; the caller is always a member.
+    /// Other members (user ids, 1-128 bytes); the caller is always a member.
+    #[schema(example = json!(["alice", "bob"]))]
     members: Vec<String>,
 }
 
+/// A conversation as created.
+#[derive(Serialize, ToSchema)]
+struct Conversation {
+    #[schema(value_type = String)]
+    id: ConvId,
+    members: Vec<String>,
+}
+
+/// Creates a conversation; the caller (unless a service) is a member.
+#[utoipa::path(post, path = "/api/conversations", tag = "chat",
+    request_body = CreateConversation,
+    responses((status = 201, body = Conversation), Errors),
+    security(("bearer" = [])))]
 async fn create_conversation(
     State(shard): State<Arc<Shard>>,
     headers: HeaderMap,
@@ -247,7 +288,7 @@ async fn create_conversation(
     members.sort();
     members.dedup();
     shard.hub.store().create_conversation(&id, &members).await?;
-    Ok((StatusCode::CREATED, Json(json!({ "id": id, "members": members }))))
+    Ok((StatusCode::CREATED, Json(Conversation { id, members })))
 }
 
 /// The role of other Portico services (e.g. jobs publishing progress):
@@ -277,13 +318,25 @@ async fn require_member(shard: &Shard, conv: &ConvId, claims: &Claims) -> Result
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// How many (1-200, default 50).
     limit: Option<u32>,
 }
 
+/// The caller's conversations.
+#[derive(Serialize, ToSchema)]
+struct Conversations {
+    conversations: Vec<ConvSummary>,
+}
+
 /// The caller's conversations with their last message and unread count.
+#[utoipa::path(get, path = "/api/conversations", tag = "chat",
+    params(ListQuery),
+    responses((status = 200, body = Conversations), Errors),
+    security(("bearer" = [])))]
 async fn list_conversations(
     State(shard): State<Arc<Shard>>,
     headers: HeaderMap,
@@ -293,18 +346,39 @@ async fn list_conversations(
     let Query(q) = query.map_err(|e| bad_request(e.body_text()))?;
     let limit = q.limit.unwrap_or(50).clamp(1, 200);
     let list = shard.hub.store().conversations_of(&claims.sub, limit).await?;
-    Ok(Json(json!({ "conversations": list })))
+    Ok(Json(Conversations { conversations: list }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PostMessage {
-    /// The client's idempotency key.
+    /// The client's idempotency key: the same key again is a duplicate, not a new message.
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", example = "m-0001")]
     id: String,
+    /// 1 to 4096 bytes.
+    #[schema(min_length = 1, example = "hello")]
     body: String,
 }
 
-/// Publishes over HTTP (services, e.g. jobs progress events, or users).
+/// A published message's place.
+#[derive(Serialize, ToSchema)]
+struct Published {
+    #[schema(value_type = String)]
+    conv: ConvId,
+    offset: u64,
+    /// The key was published before: nothing new was stored.
+    duplicate: bool,
+}
+
+/// Publishes over HTTP (services, e.g. jobs progress events, or members).
+#[utoipa::path(post, path = "/api/conversations/{id}/messages", tag = "chat",
+    params(("id" = String, Path, description = "Conversation id")),
+    request_body = PostMessage,
+    responses(
+        (status = 201, body = Published, description = "Stored and delivered"),
+        (status = 200, body = Published, description = "A duplicate of an earlier publish"),
+        Errors),
+    security(("bearer" = [])))]
 async fn post_message(
     State(shard): State<Arc<Shard>>,
     headers: HeaderMap,
@@ -358,17 +432,29 @@ async fn post_message(
     };
     Ok((
         status,
-        Json(json!({ "conv": conv, "offset": a.message.offset, "duplicate": a.duplicate })),
+        Json(Published {
+            conv,
+            offset: a.message.offset,
+            duplicate: a.duplicate,
+        }),
     )
         .into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AddMember {
+    /// A user id, 1-128 bytes.
+    #[schema(example = "carol")]
     user: String,
 }
 
+/// Adds a member (members and services may).
+#[utoipa::path(post, path = "/api/conversations/{id}/members", tag = "chat",
+    params(("id" = String, Path, description = "Conversation id")),
+    request_body = AddMember,
+    responses((status = 204, description = "Added"), Errors),
+    security(("bearer" = [])))]
 async fn add_member(
     State(shard): State<Arc<Shard>>,
     headers: HeaderMap,
@@ -392,6 +478,10 @@ async fn add_member(
 
 /// Removes a member (a member may remove anyone, or leave); their live
 /// subscriptions end with `unsubscribed` (`reason: removed`).
+#[utoipa::path(delete, path = "/api/conversations/{id}/members/{user}", tag = "chat",
+    params(("id" = String, Path, description = "Conversation id"), ("user" = String, Path, description = "User id")),
+    responses((status = 204, description = "Removed"), Errors),
+    security(("bearer" = [])))]
 async fn remove_member(
     State(shard): State<Arc<Shard>>,
     headers: HeaderMap,
@@ -418,13 +508,29 @@ async fn remove_member(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct HistoryQuery {
+    /// Messages before this offset (default: the newest).
     before: Option<u64>,
+    /// How many (default 50, at most 100).
     limit: Option<u32>,
 }
 
+/// A page of history, newest last.
+#[derive(Serialize, ToSchema)]
+struct History {
+    #[schema(value_type = String)]
+    conv: ConvId,
+    messages: Vec<Message>,
+}
+
+/// A page of a conversation's history (members only).
+#[utoipa::path(get, path = "/api/conversations/{id}/messages", tag = "chat",
+    params(("id" = String, Path, description = "Conversation id"), HistoryQuery),
+    responses((status = 200, body = History), Errors),
+    security(("bearer" = [])))]
 async fn list_messages(
     State(shard): State<Arc<Shard>>,
     headers: HeaderMap,
@@ -452,7 +558,7 @@ async fn list_messages(
     let messages = store
         .page(&conv, Page::Before(q.before.unwrap_or(u64::MAX)), limit)
         .await?;
-    Ok(Json(json!({ "conv": conv, "messages": messages })))
+    Ok(Json(History { conv, messages }))
 }
 
 /// Creates the demo lobby (idempotent; several shards may share a store).
@@ -464,18 +570,38 @@ pub async fn ensure_demo_lobby(shard: &Shard) {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct DemoQuery {
+    /// 1-32 of `A-Z a-z 0-9 _ -`.
     user: String,
 }
 
-/// Development only (`chat.demo = true`): a token for any user name, who
-/// joins the lobby.
+/// A demo user's token.
+#[derive(Serialize, ToSchema)]
+struct DemoToken {
+    token: String,
+    user: String,
+    conv: String,
+}
+
+/// Development only (`chat.demo = true`, else 404): a token for any user
+/// name, who joins the lobby.
+#[utoipa::path(get, path = "/demo/token", tag = "chat",
+    params(DemoQuery),
+    responses((status = 200, body = DemoToken), Errors))]
 async fn demo_token(
     State(shard): State<Arc<Shard>>,
     query: Result<Query<DemoQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
+    if !shard.cfg.demo {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "the demo is off".into(),
+        ));
+    }
     let Query(q) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
     if !protocol::is_id(&q.user) || q.user.len() > 32 {
         return Err(ApiError(
@@ -487,7 +613,31 @@ async fn demo_token(
     let lobby = ConvId::parse(DEMO_LOBBY).expect("valid id");
     shard.hub.store().add_member(&lobby, &q.user).await?;
     let token = shard.tokens.issue(&q.user, &[], Duration::from_secs(12 * 3600));
-    Ok(Json(
-        json!({ "token": token, "user": q.user, "conv": DEMO_LOBBY }),
-    ))
+    Ok(Json(DemoToken {
+        token,
+        user: q.user,
+        conv: DEMO_LOBBY.into(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    /// `chat/openapi.json` is what jobs serves of the chat API (jobs does
+    /// not link the chat crate): it must be the description the routes
+    /// give. `PORTICO_UPDATE_OPENAPI=1 cargo test -p portico-chat openapi`
+    /// rewrites it after a change of the API.
+    #[test]
+    fn openapi_file_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json");
+        let now = super::openapi().to_pretty_json().expect("serialises") + "\n";
+        if std::env::var_os("PORTICO_UPDATE_OPENAPI").is_some() {
+            std::fs::write(path, &now).expect("write openapi.json");
+        }
+        let kept = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            kept == now,
+            "chat/openapi.json is not the chat API's description: run \
+             PORTICO_UPDATE_OPENAPI=1 cargo test -p portico-chat openapi"
+        );
+    }
 }

@@ -211,8 +211,9 @@ fn classify(text: &str, e: &serde_json::Error) -> ErrorCode {
 }
 
 /// A stored message as clients and shards see it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Message {
+    #[schema(value_type = String)]
     pub conv: ConvId,
     /// Position in the conversation: 1, 2, 3… without gaps.
     pub offset: u64,

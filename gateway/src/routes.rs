@@ -135,6 +135,8 @@ impl Routes {
             "/api/migration",
             "/api/auth",
             "/api/staff",
+            "/api/openapi.json",
+            "/api/docs",
             "/console",
         ] {
             entries.push(Entry {

@@ -9,17 +9,24 @@
 //! Every body is parsed strictly (unknown fields refused) and validated;
 //! errors are JSON `{ "error": code, "message": … }` with a 4xx status.
 
+use portico_common::api::Errors;
 use std::sync::Arc;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use axum::Json;
-use axum::Router;
 use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
-use axum::routing::get;
-use portico_common::api::ApiError;
+use portico_common::api::{ApiError, BEARER, ErrorBody, SESSION};
+use utoipa::openapi::security::SecurityRequirement;
+use utoipa_axum::router::UtoipaMethodRouter;
+
+use crate::staff::auth::Roles;
 use portico_common::auth::{Claims, Tokens};
 use portico_config::JobsConfig;
+use serde::Serialize;
 use serde_json::{Value, json};
+use utoipa::{OpenApi, ToSchema};
 
 use crate::queue::progress::Events;
 use crate::queue::{Db, DbError, Subject, TaskRecord};
@@ -89,14 +96,131 @@ pub(crate) fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, Ap
         .map_err(|e| bad("invalid_body", e.body_text()))
 }
 
-/// The core route: the service's identity.
-pub fn router(api: Arc<Api>) -> Router {
-    Router::new()
-        .route(
-            "/api/jobs",
-            get(|| async { Json(json!({ "service": "portico-jobs", "api": 1 })) }),
-        )
+/// The core route: the service's identity, on the description's head.
+pub fn router(api: Arc<Api>) -> OpenApiRouter {
+    OpenApiRouter::with_openapi(JobsApi::openapi())
+        .routes(routes!(service))
         .with_state(api)
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Portico API",
+        description = "The jobs (ops) API: customers, backups, restores, upgrades, apps, mail \
+            migrations, staff and the audit log; and the chat API of the chat shards. Errors \
+            are JSON `{\"error\": code, \"message\": …}` (ErrorBody). Each operation's \
+            security lists the roles that may call it: a bearer token carrying one of them, \
+            or a console session of a staff user with one (state-changing requests of a \
+            session also send its CSRF token in `X-CSRF-Token`)."
+    ),
+    components(schemas(ErrorBody)),
+    tags(
+        (name = "jobs", description = "The service"),
+        (name = "staff", description = "Console sessions and staff accounts"),
+        (name = "customers", description = "Customers and their tasks"),
+        (name = "backups", description = "Backups, download links and restores"),
+        (name = "upgrades", description = "Releases, blue/green upgrades and rollbacks of a shop"),
+        (name = "apps", description = "PaaS apps: Docker deploys behind the gateway"),
+        (name = "mail", description = "Mail migrations (IMAP, PST) and the cut-over gate"),
+        (name = "audit", description = "Who did what"),
+        (name = "edge", description = "The route table the gateways poll"),
+        (name = "chat", description = "Conversations, members and history (chat shards)"),
+    )
+)]
+struct JobsApi;
+
+/// The answer of every request that queues a task: follow it at the
+/// subject's `tasks/{task}` route, or live on its ops conversation.
+#[derive(Serialize, ToSchema)]
+pub struct Queued {
+    /// The task id.
+    pub task: i64,
+    /// Always `queued`.
+    #[schema(example = "queued")]
+    pub state: &'static str,
+}
+
+impl Queued {
+    pub fn new(task: i64) -> Json<Queued> {
+        Json(Queued {
+            task,
+            state: "queued",
+        })
+    }
+}
+
+/// What the service is.
+#[derive(Serialize, ToSchema)]
+struct Service {
+    #[schema(example = "portico-jobs")]
+    service: &'static str,
+    /// The API's major version.
+    api: u32,
+}
+
+/// The service's identity (no authentication).
+#[utoipa::path(
+    get, path = "/api/jobs", operation_id = "get_service", tag = "jobs",
+    responses((status = 200, body = Service), Errors),
+)]
+async fn service() -> Json<Service> {
+    Json(Service {
+        service: "portico-jobs",
+        api: 1,
+    })
+}
+
+/// Mounts a route whose handler takes a [`Caller<R>`]: its description
+/// lists `R`'s roles as the security requirement (a bearer token with one
+/// of them, or a console session of a staff user with one), so the roles
+/// described are the roles the extractor admits. The test
+/// `openapi::the_description_covers_every_route…` calls every operation
+/// with a listed and an unlisted role.
+///
+/// [`Caller<R>`]: crate::staff::auth::Caller
+pub(crate) fn secured<R: Roles, S>(
+    (schemas, mut paths, route): UtoipaMethodRouter<S>,
+) -> UtoipaMethodRouter<S> {
+    let staff: Vec<&str> = R::ROLES.iter().copied().filter(|r| *r != SERVICE).collect();
+    let mut reqs = vec![SecurityRequirement::new(BEARER, R::ROLES.iter().copied())];
+    if !staff.is_empty() {
+        reqs.push(SecurityRequirement::new(SESSION, staff));
+    }
+    for item in paths.paths.values_mut() {
+        for op in [
+            &mut item.get,
+            &mut item.post,
+            &mut item.put,
+            &mut item.patch,
+            &mut item.delete,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            op.security = Some(reqs.clone());
+        }
+    }
+    (schemas, paths, route)
+}
+
+/// The chat API's description as the chat crate wrote it (checked to be
+/// current by its test `openapi_file_is_current`).
+const CHAT_OPENAPI: &str = include_str!("../../chat/openapi.json");
+
+/// The published description: the jobs routes `doc` describes (from the
+/// routers that mount them), the chat shards' API, the security schemes.
+pub fn describe(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    let chat: utoipa::openapi::OpenApi =
+        serde_json::from_str(CHAT_OPENAPI).expect("chat/openapi.json is an OpenAPI document");
+    doc.paths.paths.extend(chat.paths.paths);
+    if let (Some(ours), Some(theirs)) = (doc.components.as_mut(), chat.components) {
+        for (name, schema) in theirs.schemas {
+            ours.schemas.entry(name).or_insert(schema);
+        }
+    }
+    portico_common::api::add_security(&mut doc, true);
+    doc
 }
 
 impl Api {

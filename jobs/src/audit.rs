@@ -1,13 +1,15 @@
 //! The audit log route (`GET /api/audit`, super admins and ops leads) and
 //! its filters, which the console's audit page takes too.
 
+use crate::api::secured;
+use portico_common::api::Errors;
 use std::sync::Arc;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use axum::Json;
-use axum::Router;
 use axum::extract::{Query, State};
 use axum::response::IntoResponse;
-use axum::routing::get;
 use portico_common::api::ApiError;
 use serde::Deserialize;
 use serde_json::json;
@@ -16,13 +18,16 @@ use crate::api::{Api, bad};
 use crate::queue::db::AuditFilter;
 use crate::staff::auth::{Caller, Leads};
 
-pub fn router(api: Arc<Api>) -> Router {
-    Router::new().route("/api/audit", get(audit)).with_state(api)
+pub fn router(api: Arc<Api>) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(secured::<Leads, _>(routes!(audit)))
+        .with_state(api)
 }
 
 /// The audit log's filters, as the API and the console take them.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct AuditQuery {
     pub customer: Option<String>,
     /// Who did it (a user id).
@@ -72,6 +77,12 @@ impl AuditQuery {
     }
 }
 
+/// Audit entries, newest first, by the filters.
+#[utoipa::path(
+    get, path = "/api/audit", operation_id = "list_audit", tag = "audit",
+    params(AuditQuery),
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn audit(
     State(api): State<Arc<Api>>,
     _who: Caller<Leads>,

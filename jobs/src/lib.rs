@@ -16,6 +16,7 @@ pub mod archive;
 pub mod audit;
 pub mod console;
 pub mod customers;
+pub mod docs;
 pub mod kinds;
 pub mod queue;
 pub mod staff;
@@ -82,6 +83,34 @@ pub fn schemas() -> Vec<&'static queue::Schema> {
     let mut s = vec![&staff::db::SCHEMA];
     s.extend(kinds::Kinds::schemas());
     s
+}
+
+/// Every API route on `api`, and the published description of them.
+fn api_routes(api: Arc<api::Api>, kinds: &kinds::Kinds) -> (Router, utoipa::openapi::OpenApi) {
+    let (docs, published) = docs::router();
+    let (routes, doc) = api::router(api.clone())
+        .merge(docs)
+        .merge(audit::router(api.clone()))
+        .merge(staff::api::router(api.clone()))
+        .merge(customers::api::router(api.clone()))
+        .merge(kinds.router(api))
+        .split_for_parts();
+    let doc = api::describe(doc);
+    docs::publish(&published, &doc);
+    (routes, doc)
+}
+
+/// The API's description (what `GET /api/openapi.json` serves), without
+/// a database or a listener: for `portico-jobs openapi` and tests.
+pub fn openapi(cfg: &PorticoConfig) -> utoipa::openapi::OpenApi {
+    let tokens = Tokens::new(&cfg.auth.jwt_secret);
+    let api = Arc::new(api::Api {
+        db: None,
+        cfg: cfg.jobs.clone(),
+        events: queue::progress::Events::new(cfg.jobs.chat_url.clone(), &tokens),
+        tokens,
+    });
+    api_routes(api, &kinds::Kinds::new(cfg)).1
 }
 
 /// A bound, not yet serving jobs service.
@@ -181,16 +210,14 @@ impl Bound {
             }),
             None => Readiness::always(),
         };
-        let app: Router = api::router(self.api.clone())
-            .merge(audit::router(self.api.clone()))
-            .merge(staff::api::router(self.api.clone()))
-            .merge(customers::api::router(self.api.clone()))
+        let (routes, _) = api_routes(self.api.clone(), &self.kinds);
+        let app: Router = routes
             .merge(console::router(Arc::new(api::KindApi {
-                api: self.api.clone(),
+                api: self.api,
                 kind: self.kinds.console(),
             })))
-            .merge(self.kinds.router(self.api))
-            .merge(admin::router(readiness));
+            .merge(admin::router(readiness))
+            .layer(axum::middleware::from_fn(portico_common::api::json_errors));
         // The peer address tells whether `X-Real-IP` came from the gateway.
         let app = app.into_make_service_with_connect_info::<SocketAddr>();
         axum::serve(self.listener, app)

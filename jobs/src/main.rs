@@ -1,7 +1,8 @@
 //! `portico-jobs`: runs the ops service (see `portico_jobs`), restores a
 //! backup from the command line (`restore`, see jobs/RESTORE.md), or
 //! manages staff accounts (`user add|passwd|disable|enable`: the first
-//! super admin, and recovery when nobody can log in).
+//! super admin, and recovery when nobody can log in), or prints the API's
+//! description (`openapi`).
 
 use std::path::PathBuf;
 
@@ -45,6 +46,9 @@ enum Command {
         #[command(subcommand)]
         action: UserAction,
     },
+    /// Prints the API's description (OpenAPI 3.1, as `GET /api/openapi.json`
+    /// serves it) and exits.
+    Openapi,
     /// Runs one instance of a shop's service from its spec (written by an
     /// upgrade; process managers run this): sets the directory and the
     /// environment, then becomes the release's start command.
@@ -195,6 +199,16 @@ fn main() -> std::process::ExitCode {
         Some(Command::User { action }) => {
             portico_common::cli::run_async(cfg, |cfg, _stop| async move { user(cfg, action).await })
         }
+        Some(Command::Openapi) => match portico_jobs::openapi(&cfg).to_pretty_json() {
+            Ok(json) => {
+                println!("{json}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        },
         Some(Command::RunInstance { .. }) => unreachable!("handled before the config is read"),
     }
 }

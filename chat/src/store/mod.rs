@@ -43,8 +43,9 @@ pub struct NewMessage {
 }
 
 /// One line of a user's conversation list.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct ConvSummary {
+    #[schema(value_type = String)]
     pub id: ConvId,
     pub latest_offset: u64,
     /// The user's read receipt: the last offset they have read.

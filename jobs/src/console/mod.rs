@@ -70,7 +70,7 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 
 /// The headers every page carries: nothing inline may run, nothing from
 /// elsewhere may load, no other site may frame it, nothing is cached.
-fn secure(mut resp: Response) -> Response {
+pub(crate) fn secure(mut resp: Response) -> Response {
     let h = resp.headers_mut();
     for (k, v) in [
         (

@@ -1,16 +1,18 @@
 //! Customer routes: register (super_admin), list, show, and a customer's
 //! tasks (list, show, cancel).
 
+use crate::api::secured;
+use portico_common::api::Errors;
 use std::path::PathBuf;
 use std::sync::Arc;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use axum::Json;
-use axum::Router;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
 use portico_common::api::ApiError;
 use portico_config::is_hostname;
 use serde::Deserialize;
@@ -21,13 +23,14 @@ use crate::api::{Api, bad, json_body, not_found};
 use crate::queue::Subject;
 use crate::staff::auth::{Caller, Staff, SuperAdmin};
 
-pub fn router(api: Arc<Api>) -> Router {
-    Router::new()
-        .route("/api/customers", post(create_customer).get(list_customers))
-        .route("/api/customers/{id}", get(get_customer))
-        .route("/api/customers/{id}/tasks", get(list_tasks))
-        .route("/api/customers/{id}/tasks/{task}", get(get_task))
-        .route("/api/customers/{id}/tasks/{task}/cancel", post(cancel_task))
+pub fn router(api: Arc<Api>) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(secured::<SuperAdmin, _>(routes!(create_customer)))
+        .routes(secured::<Staff, _>(routes!(list_customers)))
+        .routes(secured::<Staff, _>(routes!(get_customer)))
+        .routes(secured::<Staff, _>(routes!(list_tasks)))
+        .routes(secured::<Staff, _>(routes!(get_task)))
+        .routes(secured::<Staff, _>(routes!(cancel_task)))
         .with_state(api)
 }
 
@@ -40,6 +43,18 @@ impl Api {
     }
 }
 
+/// The registered customers.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Customers {
+    customers: Vec<Customer>,
+}
+
+/// Tasks, newest first.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct Tasks {
+    pub tasks: Vec<crate::queue::TaskRecord>,
+}
+
 fn is_slug(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
@@ -48,19 +63,31 @@ fn is_slug(s: &str) -> bool {
         && !s.starts_with('-')
 }
 
-#[derive(Deserialize)]
+/// A customer to register; its files live under `customers_root/<domain>`.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"id": "shop", "domain": "shop.example.com", "process_manager": "pm2"}))]
 struct NewCustomer {
+    /// 1-63 of `a-z 0-9 -`, not starting with `-`.
+    #[schema(pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
     id: String,
+    /// The shop's hostname.
     domain: String,
-    /// The customer database, e.g. postgres://user:pw@host/db.
+    /// The customer database, e.g. postgres://user:pw@host/db (a secret:
+    /// never shown again).
     database_url: Option<String>,
+    /// `pm2` (default), `supervisor`, `systemd` or `command`.
     process_manager: Option<String>,
     /// Who may follow the ops conversation (besides the creator).
     #[serde(default)]
     ops_members: Vec<String>,
 }
 
+#[utoipa::path(
+    post, path = "/api/customers", tag = "customers",
+    request_body = NewCustomer,
+    responses((status = 201, description = "Registered", body = super::Customer), Errors),
+)]
 async fn create_customer(
     State(api): State<Arc<Api>>,
     who: Caller<SuperAdmin>,
@@ -129,13 +156,24 @@ async fn create_customer(
     Ok((StatusCode::CREATED, Json(c)))
 }
 
+#[utoipa::path(
+    get, path = "/api/customers", tag = "customers",
+    responses((status = 200, description = "OK", body = Customers), Errors),
+)]
 async fn list_customers(
     State(api): State<Arc<Api>>,
     _who: Caller<Staff>,
 ) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(json!({ "customers": api.db()?.customers().await? })))
+    Ok(Json(Customers {
+        customers: api.db()?.customers().await?,
+    }))
 }
 
+#[utoipa::path(
+    get, path = "/api/customers/{id}", tag = "customers",
+    params(("id", description = "Customer id")),
+    responses((status = 200, description = "OK", body = super::Customer), Errors),
+)]
 async fn get_customer(
     State(api): State<Arc<Api>>,
     _who: Caller<Staff>,
@@ -144,16 +182,26 @@ async fn get_customer(
     Ok(Json(api.customer(&id).await?))
 }
 
+#[utoipa::path(
+    get, path = "/api/customers/{id}/tasks", tag = "customers",
+    params(("id", description = "Customer id")),
+    responses((status = 200, description = "The newest 100 tasks", body = Tasks), Errors),
+)]
 async fn list_tasks(
     State(api): State<Arc<Api>>,
     _who: Caller<Staff>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(
-        json!({ "tasks": api.db()?.tasks(Subject::Customer(&id), 100).await? }),
-    ))
+    Ok(Json(Tasks {
+        tasks: api.db()?.tasks(Subject::Customer(&id), 100).await?,
+    }))
 }
 
+#[utoipa::path(
+    get, path = "/api/customers/{id}/tasks/{task}", tag = "customers",
+    params(("id", description = "Customer id"), ("task", description = "Task id")),
+    responses((status = 200, description = "OK", body = crate::queue::TaskRecord), Errors),
+)]
 async fn get_task(
     State(api): State<Arc<Api>>,
     _who: Caller<Staff>,
@@ -162,6 +210,14 @@ async fn get_task(
     Ok(Json(api.task_of(Subject::Customer(&id), task).await?))
 }
 
+#[utoipa::path(
+    post, path = "/api/customers/{id}/tasks/{task}/cancel", tag = "customers",
+    params(("id", description = "Customer id"), ("task", description = "Task id")),
+    responses(
+        (status = 202, description = "Cancelled: the task stops at its next step"),
+        Errors,
+    ),
+)]
 async fn cancel_task(
     State(api): State<Arc<Api>>,
     who: Caller<Staff>,

@@ -8,7 +8,7 @@ use tokio_postgres::error::SqlState;
 use crate::queue::db::{Db, DbError, unavailable};
 
 /// A registered customer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Customer {
     pub id: String,
     pub domain: String,

@@ -4,13 +4,15 @@
 //! the loopback ports of the release serving now). Each fetch is counted,
 //! so a switch can wait until the gateways have the new table.
 
+use crate::api::secured;
+use portico_common::api::Errors;
 use std::sync::Arc;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use axum::Json;
-use axum::Router;
 use axum::extract::State;
 use axum::response::IntoResponse;
-use axum::routing::get;
 use portico_common::api::ApiError;
 use std::net::SocketAddr;
 
@@ -24,12 +26,18 @@ use crate::staff::auth::{Caller, Services};
 /// (which counts the gateways' fetches).
 pub type EdgeApi = KindApi<Arc<Shared>>;
 
-pub fn router(api: Arc<EdgeApi>) -> Router {
-    Router::new()
-        .route("/api/paas/routes", get(routes))
+pub fn router(api: Arc<EdgeApi>) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(secured::<Services, _>(routes!(routes)))
         .with_state(api)
 }
 
+/// Internal: served on the jobs listener only (the gateways poll it
+/// there); the gateway does not route it.
+#[utoipa::path(
+    get, path = "/api/paas/routes", operation_id = "route_table", tag = "edge",
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn routes(
     State(e): State<Arc<EdgeApi>>,
     _who: Caller<Services>,

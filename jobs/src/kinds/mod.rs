@@ -18,8 +18,8 @@ pub mod upgrade;
 
 use std::sync::Arc;
 
-use axum::Router;
 use portico_config::PorticoConfig;
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::api::Api;
 use crate::queue::{Db, Kind, Schema};
@@ -53,8 +53,8 @@ impl Kinds {
     }
 
     /// Every kind's routes, on the shared core state.
-    pub fn router(&self, api: Arc<Api>) -> Router {
-        Router::new()
+    pub fn router(&self, api: Arc<Api>) -> OpenApiRouter {
+        OpenApiRouter::new()
             .merge(backup::api::router(Arc::new(backup::api::BackupApi {
                 api: api.clone(),
                 kind: backup::links::Signer::new(&self.signer_secret),

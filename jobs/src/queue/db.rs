@@ -184,13 +184,15 @@ pub(crate) fn unavailable(e: impl std::fmt::Display + 'static) -> DbError {
 }
 
 /// A task as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TaskRecord {
     pub id: i64,
     pub customer: Option<String>,
     pub app: Option<String>,
     pub kind: String,
     pub params: Value,
+    /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
+    #[schema(example = "succeeded")]
     pub state: String,
     pub attempt: i32,
     pub progress: Value,

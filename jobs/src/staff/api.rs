@@ -13,16 +13,18 @@
 //! - `/api/staff/users…` (super admins): list, add, set password,
 //!   disable, enable.
 
+use crate::api::secured;
+use portico_common::api::Errors;
 use std::sync::Arc;
 use std::time::Duration;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use axum::Json;
-use axum::Router;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{AppendHeaders, IntoResponse, Response};
-use axum::routing::{get, post};
 use portico_common::api::ApiError;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -50,17 +52,18 @@ const IP_FAILURES: i64 = 20;
 /// few tens of ms): a login flood queues instead of taking the machine.
 static HASHING: Semaphore = Semaphore::const_new(2);
 
-pub fn router(api: Arc<Api>) -> Router {
-    Router::new()
-        .route("/api/auth/login", post(login))
-        .route("/api/auth/refresh", post(refresh))
-        .route("/api/auth/logout", post(logout))
-        .route("/api/auth/me", get(me))
-        .route("/api/auth/chat-token", get(chat_token))
-        .route("/api/staff/users", get(list_users).post(add_user))
-        .route("/api/staff/users/{id}/password", post(set_password))
-        .route("/api/staff/users/{id}/disable", post(disable))
-        .route("/api/staff/users/{id}/enable", post(enable))
+pub fn router(api: Arc<Api>) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(login))
+        .routes(routes!(refresh))
+        .routes(secured::<Staff, _>(routes!(logout)))
+        .routes(secured::<Staff, _>(routes!(me)))
+        .routes(secured::<Staff, _>(routes!(chat_token)))
+        .routes(secured::<SuperAdmin, _>(routes!(list_users)))
+        .routes(secured::<SuperAdmin, _>(routes!(add_user)))
+        .routes(secured::<SuperAdmin, _>(routes!(set_password)))
+        .routes(secured::<SuperAdmin, _>(routes!(disable)))
+        .routes(secured::<SuperAdmin, _>(routes!(enable)))
         .with_state(api)
 }
 
@@ -91,7 +94,7 @@ fn user_json(u: &User, csrf: &str) -> Value {
     json!({ "user": u, "csrf": csrf })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Login {
     /// User id or e-mail.
@@ -111,6 +114,11 @@ impl Api {
     }
 }
 
+#[utoipa::path(
+    post, path = "/api/auth/login", tag = "staff",
+    request_body = Login,
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn login(State(api): State<Arc<Api>>, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let ip = client_ip(&parts);
@@ -216,6 +224,10 @@ async fn login(State(api): State<Arc<Api>>, req: Request) -> Result<Response, Ap
         .into_response())
 }
 
+#[utoipa::path(
+    post, path = "/api/auth/refresh", tag = "staff",
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn refresh(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Response, ApiError> {
     let Some(old) = cookie(&headers, REFRESH_COOKIE).filter(|t| !t.is_empty() && t.len() <= 128) else {
         return Err(unauthorized("unauthorized", "no refresh cookie: log in"));
@@ -263,6 +275,13 @@ async fn refresh(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Resp
     }
 }
 
+#[utoipa::path(
+    post, path = "/api/auth/logout", tag = "staff",
+    responses(
+        (status = 204, description = "Logged out: the session ends and its cookies are cleared"),
+        Errors,
+    ),
+)]
 async fn logout(State(api): State<Arc<Api>>, who: Caller<Staff>) -> Result<Response, ApiError> {
     if let Some(s) = &who.session {
         api.db()?.revoke_session(s.id, "logout").await?;
@@ -278,6 +297,10 @@ async fn logout(State(api): State<Arc<Api>>, who: Caller<Staff>) -> Result<Respo
     Ok((StatusCode::NO_CONTENT, session_cookies(None)).into_response())
 }
 
+#[utoipa::path(
+    get, path = "/api/auth/me", operation_id = "whoami", tag = "staff",
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn me(who: Caller<Staff>) -> Json<Value> {
     Json(json!({
         "id": who.sub,
@@ -287,8 +310,9 @@ async fn me(who: Caller<Staff>) -> Json<Value> {
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ChatFor {
     customer: Option<String>,
     app: Option<String>,
@@ -297,6 +321,11 @@ struct ChatFor {
 /// How long a console's chat token lives (the page asks again on reconnect).
 const CHAT_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
 
+#[utoipa::path(
+    get, path = "/api/auth/chat-token", tag = "staff",
+    params(ChatFor),
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn chat_token(
     State(api): State<Arc<Api>>,
     who: Caller<Staff>,
@@ -332,11 +361,15 @@ async fn chat_token(
     })))
 }
 
+#[utoipa::path(
+    get, path = "/api/staff/users", tag = "staff",
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn list_users(State(api): State<Arc<Api>>, _who: Caller<SuperAdmin>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({ "users": api.db()?.users().await? })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewUser {
     id: String,
@@ -392,6 +425,11 @@ pub async fn hashed(password: &str) -> Result<String, ApiError> {
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
 }
 
+#[utoipa::path(
+    post, path = "/api/staff/users", tag = "staff",
+    request_body = NewUser,
+    responses((status = 201, description = "Created", body = Object), Errors),
+)]
 async fn add_user(
     State(api): State<Arc<Api>>,
     who: Caller<SuperAdmin>,
@@ -414,13 +452,19 @@ async fn add_user(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewPassword {
     /// Generated (and answered once) when absent.
     password: Option<String>,
 }
 
+#[utoipa::path(
+    post, path = "/api/staff/users/{id}/password", tag = "staff",
+    params(("id", description = "Staff user id")),
+    request_body = NewPassword,
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn set_password(
     State(api): State<Arc<Api>>,
     who: Caller<SuperAdmin>,
@@ -465,6 +509,11 @@ async fn set_disabled(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    post, path = "/api/staff/users/{id}/disable", operation_id = "disable_user", tag = "staff",
+    params(("id", description = "Staff user id")),
+    responses((status = 204, description = "Done: the user's sessions ended"), Errors),
+)]
 async fn disable(
     State(api): State<Arc<Api>>,
     who: Caller<SuperAdmin>,
@@ -473,6 +522,11 @@ async fn disable(
     set_disabled(&api, &who, &id, true).await
 }
 
+#[utoipa::path(
+    post, path = "/api/staff/users/{id}/enable", operation_id = "enable_user", tag = "staff",
+    params(("id", description = "Staff user id")),
+    responses((status = 204, description = "Done: the user's sessions ended"), Errors),
+)]
 async fn enable(
     State(api): State<Arc<Api>>,
     who: Caller<SuperAdmin>,

@@ -25,6 +25,7 @@ mod jobs_backup;
 mod loadtest_instrument;
 mod mail;
 mod metrics;
+mod openapi;
 mod paas;
 mod postgres_tls;
 mod prometheus_live;

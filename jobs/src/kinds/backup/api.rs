@@ -1,19 +1,21 @@
 //! Backup routes: create (fast or custom, pre-checked), list, delete,
 //! signed download links and the download itself.
 
+use crate::api::secured;
+use portico_common::api::Errors;
 use std::sync::Arc;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use axum::Json;
-use axum::Router;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use portico_common::api::ApiError;
 use portico_common::auth::now_secs;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
 use tower::ServiceExt;
 
 use super::links::Signer;
@@ -25,29 +27,39 @@ use crate::staff::auth::{Caller, Staff};
 /// The backup routes' state: the shared API and the download-link signer.
 pub type BackupApi = KindApi<Signer>;
 
-pub fn router(api: Arc<BackupApi>) -> Router {
-    Router::new()
-        .route(
-            "/api/customers/{id}/backups",
-            post(create_backup).get(list_backups),
-        )
-        .route(
-            "/api/customers/{id}/backups/{backup}",
-            axum::routing::delete(delete_backup),
-        )
-        .route("/api/customers/{id}/backups/{backup}/links", post(links))
-        .route("/api/customers/{id}/backups/{backup}/download", get(download))
+pub fn router(api: Arc<BackupApi>) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(secured::<Staff, _>(routes!(create_backup)))
+        .routes(secured::<Staff, _>(routes!(list_backups)))
+        .routes(secured::<Staff, _>(routes!(delete_backup)))
+        .routes(secured::<Staff, _>(routes!(links)))
+        .routes(routes!(download))
         .with_state(api)
 }
 
-#[derive(Deserialize)]
+/// A backup to take: `fast` (database, uploads, .env and PM2 files) or
+/// `custom` with its include flags.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"type": "custom", "include": {"db": false, "uploads": true, "envPm2": true, "logs": false, "artifacts": false}}))]
 struct NewBackup {
+    /// `fast` or `custom`.
     #[serde(rename = "type")]
+    #[schema(example = "fast")]
     kind: String,
+    /// Only with `custom`.
     include: Option<Include>,
 }
 
+#[utoipa::path(
+    post, path = "/api/customers/{id}/backups", tag = "backups",
+    params(("id", description = "Customer id")),
+    request_body = NewBackup,
+    responses(
+        (status = 202, description = "Queued: follow the task", body = crate::api::Queued),
+        Errors,
+    ),
+)]
 async fn create_backup(
     State(api): State<Arc<BackupApi>>,
     who: Caller<Staff>,
@@ -106,19 +118,46 @@ async fn create_backup(
     )
     .await;
     let task = r?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({ "task": task, "state": "queued" })),
-    ))
+    Ok((StatusCode::ACCEPTED, crate::api::Queued::new(task)))
 }
 
+#[utoipa::path(
+    get, path = "/api/customers/{id}/backups", tag = "backups",
+    params(("id", description = "Customer id")),
+    responses((status = 200, description = "OK", body = Backups), Errors),
+)]
 async fn list_backups(
     State(api): State<Arc<BackupApi>>,
     _who: Caller<Staff>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     api.customer(&id).await?;
-    Ok(Json(json!({ "backups": api.db()?.backups(&id).await? })))
+    Ok(Json(Backups {
+        backups: api.db()?.backups(&id).await?,
+    }))
+}
+
+/// A customer's backups, newest first.
+#[derive(Serialize, utoipa::ToSchema)]
+struct Backups {
+    backups: Vec<super::db::BackupRow>,
+}
+
+/// Signed download links of a backup's files.
+#[derive(Serialize, utoipa::ToSchema)]
+struct Links {
+    /// Seconds since the epoch.
+    expires: u64,
+    links: Vec<Link>,
+}
+
+/// One file's signed link (no token needed to follow it).
+#[derive(Serialize, utoipa::ToSchema)]
+struct Link {
+    #[schema(example = "manifest.json")]
+    file: String,
+    /// Relative to the API's origin.
+    url: String,
 }
 
 pub(crate) fn backup_id(id: &str) -> Result<&str, ApiError> {
@@ -129,6 +168,13 @@ pub(crate) fn backup_id(id: &str) -> Result<&str, ApiError> {
     }
 }
 
+/// Deletes a backup (its row and files). Technicians may only where
+/// `jobs.technician_can_delete` is set.
+#[utoipa::path(
+    delete, path = "/api/customers/{id}/backups/{backup}", tag = "backups",
+    params(("id", description = "Customer id"), ("backup", description = "Backup id (YYYYMMDD-HHMMSS)")),
+    responses((status = 204, description = "Done"), Errors),
+)]
 async fn delete_backup(
     State(api): State<Arc<BackupApi>>,
     who: Caller<Staff>,
@@ -160,6 +206,14 @@ async fn delete_backup(
 }
 
 /// Signed links for every file of a backup (and its manifest).
+#[utoipa::path(
+    post, path = "/api/customers/{id}/backups/{backup}/links", operation_id = "backup_links", tag = "backups",
+    params(("id", description = "Customer id"), ("backup", description = "Backup id (YYYYMMDD-HHMMSS)")),
+    responses(
+        (status = 200, description = "Signed links, valid until `expires`", body = Links),
+        Errors,
+    ),
+)]
 async fn links(
     State(api): State<Arc<BackupApi>>,
     who: Caller<Staff>,
@@ -182,11 +236,14 @@ async fn links(
         .filter_map(|a| a["file"].as_str().map(str::to_string))
         .collect();
     files.push(backup::MANIFEST.into());
-    let links: Vec<Value> = files
-        .iter()
-        .map(|f| {
-            let sig = api.kind.sign(&id, backup, f, expires);
-            json!({ "file": f, "url": format!("/api/customers/{id}/backups/{backup}/download?file={f}&expires={expires}&sig={sig}") })
+    let links: Vec<Link> = files
+        .into_iter()
+        .map(|file| {
+            let sig = api.kind.sign(&id, backup, &file, expires);
+            let url = format!(
+                "/api/customers/{id}/backups/{backup}/download?file={file}&expires={expires}&sig={sig}"
+            );
+            Link { file, url }
         })
         .collect();
     api.audit(
@@ -198,11 +255,12 @@ async fn links(
         json!({ "expires": expires }),
     )
     .await;
-    Ok(Json(json!({ "expires": expires, "links": links })))
+    Ok(Json(Links { expires, links }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct Signed {
     file: String,
     expires: u64,
@@ -211,6 +269,15 @@ struct Signed {
 
 /// Streams a file of a backup to whoever holds a valid signed link
 /// (Content-Length, Range, and no bearer token needed).
+#[utoipa::path(
+    get, path = "/api/customers/{id}/backups/{backup}/download", operation_id = "download_backup_file", tag = "backups",
+    params(("id", description = "Customer id"), ("backup", description = "Backup id (YYYYMMDD-HHMMSS)"), Signed),
+    responses(
+        (status = 200, description = "The file (Range requests are answered with 206)", body = Vec<u8>, content_type = "*/*"),
+        (status = 206, description = "The requested range", body = Vec<u8>, content_type = "*/*"),
+        Errors,
+    ),
+)]
 async fn download(
     State(api): State<Arc<BackupApi>>,
     Path((id, backup)): Path<(String, String)>,

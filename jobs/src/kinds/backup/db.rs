@@ -9,7 +9,7 @@ use serde_json::Value;
 use crate::queue::db::{Claimed, Db, DbError, unavailable};
 
 /// A completed backup's row.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct BackupRow {
     pub id: String,
     pub task: i64,

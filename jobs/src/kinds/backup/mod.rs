@@ -34,7 +34,7 @@ pub const MANIFEST: &str = "backup.json";
 const SERVICES: [&str; 3] = ["backend", "admin", "store"];
 
 /// What a backup includes (seed 001's `include` flags).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Include {
     pub db: bool,

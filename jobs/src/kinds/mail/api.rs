@@ -3,16 +3,18 @@
 //! super_admin, ops_lead; override = super_admin). Passwords go in, are
 //! sealed at once, and never come out; every call is audited.
 
+use crate::api::secured;
+use portico_common::api::Errors;
 use std::sync::Arc;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use axum::Json;
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use hmac::{Hmac, Mac};
 use portico_common::api::ApiError;
 use portico_common::auth::Claims;
@@ -31,31 +33,32 @@ use crate::staff::auth::{Caller, Leads, Staff, StaffOrServices, SuperAdmin};
 /// The mail routes' state: the shared API and the mail config and vault.
 pub type MailApi = KindApi<Arc<Shared>>;
 
-pub fn router(api: Arc<MailApi>) -> Router {
-    Router::new()
-        .route("/api/migration/jobs", post(create_job).get(list_jobs))
-        .route("/api/migration/jobs/{id}", get(show_job))
-        .route(
-            "/api/migration/jobs/{id}/mailboxes",
-            post(add_mailbox).get(list_mailboxes),
-        )
-        .route(
-            "/api/migration/jobs/{id}/mailboxes/import",
-            post(import_mailboxes),
-        )
-        .route(
-            "/api/migration/jobs/{id}/mailboxes/{mailbox}/upload",
-            axum::routing::put(upload).layer(axum::extract::DefaultBodyLimit::disable()),
-        )
-        .route("/api/migration/jobs/{id}/preflight", post(preflight))
-        .route("/api/migration/jobs/{id}/sync", post(sync))
-        .route("/api/migration/jobs/{id}/verify", get(verify))
-        .route("/api/migration/jobs/{id}/report.csv", get(report_csv))
-        .route("/api/migration/jobs/{id}/report.html", get(report_html))
-        .route("/api/migration/jobs/{id}/approve-gate", post(approve_gate))
-        .route("/api/migration/jobs/{id}/override-gate", post(override_gate))
-        .route("/api/migration/gate", get(gate))
-        .route("/api/migration/webhooks/dns-applied", post(dns_applied))
+pub fn router(api: Arc<MailApi>) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(secured::<Staff, _>(routes!(create_job)))
+        .routes(secured::<Staff, _>(routes!(list_jobs)))
+        .routes(secured::<Staff, _>(routes!(show_job)))
+        .routes(secured::<Staff, _>(routes!(add_mailbox)))
+        .routes(secured::<Staff, _>(routes!(list_mailboxes)))
+        .routes(secured::<Staff, _>(routes!(import_mailboxes)))
+        .routes({
+            // Uploads are streamed to disk: no body limit.
+            let (schemas, paths, route) = secured::<Staff, _>(routes!(upload));
+            (
+                schemas,
+                paths,
+                route.layer(axum::extract::DefaultBodyLimit::disable()),
+            )
+        })
+        .routes(secured::<Staff, _>(routes!(preflight)))
+        .routes(secured::<Staff, _>(routes!(sync)))
+        .routes(secured::<Staff, _>(routes!(verify)))
+        .routes(secured::<Staff, _>(routes!(report_csv)))
+        .routes(secured::<Staff, _>(routes!(report_html)))
+        .routes(secured::<Leads, _>(routes!(approve_gate)))
+        .routes(secured::<SuperAdmin, _>(routes!(override_gate)))
+        .routes(secured::<StaffOrServices, _>(routes!(gate)))
+        .routes(routes!(dns_applied))
         .with_state(api)
 }
 
@@ -154,7 +157,7 @@ impl MailApi {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewJob {
     customer: String,
@@ -166,6 +169,11 @@ struct NewJob {
     options: Value,
 }
 
+#[utoipa::path(
+    post, path = "/api/migration/jobs", operation_id = "create_mail_job", tag = "mail",
+    request_body = NewJob,
+    responses((status = 201, description = "Created", body = Object), Errors),
+)]
 async fn create_job(
     State(api): State<Arc<MailApi>>,
     who: Caller<Staff>,
@@ -231,6 +239,10 @@ async fn create_job(
     Ok((StatusCode::CREATED, Json(job)))
 }
 
+#[utoipa::path(
+    get, path = "/api/migration/jobs", operation_id = "list_mail_jobs", tag = "mail",
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn list_jobs(
     State(api): State<Arc<MailApi>>,
     _who: Caller<Staff>,
@@ -238,6 +250,11 @@ async fn list_jobs(
     Ok(Json(json!({ "jobs": api.db()?.mail_jobs().await? })))
 }
 
+#[utoipa::path(
+    get, path = "/api/migration/jobs/{id}", operation_id = "get_mail_job", tag = "mail",
+    params(("id", description = "Migration job id")),
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn show_job(
     State(api): State<Arc<MailApi>>,
     who: Caller<Staff>,
@@ -255,7 +272,7 @@ async fn show_job(
     })))
 }
 
-#[derive(Deserialize, Clone)]
+#[derive(Deserialize, Clone, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewMailbox {
     source_login: String,
@@ -266,6 +283,12 @@ struct NewMailbox {
     folder_map: Option<std::collections::BTreeMap<String, String>>,
 }
 
+#[utoipa::path(
+    post, path = "/api/migration/jobs/{id}/mailboxes", tag = "mail",
+    params(("id", description = "Migration job id")),
+    request_body = NewMailbox,
+    responses((status = 201, description = "Created", body = Object), Errors),
+)]
 async fn add_mailbox(
     State(api): State<Arc<MailApi>>,
     who: Caller<Staff>,
@@ -289,6 +312,12 @@ async fn add_mailbox(
 /// CSV lines `source_login,source_password,dest_login,dest_password`
 /// (a header line with these names is skipped); each line is stored or
 /// refused on its own, with its line number and reason.
+#[utoipa::path(
+    post, path = "/api/migration/jobs/{id}/mailboxes/import", tag = "mail",
+    params(("id", description = "Migration job id")),
+    request_body(content = String, content_type = "text/csv", description = "At most 1 MiB"),
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn import_mailboxes(
     State(api): State<Arc<MailApi>>,
     who: Caller<Staff>,
@@ -344,6 +373,12 @@ async fn import_mailboxes(
 /// Streams a mailbox's source file (the PST of a pst job, the export of a
 /// tgz job) to disk (mode 600), at most `jobs.mail.max_pst_bytes`;
 /// replaces an earlier upload only when whole.
+#[utoipa::path(
+    put, path = "/api/migration/jobs/{id}/mailboxes/{mailbox}/upload", operation_id = "upload_mailbox", tag = "mail",
+    params(("id", description = "Migration job id"), ("mailbox", description = "Mailbox id")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The mailbox file (PST or tar.gz), streamed to disk"),
+    responses((status = 201, description = "Created", body = Object), Errors),
+)]
 async fn upload(
     State(api): State<Arc<MailApi>>,
     who: Caller<Staff>,
@@ -421,6 +456,11 @@ async fn upload(
     ))
 }
 
+#[utoipa::path(
+    get, path = "/api/migration/jobs/{id}/mailboxes", tag = "mail",
+    params(("id", description = "Migration job id")),
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn list_mailboxes(
     State(api): State<Arc<MailApi>>,
     _who: Caller<Staff>,
@@ -432,6 +472,11 @@ async fn list_mailboxes(
 
 /// Logs in on both sides of every mailbox, lists the source's folders with
 /// their messages and bytes, and estimates the copy time.
+#[utoipa::path(
+    post, path = "/api/migration/jobs/{id}/preflight", operation_id = "mail_preflight", tag = "mail",
+    params(("id", description = "Migration job id")),
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn preflight(
     State(api): State<Arc<MailApi>>,
     who: Caller<Staff>,
@@ -483,12 +528,21 @@ async fn preflight(
     })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SyncRequest {
     kind: String,
 }
 
+#[utoipa::path(
+    post, path = "/api/migration/jobs/{id}/sync", operation_id = "start_mail_sync", tag = "mail",
+    params(("id", description = "Migration job id")),
+    request_body = SyncRequest,
+    responses(
+        (status = 202, description = "Queued: follow the task", body = crate::api::Queued),
+        Errors,
+    ),
+)]
 async fn sync(
     State(api): State<Arc<MailApi>>,
     who: Caller<Staff>,
@@ -518,10 +572,7 @@ async fn sync(
         json!({ "kind": req.kind }),
     )
     .await;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({ "task": r?, "state": "queued" })),
-    ))
+    Ok((StatusCode::ACCEPTED, crate::api::Queued::new(r?)))
 }
 
 async fn verification(api: &MailApi, job: &MailJob) -> Result<Value, ApiError> {
@@ -553,6 +604,11 @@ async fn verification(api: &MailApi, job: &MailJob) -> Result<Value, ApiError> {
     }))
 }
 
+#[utoipa::path(
+    get, path = "/api/migration/jobs/{id}/verify", operation_id = "verify_mail", tag = "mail",
+    params(("id", description = "Migration job id")),
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn verify(
     State(api): State<Arc<MailApi>>,
     who: Caller<Staff>,
@@ -580,6 +636,11 @@ fn html(s: &str) -> String {
 }
 
 /// The job's verification as a page a person can read or print.
+#[utoipa::path(
+    get, path = "/api/migration/jobs/{id}/report.html", tag = "mail",
+    params(("id", description = "Migration job id")),
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn report_html(
     State(api): State<Arc<MailApi>>,
     who: Caller<Staff>,
@@ -632,6 +693,11 @@ async fn report_html(
         .into_response())
 }
 
+#[utoipa::path(
+    get, path = "/api/migration/jobs/{id}/report.csv", tag = "mail",
+    params(("id", description = "Migration job id")),
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn report_csv(
     State(api): State<Arc<MailApi>>,
     who: Caller<Staff>,
@@ -658,6 +724,11 @@ async fn report_csv(
     Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], out).into_response())
 }
 
+#[utoipa::path(
+    post, path = "/api/migration/jobs/{id}/approve-gate", tag = "mail",
+    params(("id", description = "Migration job id")),
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn approve_gate(
     State(api): State<Arc<MailApi>>,
     who: Caller<Leads>,
@@ -686,12 +757,18 @@ async fn approve_gate(
     Ok(Json(json!({ "gate": "ready_for_dns", "ratio": ratio })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Override {
     reason: String,
 }
 
+#[utoipa::path(
+    post, path = "/api/migration/jobs/{id}/override-gate", tag = "mail",
+    params(("id", description = "Migration job id")),
+    request_body = Override,
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn override_gate(
     State(api): State<Arc<MailApi>>,
     who: Caller<SuperAdmin>,
@@ -721,13 +798,19 @@ async fn override_gate(
     Ok(Json(json!({ "gate": "ready_for_dns", "overridden": true })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct GateQuery {
     domain: String,
 }
 
 /// For other systems (a DNS panel): may this domain's MX move?
+#[utoipa::path(
+    get, path = "/api/migration/gate", operation_id = "mail_gate", tag = "mail",
+    params(GateQuery),
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn gate(
     State(api): State<Arc<MailApi>>,
     _who: Caller<StaffOrServices>,
@@ -748,7 +831,7 @@ async fn gate(
     })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct DnsApplied {
     delivery_id: String,
@@ -758,6 +841,12 @@ struct DnsApplied {
 /// `dns.applied`: the DNS system says the MX moved. Signed with
 /// HMAC-SHA256 over the body (`X-Portico-Signature: sha256=<hex>`,
 /// compared in constant time); a delivery id seen before changes nothing.
+#[utoipa::path(
+    post, path = "/api/migration/webhooks/dns-applied", tag = "mail",
+    params(("X-Portico-Signature" = String, Header, description = "sha256=<hex>: HMAC-SHA256 of the body with jobs.mail.webhook_secret")),
+    request_body = DnsApplied,
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn dns_applied(
     State(api): State<Arc<MailApi>>,
     headers: HeaderMap,

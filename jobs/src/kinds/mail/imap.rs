@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use super::folders::Folder;
 
 /// Where a mailbox lives.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Server {
     pub host: String,

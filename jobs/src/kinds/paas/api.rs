@@ -8,16 +8,18 @@
 //! Names are DNS labels; repositories and refs are validated
 //! ([`super::source`]); nothing from a request reaches a shell.
 
+use crate::api::secured;
+use portico_common::api::Errors;
 use std::sync::Arc;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use axum::Json;
-use axum::Router;
 use axum::body::Body;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use futures_util::StreamExt;
 use portico_common::api::ApiError;
 use portico_config::is_http_path;
@@ -48,17 +50,19 @@ impl From<PaasError> for ApiError {
     }
 }
 
-pub fn router(api: Arc<PaasApi>) -> Router {
-    Router::new()
-        .route("/api/apps", post(create).get(list))
-        .route("/api/apps/{name}", get(show).delete(delete))
-        .route("/api/apps/{name}/deploy", post(deploy))
-        .route("/api/apps/{name}/stop", post(stop))
-        .route("/api/apps/{name}/start", post(start))
-        .route("/api/apps/{name}/logs", get(logs))
-        .route("/api/apps/{name}/tasks", get(tasks))
-        .route("/api/apps/{name}/tasks/{task}", get(task))
-        .route("/api/apps/{name}/tasks/{task}/cancel", post(cancel))
+pub fn router(api: Arc<PaasApi>) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(secured::<Leads, _>(routes!(create)))
+        .routes(secured::<Staff, _>(routes!(list)))
+        .routes(secured::<Staff, _>(routes!(show)))
+        .routes(secured::<Leads, _>(routes!(delete)))
+        .routes(secured::<Staff, _>(routes!(deploy)))
+        .routes(secured::<Staff, _>(routes!(stop)))
+        .routes(secured::<Staff, _>(routes!(start)))
+        .routes(secured::<Staff, _>(routes!(logs)))
+        .routes(secured::<Staff, _>(routes!(tasks)))
+        .routes(secured::<Staff, _>(routes!(task)))
+        .routes(secured::<Staff, _>(routes!(cancel)))
         .with_state(api)
 }
 
@@ -130,7 +134,7 @@ impl PaasApi {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewApp {
     name: String,
@@ -149,6 +153,11 @@ struct NewApp {
     deploy: Option<bool>,
 }
 
+#[utoipa::path(
+    post, path = "/api/apps", operation_id = "create_app", tag = "apps",
+    request_body = NewApp,
+    responses((status = 201, description = "Created", body = Object), Errors),
+)]
 async fn create(
     State(api): State<Arc<PaasApi>>,
     who: Caller<Leads>,
@@ -230,11 +239,20 @@ async fn create(
     Ok((StatusCode::CREATED, Json(json!({ "app": app, "task": task }))))
 }
 
+#[utoipa::path(
+    get, path = "/api/apps", operation_id = "list_apps", tag = "apps",
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn list(State(api): State<Arc<PaasApi>>, _who: Caller<Staff>) -> Result<impl IntoResponse, ApiError> {
     api.docker().await?;
     Ok(Json(json!({ "apps": api.db()?.apps().await? })))
 }
 
+#[utoipa::path(
+    get, path = "/api/apps/{name}", operation_id = "get_app", tag = "apps",
+    params(("name", description = "App name")),
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn show(
     State(api): State<Arc<PaasApi>>,
     _who: Caller<Staff>,
@@ -253,6 +271,11 @@ async fn show(
     })))
 }
 
+#[utoipa::path(
+    delete, path = "/api/apps/{name}", operation_id = "delete_app", tag = "apps",
+    params(("name", description = "App name")),
+    responses((status = 204, description = "Done"), Errors),
+)]
 async fn delete(
     State(api): State<Arc<PaasApi>>,
     who: Caller<Leads>,
@@ -284,6 +307,14 @@ async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    post, path = "/api/apps/{name}/deploy", operation_id = "deploy_app", tag = "apps",
+    params(("name", description = "App name")),
+    responses(
+        (status = 202, description = "Queued: follow the task", body = crate::api::Queued),
+        Errors,
+    ),
+)]
 async fn deploy(
     State(api): State<Arc<PaasApi>>,
     who: Caller<Staff>,
@@ -310,12 +341,14 @@ async fn deploy(
         json!({}),
     )
     .await;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({ "task": r?, "state": "queued" })),
-    ))
+    Ok((StatusCode::ACCEPTED, crate::api::Queued::new(r?)))
 }
 
+#[utoipa::path(
+    post, path = "/api/apps/{name}/stop", operation_id = "stop_app", tag = "apps",
+    params(("name", description = "App name")),
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn stop(
     State(api): State<Arc<PaasApi>>,
     who: Caller<Staff>,
@@ -331,6 +364,11 @@ async fn stop(
     Ok(Json(json!({ "app": name, "state": "stopped" })))
 }
 
+#[utoipa::path(
+    post, path = "/api/apps/{name}/start", operation_id = "start_app", tag = "apps",
+    params(("name", description = "App name")),
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn start(
     State(api): State<Arc<PaasApi>>,
     who: Caller<Staff>,
@@ -348,8 +386,9 @@ async fn start(
     Ok(Json(json!({ "app": name, "state": "running" })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct LogQuery {
     tail: Option<usize>,
     follow: Option<bool>,
@@ -357,6 +396,11 @@ struct LogQuery {
 
 /// The container's output as text: the last `tail` lines (default 100,
 /// at most 10,000), then, with `follow=true`, new lines as they come.
+#[utoipa::path(
+    get, path = "/api/apps/{name}/logs", operation_id = "app_logs", tag = "apps",
+    params(("name", description = "App name"), LogQuery),
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn logs(
     State(api): State<Arc<PaasApi>>,
     _who: Caller<Staff>,
@@ -376,6 +420,11 @@ async fn logs(
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())
 }
 
+#[utoipa::path(
+    get, path = "/api/apps/{name}/tasks", operation_id = "list_app_tasks", tag = "apps",
+    params(("name", description = "App name")),
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn tasks(
     State(api): State<Arc<PaasApi>>,
     _who: Caller<Staff>,
@@ -387,6 +436,11 @@ async fn tasks(
     ))
 }
 
+#[utoipa::path(
+    get, path = "/api/apps/{name}/tasks/{task}", operation_id = "get_app_task", tag = "apps",
+    params(("name", description = "App name"), ("task", description = "Task id")),
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn task(
     State(api): State<Arc<PaasApi>>,
     _who: Caller<Staff>,
@@ -398,6 +452,14 @@ async fn task(
 
 /// Cancels a queued deploy at once, a running one at its next step (its
 /// new container and image are removed; the old one keeps serving).
+#[utoipa::path(
+    post, path = "/api/apps/{name}/tasks/{task}/cancel", operation_id = "cancel_app_task", tag = "apps",
+    params(("name", description = "App name"), ("task", description = "Task id")),
+    responses(
+        (status = 202, description = "Cancelled: the task stops at its next step"),
+        Errors,
+    ),
+)]
 async fn cancel(
     State(api): State<Arc<PaasApi>>,
     who: Caller<Staff>,

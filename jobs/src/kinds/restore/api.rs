@@ -1,14 +1,16 @@
 //! The restore route: queue a restore (or a dry run) of a backup.
 
+use crate::api::secured;
+use portico_common::api::Errors;
 use std::sync::Arc;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use axum::Json;
-use axum::Router;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::post;
 use portico_common::api::ApiError;
 use serde::Deserialize;
 use serde_json::json;
@@ -18,13 +20,13 @@ use crate::kinds::backup::api::backup_id;
 use crate::queue::Subject;
 use crate::staff::auth::{Caller, Leads};
 
-pub fn router(api: Arc<Api>) -> Router {
-    Router::new()
-        .route("/api/customers/{id}/backups/{backup}/restore", post(restore))
+pub fn router(api: Arc<Api>) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(secured::<Leads, _>(routes!(restore)))
         .with_state(api)
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RestoreRequest {
     #[serde(default)]
@@ -32,6 +34,15 @@ struct RestoreRequest {
     target_db: Option<String>,
 }
 
+#[utoipa::path(
+    post, path = "/api/customers/{id}/backups/{backup}/restore", operation_id = "start_restore", tag = "backups",
+    params(("id", description = "Customer id"), ("backup", description = "Backup id (YYYYMMDD-HHMMSS)")),
+    request_body = RestoreRequest,
+    responses(
+        (status = 202, description = "Queued: follow the task", body = crate::api::Queued),
+        Errors,
+    ),
+)]
 async fn restore(
     State(api): State<Arc<Api>>,
     who: Caller<Leads>,
@@ -63,8 +74,5 @@ async fn restore(
         json!({ "dry_run": req.dry_run }),
     )
     .await;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({ "task": r?, "state": "queued" })),
-    ))
+    Ok((StatusCode::ACCEPTED, crate::api::Queued::new(r?)))
 }

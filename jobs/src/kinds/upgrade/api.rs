@@ -7,15 +7,17 @@
 //! engines are not met (409), or an archive does not match its checksum
 //! (422): the plan is computed and checked first, then the task queued.
 
+use crate::api::secured;
+use portico_common::api::Errors;
 use std::sync::Arc;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use axum::Json;
-use axum::Router;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
 use portico_common::api::ApiError;
 use semver::Version;
 use serde::Deserialize;
@@ -31,15 +33,15 @@ use crate::staff::auth::{Caller, Leads, Staff};
 /// The upgrade routes' state: the shared API and the upgrade config.
 pub type UpgradeApi = KindApi<Arc<Shared>>;
 
-pub fn router(api: Arc<UpgradeApi>) -> Router {
-    Router::new()
-        .route("/api/releases", get(releases))
-        .route("/api/customers/{id}/upgrade-plan", get(plan))
-        .route("/api/customers/{id}/upgrade", post(upgrade))
-        .route("/api/customers/{id}/rollback", post(rollback))
-        .route("/api/customers/{id}/serve", post(serve))
-        .route("/api/customers/{id}/site", get(site))
-        .route("/api/customers/{id}/tasks/{task}/approve-env", post(approve))
+pub fn router(api: Arc<UpgradeApi>) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(secured::<Staff, _>(routes!(releases)))
+        .routes(secured::<Staff, _>(routes!(plan)))
+        .routes(secured::<Leads, _>(routes!(upgrade)))
+        .routes(secured::<Leads, _>(routes!(rollback)))
+        .routes(secured::<Leads, _>(routes!(serve)))
+        .routes(secured::<Staff, _>(routes!(site)))
+        .routes(secured::<Leads, _>(routes!(approve)))
         .with_state(api)
 }
 
@@ -269,6 +271,10 @@ fn known(c: &super::catalog::Catalog) -> String {
     if v.is_empty() { "none".into() } else { v.join(", ") }
 }
 
+#[utoipa::path(
+    get, path = "/api/releases", operation_id = "list_releases", tag = "upgrades",
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn releases(
     State(api): State<Arc<UpgradeApi>>,
     _who: Caller<Staff>,
@@ -277,12 +283,18 @@ async fn releases(
     Ok(Json(json!({ "releases": catalog.releases })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct PlanQuery {
     to: String,
 }
 
+#[utoipa::path(
+    get, path = "/api/customers/{id}/upgrade-plan", operation_id = "upgrade_plan", tag = "upgrades",
+    params(("id", description = "Customer id"), PlanQuery),
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn plan(
     State(api): State<Arc<UpgradeApi>>,
     _who: Caller<Staff>,
@@ -294,7 +306,7 @@ async fn plan(
     Ok(Json(api.plan(&c, &q.to).await?.body))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct UpgradeRequest {
     to: String,
@@ -305,6 +317,15 @@ struct UpgradeRequest {
     skip_type_check: bool,
 }
 
+#[utoipa::path(
+    post, path = "/api/customers/{id}/upgrade", operation_id = "start_upgrade", tag = "upgrades",
+    params(("id", description = "Customer id")),
+    request_body = UpgradeRequest,
+    responses(
+        (status = 202, description = "Accepted: follow the task", body = Object),
+        Errors,
+    ),
+)]
 async fn upgrade(
     State(api): State<Arc<UpgradeApi>>,
     who: Caller<Leads>,
@@ -338,6 +359,14 @@ async fn upgrade(
     ))
 }
 
+#[utoipa::path(
+    post, path = "/api/customers/{id}/rollback", operation_id = "start_rollback", tag = "upgrades",
+    params(("id", description = "Customer id")),
+    responses(
+        (status = 202, description = "Accepted: follow the task", body = Object),
+        Errors,
+    ),
+)]
 async fn rollback(
     State(api): State<Arc<UpgradeApi>>,
     who: Caller<Leads>,
@@ -361,6 +390,14 @@ async fn rollback(
     ))
 }
 
+#[utoipa::path(
+    post, path = "/api/customers/{id}/serve", operation_id = "serve_release", tag = "upgrades",
+    params(("id", description = "Customer id")),
+    responses(
+        (status = 202, description = "Accepted: follow the task", body = Object),
+        Errors,
+    ),
+)]
 async fn serve(
     State(api): State<Arc<UpgradeApi>>,
     who: Caller<Leads>,
@@ -384,6 +421,11 @@ async fn serve(
     ))
 }
 
+#[utoipa::path(
+    get, path = "/api/customers/{id}/site", operation_id = "get_site", tag = "upgrades",
+    params(("id", description = "Customer id")),
+    responses((status = 200, description = "OK", body = Object), Errors),
+)]
 async fn site(
     State(api): State<Arc<UpgradeApi>>,
     _who: Caller<Staff>,
@@ -398,6 +440,11 @@ async fn site(
     Ok(Json(site))
 }
 
+#[utoipa::path(
+    post, path = "/api/customers/{id}/tasks/{task}/approve-env", operation_id = "approve_env", tag = "upgrades",
+    params(("id", description = "Customer id"), ("task", description = "Task id")),
+    responses((status = 204, description = "Done"), Errors),
+)]
 async fn approve(
     State(api): State<Arc<UpgradeApi>>,
     who: Caller<Leads>,
