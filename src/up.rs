@@ -152,6 +152,11 @@ fn same_process_routes(cfg: &mut PorticoConfig) {
 /// N on `chat.listen` + N - 1, and a JWT secret kept under `data_dir`.
 fn prepare(cfg: &mut PorticoConfig) -> anyhow::Result<()> {
     fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    // Absolute from here on: PostgreSQL runs in its own directory (a
+    // relative socket directory fails there), and every path derived from
+    // this one is handed to other processes.
+    cfg.data_dir = std::path::absolute(&cfg.data_dir)
+        .with_context(|| format!("resolving {}", cfg.data_dir.display()))?;
     if cfg.auth.jwt_secret.is_empty() {
         cfg.auth.jwt_secret = load_or_create_secret(&cfg.data_dir.join("jwt-secret"))?;
     }

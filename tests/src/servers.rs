@@ -370,11 +370,36 @@ impl Service {
         health_port: u16,
     ) -> Result<Service, String> {
         let mut cmd = Command::new(bin);
+        cmd.env("PORTICO_DATA_DIR", dir.path());
+        Service::spawn(cmd, dir, args, env, health_port)
+    }
+
+    /// A service run from inside `dir` with the data directory given as
+    /// the relative path `data` (as the README's first command does).
+    pub fn start_relative(
+        dir: TempDir,
+        bin: &Path,
+        args: &[&str],
+        env: &[(&str, String)],
+        health_port: u16,
+    ) -> Service {
+        let mut cmd = Command::new(bin);
+        cmd.current_dir(dir.path()).env("PORTICO_DATA_DIR", "data");
+        Service::spawn(cmd, dir, args, env, health_port).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn spawn(
+        mut cmd: Command,
+        dir: TempDir,
+        args: &[&str],
+        env: &[(&str, String)],
+        health_port: u16,
+    ) -> Result<Service, String> {
+        let bin = PathBuf::from(cmd.get_program());
         cmd.args(args)
             .env_remove("PORTICO_CONFIG")
             .env("PORTICO_AUTH__JWT_SECRET", TEST_SECRET)
-            .env("PORTICO_LOG__FORMAT", "json")
-            .env("PORTICO_DATA_DIR", dir.path());
+            .env("PORTICO_LOG__FORMAT", "json");
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -383,3 +383,38 @@ async fn with_postgresql_installed_up_backs_a_customer_up_end_to_end() {
         .unwrap();
     assert_eq!(backups["backups"].as_array().map(Vec::len), Some(1), "{backups}");
 }
+
+/// The README's first command runs from a checkout with the data
+/// directory `data` (relative): its private PostgreSQL must start there
+/// too (it runs in its own directory, where a relative socket directory
+/// used to fail), so the jobs API has its database.
+#[tokio::test]
+async fn a_relative_data_dir_still_gets_its_private_postgres() {
+    if !portico_tests::servers::pg_bin("initdb").is_file() {
+        eprintln!("\n*** SKIPPED: PostgreSQL is not installed (scripts/test installs it) ***\n");
+        return;
+    }
+    let (env, edge) = up_env(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let mut svc = portico_tests::servers::Service::start_relative(
+        dir,
+        &portico_tests::bins::portico(),
+        &["up"],
+        &env,
+        edge.admin,
+    );
+    edge.wait_listening(&mut svc.proc);
+    assert!(root.join("data/postgres/data/PG_VERSION").is_file());
+    let log = svc.proc.log();
+    assert!(!log.contains("did not start"), "{log}");
+    let http = https_client(&std::fs::read(root.join("data/certs/localhost.crt")).unwrap());
+    let token = token_with_roles("ops", &["super_admin"]);
+    let r = http
+        .get(format!("https://localhost:{}/api/customers", edge.https))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
