@@ -272,14 +272,11 @@ async fn create_conversation(
         None => ConvId::parse(&format!("c-{:016x}", rand::random::<u64>())).expect("generated ids are valid"),
     };
     let mut members = req.members;
-    if members
-        .iter()
-        .any(|m| m.is_empty() || m.len() > portico_common::auth::MAX_SUBJECT_LEN)
-    {
+    if members.iter().any(|m| !portico_common::auth::is_subject(m)) {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
             "invalid_member",
-            "member ids are 1-128 bytes".into(),
+            "member ids are 1-128 bytes without control characters".into(),
         ));
     }
     if !claims.has_role(SERVICE_ROLE) {
@@ -395,11 +392,11 @@ async fn post_message(
             "id must be 1-64 of A-Z a-z 0-9 _ -".into(),
         ));
     }
-    if req.body.is_empty() || req.body.len() > protocol::MAX_BODY_BYTES {
+    if !protocol::is_body(&req.body) {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
             "invalid_body",
-            "body must be 1 to 4096 bytes".into(),
+            "body must be 1 to 4096 bytes, without NUL".into(),
         ));
     }
     let service = claims.has_role(SERVICE_ROLE);
@@ -464,11 +461,11 @@ async fn add_member(
     let claims = bearer(&shard, &headers)?;
     let Json(req) = body.map_err(|e| bad_request(e.body_text()))?;
     let conv = parse_conv(&id)?;
-    if req.user.is_empty() || req.user.len() > portico_common::auth::MAX_SUBJECT_LEN {
+    if !portico_common::auth::is_subject(&req.user) {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
             "invalid_member",
-            "member ids are 1-128 bytes".into(),
+            "member ids are 1-128 bytes without control characters".into(),
         ));
     }
     require_member(&shard, &conv, &claims).await?;
@@ -489,6 +486,13 @@ async fn remove_member(
 ) -> Result<impl IntoResponse, ApiError> {
     let claims = bearer(&shard, &headers)?;
     let conv = parse_conv(&id)?;
+    if !portico_common::auth::is_subject(&user) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "invalid_member",
+            "member ids are 1-128 bytes without control characters".into(),
+        ));
+    }
     require_member(&shard, &conv, &claims).await?;
     if !shard.hub.store().remove_member(&conv, &user).await? {
         return Err(ApiError(

@@ -54,6 +54,12 @@ pub fn is_id(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// A message body: 1 to [`MAX_BODY_BYTES`] bytes, no NUL (which no
+/// store keeps as text).
+pub fn is_body(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_BODY_BYTES && !s.contains('\0')
+}
+
 /// A frame from the client.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -177,7 +183,7 @@ pub fn parse(text: &str) -> Result<ClientFrame, ErrorCode> {
                 if !is_id(id) {
                     return Err(ErrorCode::InvalidMessageId);
                 }
-                if body.is_empty() || body.len() > MAX_BODY_BYTES {
+                if !is_body(body) {
                     return Err(ErrorCode::InvalidBody);
                 }
             }
@@ -345,6 +351,11 @@ mod tests {
         assert_eq!(
             parse(r#"{"type":"publish","conv":"c","id":"","body":"x"}"#),
             Err(ErrorCode::InvalidMessageId)
+        );
+        assert_eq!(
+            parse(r#"{"type":"publish","conv":"c","id":"m1","body":"a\u0000b"}"#),
+            Err(ErrorCode::InvalidBody),
+            "no store keeps a NUL as text"
         );
         let long = "x".repeat(MAX_BODY_BYTES + 1);
         assert_eq!(

@@ -43,6 +43,13 @@ pub enum AuthError {
 /// Longest accepted user id (it becomes a key in registries and limits).
 pub const MAX_SUBJECT_LEN: usize = 128;
 
+/// A user id as tokens carry it and APIs take it: 1-128 bytes, no control
+/// characters (a NUL cannot be stored in PostgreSQL text, and none belongs
+/// in a name shown to people).
+pub fn is_subject(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_SUBJECT_LEN && !s.chars().any(char::is_control)
+}
+
 /// Signing and verification keys derived from the shared secret.
 #[derive(Clone)]
 pub struct Tokens {
@@ -91,7 +98,7 @@ impl Tokens {
             _ => AuthError::Invalid,
         })?;
         let c = data.claims;
-        if c.sub.is_empty() || c.sub.len() > MAX_SUBJECT_LEN {
+        if !is_subject(&c.sub) {
             return Err(AuthError::BadSubject);
         }
         Ok(c)

@@ -75,6 +75,7 @@ impl From<DbError> for ApiError {
             ),
             DbError::Missing(_) => ApiError(StatusCode::NOT_FOUND, "not_found", e.to_string()),
             DbError::Full(_) => ApiError(StatusCode::CONFLICT, "full", e.to_string()),
+            DbError::Invalid(_) => ApiError(StatusCode::BAD_REQUEST, "invalid_value", e.to_string()),
             DbError::Exists(_) => ApiError(StatusCode::CONFLICT, "exists", e.to_string()),
             DbError::Unavailable(_) => {
                 ApiError(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())

@@ -132,6 +132,11 @@ pub enum DbError {
     Missing(String),
     #[error("{0}")]
     Full(String),
+    /// A value the database cannot hold as given (PostgreSQL's data
+    /// exceptions, class 22: a NUL byte in text, a number out of range…).
+    /// Values come from requests: this is the caller's error, not an outage.
+    #[error("invalid value: {0}")]
+    Invalid(String),
 }
 
 /// Whose task: the queue allows one active task per customer and per app.
@@ -178,6 +183,9 @@ pub(crate) fn unavailable(e: impl std::fmt::Display + 'static) -> DbError {
     if let Some(pg) = any.downcast_ref::<tokio_postgres::Error>()
         && let Some(db) = pg.as_db_error()
     {
+        if db.code().code().starts_with("22") {
+            return DbError::Invalid(db.message().to_string());
+        }
         return DbError::Unavailable(format!("{}: {}", db.code().code(), db.message()));
     }
     DbError::Unavailable(e.to_string())

@@ -436,6 +436,43 @@ async fn the_description_covers_every_route_and_drives_a_backup() {
         fetched += 1;
     }
     assert!(fetched >= 2, "{links}");
+
+    // A NUL byte in a value is the caller's error (400 and a documented
+    // body), never an outage (PostgreSQL text cannot hold one).
+    for (id, method, url, body) in [
+        (
+            "chat_token",
+            "GET",
+            "/api/auth/chat-token?app=a%00b".to_string(),
+            None,
+        ),
+        ("list_audit", "GET", "/api/audit?actor=a%00b".to_string(), None),
+        (
+            "post_message",
+            "POST",
+            "/api/conversations/lobby/messages".to_string(),
+            Some(json!({"id": "nul-1", "body": "a\u{0}b"})),
+        ),
+        (
+            "create_conversation",
+            "POST",
+            "/api/conversations".to_string(),
+            Some(json!({"members": ["a\u{0}b"]})),
+        ),
+    ] {
+        let mut r = http
+            .request(method.parse().unwrap(), format!("{base}{url}"))
+            .bearer_auth(&c.token);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let ct = content_type(&resp);
+        let bytes = resp.bytes().await.unwrap();
+        c.d.check(&c.d.op(id), status, &ct, &bytes);
+        assert_eq!(status, 400, "{id}: {}", String::from_utf8_lossy(&bytes));
+    }
 }
 
 fn rust_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
