@@ -369,7 +369,7 @@ struct Published {
 
 /// Publishes over HTTP (services, e.g. jobs progress events, or members).
 #[utoipa::path(post, path = "/api/conversations/{id}/messages", tag = "chat",
-    params(("id" = String, Path, description = "Conversation id")),
+    params(("id" = String, Path, description = "Conversation id", pattern = "^[A-Za-z0-9_-]{1,64}$")),
     request_body = PostMessage,
     responses(
         (status = 201, body = Published, description = "Stored and delivered"),
@@ -442,13 +442,13 @@ async fn post_message(
 #[serde(deny_unknown_fields)]
 struct AddMember {
     /// A user id, 1-128 bytes.
-    #[schema(example = "carol")]
+    #[schema(example = "carol", min_length = 1, max_length = 128)]
     user: String,
 }
 
 /// Adds a member (members and services may).
 #[utoipa::path(post, path = "/api/conversations/{id}/members", tag = "chat",
-    params(("id" = String, Path, description = "Conversation id")),
+    params(("id" = String, Path, description = "Conversation id", pattern = "^[A-Za-z0-9_-]{1,64}$")),
     request_body = AddMember,
     responses((status = 204, description = "Added"), Errors),
     security(("bearer" = [])))]
@@ -476,7 +476,7 @@ async fn add_member(
 /// Removes a member (a member may remove anyone, or leave); their live
 /// subscriptions end with `unsubscribed` (`reason: removed`).
 #[utoipa::path(delete, path = "/api/conversations/{id}/members/{user}", tag = "chat",
-    params(("id" = String, Path, description = "Conversation id"), ("user" = String, Path, description = "User id")),
+    params(("id" = String, Path, description = "Conversation id", pattern = "^[A-Za-z0-9_-]{1,64}$"), ("user" = String, Path, description = "User id")),
     responses((status = 204, description = "Removed"), Errors),
     security(("bearer" = [])))]
 async fn remove_member(
@@ -532,7 +532,7 @@ struct History {
 
 /// A page of a conversation's history (members only).
 #[utoipa::path(get, path = "/api/conversations/{id}/messages", tag = "chat",
-    params(("id" = String, Path, description = "Conversation id"), HistoryQuery),
+    params(("id" = String, Path, description = "Conversation id", pattern = "^[A-Za-z0-9_-]{1,64}$"), HistoryQuery),
     responses((status = 200, body = History), Errors),
     security(("bearer" = [])))]
 async fn list_messages(

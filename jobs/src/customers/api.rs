@@ -171,7 +171,7 @@ async fn list_customers(
 
 #[utoipa::path(
     get, path = "/api/customers/{id}", tag = "customers",
-    params(("id", description = "Customer id")),
+    params(("id", description = "Customer id", pattern = "^[a-z0-9][a-z0-9-]{0,62}$")),
     responses((status = 200, description = "OK", body = super::Customer), Errors),
 )]
 async fn get_customer(
@@ -184,7 +184,7 @@ async fn get_customer(
 
 #[utoipa::path(
     get, path = "/api/customers/{id}/tasks", tag = "customers",
-    params(("id", description = "Customer id")),
+    params(("id", description = "Customer id", pattern = "^[a-z0-9][a-z0-9-]{0,62}$")),
     responses((status = 200, description = "The newest 100 tasks", body = Tasks), Errors),
 )]
 async fn list_tasks(
@@ -199,7 +199,7 @@ async fn list_tasks(
 
 #[utoipa::path(
     get, path = "/api/customers/{id}/tasks/{task}", tag = "customers",
-    params(("id", description = "Customer id"), ("task", description = "Task id")),
+    params(("id", description = "Customer id", pattern = "^[a-z0-9][a-z0-9-]{0,62}$"), ("task", description = "Task id")),
     responses((status = 200, description = "OK", body = crate::queue::TaskRecord), Errors),
 )]
 async fn get_task(
@@ -212,7 +212,7 @@ async fn get_task(
 
 #[utoipa::path(
     post, path = "/api/customers/{id}/tasks/{task}/cancel", tag = "customers",
-    params(("id", description = "Customer id"), ("task", description = "Task id")),
+    params(("id", description = "Customer id", pattern = "^[a-z0-9][a-z0-9-]{0,62}$"), ("task", description = "Task id")),
     responses(
         (status = 202, description = "Cancelled: the task stops at its next step"),
         Errors,

@@ -98,7 +98,9 @@ fn user_json(u: &User, csrf: &str) -> Value {
 #[serde(deny_unknown_fields)]
 struct Login {
     /// User id or e-mail.
+    #[schema(min_length = 1)]
     account: String,
+    #[schema(min_length = 1)]
     password: String,
 }
 

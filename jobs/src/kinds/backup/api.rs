@@ -53,7 +53,7 @@ struct NewBackup {
 
 #[utoipa::path(
     post, path = "/api/customers/{id}/backups", tag = "backups",
-    params(("id", description = "Customer id")),
+    params(("id", description = "Customer id", pattern = "^[a-z0-9][a-z0-9-]{0,62}$")),
     request_body = NewBackup,
     responses(
         (status = 202, description = "Queued: follow the task", body = crate::api::Queued),
@@ -123,7 +123,7 @@ async fn create_backup(
 
 #[utoipa::path(
     get, path = "/api/customers/{id}/backups", tag = "backups",
-    params(("id", description = "Customer id")),
+    params(("id", description = "Customer id", pattern = "^[a-z0-9][a-z0-9-]{0,62}$")),
     responses((status = 200, description = "OK", body = Backups), Errors),
 )]
 async fn list_backups(
@@ -172,7 +172,7 @@ pub(crate) fn backup_id(id: &str) -> Result<&str, ApiError> {
 /// `jobs.technician_can_delete` is set.
 #[utoipa::path(
     delete, path = "/api/customers/{id}/backups/{backup}", tag = "backups",
-    params(("id", description = "Customer id"), ("backup", description = "Backup id (YYYYMMDD-HHMMSS)")),
+    params(("id", description = "Customer id", pattern = "^[a-z0-9][a-z0-9-]{0,62}$"), ("backup", description = "Backup id (YYYYMMDD-HHMMSS)", pattern = "^[0-9]{8}-[0-9]{6}$")),
     responses((status = 204, description = "Done"), Errors),
 )]
 async fn delete_backup(
@@ -208,7 +208,7 @@ async fn delete_backup(
 /// Signed links for every file of a backup (and its manifest).
 #[utoipa::path(
     post, path = "/api/customers/{id}/backups/{backup}/links", operation_id = "backup_links", tag = "backups",
-    params(("id", description = "Customer id"), ("backup", description = "Backup id (YYYYMMDD-HHMMSS)")),
+    params(("id", description = "Customer id", pattern = "^[a-z0-9][a-z0-9-]{0,62}$"), ("backup", description = "Backup id (YYYYMMDD-HHMMSS)", pattern = "^[0-9]{8}-[0-9]{6}$")),
     responses(
         (status = 200, description = "Signed links, valid until `expires`", body = Links),
         Errors,
@@ -271,7 +271,7 @@ struct Signed {
 /// (Content-Length, Range, and no bearer token needed).
 #[utoipa::path(
     get, path = "/api/customers/{id}/backups/{backup}/download", operation_id = "download_backup_file", tag = "backups",
-    params(("id", description = "Customer id"), ("backup", description = "Backup id (YYYYMMDD-HHMMSS)"), Signed),
+    params(("id", description = "Customer id", pattern = "^[a-z0-9][a-z0-9-]{0,62}$"), ("backup", description = "Backup id (YYYYMMDD-HHMMSS)", pattern = "^[0-9]{8}-[0-9]{6}$"), Signed),
     responses(
         (status = 200, description = "The file (Range requests are answered with 206)", body = Vec<u8>, content_type = "*/*"),
         (status = 206, description = "The requested range", body = Vec<u8>, content_type = "*/*"),

@@ -137,6 +137,8 @@ impl PaasApi {
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewApp {
+    /// The app's name and host label: 1-63 of `a-z 0-9 -`, not starting or ending with `-`.
+    #[schema(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     name: String,
     /// An absolute path or `file://` URL under `paas.local_repos_root`, or
     /// an `https://` URL.
@@ -250,7 +252,7 @@ async fn list(State(api): State<Arc<PaasApi>>, _who: Caller<Staff>) -> Result<im
 
 #[utoipa::path(
     get, path = "/api/apps/{name}", operation_id = "get_app", tag = "apps",
-    params(("name", description = "App name")),
+    params(("name", description = "App name", pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")),
     responses((status = 200, description = "OK", body = Object), Errors),
 )]
 async fn show(
@@ -273,7 +275,7 @@ async fn show(
 
 #[utoipa::path(
     delete, path = "/api/apps/{name}", operation_id = "delete_app", tag = "apps",
-    params(("name", description = "App name")),
+    params(("name", description = "App name", pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")),
     responses((status = 204, description = "Done"), Errors),
 )]
 async fn delete(
@@ -309,7 +311,7 @@ async fn delete(
 
 #[utoipa::path(
     post, path = "/api/apps/{name}/deploy", operation_id = "deploy_app", tag = "apps",
-    params(("name", description = "App name")),
+    params(("name", description = "App name", pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")),
     responses(
         (status = 202, description = "Queued: follow the task", body = crate::api::Queued),
         Errors,
@@ -346,7 +348,7 @@ async fn deploy(
 
 #[utoipa::path(
     post, path = "/api/apps/{name}/stop", operation_id = "stop_app", tag = "apps",
-    params(("name", description = "App name")),
+    params(("name", description = "App name", pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")),
     responses((status = 200, description = "OK", body = Object), Errors),
 )]
 async fn stop(
@@ -366,7 +368,7 @@ async fn stop(
 
 #[utoipa::path(
     post, path = "/api/apps/{name}/start", operation_id = "start_app", tag = "apps",
-    params(("name", description = "App name")),
+    params(("name", description = "App name", pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")),
     responses((status = 200, description = "OK", body = Object), Errors),
 )]
 async fn start(
@@ -398,7 +400,7 @@ struct LogQuery {
 /// at most 10,000), then, with `follow=true`, new lines as they come.
 #[utoipa::path(
     get, path = "/api/apps/{name}/logs", operation_id = "app_logs", tag = "apps",
-    params(("name", description = "App name"), LogQuery),
+    params(("name", description = "App name", pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"), LogQuery),
     responses((status = 200, description = "OK", body = Object), Errors),
 )]
 async fn logs(
@@ -422,7 +424,7 @@ async fn logs(
 
 #[utoipa::path(
     get, path = "/api/apps/{name}/tasks", operation_id = "list_app_tasks", tag = "apps",
-    params(("name", description = "App name")),
+    params(("name", description = "App name", pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")),
     responses((status = 200, description = "OK", body = Object), Errors),
 )]
 async fn tasks(
@@ -438,7 +440,7 @@ async fn tasks(
 
 #[utoipa::path(
     get, path = "/api/apps/{name}/tasks/{task}", operation_id = "get_app_task", tag = "apps",
-    params(("name", description = "App name"), ("task", description = "Task id")),
+    params(("name", description = "App name", pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"), ("task", description = "Task id")),
     responses((status = 200, description = "OK", body = Object), Errors),
 )]
 async fn task(
@@ -454,7 +456,7 @@ async fn task(
 /// new container and image are removed; the old one keeps serving).
 #[utoipa::path(
     post, path = "/api/apps/{name}/tasks/{task}/cancel", operation_id = "cancel_app_task", tag = "apps",
-    params(("name", description = "App name"), ("task", description = "Task id")),
+    params(("name", description = "App name", pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"), ("task", description = "Task id")),
     responses(
         (status = 202, description = "Cancelled: the task stops at its next step"),
         Errors,

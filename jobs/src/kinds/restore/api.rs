@@ -36,7 +36,7 @@ struct RestoreRequest {
 
 #[utoipa::path(
     post, path = "/api/customers/{id}/backups/{backup}/restore", operation_id = "start_restore", tag = "backups",
-    params(("id", description = "Customer id"), ("backup", description = "Backup id (YYYYMMDD-HHMMSS)")),
+    params(("id", description = "Customer id", pattern = "^[a-z0-9][a-z0-9-]{0,62}$"), ("backup", description = "Backup id (YYYYMMDD-HHMMSS)", pattern = "^[0-9]{8}-[0-9]{6}$")),
     request_body = RestoreRequest,
     responses(
         (status = 202, description = "Queued: follow the task", body = crate::api::Queued),

@@ -292,7 +292,7 @@ struct PlanQuery {
 
 #[utoipa::path(
     get, path = "/api/customers/{id}/upgrade-plan", operation_id = "upgrade_plan", tag = "upgrades",
-    params(("id", description = "Customer id"), PlanQuery),
+    params(("id", description = "Customer id", pattern = "^[a-z0-9][a-z0-9-]{0,62}$"), PlanQuery),
     responses((status = 200, description = "OK", body = Object), Errors),
 )]
 async fn plan(
@@ -319,7 +319,7 @@ struct UpgradeRequest {
 
 #[utoipa::path(
     post, path = "/api/customers/{id}/upgrade", operation_id = "start_upgrade", tag = "upgrades",
-    params(("id", description = "Customer id")),
+    params(("id", description = "Customer id", pattern = "^[a-z0-9][a-z0-9-]{0,62}$")),
     request_body = UpgradeRequest,
     responses(
         (status = 202, description = "Accepted: follow the task", body = Object),
@@ -361,7 +361,7 @@ async fn upgrade(
 
 #[utoipa::path(
     post, path = "/api/customers/{id}/rollback", operation_id = "start_rollback", tag = "upgrades",
-    params(("id", description = "Customer id")),
+    params(("id", description = "Customer id", pattern = "^[a-z0-9][a-z0-9-]{0,62}$")),
     responses(
         (status = 202, description = "Accepted: follow the task", body = Object),
         Errors,
@@ -392,7 +392,7 @@ async fn rollback(
 
 #[utoipa::path(
     post, path = "/api/customers/{id}/serve", operation_id = "serve_release", tag = "upgrades",
-    params(("id", description = "Customer id")),
+    params(("id", description = "Customer id", pattern = "^[a-z0-9][a-z0-9-]{0,62}$")),
     responses(
         (status = 202, description = "Accepted: follow the task", body = Object),
         Errors,
@@ -423,7 +423,7 @@ async fn serve(
 
 #[utoipa::path(
     get, path = "/api/customers/{id}/site", operation_id = "get_site", tag = "upgrades",
-    params(("id", description = "Customer id")),
+    params(("id", description = "Customer id", pattern = "^[a-z0-9][a-z0-9-]{0,62}$")),
     responses((status = 200, description = "OK", body = Object), Errors),
 )]
 async fn site(
@@ -442,7 +442,7 @@ async fn site(
 
 #[utoipa::path(
     post, path = "/api/customers/{id}/tasks/{task}/approve-env", operation_id = "approve_env", tag = "upgrades",
-    params(("id", description = "Customer id"), ("task", description = "Task id")),
+    params(("id", description = "Customer id", pattern = "^[a-z0-9][a-z0-9-]{0,62}$"), ("task", description = "Task id")),
     responses((status = 204, description = "Done"), Errors),
 )]
 async fn approve(
