@@ -388,6 +388,11 @@ impl Hub {
         self.convs.contains_key(conv)
     }
 
+    /// The conversations this shard has subscribers in.
+    pub fn held(&self) -> Vec<ConvId> {
+        self.convs.iter().map(|e| e.key().clone()).collect()
+    }
+
     /// Loads from the store whatever the bus may have lost (after a
     /// reconnect or an overflow) for every conversation held here.
     pub async fn catch_up(self: &Arc<Self>) {

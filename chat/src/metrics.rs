@@ -56,6 +56,10 @@ pub fn describe() {
         "Reconnections of the Redis bus."
     );
     describe_counter!(
+        "portico_chat_bus_topology_changes_total",
+        "Redis Cluster topology changes (failover, resharding) the bus followed by resubscribing."
+    );
+    describe_counter!(
         "portico_chat_bus_lagged_total",
         "Bus messages skipped by a lagging receiver (recovered from the store)."
     );

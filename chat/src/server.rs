@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::bus::Bus;
 use crate::bus::memory::MemoryBus;
-use crate::bus::redis::RedisBus;
+use crate::bus::redis::{RedisBus, Sharding};
 use crate::hub::Hub;
 use crate::shard::Shard;
 use crate::store::Store;
@@ -35,6 +35,8 @@ pub enum BusEngine {
     Memory(Arc<MemoryBus>),
     /// Each shard connects its own clients to this URL.
     Redis(String),
+    /// Each shard connects its own cluster clients to these seed nodes.
+    RedisCluster(String),
 }
 
 impl Engines {
@@ -59,6 +61,7 @@ impl Engines {
         };
         let bus = match (cfg.bus, &cfg.redis_url) {
             (BusKind::Redis, Some(url)) => BusEngine::Redis(url.clone()),
+            (BusKind::RedisCluster, Some(url)) => BusEngine::RedisCluster(url.clone()),
             _ => BusEngine::Memory(Arc::new(MemoryBus::default())),
         };
         Ok(Engines { store, bus })
@@ -123,9 +126,12 @@ pub async fn bind(cfg: ChatConfig, auth: &AuthConfig, engines: Engines) -> Resul
             m.attach(&hub);
             m.clone()
         }
-        BusEngine::Redis(url) => RedisBus::connect(url, &hub)
+        BusEngine::Redis(url) => RedisBus::connect(url, Sharding::Off, &hub)
             .await
             .map_err(|e| StartError::Engine(format!("Redis bus: {e}")))?,
+        BusEngine::RedisCluster(url) => RedisBus::connect(url, Sharding::Cluster, &hub)
+            .await
+            .map_err(|e| StartError::Engine(format!("Redis Cluster bus: {e}")))?,
     };
     hub.set_bus(bus);
     let per_sec = NonZeroU32::new(cfg.publish_per_sec).expect("validated: publish_per_sec > 0");

@@ -371,12 +371,16 @@ impl Default for GatewayConfig {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum BusKind {
     /// In-process: one process holds every shard (`portico up`).
     Memory,
-    /// Redis pub/sub between shard processes.
+    /// Redis pub/sub between shard processes, on one Redis server.
     Redis,
+    /// Sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`, Redis 7) on a Redis
+    /// Cluster: a conversation's messages travel only through the node
+    /// that owns its slot.
+    RedisCluster,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -399,7 +403,9 @@ pub struct ChatConfig {
     /// This shard's number, in metrics and logs.
     pub shard_id: u16,
     pub bus: BusKind,
-    /// Required when `bus = "redis"`.
+    /// Required when `bus = "redis"` (`redis://host:port`) or
+    /// `"redis_cluster"` (the seed nodes:
+    /// `redis-cluster://host:port?node=host2:port2&node=…`).
     pub redis_url: Option<String>,
     pub store: StoreKind,
     /// Required when `store = "postgres"`. Secret: it may hold a password.
@@ -943,13 +949,36 @@ impl PorticoConfig {
             }
         }
         let c = &self.chat;
-        if c.bus == BusKind::Redis && c.redis_url.is_none() {
-            return bad("chat.redis_url", "is required when chat.bus = \"redis\"");
-        }
-        if let Some(url) = &c.redis_url
-            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
-        {
-            return bad("chat.redis_url", "must start with redis:// or rediss://");
+        let cluster_url = |u: &str| u.starts_with("redis-cluster://") || u.starts_with("rediss-cluster://");
+        match (c.bus, c.redis_url.as_deref()) {
+            (BusKind::Redis, None) => {
+                return bad("chat.redis_url", "is required when chat.bus = \"redis\"");
+            }
+            (BusKind::RedisCluster, None) => {
+                return bad(
+                    "chat.redis_url",
+                    "is required when chat.bus = \"redis_cluster\" (redis-cluster://host:port?node=host:port…)",
+                );
+            }
+            (BusKind::RedisCluster, Some(u)) if !cluster_url(u) => {
+                return bad(
+                    "chat.redis_url",
+                    "chat.bus = \"redis_cluster\" takes the cluster's seed nodes: \
+                     redis-cluster://host:port?node=host:port… (or rediss-cluster://)",
+                );
+            }
+            (BusKind::Redis | BusKind::Memory, Some(u)) if cluster_url(u) => {
+                return bad(
+                    "chat.redis_url",
+                    "is a Redis Cluster URL: set chat.bus = \"redis_cluster\" for a cluster",
+                );
+            }
+            (BusKind::Redis | BusKind::Memory, Some(u))
+                if !(u.starts_with("redis://") || u.starts_with("rediss://")) =>
+            {
+                return bad("chat.redis_url", "must start with redis:// or rediss://");
+            }
+            _ => {}
         }
         if c.store == StoreKind::Postgres && c.postgres_url.is_none() {
             return bad("chat.postgres_url", "is required when chat.store = \"postgres\"");

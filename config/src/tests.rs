@@ -104,6 +104,39 @@ fn cross_field_rules_name_the_key() {
 }
 
 #[test]
+fn the_bus_and_its_url_must_agree() {
+    // A cluster URL given to the single-server engine, and the reverse.
+    for (bus, url, says) in [
+        ("redis", "redis-cluster://127.0.0.1:7000", "redis_cluster"),
+        ("redis_cluster", "redis://127.0.0.1:6379", "seed nodes"),
+        ("redis_cluster", "", "is required"),
+    ] {
+        let e = err(|j| {
+            let url_line = if url.is_empty() {
+                String::new()
+            } else {
+                format!("redis_url = \"{url}\"\n")
+            };
+            j.create_file("p.toml", &format!("[chat]\nbus = \"{bus}\"\n{url_line}"))?;
+            Ok(Some("p.toml"))
+        });
+        assert!(
+            e.contains("chat.redis_url") && e.contains(says),
+            "{bus} {url}: {e}"
+        );
+    }
+    Jail::expect_with(|j| {
+        j.create_file(
+            "p.toml",
+            "[chat]\nbus = \"redis_cluster\"\nredis_url = \"redis-cluster://127.0.0.1:7000?node=127.0.0.1:7001\"\n",
+        )?;
+        let c = load(Some(Path::new("p.toml"))).expect("a cluster URL for the cluster engine loads");
+        assert_eq!(c.chat.bus, BusKind::RedisCluster);
+        Ok(())
+    });
+}
+
+#[test]
 fn secret_is_not_printed() {
     let s = Secret::new("hunter2-hunter2");
     assert!(!format!("{s:?}").contains("hunter2"));

@@ -161,6 +161,226 @@ impl Redis {
     }
 }
 
+/// A real Redis Cluster on loopback: `masters` masters with one replica
+/// each (Debian's `redis-server`, joined by `redis-cli --cluster create`),
+/// a node timeout of one second so that a killed master's replica takes
+/// over within a few seconds (measured here: 2-3 s).
+pub struct RedisCluster {
+    nodes: Vec<RedisNode>,
+    dir: TempDir,
+}
+
+struct RedisNode {
+    port: u16,
+    proc: Option<Proc>,
+}
+
+impl RedisCluster {
+    pub fn start(masters: usize) -> RedisCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut nodes = Vec::new();
+        for _ in 0..masters * 2 {
+            let port = free_port();
+            let node_dir = dir.path().join(port.to_string());
+            std::fs::create_dir_all(&node_dir).expect("node dir");
+            let mut cmd = Command::new("redis-server");
+            cmd.args([
+                "--port",
+                &port.to_string(),
+                "--cluster-port",
+                &free_port().to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "1000",
+                // A replica takes over whatever its data's age (a fresh
+                // cluster's replicas are otherwise "too old" to fail over).
+                "--cluster-replica-validity-factor",
+                "0",
+                "--repl-diskless-sync-delay",
+                "0",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&node_dir);
+            let mut proc = Proc::spawn("redis-server", cmd, &node_dir.join("redis.log"));
+            wait_until(&mut proc, "answering PING", || redis_ping(port));
+            nodes.push(RedisNode {
+                port,
+                proc: Some(proc),
+            });
+        }
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for n in &nodes {
+            create.arg(format!("127.0.0.1:{}", n.port));
+        }
+        create.args(["--cluster-replicas", "1", "--cluster-yes"]);
+        let out = create.output().expect("redis-cli runs");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let c = RedisCluster { nodes, dir };
+        c.wait_ok();
+        c
+    }
+
+    /// The seed nodes, as `chat.redis_url` takes them.
+    pub fn url(&self) -> String {
+        let mut nodes = self.nodes.iter().filter(|n| n.proc.is_some()).map(|n| n.port);
+        let first = nodes.next().expect("a live node");
+        let rest: Vec<String> = nodes.map(|p| format!("node=127.0.0.1:{p}")).collect();
+        format!("redis-cluster://127.0.0.1:{first}?{}", rest.join("&"))
+    }
+
+    fn cli(port: u16, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits until every live node says the cluster is ok and agrees on
+    /// the masters (after a start or a failover).
+    pub fn wait_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = self.nodes.iter().filter(|n| n.proc.is_some()).all(|n| {
+                let replication = Self::cli(n.port, &["info", "replication"]);
+                Self::cli(n.port, &["cluster", "info"]).contains("cluster_state:ok")
+                    && (replication.contains("role:master") || replication.contains("master_link_status:up"))
+            });
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis cluster not ok: {}",
+                Self::cli(self.nodes[0].port, &["cluster", "nodes"])
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The port of the master that owns `key`'s slot (hash tags count).
+    pub fn master_of(&self, key: &str) -> u16 {
+        let live = self.nodes.iter().find(|n| n.proc.is_some()).expect("a live node");
+        let slot: u16 = Self::cli(live.port, &["cluster", "keyslot", key])
+            .trim()
+            .parse()
+            .expect("a slot number");
+        for line in Self::cli(live.port, &["cluster", "nodes"]).lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 9 || !f[2].contains("master") || f[2].contains("fail") {
+                continue;
+            }
+            let port: u16 = f[1]
+                .split([':', '@'])
+                .nth(1)
+                .and_then(|p| p.parse().ok())
+                .expect("a port");
+            for range in &f[8..] {
+                let (a, b) = range.split_once('-').unwrap_or((range, range));
+                if let (Ok(a), Ok(b)) = (a.parse::<u16>(), b.parse::<u16>())
+                    && (a..=b).contains(&slot)
+                {
+                    return port;
+                }
+            }
+        }
+        panic!("no master owns slot {slot}");
+    }
+
+    /// Moves the slot of `key` (hash tags count) from its master to another
+    /// master, with its keys, as `redis-cli --cluster reshard` does for a
+    /// range: IMPORTING/MIGRATING, MIGRATE, then SETSLOT NODE everywhere.
+    /// Answers the new owner's port.
+    pub fn move_slot_of(&self, key: &str) -> u16 {
+        let from = self.master_of(key);
+        let slot = Self::cli(from, &["cluster", "keyslot", key]).trim().to_string();
+        let masters: Vec<(u16, String)> = Self::cli(from, &["cluster", "nodes"])
+            .lines()
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                (f.len() >= 8 && f[2].contains("master") && !f[2].contains("fail")).then(|| {
+                    let port = f[1]
+                        .split([':', '@'])
+                        .nth(1)
+                        .and_then(|p| p.parse().ok())
+                        .expect("a port");
+                    (port, f[0].to_string())
+                })
+            })
+            .collect();
+        let id_of = |port: u16| masters.iter().find(|m| m.0 == port).expect("a master").1.clone();
+        let to = masters
+            .iter()
+            .map(|m| m.0)
+            .find(|p| *p != from)
+            .expect("another master");
+        let (from_id, to_id) = (id_of(from), id_of(to));
+        Self::cli(to, &["cluster", "setslot", &slot, "importing", &from_id]);
+        Self::cli(from, &["cluster", "setslot", &slot, "migrating", &to_id]);
+        loop {
+            let keys = Self::cli(from, &["cluster", "getkeysinslot", &slot, "100"]);
+            let keys: Vec<&str> = keys.split_whitespace().collect();
+            if keys.is_empty() {
+                break;
+            }
+            let mut args = vec!["migrate", "127.0.0.1"];
+            let to_s = to.to_string();
+            args.push(&to_s);
+            args.extend(["", "0", "5000", "KEYS"]);
+            args.extend(keys);
+            Self::cli(from, &args);
+        }
+        for (port, _) in &masters {
+            Self::cli(*port, &["cluster", "setslot", &slot, "node", &to_id]);
+        }
+        to
+    }
+
+    /// SIGKILLs the node on `port` (a crash: its replica is promoted).
+    pub fn kill(&mut self, port: u16) {
+        let n = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("a node on that port");
+        n.proc = None;
+    }
+
+    /// How many messages a node has handled in total (INFO stats).
+    pub fn commands_processed(&self) -> Vec<(u16, u64)> {
+        self.nodes
+            .iter()
+            .filter(|n| n.proc.is_some())
+            .map(|n| {
+                let info = Self::cli(n.port, &["info", "stats"]);
+                let v = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("total_commands_processed:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                (n.port, v)
+            })
+            .collect()
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
 fn redis_ping(port: u16) -> bool {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
         return false;
@@ -589,23 +809,43 @@ impl Service {
     }
 }
 
+/// What carries a chat cluster's bus: one Redis server, or a Redis Cluster.
+pub enum BusServer {
+    Redis(Redis),
+    Cluster(RedisCluster),
+}
+
 /// Chat shards as separate processes on real Redis (bus) and PostgreSQL
 /// (store).
 pub struct ChatCluster {
     pub shards: Vec<(Service, u16)>,
-    pub redis: Redis,
+    pub bus: BusServer,
     pub pg: Postgres,
     /// What every shard runs with (plus its shard id).
     env: Vec<(String, String)>,
 }
 
 impl ChatCluster {
+    /// `shards` shards on one Redis server.
     pub fn start(shards: usize, extra: &[(&str, String)]) -> ChatCluster {
-        let redis = Redis::start();
+        ChatCluster::start_on(BusServer::Redis(Redis::start()), shards, extra)
+    }
+
+    /// `shards` shards on a Redis Cluster of three masters and three
+    /// replicas (sharded pub/sub).
+    pub fn start_on_redis_cluster(shards: usize, extra: &[(&str, String)]) -> ChatCluster {
+        ChatCluster::start_on(BusServer::Cluster(RedisCluster::start(3)), shards, extra)
+    }
+
+    pub fn start_on(bus: BusServer, shards: usize, extra: &[(&str, String)]) -> ChatCluster {
         let pg = Postgres::start();
+        let (kind, url) = match &bus {
+            BusServer::Redis(r) => ("redis", r.url()),
+            BusServer::Cluster(c) => ("redis_cluster", c.url()),
+        };
         let mut env = vec![
-            ("PORTICO_CHAT__BUS", "redis".to_string()),
-            ("PORTICO_CHAT__REDIS_URL", redis.url()),
+            ("PORTICO_CHAT__BUS", kind.to_string()),
+            ("PORTICO_CHAT__REDIS_URL", url),
             ("PORTICO_CHAT__STORE", "postgres".to_string()),
             ("PORTICO_CHAT__POSTGRES_URL", pg.url()),
             ("PORTICO_CHAT__PUBLISH_PER_SEC", "100000".to_string()),
@@ -614,7 +854,7 @@ impl ChatCluster {
         let env: Vec<(String, String)> = env.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         let mut cluster = ChatCluster {
             shards: Vec::new(),
-            redis,
+            bus,
             pg,
             env,
         };
@@ -634,6 +874,22 @@ impl ChatCluster {
 
     pub fn port(&self, shard: usize) -> u16 {
         self.shards[shard].1
+    }
+
+    /// The one Redis server of a cluster started with [`ChatCluster::start`].
+    pub fn redis(&mut self) -> &mut Redis {
+        match &mut self.bus {
+            BusServer::Redis(r) => r,
+            BusServer::Cluster(_) => panic!("this chat cluster runs on a Redis Cluster"),
+        }
+    }
+
+    /// The Redis Cluster of [`ChatCluster::start_on_redis_cluster`].
+    pub fn redis_cluster(&mut self) -> &mut RedisCluster {
+        match &mut self.bus {
+            BusServer::Cluster(c) => c,
+            BusServer::Redis(_) => panic!("this chat cluster runs on one Redis server"),
+        }
     }
 
     /// SIGKILLs shard `i` (0-based) and waits for it to be gone.

@@ -1,6 +1,10 @@
 //! The Redis bus (fred): each published message goes to the channel
 //! `portico:conv:{<id>}`; a shard subscribes only to the channels of
-//! conversations its clients hold.
+//! conversations its clients hold. On one Redis server it uses classic
+//! pub/sub; on a Redis Cluster ([`Sharding::Cluster`]) sharded pub/sub
+//! (`SPUBLISH`/`SSUBSCRIBE`): a message travels only through the node
+//! that owns its conversation's slot (classic pub/sub would broadcast it to
+//! every node), and the presence key is in the same slot.
 //!
 //! Redis pub/sub is fire-and-forget: whatever is published while a shard is
 //! disconnected never reaches it. So after every reconnect the shard
@@ -15,7 +19,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use fred::clients::SubscriberClient;
-use fred::interfaces::{KeysInterface, SortedSetsInterface};
+use fred::interfaces::{ClusterInterface, KeysInterface, SortedSetsInterface};
 use fred::prelude::{
     Builder, Client, ClientLike, Config, EventInterface, PubsubInterface, ReconnectPolicy, TcpConfig,
 };
@@ -33,6 +37,21 @@ use crate::protocol::{ConvId, Event, Message};
 const RECEIVE_BUFFER: usize = 16 * 1024;
 /// A publish waits at most this long for Redis (e.g. while it reconnects).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How often a shard on a cluster reloads the slot map (a move of a slot
+/// to another live node is seen no later than this).
+const TOPOLOGY_POLL: Duration = Duration::from_secs(2);
+
+/// Which node owns each slot range, as the client's routing table says.
+fn slot_owners(client: &Client) -> Option<Vec<(u16, u16, String)>> {
+    client.cached_cluster_state().map(|state| {
+        state
+            .slots()
+            .iter()
+            .map(|r| (r.start, r.end, r.primary.to_string()))
+            .collect()
+    })
+}
 
 /// Presence entries live this long unless refreshed (a crashed shard's
 /// users drop out after it).
@@ -58,7 +77,17 @@ fn err(e: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(e.to_string())
 }
 
+/// Which pub/sub the bus speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharding {
+    /// One Redis server: `PUBLISH`/`SUBSCRIBE`.
+    Off,
+    /// A Redis Cluster: `SPUBLISH`/`SSUBSCRIBE`, routed by slot.
+    Cluster,
+}
+
 pub struct RedisBus {
+    sharding: Sharding,
     publisher: Client,
     subscriber: SubscriberClient,
     hub: Weak<Hub>,
@@ -73,7 +102,7 @@ pub struct RedisBus {
 impl RedisBus {
     /// Connects both clients (Redis must answer now; later outages are
     /// survived by reconnecting with backoff) and starts the receive task.
-    pub async fn connect(url: &str, hub: &Arc<Hub>) -> Result<Arc<Self>, BusError> {
+    pub async fn connect(url: &str, sharding: Sharding, hub: &Arc<Hub>) -> Result<Arc<Self>, BusError> {
         let config = Config::from_url(url).map_err(|e| err(format!("chat.redis_url: {e}")))?;
         let mut builder = Builder::from_config(config);
         builder
@@ -94,6 +123,7 @@ impl RedisBus {
         publisher.init().await.map_err(err)?;
         subscriber.init().await.map_err(err)?;
         let bus = Arc::new(RedisBus {
+            sharding,
             publisher,
             subscriber,
             hub: Arc::downgrade(hub),
@@ -103,6 +133,9 @@ impl RedisBus {
         bus.clone().spawn_receiver();
         bus.clone().spawn_presence_refresh();
         bus.clone().spawn_reconnect_watch();
+        if sharding == Sharding::Cluster {
+            bus.clone().spawn_topology_watch();
+        }
         Ok(bus)
     }
 
@@ -166,6 +199,86 @@ impl RedisBus {
         format!("{user}\u{0}{shard}")
     }
 
+    /// On a cluster, a failover or resharding moves slots to other nodes,
+    /// and Redis ends the shard-channel subscriptions of a moved slot
+    /// without telling the client library. So the shard watches the slot
+    /// map itself: it reloads it every [`TOPOLOGY_POLL`] and whenever
+    /// either client reports a change (a `MOVED` reply, a node lost), and
+    /// when the owner of any slot changed, subscribes again to every held
+    /// conversation (from the hub's list, not the client's, which a
+    /// server-side unsubscribe may have emptied) and catches up from the
+    /// store.
+    fn spawn_topology_watch(self: Arc<Self>) {
+        let mut sub_rx = self.subscriber.cluster_change_rx();
+        let mut pub_rx = self.publisher.cluster_change_rx();
+        let weak = Arc::downgrade(&self);
+        self.spawn(async move {
+            let mut tick = tokio::time::interval(TOPOLOGY_POLL);
+            let mut known = None;
+            loop {
+                let polled = tokio::select! {
+                    _ = tick.tick() => true,
+                    r = sub_rx.recv() => {
+                        if matches!(r, Err(RecvError::Closed)) { return; }
+                        false
+                    }
+                    r = pub_rx.recv() => {
+                        if matches!(r, Err(RecvError::Closed)) { return; }
+                        false
+                    }
+                };
+                let Some(bus) = weak.upgrade() else { return };
+                if polled {
+                    // The subscriber routes SSUBSCRIBE by its own map.
+                    let _ = bus.publisher.sync_cluster().await;
+                    let _ = bus.subscriber.sync_cluster().await;
+                }
+                let now = slot_owners(&bus.publisher);
+                if known.is_some() && now.is_some() && known != now {
+                    metrics::counter!("portico_chat_bus_topology_changes_total").increment(1);
+                    tracing::info!("redis cluster slots moved; subscribing again");
+                    if !polled {
+                        let _ = bus.subscriber.sync_cluster().await;
+                    }
+                    bus.resubscribe_held().await;
+                }
+                if now.is_some() {
+                    known = now;
+                }
+            }
+        });
+    }
+
+    /// Subscribes again to every conversation the hub holds, then catches
+    /// up from the store.
+    async fn resubscribe_held(&self) {
+        let Some(hub) = self.hub.upgrade() else { return };
+        {
+            let _one_at_a_time = self.subscriptions.lock().await;
+            for conv in hub.held() {
+                let r = match self.sharding {
+                    Sharding::Off => self.subscriber.subscribe(channel(&conv)).await,
+                    Sharding::Cluster => self.subscriber.ssubscribe(channel(&conv)).await,
+                };
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, %conv, "subscribing again failed");
+                }
+            }
+        }
+        hub.catch_up().await;
+    }
+
+    /// Publishes a frame on a conversation's channel.
+    async fn send(&self, conv: &ConvId, frame: &BusFrame) -> Result<(), BusError> {
+        let payload = serde_json::to_vec(frame).expect("bus frames serialize");
+        let _: i64 = match self.sharding {
+            Sharding::Off => self.publisher.publish(channel(conv), payload).await,
+            Sharding::Cluster => self.publisher.spublish(channel(conv), payload).await,
+        }
+        .map_err(err)?;
+        Ok(())
+    }
+
     /// After a reconnect: resubscribe, then fetch what was missed.
     fn spawn_reconnect_watch(self: Arc<Self>) {
         let mut rx = self.subscriber.reconnect_rx();
@@ -189,23 +302,11 @@ impl RedisBus {
 #[async_trait]
 impl Bus for RedisBus {
     async fn publish(&self, msg: &Message) -> Result<(), BusError> {
-        let payload = serde_json::to_vec(&BusFrame::Message(msg.clone())).expect("messages serialize");
-        let _: i64 = self
-            .publisher
-            .publish(channel(&msg.conv), payload)
-            .await
-            .map_err(err)?;
-        Ok(())
+        self.send(&msg.conv, &BusFrame::Message(msg.clone())).await
     }
 
     async fn publish_event(&self, ev: &Event) -> Result<(), BusError> {
-        let payload = serde_json::to_vec(&BusFrame::Event(ev.clone())).expect("events serialize");
-        let _: i64 = self
-            .publisher
-            .publish(channel(&ev.conv), payload)
-            .await
-            .map_err(err)?;
-        Ok(())
+        self.send(&ev.conv, &BusFrame::Event(ev.clone())).await
     }
 
     async fn set_presence(&self, conv: &ConvId, user: &str, online: bool) -> Result<(), BusError> {
@@ -247,7 +348,11 @@ impl Bus for RedisBus {
 
     async fn hold(&self, conv: &ConvId) -> Result<(), BusError> {
         let _one_at_a_time = self.subscriptions.lock().await;
-        self.subscriber.subscribe(channel(conv)).await.map_err(err)
+        match self.sharding {
+            Sharding::Off => self.subscriber.subscribe(channel(conv)).await,
+            Sharding::Cluster => self.subscriber.ssubscribe(channel(conv)).await,
+        }
+        .map_err(err)
     }
 
     async fn release(&self, conv: &ConvId) -> Result<(), BusError> {
@@ -255,7 +360,11 @@ impl Bus for RedisBus {
         if self.hub.upgrade().is_some_and(|h| h.holds(conv)) {
             return Ok(()); // held again meanwhile
         }
-        self.subscriber.unsubscribe(channel(conv)).await.map_err(err)
+        match self.sharding {
+            Sharding::Off => self.subscriber.unsubscribe(channel(conv)).await,
+            Sharding::Cluster => self.subscriber.sunsubscribe(channel(conv)).await,
+        }
+        .map_err(err)
     }
 
     async fn ready(&self) -> Result<(), BusError> {

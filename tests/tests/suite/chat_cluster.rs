@@ -101,12 +101,12 @@ async fn redis_restart_loses_nothing_acknowledged() {
     }
     assert_eq!(bob.offsets(3).await, vec![1, 2, 3]);
 
-    c.redis.stop();
+    c.redis().stop();
     for i in 4..=5 {
         let ack = sender.publish("room", &format!("a{i}"), "during").await;
         assert_eq!(ack["offset"], i, "stored and acknowledged while Redis is down");
     }
-    c.redis.restart();
+    c.redis().restart();
     // Both shards notice by themselves; /readyz says when.
     for s in 0..2 {
         let port = c.port(s);

@@ -30,6 +30,7 @@ mod paas;
 mod postgres_tls;
 mod prometheus_live;
 mod prometheus_rules;
+mod redis_cluster;
 mod shutdown;
 mod systemd_notify;
 mod systemd_units;
