@@ -139,3 +139,61 @@ async fn anonymous_clients_are_pinned_by_a_cookie_the_gateway_sets() {
         );
     }
 }
+
+/// Two gateways with the same shards (listed in another order) send every
+/// user to the same shard: the placement is a pure function of the shard
+/// addresses and the user, not of the process or the list's order. A
+/// client that loses one gateway and comes back through the other resumes
+/// with `since` and misses nothing.
+#[tokio::test]
+async fn two_gateways_agree_and_a_client_moved_between_them_resumes() {
+    let c = portico_tests::servers::ChatCluster::start(3, &[]);
+    let gateway = |order: [usize; 3]| {
+        let edge = EdgePorts::free();
+        let mut env = edge.env();
+        env.extend(EdgePorts::unlimited());
+        let list: Vec<String> = order
+            .iter()
+            .map(|&i| format!("\"127.0.0.1:{}\"", c.port(i)))
+            .collect();
+        env.push(("PORTICO_GATEWAY__CHAT_SHARDS", format!("[{}]", list.join(","))));
+        (Service::gateway(&[], &env, &edge), edge)
+    };
+    let (gw_a, edge_a) = gateway([0, 1, 2]);
+    let (gw_b, edge_b) = gateway([2, 0, 1]);
+    let ca_a = gw_a.certificate("localhost");
+    let ca_b = gw_b.certificate("localhost");
+    let all_up = |p: &HashMap<String, u64>| (1..=3).all(|s| p.values().any(|&v| v == s));
+    let via_a = settled(edge_a.https, &ca_a, all_up).await;
+    let via_b = settled(edge_b.https, &ca_b, all_up).await;
+    assert_eq!(via_a, via_b, "both gateways place every user on the same shard");
+
+    portico_tests::client::create_conversation(c.port(0), "alice", "moves", &["bob"]).await;
+    let subscribe = |since: Option<u64>| {
+        let mut f = serde_json::json!({"type": "subscribe", "conv": "moves"});
+        if let Some(s) = since {
+            f["since"] = s.into();
+        }
+        f
+    };
+    let (mut alice, _) = Ws::via_gateway(edge_a.https, &token("alice"), &ca_a, &[]).await;
+    alice.send(subscribe(None)).await;
+    alice.recv_type("subscribed").await;
+    let (mut bob, _) = Ws::via_gateway(edge_b.https, &token("bob"), &ca_b, &[]).await;
+    bob.publish("moves", "m1", "one").await;
+    let seen = alice.recv_type("message").await["offset"].as_u64().unwrap();
+
+    // Gateway A goes away with alice's connection; bob goes on.
+    drop(alice);
+    drop(gw_a);
+    for i in 2..=4 {
+        bob.publish("moves", &format!("m{i}"), "while away").await;
+    }
+    let (mut alice, _) = Ws::via_gateway(edge_b.https, &token("alice"), &ca_b, &[]).await;
+    alice.send(subscribe(Some(seen))).await;
+    alice.recv_type("subscribed").await;
+    assert_eq!(alice.offsets(3).await, vec![2, 3, 4], "exactly what was missed");
+    bob.publish("moves", "m5", "live").await;
+    assert_eq!(alice.offsets(1).await, vec![5]);
+    assert!(alice.no_message_within(Duration::from_millis(300)).await);
+}
