@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use portico_config::Secret;
-use portico_tests::servers::{EdgePorts, Postgres, Redis, Service};
+use portico_tests::servers::{BusServer, EdgePorts, Postgres, Redis, RedisCluster, Service};
 use portico_tests::{TEST_SECRET, bins};
 use serde_json::json;
 
@@ -36,6 +36,11 @@ pub struct BenchArgs {
     /// Where results go.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
     pub out: PathBuf,
+    /// The chat bus: `redis` (one server) or `redis_cluster` (three
+    /// masters and three replicas, sharded pub/sub). Results of a cluster
+    /// run go to `<scenario>-redis_cluster.json` and `redis-cluster.md`.
+    #[arg(long, default_value = "redis", value_parser = ["redis", "redis_cluster"])]
+    pub bus: String,
 }
 
 pub(crate) struct Stack {
@@ -52,15 +57,33 @@ pub(crate) struct Stack {
     jobs_port: u16,
     repos: tempfile::TempDir,
     _jobs: Service,
-    pub(crate) redis: Redis,
+    pub(crate) bus: BusServer,
     pub(crate) pg: Postgres,
+}
+
+impl Stack {
+    /// The one Redis server (`--bus redis`).
+    pub(crate) fn redis(&mut self) -> &mut Redis {
+        match &mut self.bus {
+            BusServer::Redis(r) => r,
+            BusServer::Cluster(_) => panic!("this stack runs on a Redis Cluster"),
+        }
+    }
 }
 
 /// The hosted-app domain of the bench stack (`Host: <app>.paas.localhost`).
 const PAAS_DOMAIN: &str = "paas.localhost";
 
-fn start_stack() -> Stack {
-    let redis = Redis::start();
+fn start_stack(bus: &str) -> Stack {
+    let bus = if bus == "redis_cluster" {
+        BusServer::Cluster(RedisCluster::start(3))
+    } else {
+        BusServer::Redis(Redis::start())
+    };
+    let (bus_kind, bus_url) = match &bus {
+        BusServer::Redis(r) => ("redis", r.url()),
+        BusServer::Cluster(c) => ("redis_cluster", c.url()),
+    };
     let pg = Postgres::start();
     let common = |extra: Vec<(&'static str, String)>| {
         let mut env = vec![("PORTICO_LOG__LEVEL", "warn".to_string())];
@@ -71,8 +94,8 @@ fn start_stack() -> Stack {
         .map(|i| {
             common(vec![
                 ("PORTICO_CHAT__SHARD_ID", i.to_string()),
-                ("PORTICO_CHAT__BUS", "redis".into()),
-                ("PORTICO_CHAT__REDIS_URL", redis.url()),
+                ("PORTICO_CHAT__BUS", bus_kind.into()),
+                ("PORTICO_CHAT__REDIS_URL", bus_url.clone()),
                 ("PORTICO_CHAT__STORE", "postgres".into()),
                 ("PORTICO_CHAT__POSTGRES_URL", pg.url()),
                 ("PORTICO_CHAT__POSTGRES_POOL", "32".into()),
@@ -133,7 +156,7 @@ fn start_stack() -> Stack {
         jobs_port,
         repos,
         _jobs: jobs,
-        redis,
+        bus,
         pg,
     }
 }
@@ -301,7 +324,8 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let mut failed = false;
     for name in &args.scenarios {
         // A fresh stack per scenario: RSS deltas and CPU belong to it alone.
-        let mut stack = tokio::task::spawn_blocking(start_stack).await?;
+        let bus = args.bus.clone();
+        let mut stack = tokio::task::spawn_blocking(move || start_stack(&bus)).await?;
         let cert = stack.gateway.certificate("localhost");
         let (conns, group, rate, dur) = match name.as_str() {
             "fanout" => (1_000, 100, 1_000, secs(30)),
@@ -392,6 +416,8 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             drop_one_delivery: false,
         };
         let before = snapshot(&stack);
+        let redis_before = redis_commands(&stack);
+        let started = std::time::Instant::now();
         let errors_before = gateway_errors(&stack);
         let sampler = Sampler::start(&stack);
         // `api`: the REST load beside the dm WebSocket load.
@@ -454,6 +480,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             println!("\n{md}");
         }
         report.servers = sampler.finish(&before, report.connections_ok);
+        let redis_rates = redis_rates(&redis_before, &redis_commands(&stack), started.elapsed());
         // After the run's connections are gone: their ends must not be errors.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let errors_after = gateway_errors(&stack);
@@ -463,8 +490,13 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             eprintln!("{name}: gateway ERROR, e.g.: {line}");
         }
         println!("\n== {name}\n{}", report.table());
+        let suffix = if args.bus == "redis" {
+            String::new()
+        } else {
+            format!("-{}", args.bus)
+        };
         std::fs::write(
-            args.out.join(format!("{name}.json")),
+            args.out.join(format!("{name}{suffix}.json")),
             serde_json::to_string_pretty(&report)?,
         )?;
         let problems = report.problems(0, 1.0);
@@ -482,8 +514,13 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 .join(" / ")
         };
         let l = &report.latency_ms;
+        let label = if args.bus == "redis" {
+            name.to_string()
+        } else {
+            format!("{name} ({}; Redis commands/s per node: {redis_rates})", args.bus)
+        };
         rows.push(format!(
-            "| {name} | {} conns, groups of {group}, {rate} msg/s, {}s | {:.0} deliveries/s | p50 {:.2} / p99 {:.2} / p99.9 {:.2} ms | {} lost, {} dup | {} KiB | {} KiB | {:.1} s |",
+            "| {label} | {} conns, groups of {group}, {rate} msg/s, {}s | {:.0} deliveries/s | p50 {:.2} / p99 {:.2} / p99.9 {:.2} ms | {} lost, {} dup | {} KiB | {} KiB | {:.1} s |",
             report.connections_ok,
             dur.as_secs(),
             report.deliveries_per_sec,
@@ -512,7 +549,12 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         rows.join("\n")
     );
     if !rows.is_empty() {
-        std::fs::write(args.out.join("README.md"), &table)?;
+        let file = if args.bus == "redis" {
+            "README.md"
+        } else {
+            "redis-cluster.md"
+        };
+        std::fs::write(args.out.join(file), &table)?;
         println!("\n{table}");
     }
     Ok(if failed {
@@ -520,6 +562,27 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Commands each Redis node has processed so far (`INFO stats`).
+fn redis_commands(stack: &Stack) -> Vec<(u16, u64)> {
+    match &stack.bus {
+        BusServer::Cluster(c) => c.commands_processed(),
+        BusServer::Redis(_) => Vec::new(),
+    }
+}
+
+/// Commands per second and node over `elapsed`, e.g. `1200 / 40 / 35`
+/// (masters and replicas alike: a replica applies its master's writes).
+fn redis_rates(before: &[(u16, u64)], after: &[(u16, u64)], elapsed: Duration) -> String {
+    after
+        .iter()
+        .map(|(port, n)| {
+            let b = before.iter().find(|(p, _)| p == port).map_or(0, |(_, n)| *n);
+            format!("{:.0}", n.saturating_sub(b) as f64 / elapsed.as_secs_f64())
+        })
+        .collect::<Vec<_>>()
+        .join(" / ")
 }
 
 /// `wrk` against the gateway and directly against a shard.

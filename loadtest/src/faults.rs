@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use portico_config::Secret;
 use portico_tests::TEST_SECRET;
-use portico_tests::servers::Service;
+use portico_tests::servers::{BusServer, Service};
 use serde::Serialize;
 
 use crate::bench::{Stack, sources};
@@ -29,6 +29,8 @@ use crate::report::Report;
 struct Fault {
     name: &'static str,
     what: &'static str,
+    /// The bus it applies to (`None`: any).
+    bus: Option<&'static str>,
     inject: fn(&mut Stack),
 }
 
@@ -36,23 +38,38 @@ const FAULTS: &[Fault] = &[
     Fault {
         name: "redis_stop",
         what: "Redis SIGSTOP for 10 s, then SIGCONT",
+        bus: Some("redis"),
         inject: |s| {
-            s.redis.signal("STOP");
+            s.redis().signal("STOP");
             std::thread::sleep(Duration::from_secs(10));
-            s.redis.signal("CONT");
+            s.redis().signal("CONT");
         },
     },
     Fault {
         name: "redis_kill",
         what: "Redis SIGKILL, restarted at once (empty)",
+        bus: Some("redis"),
         inject: |s| {
-            s.redis.stop();
-            s.redis.restart();
+            s.redis().stop();
+            s.redis().restart();
+        },
+    },
+    Fault {
+        name: "redis_master_kill",
+        what: "a Redis Cluster master SIGKILLed (its replica is promoted)",
+        bus: Some("redis_cluster"),
+        inject: |s| {
+            if let BusServer::Cluster(c) = &mut s.bus {
+                let master = c.master_of("portico:conv:{faults}");
+                c.kill(master);
+                c.wait_ok();
+            }
         },
     },
     Fault {
         name: "shard_kill",
         what: "chat shard 1 SIGKILL, restarted after 1 s",
+        bus: None,
         inject: |s| {
             let port = s.shards[0].1;
             s.shards[0].0.proc.signal("KILL");
@@ -64,11 +81,13 @@ const FAULTS: &[Fault] = &[
     Fault {
         name: "postgres_restart",
         what: "PostgreSQL fast shutdown and start",
+        bus: None,
         inject: |s| s.pg.restart(),
     },
     Fault {
         name: "gateway_upgrade",
         what: "gateway upgrade: new process with --upgrade, SIGQUIT to the old",
+        bus: None,
         inject: |s| {
             let new = s.gateway.upgrade_gateway(&s.gateway_env);
             s.gateway.proc.wait_exit(Duration::from_secs(60));
@@ -90,7 +109,11 @@ pub(crate) async fn run(stack: &mut Stack, quick: bool, fd_cap: usize, out: &Pat
     let scale = if quick { 10 } else { 1 };
     let mut results = Vec::new();
     let mut ok = true;
-    for fault in FAULTS {
+    let bus = match &stack.bus {
+        BusServer::Redis(_) => "redis",
+        BusServer::Cluster(_) => "redis_cluster",
+    };
+    for fault in FAULTS.iter().filter(|f| f.bus.is_none_or(|b| b == bus)) {
         let (conns, group, rate) = match fault.name {
             // The upgrade hands every WebSocket over: as many as fit.
             "gateway_upgrade" => (10_000.min(fd_cap), 2, 1_000),
@@ -142,9 +165,17 @@ pub(crate) async fn run(stack: &mut Stack, quick: bool, fd_cap: usize, out: &Pat
             report,
         });
     }
-    std::fs::write(out.join("faults.json"), serde_json::to_string_pretty(&results)?)?;
+    let suffix = if bus == "redis" {
+        String::new()
+    } else {
+        format!("-{bus}")
+    };
+    std::fs::write(
+        out.join(format!("faults{suffix}.json")),
+        serde_json::to_string_pretty(&results)?,
+    )?;
     let table = table(&results, quick);
-    std::fs::write(out.join("faults.md"), &table)?;
+    std::fs::write(out.join(format!("faults{suffix}.md")), &table)?;
     println!("\n{table}");
     Ok(ok)
 }
