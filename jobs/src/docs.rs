@@ -107,6 +107,27 @@ fn roles(op: &Operation) -> String {
     format!("{who} ({})", schemes.join(" or "))
 }
 
+fn is_error(status: &str) -> bool {
+    status.starts_with('4') || status.starts_with('5')
+}
+
+/// Each error status once, with the description the operations give it.
+fn error_legend(ops: &[(&str, &'static str, &Operation)]) -> Vec<(String, String)> {
+    let mut legend: Vec<(String, String)> = Vec::new();
+    for (_, _, op) in ops {
+        for (status, r) in op.responses.responses.iter() {
+            if let RefOr::T(r) = r
+                && is_error(status)
+                && !legend.iter().any(|(s, _)| s == status)
+            {
+                legend.push((status.clone(), r.description.clone()));
+            }
+        }
+    }
+    legend.sort();
+    legend
+}
+
 fn schema_name(s: &RefOr<utoipa::openapi::schema::Schema>) -> String {
     match s {
         RefOr::Ref(r) => r.ref_location.rsplit('/').next().unwrap_or("").to_string(),
@@ -177,7 +198,7 @@ fn render(doc: &OpenApi) -> Markup {
                                         }
                                     }
                                     ul {
-                                        @for (status, r) in op.responses.responses.iter() {
+                                        @for (status, r) in op.responses.responses.iter().filter(|(s, _)| !is_error(s)) {
                                             li {
                                                 code { (status) } " "
                                                 @match r {
@@ -191,8 +212,22 @@ fn render(doc: &OpenApi) -> Markup {
                                                 }
                                             }
                                         }
+                                        li {
+                                            "Errors: "
+                                            (op.responses.responses.keys().filter(|s| is_error(s)).cloned().collect::<Vec<_>>().join(", "))
+                                            " — " a href="#errors" { "ErrorBody" }
+                                        }
                                     }
                                 }
+                            }
+                        }
+                    }
+                    section id="errors" {
+                        h2 { "errors" }
+                        p { "Every error answers with an " code { "ErrorBody" } " (" code { "{\"error\": code, \"message\": …}" } "). What each status means:" }
+                        ul {
+                            @for (status, text) in error_legend(&ops) {
+                                li { code { (status) } " " (text) }
                             }
                         }
                     }

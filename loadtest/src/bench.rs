@@ -541,11 +541,16 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     let table = format!(
-        "# Benchmark results\n\nMeasured on commit `{commit}` with `cargo run --release -p loadtest -- bench{}` \
+        "# Benchmark results\n\nMeasured on commit `{commit}` with `cargo run --release -p loadtest -- bench{}{}` \
          (2 cores, load generator on the same machine, everything through the gateway over TLS).\n\n\
          | scenario | load | throughput | latency (publish→receive) | delivery | RSS/conn (shards) | RSS/conn (gateway) | generator CPU |\n\
          |---|---|---|---|---|---|---|---|\n{}\n",
         if args.quick { " --quick" } else { "" },
+        if args.bus == "redis" {
+            String::new()
+        } else {
+            format!(" --bus {} --scenarios {}", args.bus, args.scenarios.join(","))
+        },
         rows.join("\n")
     );
     if !rows.is_empty() {
