@@ -17,11 +17,7 @@ use utoipa_axum::routes;
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
-use portico_common::api::{ApiError, BEARER, ErrorBody, SESSION};
-use utoipa::openapi::security::SecurityRequirement;
-use utoipa_axum::router::UtoipaMethodRouter;
-
-use crate::staff::auth::Roles;
+use portico_common::api::{ApiError, ErrorBody};
 use portico_common::auth::{Claims, Tokens};
 use portico_config::JobsConfig;
 use serde::Serialize;
@@ -170,39 +166,6 @@ async fn service() -> Json<Service> {
         service: "portico-jobs",
         api: 1,
     })
-}
-
-/// Mounts a route whose handler takes a [`Caller<R>`]: its description
-/// lists `R`'s roles as the security requirement (a bearer token with one
-/// of them, or a console session of a staff user with one), so the roles
-/// described are the roles the extractor admits. The test
-/// `openapi::the_description_covers_every_route…` calls every operation
-/// with a listed and an unlisted role.
-///
-/// [`Caller<R>`]: crate::staff::auth::Caller
-pub(crate) fn secured<R: Roles, S>(
-    (schemas, mut paths, route): UtoipaMethodRouter<S>,
-) -> UtoipaMethodRouter<S> {
-    let staff: Vec<&str> = R::ROLES.iter().copied().filter(|r| *r != SERVICE).collect();
-    let mut reqs = vec![SecurityRequirement::new(BEARER, R::ROLES.iter().copied())];
-    if !staff.is_empty() {
-        reqs.push(SecurityRequirement::new(SESSION, staff));
-    }
-    for item in paths.paths.values_mut() {
-        for op in [
-            &mut item.get,
-            &mut item.post,
-            &mut item.put,
-            &mut item.patch,
-            &mut item.delete,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            op.security = Some(reqs.clone());
-        }
-    }
-    (schemas, paths, route)
 }
 
 /// The chat API's description as the chat crate wrote it (checked to be

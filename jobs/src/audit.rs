@@ -1,7 +1,7 @@
 //! The audit log route (`GET /api/audit`, super admins and ops leads) and
 //! its filters, which the console's audit page takes too.
 
-use crate::api::secured;
+use crate::staff::auth::secured;
 use portico_common::api::Errors;
 use std::sync::Arc;
 use utoipa_axum::router::OpenApiRouter;

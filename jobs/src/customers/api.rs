@@ -1,7 +1,7 @@
 //! Customer routes: register (super_admin), list, show, and a customer's
 //! tasks (list, show, cancel).
 
-use crate::api::secured;
+use crate::staff::auth::secured;
 use portico_common::api::Errors;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! the loopback ports of the release serving now). Each fetch is counted,
 //! so a switch can wait until the gateways have the new table.
 
-use crate::api::secured;
+use crate::staff::auth::secured;
 use portico_common::api::Errors;
 use std::sync::Arc;
 use utoipa_axum::router::OpenApiRouter;

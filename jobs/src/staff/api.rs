@@ -13,7 +13,7 @@
 //! - `/api/staff/users…` (super admins): list, add, set password,
 //!   disable, enable.
 
-use crate::api::secured;
+use crate::staff::auth::secured;
 use portico_common::api::Errors;
 use std::sync::Arc;
 use std::time::Duration;

@@ -15,9 +15,11 @@ use std::sync::Arc;
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, StatusCode};
-use portico_common::api::ApiError;
+use portico_common::api::{ApiError, BEARER, SESSION};
 use portico_common::auth::{Claims, bearer_token};
 use subtle::ConstantTimeEq;
+use utoipa::openapi::security::SecurityRequirement;
+use utoipa_axum::router::UtoipaMethodRouter;
 
 use super::{Role, token_hash};
 use crate::api::{Api, KindApi, OPS_LEAD, SERVICE, STAFF, SUPER_ADMIN, TECHNICIAN};
@@ -229,6 +231,39 @@ impl<S: HasApi, R: Roles> FromRequestParts<S> for Caller<R> {
             _roles: PhantomData,
         })
     }
+}
+
+/// Mounts a route whose handler takes a [`Caller<R>`]: its description
+/// lists `R`'s roles as the security requirement (a bearer token with one
+/// of them, or a console session of a staff user with one), so the roles
+/// described are the roles the extractor admits. The test
+/// `openapi::the_description_covers_every_route…` calls every operation
+/// with a listed and an unlisted role.
+///
+/// [`Caller<R>`]: Caller
+pub(crate) fn secured<R: Roles, S>(
+    (schemas, mut paths, route): UtoipaMethodRouter<S>,
+) -> UtoipaMethodRouter<S> {
+    let staff: Vec<&str> = R::ROLES.iter().copied().filter(|r| *r != SERVICE).collect();
+    let mut reqs = vec![SecurityRequirement::new(BEARER, R::ROLES.iter().copied())];
+    if !staff.is_empty() {
+        reqs.push(SecurityRequirement::new(SESSION, staff));
+    }
+    for item in paths.paths.values_mut() {
+        for op in [
+            &mut item.get,
+            &mut item.post,
+            &mut item.put,
+            &mut item.patch,
+            &mut item.delete,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            op.security = Some(reqs.clone());
+        }
+    }
+    (schemas, paths, route)
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Backup routes: create (fast or custom, pre-checked), list, delete,
 //! signed download links and the download itself.
 
-use crate::api::secured;
+use crate::staff::auth::secured;
 use portico_common::api::Errors;
 use std::sync::Arc;
 use utoipa_axum::router::OpenApiRouter;

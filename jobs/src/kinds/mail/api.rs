@@ -3,7 +3,7 @@
 //! super_admin, ops_lead; override = super_admin). Passwords go in, are
 //! sealed at once, and never come out; every call is audited.
 
-use crate::api::secured;
+use crate::staff::auth::secured;
 use portico_common::api::Errors;
 use std::sync::Arc;
 use utoipa_axum::router::OpenApiRouter;

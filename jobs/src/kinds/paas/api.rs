@@ -8,7 +8,7 @@
 //! Names are DNS labels; repositories and refs are validated
 //! ([`super::source`]); nothing from a request reaches a shell.
 
-use crate::api::secured;
+use crate::staff::auth::secured;
 use portico_common::api::Errors;
 use std::sync::Arc;
 use utoipa_axum::router::OpenApiRouter;

@@ -1,6 +1,6 @@
 //! The restore route: queue a restore (or a dry run) of a backup.
 
-use crate::api::secured;
+use crate::staff::auth::secured;
 use portico_common::api::Errors;
 use std::sync::Arc;
 use utoipa_axum::router::OpenApiRouter;

@@ -7,7 +7,7 @@
 //! engines are not met (409), or an archive does not match its checksum
 //! (422): the plan is computed and checked first, then the task queued.
 
-use crate::api::secured;
+use crate::staff::auth::secured;
 use portico_common::api::Errors;
 use std::sync::Arc;
 use utoipa_axum::router::OpenApiRouter;
