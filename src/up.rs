@@ -22,6 +22,14 @@ pub fn run(mut cfg: PorticoConfig, config_path: Option<&std::path::Path>) -> Exi
         tracing::error!(error = format!("{e:#}"), "cannot start");
         return ExitCode::FAILURE;
     }
+    // Held until `up` returns, after its PostgreSQL has stopped.
+    let _lock = match lock_data_dir(&cfg.data_dir) {
+        Ok(lock) => lock,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
     // Stopped with `up` (dropped last, after the services).
     let postgres = private_postgres(&mut cfg);
     let stop = CancellationToken::new();
@@ -146,6 +154,35 @@ fn same_process_routes(cfg: &mut PorticoConfig) {
     if cfg.jobs.chat_url.is_none() {
         cfg.jobs.chat_url = cfg.gateway.chat_shards.first().map(|a| format!("http://{a}"));
     }
+}
+
+/// One `up` per data directory: a second one (or one started while the
+/// last is still stopping) would find the private PostgreSQL's files in use
+/// and run without it. The lock is the kernel's (`flock`): it ends with the
+/// process, however it ends.
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<fs::File> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join("up.lock");
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        let mut pid = String::new();
+        let _ = file.read_to_string(&mut pid);
+        anyhow::bail!(
+            "another `portico up` (pid {}) is running on {} or still stopping: stop it first",
+            pid.trim(),
+            dir.display()
+        );
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}", std::process::id())?;
+    Ok(file)
 }
 
 /// Derives the one-process layout from the configuration: demo on, shard

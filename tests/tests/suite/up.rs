@@ -418,3 +418,30 @@ async fn a_relative_data_dir_still_gets_its_private_postgres() {
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
 }
+
+/// One `up` per data directory: a second one on the same directory is
+/// refused at once with a message naming the directory and the running
+/// process (it used to start without its PostgreSQL, whose files were in
+/// use), and the first one keeps serving.
+#[tokio::test]
+async fn a_second_up_on_the_same_data_dir_is_refused() {
+    let (svc, edge) = up();
+    let (env, _) = up_env(&[]);
+    let out = std::process::Command::new(portico_tests::bins::portico())
+        .arg("up")
+        .env_remove("PORTICO_CONFIG")
+        .env("PORTICO_AUTH__JWT_SECRET", portico_tests::TEST_SECRET)
+        .env("PORTICO_DATA_DIR", svc.dir.path())
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("portico runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another `portico up`"), "{err}");
+    assert!(err.contains(&svc.dir.path().display().to_string()), "{err}");
+    assert_eq!(
+        portico_tests::servers::http_status(edge.admin, "/healthz"),
+        Some(200),
+        "the first one still serves"
+    );
+}
