@@ -61,16 +61,6 @@ pub(crate) struct Stack {
     pub(crate) pg: Postgres,
 }
 
-impl Stack {
-    /// The one Redis server (`--bus redis`).
-    pub(crate) fn redis(&mut self) -> &mut Redis {
-        match &mut self.bus {
-            BusServer::Redis(r) => r,
-            BusServer::Cluster(_) => panic!("this stack runs on a Redis Cluster"),
-        }
-    }
-}
-
 /// The hosted-app domain of the bench stack (`Host: <app>.paas.localhost`).
 const PAAS_DOMAIN: &str = "paas.localhost";
 
@@ -80,10 +70,7 @@ fn start_stack(bus: &str) -> Stack {
     } else {
         BusServer::Redis(Redis::start())
     };
-    let (bus_kind, bus_url) = match &bus {
-        BusServer::Redis(r) => ("redis", r.url()),
-        BusServer::Cluster(c) => ("redis_cluster", c.url()),
-    };
+    let (bus_kind, bus_url) = bus.config();
     let pg = Postgres::start();
     let common = |extra: Vec<(&'static str, String)>| {
         let mut env = vec![("PORTICO_LOG__LEVEL", "warn".to_string())];

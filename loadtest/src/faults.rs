@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use portico_config::Secret;
 use portico_tests::TEST_SECRET;
-use portico_tests::servers::{BusServer, Service};
+use portico_tests::servers::Service;
 use serde::Serialize;
 
 use crate::bench::{Stack, sources};
@@ -40,9 +40,9 @@ const FAULTS: &[Fault] = &[
         what: "Redis SIGSTOP for 10 s, then SIGCONT",
         bus: Some("redis"),
         inject: |s| {
-            s.redis().signal("STOP");
+            s.bus.redis().signal("STOP");
             std::thread::sleep(Duration::from_secs(10));
-            s.redis().signal("CONT");
+            s.bus.redis().signal("CONT");
         },
     },
     Fault {
@@ -50,8 +50,8 @@ const FAULTS: &[Fault] = &[
         what: "Redis SIGKILL, restarted at once (empty)",
         bus: Some("redis"),
         inject: |s| {
-            s.redis().stop();
-            s.redis().restart();
+            s.bus.redis().stop();
+            s.bus.redis().restart();
         },
     },
     Fault {
@@ -59,11 +59,10 @@ const FAULTS: &[Fault] = &[
         what: "a Redis Cluster master SIGKILLed (its replica is promoted)",
         bus: Some("redis_cluster"),
         inject: |s| {
-            if let BusServer::Cluster(c) = &mut s.bus {
-                let master = c.master_of("portico:conv:{faults}");
-                c.kill(master);
-                c.wait_ok();
-            }
+            let c = s.bus.cluster();
+            let master = c.master_of("portico:conv:{faults}");
+            c.kill(master);
+            c.wait_ok();
         },
     },
     Fault {
@@ -109,10 +108,7 @@ pub(crate) async fn run(stack: &mut Stack, quick: bool, fd_cap: usize, out: &Pat
     let scale = if quick { 10 } else { 1 };
     let mut results = Vec::new();
     let mut ok = true;
-    let bus = match &stack.bus {
-        BusServer::Redis(_) => "redis",
-        BusServer::Cluster(_) => "redis_cluster",
-    };
+    let bus = stack.bus.config().0;
     for fault in FAULTS.iter().filter(|f| f.bus.is_none_or(|b| b == bus)) {
         let (conns, group, rate) = match fault.name {
             // The upgrade hands every WebSocket over: as many as fit.

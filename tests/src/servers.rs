@@ -170,6 +170,13 @@ pub struct RedisCluster {
     dir: TempDir,
 }
 
+/// A master of a [`RedisCluster`]: its port, node id and slot ranges.
+struct Master {
+    port: u16,
+    id: String,
+    slots: Vec<(u16, u16)>,
+}
+
 struct RedisNode {
     port: u16,
     proc: Option<Proc>,
@@ -240,7 +247,8 @@ impl RedisCluster {
         format!("redis-cluster://127.0.0.1:{first}?{}", rest.join("&"))
     }
 
-    fn cli(port: u16, args: &[&str]) -> String {
+    /// What `redis-cli -p port args…` prints.
+    pub fn cli(port: u16, args: &[&str]) -> String {
         let out = Command::new("redis-cli")
             .args(["-p", &port.to_string()])
             .args(args)
@@ -273,31 +281,55 @@ impl RedisCluster {
 
     /// The port of the master that owns `key`'s slot (hash tags count).
     pub fn master_of(&self, key: &str) -> u16 {
-        let live = self.nodes.iter().find(|n| n.proc.is_some()).expect("a live node");
-        let slot: u16 = Self::cli(live.port, &["cluster", "keyslot", key])
+        let slot = self.keyslot(key);
+        self.masters()
+            .into_iter()
+            .find(|m| m.slots.iter().any(|(a, b)| (a..=b).contains(&&slot)))
+            .unwrap_or_else(|| panic!("no master owns slot {slot}"))
+            .port
+    }
+
+    fn live_port(&self) -> u16 {
+        self.nodes
+            .iter()
+            .find(|n| n.proc.is_some())
+            .expect("a live node")
+            .port
+    }
+
+    fn keyslot(&self, key: &str) -> u16 {
+        Self::cli(self.live_port(), &["cluster", "keyslot", key])
             .trim()
             .parse()
-            .expect("a slot number");
-        for line in Self::cli(live.port, &["cluster", "nodes"]).lines() {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 9 || !f[2].contains("master") || f[2].contains("fail") {
-                continue;
-            }
-            let port: u16 = f[1]
-                .split([':', '@'])
-                .nth(1)
-                .and_then(|p| p.parse().ok())
-                .expect("a port");
-            for range in &f[8..] {
-                let (a, b) = range.split_once('-').unwrap_or((range, range));
-                if let (Ok(a), Ok(b)) = (a.parse::<u16>(), b.parse::<u16>())
-                    && (a..=b).contains(&slot)
-                {
-                    return port;
-                }
-            }
-        }
-        panic!("no master owns slot {slot}");
+            .expect("a slot number")
+    }
+
+    /// The masters not marked failed, as a live node's `CLUSTER NODES`
+    /// lists them.
+    fn masters(&self) -> Vec<Master> {
+        Self::cli(self.live_port(), &["cluster", "nodes"])
+            .lines()
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                (f.len() >= 8 && f[2].contains("master") && !f[2].contains("fail")).then(|| Master {
+                    port: f[1]
+                        .split([':', '@'])
+                        .nth(1)
+                        .and_then(|p| p.parse().ok())
+                        .expect("a port"),
+                    id: f[0].to_string(),
+                    // Ranges `a-b` and single slots; migration markers
+                    // (`[slot->-node]`) are skipped.
+                    slots: f[8..]
+                        .iter()
+                        .filter_map(|r| {
+                            let (a, b) = r.split_once('-').unwrap_or((r, r));
+                            Some((a.parse().ok()?, b.parse().ok()?))
+                        })
+                        .collect(),
+                })
+            })
+            .collect()
     }
 
     /// Moves the slot of `key` (hash tags count) from its master to another
@@ -306,25 +338,19 @@ impl RedisCluster {
     /// Answers the new owner's port.
     pub fn move_slot_of(&self, key: &str) -> u16 {
         let from = self.master_of(key);
-        let slot = Self::cli(from, &["cluster", "keyslot", key]).trim().to_string();
-        let masters: Vec<(u16, String)> = Self::cli(from, &["cluster", "nodes"])
-            .lines()
-            .filter_map(|line| {
-                let f: Vec<&str> = line.split_whitespace().collect();
-                (f.len() >= 8 && f[2].contains("master") && !f[2].contains("fail")).then(|| {
-                    let port = f[1]
-                        .split([':', '@'])
-                        .nth(1)
-                        .and_then(|p| p.parse().ok())
-                        .expect("a port");
-                    (port, f[0].to_string())
-                })
-            })
-            .collect();
-        let id_of = |port: u16| masters.iter().find(|m| m.0 == port).expect("a master").1.clone();
+        let slot = self.keyslot(key).to_string();
+        let masters = self.masters();
+        let id_of = |port: u16| {
+            masters
+                .iter()
+                .find(|m| m.port == port)
+                .expect("a master")
+                .id
+                .clone()
+        };
         let to = masters
             .iter()
-            .map(|m| m.0)
+            .map(|m| m.port)
             .find(|p| *p != from)
             .expect("another master");
         let (from_id, to_id) = (id_of(from), id_of(to));
@@ -343,8 +369,8 @@ impl RedisCluster {
             args.extend(keys);
             Self::cli(from, &args);
         }
-        for (port, _) in &masters {
-            Self::cli(*port, &["cluster", "setslot", &slot, "node", &to_id]);
+        for m in &masters {
+            Self::cli(m.port, &["cluster", "setslot", &slot, "node", &to_id]);
         }
         to
     }
@@ -815,6 +841,32 @@ pub enum BusServer {
     Cluster(RedisCluster),
 }
 
+impl BusServer {
+    /// `chat.bus` and `chat.redis_url` for it.
+    pub fn config(&self) -> (&'static str, String) {
+        match self {
+            BusServer::Redis(r) => ("redis", r.url()),
+            BusServer::Cluster(c) => ("redis_cluster", c.url()),
+        }
+    }
+
+    /// The one Redis server.
+    pub fn redis(&mut self) -> &mut Redis {
+        match self {
+            BusServer::Redis(r) => r,
+            BusServer::Cluster(_) => panic!("this bus is a Redis Cluster"),
+        }
+    }
+
+    /// The Redis Cluster.
+    pub fn cluster(&mut self) -> &mut RedisCluster {
+        match self {
+            BusServer::Cluster(c) => c,
+            BusServer::Redis(_) => panic!("this bus is one Redis server"),
+        }
+    }
+}
+
 /// Chat shards as separate processes on real Redis (bus) and PostgreSQL
 /// (store).
 pub struct ChatCluster {
@@ -839,10 +891,7 @@ impl ChatCluster {
 
     pub fn start_on(bus: BusServer, shards: usize, extra: &[(&str, String)]) -> ChatCluster {
         let pg = Postgres::start();
-        let (kind, url) = match &bus {
-            BusServer::Redis(r) => ("redis", r.url()),
-            BusServer::Cluster(c) => ("redis_cluster", c.url()),
-        };
+        let (kind, url) = bus.config();
         let mut env = vec![
             ("PORTICO_CHAT__BUS", kind.to_string()),
             ("PORTICO_CHAT__REDIS_URL", url),
@@ -878,18 +927,12 @@ impl ChatCluster {
 
     /// The one Redis server of a cluster started with [`ChatCluster::start`].
     pub fn redis(&mut self) -> &mut Redis {
-        match &mut self.bus {
-            BusServer::Redis(r) => r,
-            BusServer::Cluster(_) => panic!("this chat cluster runs on a Redis Cluster"),
-        }
+        self.bus.redis()
     }
 
     /// The Redis Cluster of [`ChatCluster::start_on_redis_cluster`].
     pub fn redis_cluster(&mut self) -> &mut RedisCluster {
-        match &mut self.bus {
-            BusServer::Cluster(c) => c,
-            BusServer::Redis(_) => panic!("this chat cluster runs on one Redis server"),
-        }
+        self.bus.cluster()
     }
 
     /// SIGKILLs shard `i` (0-based) and waits for it to be gone.

@@ -256,16 +256,22 @@ impl RedisBus {
         {
             let _one_at_a_time = self.subscriptions.lock().await;
             for conv in hub.held() {
-                let r = match self.sharding {
-                    Sharding::Off => self.subscriber.subscribe(channel(&conv)).await,
-                    Sharding::Cluster => self.subscriber.ssubscribe(channel(&conv)).await,
-                };
-                if let Err(e) = r {
+                if let Err(e) = self.subscribe(&conv).await {
                     tracing::warn!(error = %e, %conv, "subscribing again failed");
                 }
             }
         }
         hub.catch_up().await;
+    }
+
+    /// Subscribes to a conversation's channel, classic or sharded (the
+    /// caller holds `subscriptions`).
+    async fn subscribe(&self, conv: &ConvId) -> Result<(), BusError> {
+        match self.sharding {
+            Sharding::Off => self.subscriber.subscribe(channel(conv)).await,
+            Sharding::Cluster => self.subscriber.ssubscribe(channel(conv)).await,
+        }
+        .map_err(err)
     }
 
     /// Publishes a frame on a conversation's channel.
@@ -348,11 +354,7 @@ impl Bus for RedisBus {
 
     async fn hold(&self, conv: &ConvId) -> Result<(), BusError> {
         let _one_at_a_time = self.subscriptions.lock().await;
-        match self.sharding {
-            Sharding::Off => self.subscriber.subscribe(channel(conv)).await,
-            Sharding::Cluster => self.subscriber.ssubscribe(channel(conv)).await,
-        }
-        .map_err(err)
+        self.subscribe(conv).await
     }
 
     async fn release(&self, conv: &ConvId) -> Result<(), BusError> {

@@ -168,6 +168,47 @@ fn filler(param: &Value) -> &'static str {
     }
 }
 
+/// Calls `o` with its path parameters filled with values that name
+/// nothing, a `{}` body where it takes one, and `token` if given; checks
+/// the answer against the description and answers status and body. The
+/// route table the gateways poll is asked on the jobs listener (the
+/// gateway does not route it), everything else through the gateway.
+async fn probe(
+    http: &reqwest::Client,
+    d: &Description,
+    origins: (&str, &str),
+    o: &Op<'_>,
+    token: Option<&str>,
+) -> (u16, String) {
+    let mut url = o.path.to_string();
+    for p in o.op["parameters"].as_array().into_iter().flatten() {
+        if p["in"] == "path" {
+            url = url.replace(&format!("{{{}}}", p["name"].as_str().unwrap()), filler(p));
+        }
+    }
+    let origin = if o.path == "/api/paas/routes" {
+        origins.1
+    } else {
+        origins.0
+    };
+    let mut req = http.request(o.method.to_uppercase().parse().unwrap(), format!("{origin}{url}"));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if matches!(o.method, "post" | "put" | "patch") {
+        req = req.header("content-type", "application/json").body("{}");
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let ct = content_type(&resp);
+    let body = resp.bytes().await.unwrap();
+    d.check(o, status, &ct, &body);
+    (
+        status,
+        format!("{} {url}: {}", o.method, String::from_utf8_lossy(&body)),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_description_covers_every_route_and_drives_a_backup() {
     if !pg_bin("initdb").is_file() {
@@ -254,37 +295,14 @@ async fn the_description_covers_every_route_and_drives_a_backup() {
 
     // Every described operation is mounted where the description says:
     // asked without credentials (or with bad ones) it answers with one of
-    // its documented statuses and bodies, never "no route" or 405. The
-    // route table the gateways poll is asked on the jobs listener.
+    // its documented statuses and bodies, never "no route" or 405.
+    let jobs_origin = format!("http://127.0.0.1:{jobs_port}");
+    let origins = (base.as_str(), jobs_origin.as_str());
     for o in &ops {
         let id = o.op["operationId"].as_str().unwrap();
-        let mut url = o.path.to_string();
-        for p in o.op["parameters"].as_array().into_iter().flatten() {
-            if p["in"] == "path" {
-                url = url.replace(&format!("{{{}}}", p["name"].as_str().unwrap()), filler(p));
-            }
-        }
-        let origin = if o.path == "/api/paas/routes" {
-            format!("http://127.0.0.1:{jobs_port}")
-        } else {
-            base.clone()
-        };
-        let mut req = http.request(o.method.to_uppercase().parse().unwrap(), format!("{origin}{url}"));
-        if matches!(o.method, "post" | "put" | "patch") {
-            req = req.header("content-type", "application/json").body("{}");
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status().as_u16();
-        let ct = content_type(&resp);
-        let body = resp.bytes().await.unwrap();
-        assert_ne!(status, 405, "{id}: {} {url} is not mounted", o.method);
-        let text = String::from_utf8_lossy(&body);
-        assert!(
-            !text.contains("no route for"),
-            "{id}: {} {url} is not mounted: {text}",
-            o.method
-        );
-        d.check(o, status, &ct, &body);
+        let (status, what) = probe(&http, &d, origins, o, None).await;
+        assert_ne!(status, 405, "{id}: {what}: not mounted");
+        assert!(!what.contains("no route for"), "{id}: {what}: not mounted");
     }
 
     // The roles an operation lists are the roles it lets in: a bearer
@@ -304,36 +322,15 @@ async fn the_description_covers_every_route_and_drives_a_backup() {
         }
         let outsider = all_roles.iter().find(|r| !roles.contains(r)).unwrap_or(&"nobody");
         for (role, allowed) in [(*outsider, false), (roles[0], true)] {
-            let mut url = o.path.to_string();
-            for p in o.op["parameters"].as_array().into_iter().flatten() {
-                if p["in"] == "path" {
-                    url = url.replace(&format!("{{{}}}", p["name"].as_str().unwrap()), filler(p));
-                }
-            }
-            let origin = if o.path == "/api/paas/routes" {
-                format!("http://127.0.0.1:{jobs_port}")
-            } else {
-                base.clone()
-            };
-            let mut req = http
-                .request(o.method.to_uppercase().parse().unwrap(), format!("{origin}{url}"))
-                .bearer_auth(token_with_roles("probe", &[role]));
-            if matches!(o.method, "post" | "put" | "patch") {
-                req = req.header("content-type", "application/json").body("{}");
-            }
-            let resp = req.send().await.unwrap();
-            let status = resp.status().as_u16();
-            let ct = content_type(&resp);
-            let body = resp.bytes().await.unwrap();
-            d.check(o, status, &ct, &body);
-            let text = String::from_utf8_lossy(&body);
+            let token = token_with_roles("probe", &[role]);
+            let (status, what) = probe(&http, &d, origins, o, Some(&token)).await;
             if allowed {
                 assert!(
                     status != 401 && status != 403,
-                    "{id}: role {role} is listed but refused: {status} {text}"
+                    "{id}: role {role} is listed but refused: {status} {what}"
                 );
             } else {
-                assert_eq!(status, 403, "{id}: role {role} is not listed but let in: {text}");
+                assert_eq!(status, 403, "{id}: role {role} is not listed but let in: {what}");
             }
         }
     }

@@ -4,28 +4,19 @@
 //! and a master killed under load (its replica promoted) with nothing
 //! acknowledged lost and live delivery back within seconds.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use portico_tests::client::{Ws, create_conversation, token};
-use portico_tests::servers::ChatCluster;
+use portico_tests::servers::{ChatCluster, RedisCluster};
 use serde_json::json;
 
 fn shard_channels(port: u16) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-p", &port.to_string(), "pubsub", "shardchannels"])
-        .output()
-        .expect("redis-cli runs");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    RedisCluster::cli(port, &["pubsub", "shardchannels"])
 }
 
 fn classic_channels(port: u16) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-p", &port.to_string(), "pubsub", "channels"])
-        .output()
-        .expect("redis-cli runs");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    RedisCluster::cli(port, &["pubsub", "channels"])
 }
 
 /// Conversations in different slots, members on both shards, publishers
