@@ -164,5 +164,40 @@ pub async fn check(store: Arc<dyn Store>, prefix: &str) {
     }
     offsets.sort_unstable();
     assert_eq!(offsets, (7..=46).collect::<Vec<_>>());
+
+    // A retry racing its original (a client resending after a reconnect
+    // while the first attempt is still in flight): one is stored, the
+    // other answers with it, and no offset is taken twice or skipped.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        for _ in 0..2 {
+            let (store, c) = (store.clone(), c.clone());
+            tasks.push(tokio::spawn(async move {
+                let a = store.append(&c, new(&format!("r{i}"), "bob")).await.unwrap();
+                (i, a.message.offset, a.duplicate)
+            }));
+        }
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    for i in 0..20 {
+        let mine: Vec<_> = answers.iter().filter(|a| a.0 == i).collect();
+        assert_eq!(mine[0].1, mine[1].1, "both attempts of r{i} name one offset");
+        assert_eq!(
+            mine.iter().filter(|a| a.2).count(),
+            1,
+            "one attempt of r{i} is the duplicate"
+        );
+    }
+    let mut offsets: Vec<u64> = answers.iter().filter(|a| !a.2).map(|a| a.1).collect();
+    offsets.sort_unstable();
+    assert_eq!(offsets, (47..=66).collect::<Vec<_>>());
+    assert_eq!(
+        s.latest_offset(&c).await.unwrap(),
+        66,
+        "no offset lost to a retry"
+    );
     s.ping().await.unwrap();
 }
