@@ -31,8 +31,12 @@ pub fn init_tracing(cfg: &LogConfig) {
     } else {
         fmt::layer().with_writer(std::io::stderr).boxed()
     };
+    // The level filter outermost: its level is the subscriber's hint, which
+    // `log`'s bridge takes as its own maximum (Pingora logs through `log`;
+    // with the departures filter outermost the hint was TRACE and every
+    // disabled `debug!` went through the subscriber).
     let _ = tracing_subscriber::registry()
-        .with(layer.with_filter(filter).with_filter(ClientDepartures))
+        .with(layer.with_filter(ClientDepartures).with_filter(filter))
         .try_init();
 }
 
@@ -160,5 +164,22 @@ mod departure_tests {
             None
         );
         assert_eq!(departure("failed to acquire reusable stream"), None);
+    }
+}
+
+#[cfg(test)]
+mod level_tests {
+    /// Pingora logs through `log`: its disabled `debug!`s must stop at
+    /// `log`'s level check instead of reaching the subscriber per call.
+    #[test]
+    fn the_configured_level_reaches_the_log_bridge() {
+        super::init_tracing(&portico_config::LogConfig {
+            level: "warn".into(),
+            ..Default::default()
+        });
+        assert_eq!(
+            tracing::level_filters::LevelFilter::current(),
+            tracing::level_filters::LevelFilter::WARN
+        );
     }
 }
