@@ -44,6 +44,9 @@ struct Tally {
     hist: Histogram<u64>,
     errors: u64,
     not_sent: u64,
+    /// Latency (µs) of the calls started in each second of the run: where
+    /// the tail sits in time (a stall, the ramp, or spread evenly).
+    by_second: Vec<Histogram<u64>>,
 }
 
 fn clients(ca: &[u8], sources: &[IpAddr], https: u16) -> anyhow::Result<Vec<reqwest::Client>> {
@@ -131,6 +134,7 @@ pub async fn load(s: Setup, duration: Duration) -> anyhow::Result<(Value, bool)>
                     hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
                     errors: 0,
                     not_sent: 0,
+                    by_second: Vec::new(),
                 })
             })
             .collect(),
@@ -166,6 +170,7 @@ pub async fn load(s: Setup, duration: Duration) -> anyhow::Result<(Value, bool)>
                     (base.clone(), tokens[u].clone(), convs[u].clone(), tallies.clone());
                 inflight.push(tokio::spawn(async move {
                     let t0 = Instant::now();
+                    let second = started.elapsed().as_secs() as usize;
                     let req = match e {
                         Endpoint::List => c.get(format!("{base}/api/conversations?limit=20")),
                         Endpoint::History => {
@@ -183,6 +188,12 @@ pub async fn load(s: Setup, duration: Duration) -> anyhow::Result<(Value, bool)>
                     let mut t = tallies[e_idx].lock().expect("tally");
                     if ok {
                         let _ = t.hist.record(us.max(1));
+                        if t.by_second.len() <= second {
+                            t.by_second.resize_with(second + 1, || {
+                                Histogram::new_with_bounds(1, 60_000_000, 2).expect("histogram bounds")
+                            });
+                        }
+                        let _ = t.by_second[second].record(us.max(1));
                     } else {
                         t.errors += 1;
                     }
@@ -204,9 +215,15 @@ pub async fn load(s: Setup, duration: Duration) -> anyhow::Result<(Value, bool)>
         let ms = |q: f64| t.hist.value_at_quantile(q) as f64 / 1000.0;
         let p95 = ms(0.95);
         ok &= p95 < 200.0 && t.errors == 0 && t.not_sent == 0;
+        let p95_by_second: Vec<f64> = t
+            .by_second
+            .iter()
+            .map(|h| (h.value_at_quantile(0.95) as f64 / 100.0).round() / 10.0)
+            .collect();
         rows.push(json!({
             "endpoint": e.name(), "requests": t.hist.len(), "errors": t.errors, "not_sent": t.not_sent,
             "p50_ms": ms(0.5), "p95_ms": p95, "p99_ms": ms(0.99), "max_ms": t.hist.max() as f64 / 1000.0,
+            "p95_ms_by_second": p95_by_second,
         }));
     }
     Ok((

@@ -20,6 +20,7 @@ use portico_tests::{TEST_SECRET, bins};
 use serde_json::json;
 
 use crate::generator::{self, Scenario};
+use crate::nginx::Nginx;
 use crate::report::{Report, ServerUsage};
 
 #[derive(clap::Args, Debug)]
@@ -29,6 +30,7 @@ pub struct BenchArgs {
     /// have their own tables: loadtest/results/faults.md, edge.md, mail.md,
     /// static.md, api.md).
     #[arg(long, value_delimiter = ',', default_value = "fanout,dm,idle,proxy,paas")]
+    // Keep in step with DEFAULT_SCENARIOS.
     pub scenarios: Vec<String>,
     /// Divide connection counts and durations by 10 (a smoke run).
     #[arg(long)]
@@ -41,6 +43,30 @@ pub struct BenchArgs {
     /// run go to `<scenario>-redis_cluster.json` and `redis-cluster.md`.
     #[arg(long, default_value = "redis", value_parser = ["redis", "redis_cluster"])]
     pub bus: String,
+    /// Record CPU profiles (perf + inferno) of the gateway and a shard under
+    /// each scenario's load into `<out>/profiles/` (see `profile.rs`).
+    #[arg(long)]
+    pub profile: bool,
+}
+
+/// The scenarios of a full run (the default): a run of all of them
+/// rewrites the README's table.
+const DEFAULT_SCENARIOS: [&str; 5] = ["fanout", "dm", "idle", "proxy", "paas"];
+
+/// Replaces what lies between `<!-- bench:start` … `-->` and
+/// `<!-- bench:end -->` in `file` with `body`.
+fn write_between_markers(file: &std::path::Path, body: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let start = text
+        .find("<!-- bench:start")
+        .and_then(|i| Some(i + text[i..].find("-->")? + 3))
+        .with_context(|| format!("{} has no <!-- bench:start --> marker", file.display()))?;
+    let end = text[start..]
+        .find("<!-- bench:end -->")
+        .map(|i| start + i)
+        .with_context(|| format!("{} has no <!-- bench:end --> marker", file.display()))?;
+    std::fs::write(file, format!("{}\n{body}\n{}", &text[..start], &text[end..]))
+        .with_context(|| format!("writing {}", file.display()))
 }
 
 pub(crate) struct Stack {
@@ -85,7 +111,6 @@ fn start_stack(bus: &str) -> Stack {
                 ("PORTICO_CHAT__REDIS_URL", bus_url.clone()),
                 ("PORTICO_CHAT__STORE", "postgres".into()),
                 ("PORTICO_CHAT__POSTGRES_URL", pg.url()),
-                ("PORTICO_CHAT__POSTGRES_POOL", "32".into()),
                 ("PORTICO_CHAT__PUBLISH_PER_SEC", "1000000".into()),
                 ("PORTICO_CHAT__MAX_CONNECTIONS", "200000".into()),
                 ("PORTICO_CHAT__OUTBOUND_QUEUE", "1024".into()),
@@ -249,6 +274,28 @@ fn snapshot(stack: &Stack) -> Vec<(u64, Duration)> {
         .collect()
 }
 
+/// CPU time so far of the servers behind the shards: PostgreSQL (the
+/// postmaster and all its backends) and Redis (one server; a cluster's
+/// nodes are left out).
+fn backing_cpu(stack: &Stack) -> Vec<(String, Duration)> {
+    let tree = |pid: u32| -> Duration {
+        std::iter::once(pid)
+            .chain(crate::sys::children(pid))
+            .filter_map(crate::sys::cpu_time)
+            .sum()
+    };
+    let mut out = Vec::new();
+    if let Some(pid) = stack.pg.pid() {
+        out.push(("postgres (all backends)".to_string(), tree(pid)));
+    }
+    if let BusServer::Redis(r) = &stack.bus
+        && let Some(pid) = r.pid()
+    {
+        out.push(("redis".to_string(), tree(pid)));
+    }
+    out
+}
+
 /// ERROR lines in the gateway's log so far: (all, about clients).
 fn gateway_errors(stack: &Stack) -> (u64, u64) {
     let log = stack.gateway.proc.log();
@@ -305,6 +352,10 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     // upstream side); keep the idle scenario within what this machine allows.
     let idle_cap = ((fd_limit.saturating_sub(2_000)) / 2) as usize;
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    if args.profile {
+        crate::profile::available()?;
+    }
+    let profiles = args.profile.then_some(args.out.as_path());
     let scale = if args.quick { 10 } else { 1 };
     let secs = |s: u64| Duration::from_secs((s / scale).max(3));
     let mut rows = Vec::new();
@@ -326,14 +377,22 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 (50_000.min(idle_cap), 2, 0, secs(30))
             }
             "proxy" => {
-                let r = proxy(&stack).await?;
+                tokio::task::spawn_blocking(move || drop(stack)).await?;
+                let Some(r) = crate::proxy::run(profiles).await? else {
+                    continue;
+                };
                 std::fs::write(args.out.join("proxy.json"), serde_json::to_string_pretty(&r)?)?;
+                let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
                 rows.push(format!(
-                    "| proxy | wrk -t2 -c64 -d10s | gateway {:.0} req/s vs direct {:.0} req/s ({:.0}%) | added p99 {:.2} ms | | | | |",
-                    r["gateway_rps"].as_f64().unwrap_or(0.0),
-                    r["direct_rps"].as_f64().unwrap_or(0.0),
-                    r["ratio_pct"].as_f64().unwrap_or(0.0),
-                    r["added_p99_ms"].as_f64().unwrap_or(0.0),
+                    "| proxy | HTTPS keep-alive to one origin, wrk -t2 -c64 -d10s | gateway {:.0} req/s, nginx {:.0} req/s: **{:.2}× nginx** (CPU per request {:.1} µs vs {:.1} µs) | p99 gateway {:.2} ms, nginx {:.2} ms ({:.2}×) | | | | |",
+                    f("gateway_rps"),
+                    f("nginx_rps"),
+                    f("rps_ratio"),
+                    f("gateway_cpu_us_per_request"),
+                    f("nginx_cpu_us_per_request"),
+                    f("gateway_p99_ms"),
+                    f("nginx_p99_ms"),
+                    f("p99_ratio"),
                 ));
                 continue;
             }
@@ -361,7 +420,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 continue;
             }
             "static" => {
-                failed |= !crate::files::run(&args.out).await?;
+                failed |= !crate::files::run(&args.out, profiles).await?;
                 tokio::task::spawn_blocking(move || drop(stack)).await?;
                 continue;
             }
@@ -403,6 +462,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             drop_one_delivery: false,
         };
         let before = snapshot(&stack);
+        let backing_before = backing_cpu(&stack);
         let redis_before = redis_commands(&stack);
         let started = std::time::Instant::now();
         let errors_before = gateway_errors(&stack);
@@ -420,7 +480,18 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         } else {
             None
         };
+        let beside = (name == "idle").then(|| scenario.clone());
+        let recordings = match profiles {
+            Some(_) => vec![
+                crate::profile::record(stack.gateway.proc.pid(), &format!("{name}-gateway"))?,
+                crate::profile::record(stack.shards[0].0.proc.pid(), &format!("{name}-shard"))?,
+            ],
+            None => Vec::new(),
+        };
         let mut report: Report = generator::run(scenario).await?;
+        for r in recordings {
+            r.finish(&args.out)?;
+        }
         if let Some(api) = api {
             let (result, ok) = api.await??;
             failed |= !ok;
@@ -467,6 +538,13 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             println!("\n{md}");
         }
         report.servers = sampler.finish(&before, report.connections_ok);
+        for ((name, after), (_, before)) in backing_cpu(&stack).into_iter().zip(&backing_before) {
+            report.servers.push(ServerUsage {
+                name,
+                cpu_secs: after.saturating_sub(*before).as_secs_f64(),
+                ..ServerUsage::default()
+            });
+        }
         let redis_rates = redis_rates(&redis_before, &redis_commands(&stack), started.elapsed());
         // After the run's connections are gone: their ends must not be errors.
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -475,6 +553,9 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         report.gateway_client_error_lines = Some(errors_after.1 - errors_before.1);
         for line in error_samples(&stack) {
             eprintln!("{name}: gateway ERROR, e.g.: {line}");
+        }
+        if let Some(s) = beside {
+            report.nginx_rss_per_connection_kib = nginx_idle(&stack, s).await?;
         }
         println!("\n== {name}\n{}", report.table());
         let suffix = if args.bus == "redis" {
@@ -486,7 +567,8 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             args.out.join(format!("{name}{suffix}.json")),
             serde_json::to_string_pretty(&report)?,
         )?;
-        let problems = report.problems(0, 1.0);
+        // Any failed connection fails the run (#19: none under the ramp).
+        let problems = report.problems(0, 0.0);
         failed |= !problems.is_empty();
         for p in &problems {
             eprintln!("{name}: {p}");
@@ -517,7 +599,10 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             report.deliveries_lost,
             report.deliveries_duplicated,
             per_conn("chat"),
-            per_conn("gateway"),
+            match report.nginx_rss_per_connection_kib {
+                Some(n) => format!("{} (nginx {n:.1})", per_conn("gateway")),
+                None => per_conn("gateway"),
+            },
             report.generator_cpu_secs,
         ));
     }
@@ -548,12 +633,79 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         };
         std::fs::write(args.out.join(file), &table)?;
         println!("\n{table}");
+        // The project README shows the latest full run, as it was printed.
+        if file == "README.md"
+            && !args.quick
+            && DEFAULT_SCENARIOS
+                .iter()
+                .all(|s| args.scenarios.iter().any(|a| a == s))
+        {
+            let readme = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"));
+            let body = table.split_once("\n\n").map_or(table.as_str(), |(_, b)| b);
+            write_between_markers(&readme, body.trim_end())?;
+        }
     }
     Ok(if failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// nginx (2 workers, the gateway's certificate) proxying WebSockets to the
+/// same shards, holding the connections of `s` (for 15 s at most): the
+/// growth of its workers' RSS per connection, in KiB, to set beside the
+/// gateway's. `None` without nginx.
+async fn nginx_idle(stack: &Stack, mut s: Scenario) -> anyhow::Result<Option<f64>> {
+    if !crate::nginx::available() {
+        eprintln!("\n*** idle: nginx beside SKIPPED, no nginx (apt-get install nginx-light) ***\n");
+        return Ok(None);
+    }
+    let shards: String = stack
+        .shards
+        .iter()
+        .map(|(_, p)| format!(" server 127.0.0.1:{p};"))
+        .collect();
+    let nginx = Nginx::start(
+        Some(&stack.gateway.dir.path().join("certs")),
+        &format!(
+            "  upstream shards {{{shards} }}\n  map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}"
+        ),
+        "    location / { proxy_pass http://shards; proxy_http_version 1.1; \
+         proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection $connection_upgrade; \
+         proxy_read_timeout 1h; }\n",
+    )?;
+    s.urls = vec![format!("wss://localhost:{}/ws", nginx.port).parse()?];
+    s.prefix = format!("{}-nginx", s.prefix);
+    s.duration = s.duration.min(Duration::from_secs(15));
+    let workers = nginx.workers();
+    let rss = move || -> u64 { workers.iter().filter_map(|w| crate::sys::rss_bytes(*w)).sum() };
+    let before = rss();
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(before));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sampler = tokio::spawn({
+        let (peak, stop, rss) = (peak.clone(), stop.clone(), rss.clone());
+        async move {
+            while !stop.is_cancelled() {
+                peak.fetch_max(rss(), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    });
+    let r = generator::run(s).await?;
+    stop.cancel();
+    sampler.await?;
+    tokio::task::spawn_blocking(move || drop(nginx)).await?;
+    anyhow::ensure!(
+        r.connections_failed == 0,
+        "idle through nginx: {} of {} connections failed",
+        r.connections_failed,
+        r.connections
+    );
+    let grown = peak
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .saturating_sub(before);
+    Ok(Some(grown as f64 / 1024.0 / r.connections_ok.max(1) as f64))
 }
 
 /// Commands each Redis node has processed so far (`INFO stats`).
@@ -577,15 +729,6 @@ fn redis_rates(before: &[(u16, u64)], after: &[(u16, u64)], elapsed: Duration) -
         .join(" / ")
 }
 
-/// `wrk` against the gateway and directly against a shard.
-async fn proxy(stack: &Stack) -> anyhow::Result<serde_json::Value> {
-    let direct = format!("http://127.0.0.1:{}/healthz", stack.shards[0].1);
-    let via = format!("https://localhost:{}/healthz", stack.edge.https);
-    let (direct_rps, direct_p99) = wrk(direct, None).await?;
-    let (gw_rps, gw_p99) = wrk(via, None).await?;
-    Ok(compare(direct_rps, direct_p99, gw_rps, gw_p99))
-}
-
 fn compare(direct_rps: f64, direct_p99: f64, gw_rps: f64, gw_p99: f64) -> serde_json::Value {
     json!({
         "direct_rps": direct_rps, "direct_p99_ms": direct_p99,
@@ -595,7 +738,8 @@ fn compare(direct_rps: f64, direct_p99: f64, gw_rps: f64, gw_p99: f64) -> serde_
     })
 }
 
-/// `wrk -t2 -c64 -d10s` on `url` (with a `Host` header): requests/s and p99 ms.
+/// `wrk -t2 -c64 -d10s` on `url` (with a `Host` header): requests/s and p99
+/// ms. Fails when any answer was not a success.
 pub(crate) async fn wrk(url: String, host: Option<String>) -> anyhow::Result<(f64, f64)> {
     tokio::task::spawn_blocking(move || -> anyhow::Result<(f64, f64)> {
         let mut cmd = Command::new("wrk");
@@ -608,6 +752,13 @@ pub(crate) async fn wrk(url: String, host: Option<String>) -> anyhow::Result<(f6
             .output()
             .context("running wrk (apt-get install wrk)")?;
         let text = String::from_utf8_lossy(&out.stdout);
+        // An error page served fast is not the answer measured.
+        if let Some(n) = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+        {
+            anyhow::bail!("{url}: {} answers were not 2xx/3xx", n.trim());
+        }
         let rps = text
             .lines()
             .find_map(|l| l.strip_prefix("Requests/sec:"))

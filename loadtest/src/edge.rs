@@ -6,15 +6,15 @@
 //! `loadtest/results/edge.md` is the table. Skipped, loudly, without nginx.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use portico_tests::client::tls_connect;
 use portico_tests::free_port;
-use portico_tests::proc::Proc;
 use portico_tests::servers::{EdgePorts, Service};
 use portico_tests::upstream::Upstream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::nginx::Nginx;
 
 /// One probe's outcome at one proxy, in words.
 type Outcome = String;
@@ -74,7 +74,7 @@ const PROBES: &[Probe] = &[
 
 /// Runs the probes against a fresh gateway and nginx; writes edge.md.
 pub async fn run(out: &Path) -> anyhow::Result<bool> {
-    if Command::new("nginx").arg("-v").output().is_err() {
+    if !crate::nginx::available() {
         eprintln!("\n*** edge: SKIPPED, no nginx (apt-get install nginx-light) ***\n");
         return Ok(true);
     }
@@ -82,7 +82,6 @@ pub async fn run(out: &Path) -> anyhow::Result<bool> {
     let dir = tempfile::tempdir()?;
     let (gw, edge) = gateway(up.port, dir.path())?;
     let cert_dir = gw.dir.path().join("certs");
-    let nginx_port = free_port();
     let down = free_port();
     let locations = format!(
         "location /down {{ proxy_pass http://127.0.0.1:{down}; }}\n\
@@ -91,12 +90,12 @@ pub async fn run(out: &Path) -> anyhow::Result<bool> {
          proxy_set_header X-Forwarded-For $remote_addr;\n    }}\n",
         upstream = up.port
     );
-    let _nginx = nginx(dir.path(), &cert_dir, nginx_port, &locations)?;
+    let nginx = Nginx::start(Some(&cert_dir), "", &locations)?;
     let ca = std::fs::read(cert_dir.join("localhost.crt"))?;
     let mut rows = Vec::new();
     for (i, p) in PROBES.iter().enumerate() {
         let ours = probe(i, edge.https, &ca, &up).await;
-        let theirs = probe(i, nginx_port, &ca, &up).await;
+        let theirs = probe(i, nginx.port, &ca, &up).await;
         println!("{:<60} gateway: {ours:<40} nginx: {theirs}", p.what);
         rows.push(format!("| {} | {} | {ours} | {theirs} |", p.what, p.want));
     }
@@ -105,24 +104,12 @@ pub async fn run(out: &Path) -> anyhow::Result<bool> {
          gateway and to nginx ({}; TLS, HTTP/2, `client_header_timeout`/`client_body_timeout` 10 s, \
          `proxy_set_header Host`, `X-Real-IP`, `X-Forwarded-For`), both in front of one upstream that echoes \
          the request head it received.\n\n| probe | a hardened edge | gateway | nginx |\n|---|---|---|---|\n{}\n",
-        nginx_version(),
+        crate::nginx::version(),
         rows.join("\n")
     );
     std::fs::write(out.join("edge.md"), &table)?;
     println!("\n{table}");
     Ok(true)
-}
-
-pub(crate) fn nginx_version() -> String {
-    Command::new("nginx")
-        .arg("-v")
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stderr)
-                .trim()
-                .replace("nginx version: ", "")
-        })
-        .unwrap_or_default()
 }
 
 /// A gateway whose `/` goes to `upstream` and `/down` to a closed port.
@@ -146,35 +133,6 @@ fn gateway(upstream: u16, dir: &Path) -> anyhow::Result<(Service, EdgePorts)> {
     let file = file.display().to_string();
     let svc = Service::gateway(&["--config", &file], &env, &edge);
     Ok((svc, edge))
-}
-
-/// Debian's nginx (2 workers, TLS and HTTP/2 on `port` with the gateway's
-/// certificate) with `locations` in its one server; stopped when dropped.
-pub(crate) fn nginx(dir: &Path, certs: &Path, port: u16, locations: &str) -> anyhow::Result<Proc> {
-    let conf = dir.join("nginx.conf");
-    let d = dir.display();
-    std::fs::write(
-        &conf,
-        format!(
-            "worker_processes 2;\ndaemon off;\nmaster_process on;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
-             events {{ worker_connections 4096; }}\n\
-             http {{\n  access_log off;\n  client_header_timeout 10s;\n  client_body_timeout 10s;\n\
-             client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;\n\
-             uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
-             server {{\n    listen 127.0.0.1:{port} ssl http2;\n    ssl_certificate {c}/localhost.crt;\n\
-             ssl_certificate_key {c}/localhost.key;\n{locations}  }}\n}}\n",
-            c = certs.display()
-        ),
-    )?;
-    let mut cmd = Command::new("nginx");
-    cmd.arg("-c").arg(&conf).arg("-p").arg(dir);
-    let proc = Proc::spawn("nginx", cmd, &dir.join("nginx.out"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "nginx did not start: {}", proc.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(proc)
 }
 
 /// Sends `request` raw over TLS (HTTP/1.1); the response, or what ended it.

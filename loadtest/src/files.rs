@@ -13,10 +13,11 @@ use portico_tests::servers::{EdgePorts, Service};
 use serde_json::json;
 
 use crate::bench::wrk;
-use crate::edge::{nginx, nginx_version};
+use crate::nginx::Nginx;
 
-pub async fn run(out: &Path) -> anyhow::Result<bool> {
-    if Command::new("nginx").arg("-v").output().is_err() {
+/// With `profiles`, the gateway serving each file is profiled.
+pub async fn run(out: &Path, profiles: Option<&Path>) -> anyhow::Result<bool> {
+    if !crate::nginx::available() {
         eprintln!("\n*** static: SKIPPED, no nginx (apt-get install nginx-light) ***\n");
         return Ok(true);
     }
@@ -47,19 +48,28 @@ pub async fn run(out: &Path) -> anyhow::Result<bool> {
     let file = file.display().to_string();
     let gw = tokio::task::spawn_blocking(move || Service::gateway(&["--config", &file], &env, &edge)).await?;
     let cert_dir = gw.dir.path().join("certs");
-    let nginx_port = free_port();
     let locations = format!(
         "sendfile on;\n    open_file_cache max=1024 inactive=60s;\n    \
          location /static/ {{ root {}; expires max; add_header X-Content-Type-Options nosniff; }}\n",
         dir.path().display()
     );
-    let _nginx = nginx(dir.path(), &cert_dir, nginx_port, &locations)?;
+    let nginx = Nginx::start(Some(&cert_dir), "", &locations)?;
 
     let mut rows = Vec::new();
     let mut results = Vec::new();
     for name in ["small.png", "big.bin"] {
+        let recording = match profiles {
+            Some(_) => Some(crate::profile::record(
+                gw.proc.pid(),
+                &format!("static-{name}-gateway"),
+            )?),
+            None => None,
+        };
         let ours = wrk(format!("https://localhost:{}/static/{name}", edge.https), None).await?;
-        let theirs = wrk(format!("https://localhost:{nginx_port}/static/{name}"), None).await?;
+        if let (Some(r), Some(out)) = (recording, profiles) {
+            r.finish(out)?;
+        }
+        let theirs = wrk(format!("https://localhost:{}/static/{name}", nginx.port), None).await?;
         let ratio = ours.0 / theirs.0.max(1.0);
         println!(
             "static {name}: gateway {:.0} req/s p99 {:.2} ms, nginx {:.0} req/s p99 {:.2} ms, ratio {ratio:.2}",
@@ -89,7 +99,7 @@ pub async fn run(out: &Path) -> anyhow::Result<bool> {
          load generator included; the gateway's file route and nginx ({}; 2 workers, `sendfile`, \
          `open_file_cache`) serve the same directory with the same certificate. Goal: ratio ≥ 1.0.\n\n\
          | file | gateway | nginx | gateway/nginx |\n|---|---|---|---|\n{}\n",
-        nginx_version(),
+        crate::nginx::version(),
         rows.join("\n")
     );
     std::fs::write(out.join("static.md"), &table)?;

@@ -96,6 +96,10 @@ pub struct Report {
     /// Filled in by `bench`: per-process server measurements.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub servers: Vec<ServerUsage>,
+    /// Filled in by `bench` (idle): nginx's workers holding the same
+    /// connections in front of the same shards, RSS per connection in KiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nginx_rss_per_connection_kib: Option<f64>,
 }
 
 /// A server process during a benchmark.
@@ -158,6 +162,7 @@ impl Report {
             gateway_error_lines: None,
             gateway_client_error_lines: None,
             servers: Vec::new(),
+            nginx_rss_per_connection_kib: None,
         }
     }
 
@@ -242,6 +247,11 @@ impl Report {
             t.push_str(&format!("gateway ERROR lines   {n}   (about clients: {c})\n"));
         }
         for s in &self.servers {
+            if s.rss_after_mib == 0.0 {
+                // Measured for CPU only (PostgreSQL, Redis).
+                t.push_str(&format!("server {:<15} CPU {:.1} s\n", s.name, s.cpu_secs));
+                continue;
+            }
             t.push_str(&format!(
                 "server {:<15} RSS {:.1} → {:.1} MiB, {} conns, {:.1} KiB/conn, CPU {:.1} s\n",
                 s.name,

@@ -38,6 +38,23 @@ pub fn raise_fd_limit() -> u64 {
     rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0, |(soft, _)| soft)
 }
 
+/// The processes whose parent is `pid`.
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|stat| {
+                // The parent is the second field after the command (in parens).
+                stat.rfind(')')
+                    .and_then(|i| stat[i + 2..].split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(pid)
+            })
+        })
+        .collect()
+}
+
 pub fn self_cpu_time() -> Duration {
     cpu_time(std::process::id()).unwrap_or_default()
 }

@@ -1,0 +1,112 @@
+//! `bench --scenarios proxy`: HTTPS keep-alive proxying, the gateway beside
+//! nginx in front of the same origin on this machine.
+//!
+//! The origin is a plain-HTTP nginx answering `ok` (its direct rate is
+//! reported, to show it is not the limit). The gateway (one route `/` to the
+//! origin, rate limits off, 2 threads) and nginx (2 workers, TLS with the
+//! same certificate, `keepalive 64` to the origin) take `wrk -t2 -c64 -d10s`
+//! in turns, twice each; the better run of each counts (the machine is
+//! shared and noisy), and the CPU time each proxy spent per request is
+//! reported beside (the profiled run, with `--profile`, is left out of it). Every answer must be a 200: a proxy that answers
+//! without asking the origin is not measured.
+
+use std::path::Path;
+use std::time::Duration;
+
+use portico_tests::free_port;
+use portico_tests::servers::{EdgePorts, Service};
+use serde_json::{Value, json};
+
+use crate::bench::wrk;
+use crate::nginx::Nginx;
+
+/// Runs the scenario; `None` (said loudly) without nginx. With `profiles`
+/// (the results directory), the gateway's first run is profiled.
+pub async fn run(profiles: Option<&Path>) -> anyhow::Result<Option<Value>> {
+    if !crate::nginx::available() {
+        eprintln!("\n*** proxy: SKIPPED, no nginx (apt-get install nginx-light) ***\n");
+        return Ok(None);
+    }
+    let origin = Nginx::start(
+        None,
+        "",
+        "    location / { default_type text/plain; return 200 \"ok\\n\"; }\n",
+    )?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[gateway.routes]]\nname = \"origin\"\npath_prefix = \"/\"\nupstream = \"127.0.0.1:{}\"\n",
+            origin.port
+        ),
+    )?;
+    let edge = EdgePorts::free();
+    let mut env = edge.env();
+    env.extend(EdgePorts::unlimited());
+    env.push((
+        "PORTICO_GATEWAY__CHAT_SHARDS",
+        format!("[\"127.0.0.1:{}\"]", free_port()),
+    ));
+    env.push(("PORTICO_GATEWAY__THREADS", "2".into()));
+    env.push(("PORTICO_LOG__LEVEL", "warn".into()));
+    let https = edge.https;
+    let file = file.display().to_string();
+    let gw = tokio::task::spawn_blocking(move || Service::gateway(&["--config", &file], &env, &edge)).await?;
+    let nginx = Nginx::start(
+        Some(&gw.dir.path().join("certs")),
+        &format!(
+            "  upstream origin {{ server 127.0.0.1:{}; keepalive 64; }}",
+            origin.port
+        ),
+        "    location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection \"\"; }\n",
+    )?;
+
+    let direct = wrk(format!("http://127.0.0.1:{}/", origin.port), None).await?;
+    let (mut ours, mut theirs) = ((0.0, 0.0), (0.0, 0.0));
+    // CPU time per request of each proxy over all its runs: steadier than
+    // requests/s on a shared machine (what the others take varies).
+    let (mut our_cpu, mut their_cpu, mut our_n, mut their_n) = (Duration::ZERO, Duration::ZERO, 0.0, 0.0);
+    let gw_cpu = || crate::sys::cpu_time(gw.proc.pid()).unwrap_or_default();
+    for round in 0..2 {
+        let recording = match profiles {
+            Some(_) if round == 0 => Some(crate::profile::record(gw.proc.pid(), "proxy-gateway")?),
+            _ => None,
+        };
+        let before = gw_cpu();
+        let g = wrk(format!("https://localhost:{https}/"), None).await?;
+        if round > 0 || profiles.is_none() {
+            our_cpu += gw_cpu().saturating_sub(before);
+            our_n += g.0 * 10.0;
+        }
+        if let (Some(r), Some(out)) = (recording, profiles) {
+            r.finish(out)?;
+        }
+        let before = nginx.workers_cpu();
+        let n = wrk(format!("https://localhost:{}/", nginx.port), None).await?;
+        their_cpu += nginx.workers_cpu().saturating_sub(before);
+        their_n += n.0 * 10.0;
+        println!(
+            "proxy: gateway {:.0} req/s p99 {:.2} ms, nginx {:.0} req/s p99 {:.2} ms",
+            g.0, g.1, n.0, n.1
+        );
+        if g.0 > ours.0 {
+            ours = g;
+        }
+        if n.0 > theirs.0 {
+            theirs = n;
+        }
+    }
+    tokio::task::spawn_blocking(move || drop((gw, nginx, origin))).await?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    Ok(Some(json!({
+        "origin_direct_rps": direct.0, "origin_direct_p99_ms": direct.1,
+        "gateway_rps": ours.0, "gateway_p99_ms": ours.1,
+        "nginx_rps": theirs.0, "nginx_p99_ms": theirs.1,
+        "nginx": crate::nginx::version(),
+        "rps_ratio": ours.0 / theirs.0.max(1.0),
+        "gateway_cpu_us_per_request": our_cpu.as_secs_f64() * 1e6 / f64::max(our_n, 1.0),
+        "nginx_cpu_us_per_request": their_cpu.as_secs_f64() * 1e6 / f64::max(their_n, 1.0),
+        "p99_ratio": ours.1 / theirs.1.max(0.001),
+    })))
+}
