@@ -1,5 +1,7 @@
 //! `bench --scenarios api`: the chat REST API through the gateway while
-//! the `dm` WebSocket load runs beside it (from 5 s after the ramp). An open-loop schedule calls the
+//! the `dm` WebSocket load runs beside it (from 3 s after every WebSocket
+//! is up, while the messages flow; `p95_ms_by_second` in `api-rest.json`
+//! shows where in time the tail sits). An open-loop schedule calls the
 //! conversation list, a history page and publish over REST, each at a fixed
 //! rate from many users and source addresses; every answer's latency goes
 //! into a histogram per endpoint. Seed 002's target: p95 < 200 ms for each.

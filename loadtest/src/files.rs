@@ -6,7 +6,6 @@
 //! Skipped, loudly, without nginx.
 
 use std::path::Path;
-use std::process::Command;
 
 use portico_tests::free_port;
 use portico_tests::servers::{EdgePorts, Service};
@@ -88,11 +87,7 @@ pub async fn run(out: &Path, profiles: Option<&Path>) -> anyhow::Result<bool> {
             "nginx_rps": theirs.0, "nginx_p99_ms": theirs.1, "ratio": ratio,
         }));
     }
-    let commit = Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let commit = crate::bench::commit();
     let table = format!(
         "# Static files: the gateway beside nginx\n\n`cargo run --release -p loadtest -- bench --scenarios static` \
          on commit `{commit}`: `wrk -t2 -c64 -d10s` over TLS (HTTP/1.1, keep-alive) on this 2-core machine, \
