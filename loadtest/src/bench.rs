@@ -800,6 +800,16 @@ pub(crate) async fn wrk(url: String, host: Option<String>) -> anyhow::Result<(f6
     .await?
 }
 
+/// One `wrk` run on `url`: requests/s, p99 ms, and the CPU time `cpu` (of
+/// the server under test, read before and after) spent per request, µs.
+pub(crate) async fn wrk_cpu(url: String, cpu: impl Fn() -> Duration) -> anyhow::Result<(f64, f64, f64)> {
+    let before = cpu();
+    let (rps, p99) = wrk(url, None).await?;
+    let spent = cpu().saturating_sub(before);
+    // wrk runs for 10 s.
+    Ok((rps, p99, spent.as_secs_f64() * 1e6 / (rps * 10.0).max(1.0)))
+}
+
 /// Deploys a static site (busybox httpd, a 1 KiB page) through the jobs
 /// API, times the deploy and how long until the gateway serves it, then
 /// `wrk` against the container's private port and through the gateway.

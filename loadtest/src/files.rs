@@ -11,7 +11,7 @@ use portico_tests::free_port;
 use portico_tests::servers::{EdgePorts, Service};
 use serde_json::json;
 
-use crate::bench::wrk;
+use crate::bench::wrk_cpu;
 use crate::nginx::Nginx;
 
 /// With `profiles`, the gateway serving each file is profiled.
@@ -64,27 +64,35 @@ pub async fn run(out: &Path, profiles: Option<&Path>) -> anyhow::Result<bool> {
             )?),
             None => None,
         };
-        let ours = wrk(format!("https://localhost:{}/static/{name}", edge.https), None).await?;
+        let ours = wrk_cpu(format!("https://localhost:{}/static/{name}", edge.https), || {
+            crate::sys::cpu_time(gw.proc.pid()).unwrap_or_default()
+        })
+        .await?;
         if let (Some(r), Some(out)) = (recording, profiles) {
             r.finish(out)?;
         }
-        let theirs = wrk(format!("https://localhost:{}/static/{name}", nginx.port), None).await?;
+        let theirs = wrk_cpu(format!("https://localhost:{}/static/{name}", nginx.port), || {
+            nginx.workers_cpu()
+        })
+        .await?;
         let ratio = ours.0 / theirs.0.max(1.0);
         println!(
             "static {name}: gateway {:.0} req/s p99 {:.2} ms, nginx {:.0} req/s p99 {:.2} ms, ratio {ratio:.2}",
             ours.0, ours.1, theirs.0, theirs.1
         );
         rows.push(format!(
-            "| {name} ({}) | {:.0} req/s, p99 {:.2} ms | {:.0} req/s, p99 {:.2} ms | {ratio:.2} |",
+            "| {name} ({}) | {:.0} req/s, p99 {:.2} ms, {:.1} µs CPU/req | {:.0} req/s, p99 {:.2} ms, {:.1} µs CPU/req | {ratio:.2} |",
             if name == "big.bin" { "1 MiB" } else { "2 KiB" },
             ours.0,
             ours.1,
+            ours.2,
             theirs.0,
-            theirs.1
+            theirs.1,
+            theirs.2
         ));
         results.push(json!({
-            "file": name, "gateway_rps": ours.0, "gateway_p99_ms": ours.1,
-            "nginx_rps": theirs.0, "nginx_p99_ms": theirs.1, "ratio": ratio,
+            "file": name, "gateway_rps": ours.0, "gateway_p99_ms": ours.1, "gateway_cpu_us_per_request": ours.2,
+            "nginx_rps": theirs.0, "nginx_p99_ms": theirs.1, "nginx_cpu_us_per_request": theirs.2, "ratio": ratio,
         }));
     }
     let commit = crate::bench::commit();
