@@ -68,6 +68,12 @@ impl<S> tracing_subscriber::layer::Filter<S> for ClientDepartures {
         if !target.starts_with("pingora") {
             return true;
         }
+        if message.text == "failed to acquire reusable stream" {
+            // Pingora's pool lost a race with its own idle watcher and
+            // connects anew: nothing failed.
+            metrics::counter!("portico_gateway_upstream_pool_misses_total").increment(1);
+            return false;
+        }
         match departure(&message.text) {
             Some(cause) => {
                 metrics::counter!("portico_gateway_client_disconnects_total", "cause" => cause).increment(1);
@@ -109,7 +115,9 @@ fn departure(message: &str) -> Option<&'static str> {
         return None;
     }
     let m = message.to_ascii_lowercase();
-    if m.contains("broken pipe") || m.contains("connection reset") {
+    // An HTTP/2 stream the client reset (or whose connection it closed)
+    // has no send capacity left for the rest of the body.
+    if m.contains("broken pipe") || m.contains("connection reset") || m.contains("cannot reserve capacity") {
         Some("reset")
     } else if m.contains("close_notify") || m.contains("unexpected eof") || m.contains("early eof") {
         Some("no_close_notify")
@@ -164,6 +172,17 @@ mod departure_tests {
             None
         );
         assert_eq!(departure("failed to acquire reusable stream"), None);
+        assert_eq!(
+            departure(
+                "Fail to proxy: Downstream H2Error context: Peer: addr: 127.0.0.1:44909, scheme: HTTP cause:  context: cannot reserve capacity, status: 400"
+            ),
+            Some("reset")
+        );
+        assert_eq!(
+            departure("Fail to proxy: Upstream H2Error cause: cannot reserve capacity"),
+            None,
+            "an upstream's stream is not a client's"
+        );
     }
 }
 

@@ -330,6 +330,10 @@ fn describe_metrics() {
         "Clients that went away (reset, no TLS close_notify, closed mid-request, timed out), by cause."
     );
     describe_counter!(
+        "portico_gateway_upstream_pool_misses_total",
+        "Pooled upstream connections Pingora could not take back (it connects anew; logged by Pingora as an error, which it is not)."
+    );
+    describe_counter!(
         "portico_gateway_websockets_upstream_lost_total",
         "WebSockets whose upstream ended without a close frame, told 1012 by the gateway."
     );
