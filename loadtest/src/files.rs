@@ -7,8 +7,7 @@
 
 use std::path::Path;
 
-use portico_tests::free_port;
-use portico_tests::servers::{EdgePorts, Service};
+use portico_tests::servers::Service;
 use serde_json::json;
 
 use crate::bench::wrk_cpu;
@@ -27,25 +26,13 @@ pub async fn run(out: &Path, profiles: Option<&Path>) -> anyhow::Result<bool> {
     std::fs::write(root.join("small.png"), noise(2 * 1024))?;
     std::fs::write(root.join("big.bin"), noise(1024 * 1024))?;
 
-    let file = dir.path().join("gateway.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[[gateway.routes]]\nname = \"static\"\npath_prefix = \"/static\"\nroot = \"{}\"\ncache = \"immutable\"\n",
-            root.display()
-        ),
-    )?;
-    let edge = EdgePorts::free();
-    let mut env = edge.env();
-    env.extend(EdgePorts::unlimited());
-    env.push((
-        "PORTICO_GATEWAY__CHAT_SHARDS",
-        format!("[\"127.0.0.1:{}\"]", free_port()),
-    ));
+    let routes = format!(
+        "[[gateway.routes]]\nname = \"static\"\npath_prefix = \"/static\"\nroot = \"{}\"\ncache = \"immutable\"\n",
+        root.display()
+    );
     // nginx logs nothing per request here; neither does the gateway.
-    env.push(("PORTICO_LOG__LEVEL", "warn".into()));
-    let file = file.display().to_string();
-    let gw = tokio::task::spawn_blocking(move || Service::gateway(&["--config", &file], &env, &edge)).await?;
+    let env = [("PORTICO_LOG__LEVEL", "warn".to_string())];
+    let (gw, edge) = tokio::task::spawn_blocking(move || Service::gateway_with_routes(&routes, &env)).await?;
     let cert_dir = gw.dir.path().join("certs");
     let locations = format!(
         "sendfile on;\n    open_file_cache max=1024 inactive=60s;\n    \

@@ -13,8 +13,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use portico_tests::free_port;
-use portico_tests::servers::{EdgePorts, Service};
+use portico_tests::servers::Service;
 use serde_json::{Value, json};
 
 use crate::bench::{wrk, wrk_cpu};
@@ -32,27 +31,16 @@ pub async fn run(profiles: Option<&Path>) -> anyhow::Result<Option<Value>> {
         "",
         "    location / { default_type text/plain; return 200 \"ok\\n\"; }\n",
     )?;
-    let dir = tempfile::tempdir()?;
-    let file = dir.path().join("gateway.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[[gateway.routes]]\nname = \"origin\"\npath_prefix = \"/\"\nupstream = \"127.0.0.1:{}\"\n",
-            origin.port
-        ),
-    )?;
-    let edge = EdgePorts::free();
-    let mut env = edge.env();
-    env.extend(EdgePorts::unlimited());
-    env.push((
-        "PORTICO_GATEWAY__CHAT_SHARDS",
-        format!("[\"127.0.0.1:{}\"]", free_port()),
-    ));
-    env.push(("PORTICO_GATEWAY__THREADS", "2".into()));
-    env.push(("PORTICO_LOG__LEVEL", "warn".into()));
+    let routes = format!(
+        "[[gateway.routes]]\nname = \"origin\"\npath_prefix = \"/\"\nupstream = \"127.0.0.1:{}\"\n",
+        origin.port
+    );
+    let env = [
+        ("PORTICO_GATEWAY__THREADS", "2".to_string()),
+        ("PORTICO_LOG__LEVEL", "warn".to_string()),
+    ];
+    let (gw, edge) = tokio::task::spawn_blocking(move || Service::gateway_with_routes(&routes, &env)).await?;
     let https = edge.https;
-    let file = file.display().to_string();
-    let gw = tokio::task::spawn_blocking(move || Service::gateway(&["--config", &file], &env, &edge)).await?;
     let nginx = Nginx::start(
         Some(&gw.dir.path().join("certs")),
         &format!(

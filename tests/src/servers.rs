@@ -705,6 +705,28 @@ impl Service {
         edge.wait_listening(&mut svc.proc);
         svc
     }
+
+    /// A gateway serving the route table `routes` (`[[gateway.routes]]`
+    /// entries, TOML) on free ports, rate limits off, its chat shard list
+    /// pointing at a closed port, with `env` added: for what is not chat
+    /// (file routes, proxying to an origin).
+    pub fn gateway_with_routes(routes: &str, env: &[(&str, String)]) -> (Service, EdgePorts) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("gateway.toml");
+        std::fs::write(&file, routes).expect("write gateway.toml");
+        let edge = EdgePorts::free();
+        let mut all: Vec<(&str, String)> = edge.env();
+        all.extend(EdgePorts::unlimited());
+        all.push((
+            "PORTICO_GATEWAY__CHAT_SHARDS",
+            format!("[\"127.0.0.1:{}\"]", free_port()),
+        ));
+        all.extend(env.iter().cloned());
+        let file = file.display().to_string();
+        let mut svc = Service::start_in(dir, &bins::gateway(), &["--config", &file], &all, edge.admin);
+        edge.wait_listening(&mut svc.proc);
+        (svc, edge)
+    }
 }
 
 impl Service {

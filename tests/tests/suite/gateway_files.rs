@@ -8,7 +8,6 @@ use std::io::Read;
 use std::time::Duration;
 
 use portico_tests::client::{https_client, tls_connect};
-use portico_tests::free_port;
 use portico_tests::servers::{EdgePorts, Service};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -45,24 +44,12 @@ fn start() -> Files {
     std::os::unix::fs::symlink(outside.join("secret.txt"), root.join("leak.txt")).unwrap();
     std::os::unix::fs::symlink(root.join("css/app.css"), root.join("alias.css")).unwrap();
 
-    let file = dir.path().join("gateway.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[[gateway.routes]]\nname = \"static\"\npath_prefix = \"/static\"\nroot = \"{r}\"\ncache = \"immutable\"\n\
-             [[gateway.routes]]\nname = \"media\"\npath_prefix = \"/media\"\nroot = \"{r}\"\ncache = \"max-age=60\"\n",
-            r = root.display()
-        ),
-    )
-    .unwrap();
-    let edge = EdgePorts::free();
-    let mut env = edge.env();
-    env.extend(EdgePorts::unlimited());
-    env.push((
-        "PORTICO_GATEWAY__CHAT_SHARDS",
-        format!("[\"127.0.0.1:{}\"]", free_port()),
-    ));
-    let gw = Service::gateway(&["--config", file.to_str().unwrap()], &env, &edge);
+    let routes = format!(
+        "[[gateway.routes]]\nname = \"static\"\npath_prefix = \"/static\"\nroot = \"{r}\"\ncache = \"immutable\"\n\
+         [[gateway.routes]]\nname = \"media\"\npath_prefix = \"/media\"\nroot = \"{r}\"\ncache = \"max-age=60\"\n",
+        r = root.display()
+    );
+    let (gw, edge) = Service::gateway_with_routes(&routes, &[]);
     let http = https_client(&gw.certificate("localhost"));
     Files {
         gw,
