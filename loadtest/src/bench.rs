@@ -9,7 +9,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ use portico_tests::{TEST_SECRET, bins};
 use serde_json::json;
 
 use crate::generator::{self, Scenario};
+use crate::measure::{commit, wrk};
 use crate::nginx::Nginx;
 use crate::report::{Report, ServerUsage};
 
@@ -724,16 +725,6 @@ async fn nginx_idle(stack: &Stack, mut s: Scenario) -> anyhow::Result<Option<f64
     Ok(Some(grown as f64 / 1024.0 / r.connections_ok.max(1) as f64))
 }
 
-/// The checkout's commit, short, as results name it.
-pub(crate) fn commit() -> String {
-    Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
 /// Commands each Redis node has processed so far (`INFO stats`).
 fn redis_commands(stack: &Stack) -> Vec<(u16, u64)> {
     match &stack.bus {
@@ -762,52 +753,6 @@ fn compare(direct_rps: f64, direct_p99: f64, gw_rps: f64, gw_p99: f64) -> serde_
         "ratio_pct": 100.0 * gw_rps / direct_rps.max(1.0),
         "added_p99_ms": gw_p99 - direct_p99,
     })
-}
-
-/// `wrk -t2 -c64 -d10s` on `url` (with a `Host` header): requests/s and p99
-/// ms. Fails when any answer was not a success.
-pub(crate) async fn wrk(url: String, host: Option<String>) -> anyhow::Result<(f64, f64)> {
-    tokio::task::spawn_blocking(move || -> anyhow::Result<(f64, f64)> {
-        let mut cmd = Command::new("wrk");
-        cmd.args(["-t2", "-c64", "-d10s", "--latency"]);
-        if let Some(h) = host {
-            cmd.args(["-H", &format!("Host: {h}")]);
-        }
-        let out = cmd
-            .arg(&url)
-            .output()
-            .context("running wrk (apt-get install wrk)")?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        // An error page served fast is not the answer measured.
-        if let Some(n) = text
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
-        {
-            anyhow::bail!("{url}: {} answers were not 2xx/3xx", n.trim());
-        }
-        let rps = text
-            .lines()
-            .find_map(|l| l.strip_prefix("Requests/sec:"))
-            .and_then(|v| v.trim().parse().ok())
-            .context("wrk printed no Requests/sec")?;
-        let p99 = text
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("99%"))
-            .map(|v| parse_wrk_duration(v.trim()))
-            .unwrap_or(0.0);
-        Ok((rps, p99))
-    })
-    .await?
-}
-
-/// One `wrk` run on `url`: requests/s, p99 ms, and the CPU time `cpu` (of
-/// the server under test, read before and after) spent per request, µs.
-pub(crate) async fn wrk_cpu(url: String, cpu: impl Fn() -> Duration) -> anyhow::Result<(f64, f64, f64)> {
-    let before = cpu();
-    let (rps, p99) = wrk(url, None).await?;
-    let spent = cpu().saturating_sub(before);
-    // wrk runs for 10 s.
-    Ok((rps, p99, spent.as_secs_f64() * 1e6 / (rps * 10.0).max(1.0)))
 }
 
 /// Deploys a static site (busybox httpd, a 1 KiB page) through the jobs
@@ -892,17 +837,4 @@ async fn paas(stack: &Stack) -> anyhow::Result<serde_json::Value> {
     r["route_live_ms"] = json!(route_live_ms);
     r["deploy"] = state["result"].clone();
     Ok(r)
-}
-
-/// `1.23ms`, `456.00us`, `1.10s` → milliseconds.
-fn parse_wrk_duration(v: &str) -> f64 {
-    let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
-    let n: f64 = num.parse().unwrap_or(0.0);
-    match unit {
-        "us" => n / 1000.0,
-        "ms" => n,
-        "s" => n * 1000.0,
-        "m" => n * 60_000.0,
-        _ => n,
-    }
 }

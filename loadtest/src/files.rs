@@ -10,7 +10,7 @@ use std::path::Path;
 use portico_tests::servers::Service;
 use serde_json::json;
 
-use crate::bench::wrk_cpu;
+use crate::measure::{commit, wrk_cpu};
 use crate::nginx::Nginx;
 
 /// With `profiles`, the gateway serving each file is profiled.
@@ -82,7 +82,7 @@ pub async fn run(out: &Path, profiles: Option<&Path>) -> anyhow::Result<bool> {
             "nginx_rps": theirs.0, "nginx_p99_ms": theirs.1, "nginx_cpu_us_per_request": theirs.2, "ratio": ratio,
         }));
     }
-    let commit = crate::bench::commit();
+    let commit = commit();
     let table = format!(
         "# Static files: the gateway beside nginx\n\n`cargo run --release -p loadtest -- bench --scenarios static` \
          on commit `{commit}`: `wrk -t2 -c64 -d10s` over TLS (HTTP/1.1, keep-alive) on this 2-core machine, \

@@ -13,6 +13,7 @@ pub mod faults;
 pub mod files;
 pub mod generator;
 pub mod mail;
+pub mod measure;
 pub mod nginx;
 pub mod profile;
 pub mod proxy;

@@ -16,7 +16,7 @@ use std::time::Duration;
 use portico_tests::servers::Service;
 use serde_json::{Value, json};
 
-use crate::bench::{wrk, wrk_cpu};
+use crate::measure::{wrk, wrk_cpu};
 use crate::nginx::Nginx;
 
 /// Runs the scenario; `None` (said loudly) without nginx. With `profiles`
