@@ -643,20 +643,23 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         rows.join("\n")
     );
     if !rows.is_empty() {
-        let file = if args.bus == "redis" {
-            "README.md"
-        } else {
-            "redis-cluster.md"
-        };
-        std::fs::write(args.out.join(file), &table)?;
         println!("\n{table}");
+        let full = DEFAULT_SCENARIOS
+            .iter()
+            .all(|s| args.scenarios.iter().any(|a| a == s));
+        // The results' README (and the project's, below) hold a full run:
+        // a run of some scenarios (e.g. `static,api`, which have their own
+        // tables) must not replace it with a table of one row.
+        let file = match args.bus.as_str() {
+            "redis" if full => Some("README.md"),
+            "redis" => None,
+            _ => Some("redis-cluster.md"),
+        };
+        if let Some(file) = file {
+            std::fs::write(args.out.join(file), &table)?;
+        }
         // The project README shows the latest full run, as it was printed.
-        if file == "README.md"
-            && !args.quick
-            && DEFAULT_SCENARIOS
-                .iter()
-                .all(|s| args.scenarios.iter().any(|a| a == s))
-        {
+        if file == Some("README.md") && !args.quick {
             let readme = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"));
             let body = table.split_once("\n\n").map_or(table.as_str(), |(_, b)| b);
             write_between_markers(&readme, body.trim_end())?;
