@@ -43,8 +43,10 @@ pub fn init_tracing(cfg: &LogConfig) {
 /// Pingora logs some ordinary client departures at ERROR from places no
 /// hook of ours reaches (an HTTP/2 client gone during the handshake, a
 /// downstream reset): those are counted by cause in
-/// `portico_gateway_client_disconnects_total` and not logged. Upstream and
-/// server failures are untouched.
+/// `portico_gateway_client_disconnects_total` and not logged; so is its
+/// connection pool losing a race with itself
+/// (`portico_gateway_upstream_pool_misses_total`). Upstream and server
+/// failures are untouched.
 struct ClientDepartures;
 
 impl<S> tracing_subscriber::layer::Filter<S> for ClientDepartures {

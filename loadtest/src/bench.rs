@@ -279,12 +279,7 @@ fn snapshot(stack: &Stack) -> Vec<(u64, Duration)> {
 /// postmaster and all its backends) and Redis (one server; a cluster's
 /// nodes are left out).
 fn backing_cpu(stack: &Stack) -> Vec<(String, Duration)> {
-    let tree = |pid: u32| -> Duration {
-        std::iter::once(pid)
-            .chain(crate::sys::children(pid))
-            .filter_map(crate::sys::cpu_time)
-            .sum()
-    };
+    let tree = |pid: u32| crate::sys::cpu_time_of(std::iter::once(pid).chain(crate::sys::children(pid)));
     let mut out = Vec::new();
     if let Some(pid) = stack.pg.pid() {
         out.push(("postgres (all backends)".to_string(), tree(pid)));
@@ -699,7 +694,7 @@ async fn nginx_idle(stack: &Stack, mut s: Scenario) -> anyhow::Result<Option<f64
     s.prefix = format!("{}-nginx", s.prefix);
     s.duration = s.duration.min(Duration::from_secs(15));
     let workers = nginx.workers();
-    let rss = move || -> u64 { workers.iter().filter_map(|w| crate::sys::rss_bytes(*w)).sum() };
+    let rss = move || crate::sys::rss_bytes_of(workers.iter().copied());
     let before = rss();
     let peak = Arc::new(std::sync::atomic::AtomicU64::new(before));
     let stop = tokio_util::sync::CancellationToken::new();

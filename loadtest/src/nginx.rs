@@ -87,14 +87,9 @@ impl Nginx {
         crate::sys::children(self.proc.pid())
     }
 
-    /// Resident memory of all workers, in bytes.
-    pub fn workers_rss(&self) -> u64 {
-        self.workers().into_iter().filter_map(crate::sys::rss_bytes).sum()
-    }
-
     /// CPU time of all workers so far.
     pub fn workers_cpu(&self) -> Duration {
-        self.workers().into_iter().filter_map(crate::sys::cpu_time).sum()
+        crate::sys::cpu_time_of(self.workers())
     }
 }
 

@@ -7,8 +7,9 @@
 //! same certificate, `keepalive 64` to the origin) take `wrk -t2 -c64 -d10s`
 //! in turns, twice each; the better run of each counts (the machine is
 //! shared and noisy), and the least CPU time each proxy spent per request
-//! is reported beside (the profiled run, with `--profile`, left out). Every answer must be a 200: a proxy that answers
-//! without asking the origin is not measured.
+//! is reported beside (the profiled run, with `--profile`, left out).
+//! Every answer must be a 200: a proxy that answers without asking the
+//! origin is not measured.
 
 use std::path::Path;
 use std::time::Duration;

@@ -55,6 +55,16 @@ pub fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// CPU time of all of `pids` so far (those still running).
+pub fn cpu_time_of(pids: impl IntoIterator<Item = u32>) -> Duration {
+    pids.into_iter().filter_map(cpu_time).sum()
+}
+
+/// Resident memory of all of `pids`, in bytes (those still running).
+pub fn rss_bytes_of(pids: impl IntoIterator<Item = u32>) -> u64 {
+    pids.into_iter().filter_map(rss_bytes).sum()
+}
+
 pub fn self_cpu_time() -> Duration {
     cpu_time(std::process::id()).unwrap_or_default()
 }
