@@ -53,6 +53,10 @@ pub struct BenchArgs {
 /// The scenarios of a full run (the default): a run of all of them
 /// rewrites the README's table.
 const DEFAULT_SCENARIOS: [&str; 5] = ["fanout", "dm", "idle", "proxy", "paas"];
+/// Every scenario `bench` knows.
+const SCENARIOS: [&str; 10] = [
+    "fanout", "dm", "idle", "proxy", "paas", "faults", "edge", "mail", "static", "api",
+];
 
 /// Replaces what lies between `<!-- bench:start` … `-->` and
 /// `<!-- bench:end -->` in `file` with `body`.
@@ -347,6 +351,9 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     // Through the gateway every client costs it two descriptors (client and
     // upstream side); keep the idle scenario within what this machine allows.
     let idle_cap = ((fd_limit.saturating_sub(2_000)) / 2) as usize;
+    if let Some(other) = args.scenarios.iter().find(|s| !SCENARIOS.contains(&s.as_str())) {
+        anyhow::bail!("unknown scenario {other} ({})", SCENARIOS.join(", "));
+    }
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     if args.profile {
         crate::profile::available()?;
@@ -358,23 +365,10 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let mut rows = Vec::new();
     let mut failed = false;
     for name in &args.scenarios {
-        // A fresh stack per scenario: RSS deltas and CPU belong to it alone.
-        let bus = args.bus.clone();
-        let mut stack = tokio::task::spawn_blocking(move || start_stack(&bus)).await?;
-        let cert = stack.gateway.certificate("localhost");
-        let (conns, group, rate, dur) = match name.as_str() {
-            "fanout" => (1_000, 100, 1_000, secs(30)),
-            // Through the gateway each connection takes two descriptors:
-            // above `idle_cap` the ramp ends in 502s (too many open files).
-            "dm" | "api" => (10_000.min(idle_cap), 2, 2_000, secs(30)),
-            "idle" => {
-                if idle_cap < 50_000 {
-                    eprintln!("idle: capped at {idle_cap} connections by the open-file limit ({fd_limit})");
-                }
-                (50_000.min(idle_cap), 2, 0, secs(30))
-            }
+        // Scenarios that start servers of their own run without the stack
+        // (it would only add its idle processes to their measurements).
+        match name.as_str() {
             "proxy" => {
-                tokio::task::spawn_blocking(move || drop(stack)).await?;
                 let Some(r) = crate::proxy::run(profiles).await? else {
                     continue;
                 };
@@ -392,6 +386,35 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
                     f("p99_ratio"),
                 ));
                 continue;
+            }
+            "mail" => {
+                failed |= !crate::mail::run(&args.out, args.quick).await?;
+                continue;
+            }
+            "static" => {
+                failed |= !crate::files::run(&args.out, profiles).await?;
+                continue;
+            }
+            "edge" => {
+                failed |= !crate::edge::run(&args.out).await?;
+                continue;
+            }
+            _ => {}
+        }
+        // A fresh stack per scenario: RSS deltas and CPU belong to it alone.
+        let bus = args.bus.clone();
+        let mut stack = tokio::task::spawn_blocking(move || start_stack(&bus)).await?;
+        let cert = stack.gateway.certificate("localhost");
+        let (conns, group, rate, dur) = match name.as_str() {
+            "fanout" => (1_000, 100, 1_000, secs(30)),
+            // Through the gateway each connection takes two descriptors:
+            // above `idle_cap` the ramp ends in 502s (too many open files).
+            "dm" | "api" => (10_000.min(idle_cap), 2, 2_000, secs(30)),
+            "idle" => {
+                if idle_cap < 50_000 {
+                    eprintln!("idle: capped at {idle_cap} connections by the open-file limit ({fd_limit})");
+                }
+                (50_000.min(idle_cap), 2, 0, secs(30))
             }
             "paas" => {
                 if !portico_tests::docker::available() {
@@ -411,21 +434,6 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 ));
                 continue;
             }
-            "mail" => {
-                failed |= !crate::mail::run(&args.out, args.quick).await?;
-                tokio::task::spawn_blocking(move || drop(stack)).await?;
-                continue;
-            }
-            "static" => {
-                failed |= !crate::files::run(&args.out, profiles).await?;
-                tokio::task::spawn_blocking(move || drop(stack)).await?;
-                continue;
-            }
-            "edge" => {
-                failed |= !crate::edge::run(&args.out).await?;
-                tokio::task::spawn_blocking(move || drop(stack)).await?;
-                continue;
-            }
             "faults" => {
                 // Each gateway connection costs it two descriptors.
                 let ok = crate::faults::run(&mut stack, args.quick, idle_cap, &args.out).await?;
@@ -433,11 +441,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 tokio::task::spawn_blocking(move || drop(stack)).await?;
                 continue;
             }
-            other => {
-                anyhow::bail!(
-                    "unknown scenario {other} (fanout, dm, idle, proxy, paas, faults, edge, mail, static, api)"
-                )
-            }
+            other => unreachable!("scenario {other} is checked above"),
         };
         let conns = conns / scale as usize;
         let rate = rate / scale as u32;
