@@ -12,9 +12,9 @@
 //! `.gz` sibling when the client takes it (not for ranges; otherwise the
 //! edge's gzip applies), the route's `Cache-Control`. Large files are
 //! streamed in 64 KiB reads ([`read_at`]: from the page cache on the
-//! serving thread, else on the blocking pool); small ones are kept in a bounded cache whose
-//! entries are checked against the file's size and time on every hit, so
-//! a file changed on disk is served fresh.
+//! serving thread, else on the blocking pool); small ones are kept in a
+//! bounded cache whose entries are checked against the file's size and
+//! time on every hit, so a file changed on disk is served fresh.
 
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
