@@ -208,6 +208,9 @@ pub struct Guarded {
     lines: usize,
     /// Non-CR bytes since the last LF: 0 at an empty line (the head's end).
     line_len: usize,
+    /// Bytes read past the end of the request head, by the read that
+    /// completed it (a body or pipelined bytes, held by Pingora).
+    overread: usize,
     /// A 408 or 431 being written before the connection fails.
     reject: Option<Reject>,
     /// Set by [`request_done`]: the next bytes start a new request.
@@ -275,6 +278,12 @@ pub fn request_done(stream: &Stream) {
     }
 }
 
+/// How many bytes past the current request's head were read with it, if
+/// `stream` is guarded (else unknown). See [`crate::tunnel::can_take`].
+pub fn overread(stream: &Stream) -> Option<usize> {
+    (**stream).as_any().downcast_ref::<Guarded>().map(|g| g.overread)
+}
+
 struct Reject {
     response: &'static [u8],
     written: usize,
@@ -301,6 +310,7 @@ impl Guarded {
             head_bytes: 0,
             lines: 0,
             line_len: 0,
+            overread: 0,
             reject: None,
             done: AtomicBool::new(false),
             expect_head: false,
@@ -315,6 +325,7 @@ impl Guarded {
         self.head_bytes = 0;
         self.lines = 0;
         self.line_len = 0;
+        self.overread = 0;
         self.deadline.as_mut().reset(Instant::now() + self.keepalive_idle);
     }
 
@@ -326,6 +337,7 @@ impl Guarded {
                     self.phase = Phase::Passthrough;
                     self.expect_head = true;
                     self.head_bytes += i + 1;
+                    self.overread = bytes.len() - (i + 1);
                     return self.within_limits();
                 }
                 // Blank lines before the request line are tolerated (RFC 9112).

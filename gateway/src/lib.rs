@@ -21,6 +21,7 @@ pub mod reload;
 pub mod routes;
 pub mod screen;
 pub mod tls;
+pub mod tunnel;
 
 use std::sync::Arc;
 

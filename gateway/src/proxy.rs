@@ -28,6 +28,8 @@ const CHAT_SUBPROTOCOL: &str = "portico.v1";
 const STICKY_COOKIE: &str = "portico_route";
 /// Upgraded connections may stay idle this long (above the chat heartbeat).
 const WS_IDLE: Duration = Duration::from_secs(120);
+/// How long connecting to an upstream may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct Edge {
     /// Swapped whole on SIGHUP (see `reload`).
@@ -76,6 +78,9 @@ pub struct Ctx {
     failed_shard: Option<std::net::SocketAddr>,
     /// Counted in the open-WebSocket gauge (undone in `logging`).
     websocket: bool,
+    /// The request became a tunnel of ours (`tunnel`), which logs it when
+    /// it ends; Pingora's session holds a stand-in.
+    tunnel: bool,
     /// Set when the request is for a hosted app.
     app: Option<AppCtx>,
     /// When the first byte of a streamed request body arrived.
@@ -249,6 +254,7 @@ impl ProxyHttp for Edge {
             body_bytes: 0,
             failed_shard: None,
             websocket: false,
+            tunnel: false,
             app: None,
             body_started: None,
         }
@@ -385,7 +391,12 @@ impl ProxyHttp for Edge {
             c.adjust_level(0);
         }
         if session.is_upgrade_req() {
-            // Pingora's fixed 60 s read timeout would cut idle WebSockets.
+            let overread = session.stream().and_then(crate::guard::overread);
+            if overread.is_some_and(|n| crate::tunnel::can_take(session, n)) {
+                return self.open_tunnel(session, ctx).await;
+            }
+            // Pingora proxies the rest (a body or bytes read behind the
+            // head): its fixed 60 s read timeout would cut idle WebSockets.
             session.set_read_timeout(Some(WS_IDLE));
             metrics::gauge!("portico_gateway_websockets").increment(1.0);
             ctx.websocket = true;
@@ -450,33 +461,11 @@ impl ProxyHttp for Edge {
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let addr = match ctx.route.target {
-            Target::Chat => {
-                let key = Self::sticky_key(ctx);
-                let failed = ctx.failed_shard;
-                // Healthy shards only, and not one that just refused us (a
-                // dead shard until the next health check): the next one on
-                // the ring takes the user, as it will after the check.
-                self.chat
-                    .select_with(&key, 256, |b, healthy| {
-                        healthy && b.addr.as_inet() != failed.as_ref()
-                    })
-                    .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no healthy chat shard"))?
-                    .addr
-            }
-            Target::Upstream(addr) => pingora::protocols::l4::socket::SocketAddr::Inet(addr),
-            // Answered in `request_filter`; never proxied.
-            Target::Files => {
-                return Err(Error::explain(
-                    ErrorType::ConnectNoRoute,
-                    "a file route has no upstream",
-                ));
-            }
-        };
+        let addr = self.upstream_addr(ctx)?;
         ctx.upstream = addr.as_inet().copied();
         ctx.upstream_started = Some(Instant::now());
         let mut peer = HttpPeer::new(addr, false, String::new());
-        peer.options.connection_timeout = Some(Duration::from_secs(3));
+        peer.options.connection_timeout = Some(CONNECT_TIMEOUT);
         peer.options.read_timeout = Some(ctx.route.timeout);
         if session.is_upgrade_req() {
             peer.options.read_timeout = Some(WS_IDLE);
@@ -504,25 +493,7 @@ impl ProxyHttp for Edge {
         upstream: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        // Never pass on what the client claims; say what we saw.
-        let spoofed: Vec<http::HeaderName> = upstream
-            .headers
-            .keys()
-            .filter(|name| crate::screen::is_spoofable(name.as_str()))
-            .cloned()
-            .collect();
-        for name in spoofed {
-            upstream.remove_header(&name);
-        }
-        if let Some(ip) = ctx.client_ip {
-            upstream.insert_header("x-forwarded-for", ip.to_string())?;
-            upstream.insert_header("x-real-ip", ip.to_string())?;
-        }
-        upstream.insert_header("x-forwarded-proto", "https")?;
-        if let Some(host) = authority(session.req_header()) {
-            upstream.insert_header("x-forwarded-host", host.to_string())?;
-        }
-        Ok(())
+        self.forward_headers(upstream, authority(session.req_header()), ctx)
     }
 
     async fn response_filter(
@@ -531,25 +502,7 @@ impl ProxyHttp for Edge {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if let Some(started) = ctx.upstream_started.take() {
-            metrics::histogram!("portico_gateway_upstream_seconds", "route" => ctx.route.name().to_string())
-                .record(started.elapsed().as_secs_f64());
-        }
-        if let Some(app) = &ctx.app {
-            let site = crate::paas::Site {
-                origin: &app.origin,
-                public_host: &app.public_host,
-                host_port: app.host_port,
-            };
-            crate::paas::confine_response(resp, &site)?;
-        }
-        if let Some((cookie, true)) = &ctx.sticky {
-            resp.append_header(
-                http::header::SET_COOKIE,
-                format!("{STICKY_COOKIE}={cookie}; Path=/; Secure; HttpOnly; SameSite=Lax"),
-            )?;
-        }
-        crate::headers::secure(resp)
+        self.filter_response(resp, ctx)
     }
 
     /// An app whose container does not answer gets a page, not a 502.
@@ -635,28 +588,274 @@ impl ProxyHttp for Edge {
         if let Some(stream) = session.stream() {
             crate::guard::request_done(stream);
         }
+        if ctx.tunnel {
+            return; // the tunnel logs the request when it ends
+        }
         if ctx.websocket {
             metrics::gauge!("portico_gateway_websockets").decrement(1.0);
         }
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let elapsed = ctx.started.elapsed();
-        let route = ctx.route.name().to_string();
-        metrics::counter!("portico_gateway_requests_total", "route" => route.clone(), "status" => status.to_string())
-            .increment(1);
-        metrics::histogram!("portico_gateway_request_duration_seconds", "route" => route.clone())
-            .record(elapsed.as_secs_f64());
         let req = session.req_header();
-        tracing::info!(
-            target: "access",
-            client = ?ctx.client_ip,
-            method = %req.method,
-            path = req.uri.path(),
-            status,
-            route = %route,
-            app = ctx.app.as_ref().map(|a| &*a.name),
-            upstream = ctx.upstream.map(|a| a.to_string()),
-            ms = elapsed.as_millis() as u64,
-            error = e.map(|e| e.to_string()),
-        );
+        access(Access {
+            client: ctx.client_ip,
+            method: &req.method,
+            path: req.uri.path(),
+            status: session.response_written().map_or(0, |r| r.status.as_u16()),
+            route: &ctx.route,
+            app: ctx.app.as_ref().map(|a| &*a.name),
+            upstream: ctx.upstream,
+            elapsed: ctx.started.elapsed(),
+            bytes: None,
+            error: e.map(|e| e.to_string()),
+        });
+    }
+}
+
+/// One line of the access log, with the request metrics.
+struct Access<'a> {
+    client: Option<IpAddr>,
+    method: &'a http::Method,
+    path: &'a str,
+    status: u16,
+    route: &'a Route,
+    app: Option<&'a str>,
+    upstream: Option<std::net::SocketAddr>,
+    elapsed: Duration,
+    /// A tunnel's bytes, client to upstream and back.
+    bytes: Option<(u64, u64)>,
+    error: Option<String>,
+}
+
+fn access(a: Access<'_>) {
+    let route = a.route.name().to_string();
+    metrics::counter!("portico_gateway_requests_total", "route" => route.clone(), "status" => a.status.to_string())
+        .increment(1);
+    metrics::histogram!("portico_gateway_request_duration_seconds", "route" => route.clone())
+        .record(a.elapsed.as_secs_f64());
+    tracing::info!(
+        target: "access",
+        client = ?a.client,
+        method = %a.method,
+        path = a.path,
+        status = a.status,
+        route = %route,
+        app = a.app,
+        upstream = a.upstream.map(|a| a.to_string()),
+        ms = a.elapsed.as_millis() as u64,
+        up = a.bytes.map(|b| b.0),
+        down = a.bytes.map(|b| b.1),
+        error = a.error,
+    );
+}
+
+/// Counts a failure to reach or hear an upstream: `connect`, `timeout`, `io`.
+fn upstream_error(route: &Route, kind: &'static str) {
+    metrics::counter!(
+        "portico_gateway_upstream_errors_total",
+        "route" => route.name().to_string(),
+        "kind" => kind
+    )
+    .increment(1);
+}
+
+/// What a tunnel needs to log its request when it ends.
+struct TunnelLog {
+    client: Option<IpAddr>,
+    method: http::Method,
+    path: Box<str>,
+    route: Arc<Route>,
+    app: Option<Arc<str>>,
+    upstream: Option<std::net::SocketAddr>,
+    started: Instant,
+}
+
+impl Edge {
+    /// Where this request goes: a healthy chat shard on the user's point of
+    /// the ring (not one that just refused it), or the route's upstream.
+    fn upstream_addr(&self, ctx: &Ctx) -> Result<pingora::protocols::l4::socket::SocketAddr> {
+        Ok(match ctx.route.target {
+            Target::Chat => {
+                let key = Self::sticky_key(ctx);
+                let failed = ctx.failed_shard;
+                // Healthy shards only, and not one that just refused us (a
+                // dead shard until the next health check): the next one on
+                // the ring takes the user, as it will after the check.
+                self.chat
+                    .select_with(&key, 256, |b, healthy| {
+                        healthy && b.addr.as_inet() != failed.as_ref()
+                    })
+                    .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no healthy chat shard"))?
+                    .addr
+            }
+            Target::Upstream(addr) => pingora::protocols::l4::socket::SocketAddr::Inet(addr),
+            // Answered in `request_filter`; never proxied.
+            Target::Files => {
+                return Err(Error::explain(
+                    ErrorType::ConnectNoRoute,
+                    "a file route has no upstream",
+                ));
+            }
+        })
+    }
+
+    /// The request head as the upstream gets it: what the client claims
+    /// about itself removed, what we saw said instead.
+    fn forward_headers(&self, upstream: &mut RequestHeader, host: Option<&str>, ctx: &Ctx) -> Result<()> {
+        let spoofed: Vec<http::HeaderName> = upstream
+            .headers
+            .keys()
+            .filter(|name| crate::screen::is_spoofable(name.as_str()))
+            .cloned()
+            .collect();
+        for name in spoofed {
+            upstream.remove_header(&name);
+        }
+        if let Some(ip) = ctx.client_ip {
+            upstream.insert_header("x-forwarded-for", ip.to_string())?;
+            upstream.insert_header("x-real-ip", ip.to_string())?;
+        }
+        upstream.insert_header("x-forwarded-proto", "https")?;
+        if let Some(host) = host {
+            upstream.insert_header("x-forwarded-host", host.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The upstream's response head as the client gets it.
+    fn filter_response(&self, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
+        if let Some(started) = ctx.upstream_started.take() {
+            metrics::histogram!("portico_gateway_upstream_seconds", "route" => ctx.route.name().to_string())
+                .record(started.elapsed().as_secs_f64());
+        }
+        if let Some(app) = &ctx.app {
+            let site = crate::paas::Site {
+                origin: &app.origin,
+                public_host: &app.public_host,
+                host_port: app.host_port,
+            };
+            crate::paas::confine_response(resp, &site)?;
+        }
+        if let Some((cookie, true)) = &ctx.sticky {
+            resp.append_header(
+                http::header::SET_COOKIE,
+                format!("{STICKY_COOKIE}={cookie}; Path=/; Secure; HttpOnly; SameSite=Lax"),
+            )?;
+        }
+        crate::headers::secure(resp)
+    }
+
+    /// Connects to the request's upstream; a chat shard that refuses is
+    /// skipped once for the next on the ring (as `fail_to_connect` does for
+    /// Pingora's connections). `Err`: the status to answer and why.
+    async fn connect(&self, ctx: &mut Ctx) -> std::result::Result<tokio::net::TcpStream, (u16, String)> {
+        loop {
+            let addr = self.upstream_addr(ctx).map_err(|e| (502, e.to_string()))?;
+            let Some(&inet) = addr.as_inet() else {
+                return Err((502, format!("{addr} is not a TCP address")));
+            };
+            ctx.upstream = Some(inet);
+            ctx.upstream_started = Some(Instant::now());
+            let failed =
+                match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(inet)).await {
+                    Ok(Ok(tcp)) => {
+                        // Frames leave at once (see ARCHITECTURE.md).
+                        let _ = tcp.set_nodelay(true);
+                        return Ok(tcp);
+                    }
+                    Ok(Err(e)) => (502, format!("connecting to {inet}: {e}")),
+                    Err(_) => (504, format!("connecting to {inet}: timed out")),
+                };
+            if !ctx.route.is_chat() || ctx.failed_shard.is_some() {
+                return Err(failed);
+            }
+            tracing::debug!(shard = %inet, error = failed.1, "shard refused an upgrade; trying the next");
+            ctx.failed_shard = Some(inet);
+        }
+    }
+
+    /// An upgrade (a WebSocket) joined to its upstream by a tunnel of ours
+    /// (see `tunnel`): the handshake is done here, the `101` written
+    /// through Pingora's session, and the session let go. A refusal (no
+    /// `101`) is passed on as an ordinary response.
+    async fn open_tunnel(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let route = ctx.route.clone();
+        let mut upstream = match self.connect(ctx).await {
+            Ok(tcp) => tcp,
+            Err((status, why)) => {
+                upstream_error(&route, "connect");
+                tracing::warn!(route = route.name(), error = why, "upgrade not passed on");
+                return respond(session, status, None).await;
+            }
+        };
+        let mut req = session.req_header().clone();
+        self.forward_headers(&mut req, authority(session.req_header()), ctx)?;
+        let answer = match tokio::time::timeout(route.timeout, crate::tunnel::handshake(&mut upstream, &req))
+            .await
+        {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => {
+                upstream_error(&route, "io");
+                tracing::warn!(route = route.name(), upstream = ?ctx.upstream, error = %e, "upgrade not passed on");
+                return respond(session, 502, None).await;
+            }
+            Err(_) => {
+                upstream_error(&route, "timeout");
+                return respond(session, 504, None).await;
+            }
+        };
+        let crate::tunnel::Answer { mut head, rest } = answer;
+        self.filter_response(&mut head, ctx)?;
+        if head.status != http::StatusCode::SWITCHING_PROTOCOLS {
+            let body = tokio::time::timeout(
+                route.timeout,
+                crate::tunnel::refusal_body(&mut upstream, &head, rest),
+            )
+            .await;
+            let Ok(Ok(body)) = body else {
+                upstream_error(&route, "io");
+                return respond(session, 502, None).await;
+            };
+            let empty = body.is_empty();
+            session.write_response_header(Box::new(head), empty).await?;
+            if !empty {
+                session.write_response_body(Some(body), true).await?;
+            }
+            return Ok(true);
+        }
+        let req = session.req_header();
+        let log = TunnelLog {
+            client: ctx.client_ip,
+            method: req.method.clone(),
+            path: req.uri.path().into(),
+            route,
+            app: ctx.app.as_ref().map(|a| a.name.clone()),
+            upstream: ctx.upstream,
+            started: ctx.started,
+        };
+        session.write_response_header(Box::new(head), false).await?;
+        let Some(client) = crate::tunnel::take_client(session) else {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "upgrade on a session that is not HTTP/1",
+            ));
+        };
+        ctx.tunnel = true;
+        metrics::gauge!("portico_gateway_websockets").increment(1.0);
+        tokio::spawn(async move {
+            let ended = crate::tunnel::run(client, upstream, rest, WS_IDLE).await;
+            metrics::gauge!("portico_gateway_websockets").decrement(1.0);
+            access(Access {
+                client: log.client,
+                method: &log.method,
+                path: &log.path,
+                status: 101,
+                route: &log.route,
+                app: log.app.as_deref(),
+                upstream: log.upstream,
+                elapsed: log.started.elapsed(),
+                bytes: Some((ended.up, ended.down)),
+                error: ended.error,
+            });
+        });
+        Ok(true)
     }
 }

@@ -5,8 +5,10 @@
 
 use std::time::Duration;
 
-use portico_tests::client::{Ws, create_conversation, token};
+use portico_tests::client::{Refused, Ws, create_conversation, tls_connect, token};
 use portico_tests::servers::{EdgePorts, Service};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A chat shard (publish limit lifted) behind a gateway.
 fn stack(
@@ -437,4 +439,73 @@ async fn internal_endpoints_stay_internal_and_readiness_follows_the_shards() {
         (readyz(edge.admin).await.0 == 200).then_some(())
     })
     .await;
+}
+
+/// The gateway joins a WebSocket to its shard with a tunnel of its own
+/// (gateway/src/tunnel.rs): the shard's refusal reaches the client as
+/// the shard gave it, a tunnel is logged with its bytes when it ends, and
+/// a frame a client sends right behind its upgrade request (read with the
+/// head, so the request stays with Pingora) is not lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn upgrades_refused_tunnelled_or_pipelined_all_reach_their_end() {
+    let (_chat, _port, gw, edge) = stack(&[], &[]);
+    let ca = gw.certificate("localhost");
+
+    match Ws::connect_with(edge.https, Some("not-a-token"), Some(&ca), &[]).await {
+        Err(Refused::Status(status)) => assert_eq!(status, 401, "the shard's answer"),
+        Err(e) => panic!("refused otherwise: {e:?}"),
+        Ok(_) => panic!("a bad token was let in"),
+    }
+
+    let (mut ws, _) = Ws::via_gateway(edge.https, &token("tunnelled"), &ca, &[]).await;
+    ws.send(json!({"type": "ping"})).await;
+    assert_eq!(ws.recv_type("pong").await["type"], "pong");
+    drop(ws);
+    let line = portico_tests::eventually(Duration::from_secs(10), "the tunnel's access line", || {
+        let log = gw.proc.log();
+        async move {
+            log.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v["target"] == "access" && v["status"] == 101)
+        }
+    })
+    .await;
+    assert_eq!(line["path"], "/ws");
+    assert!(
+        line["up"].as_u64().unwrap() > 0 && line["down"].as_u64().unwrap() > 0,
+        "{line}"
+    );
+    assert!(
+        line["upstream"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{line}"
+    );
+
+    // Head and first frame in one write.
+    let mut tls = tls_connect(edge.https, &ca, [127, 0, 0, 1].into()).await.unwrap();
+    let mut wire = format!(
+        "GET /ws HTTP/1.1\r\nhost: localhost\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
+         sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         sec-websocket-protocol: portico.v1, bearer.{}\r\n\r\n",
+        token("pipelined")
+    )
+    .into_bytes();
+    let payload = br#"{"type":"ping"}"#;
+    let mask = [7u8, 1, 2, 3];
+    wire.extend([0x81, 0x80 | payload.len() as u8]);
+    wire.extend(mask);
+    wire.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    tls.write_all(&wire).await.unwrap();
+    let mut got = Vec::new();
+    let read = async {
+        while !String::from_utf8_lossy(&got).contains(r#""type":"pong""#) {
+            let mut buf = [0; 4096];
+            let n = tls.read(&mut buf).await.unwrap();
+            assert!(n > 0, "ended early: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .unwrap_or_else(|_| panic!("no pong: {}", String::from_utf8_lossy(&got)));
+    assert!(got.starts_with(b"HTTP/1.1 101 "));
 }
