@@ -10,6 +10,14 @@
 //! Once the head is complete the stream is a plain pass-through (bodies,
 //! upgraded WebSockets), until the proxy reports the request done
 //! ([`request_done`]) and the connection waits, kept alive, for the next.
+//!
+//! It also gathers a response's small writes (up to [`OUT_BUFFER`]) until
+//! Pingora flushes, which it does at the end of each response, after each
+//! chunk and after each write of an upgraded body: a response head and a
+//! small body go to TLS as one record and leave in one syscall. The buffer
+//! is allocated for a response and freed between requests and once a
+//! connection is upgraded, so an idle keep-alive connection or WebSocket
+//! holds none (below TLS the socket is unbuffered).
 //! [`GuardedApp`] wraps the proxy: it admits connections under a global and
 //! a per-IP cap at the accept, then does the TLS handshake itself under
 //! `handshake_timeout_secs` (Pingora's TLS listener allows 60 s and counts
@@ -52,6 +60,8 @@ const TOO_LARGE_431: &[u8] =
     b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 /// How long writing a 408/431 may take before the connection is dropped.
 const REJECT_WRITE: Duration = Duration::from_secs(2);
+/// Response bytes gathered before they are handed to TLS (see [`Guarded`]).
+pub const OUT_BUFFER: usize = 4 * 1024;
 
 /// Shared admission state: open connections, in total and per client.
 pub struct Guard {
@@ -224,6 +234,9 @@ pub struct Guarded {
     drain: Arc<Drain>,
     /// Set at a `101`: the connection is a WebSocket tunnel from then on.
     upgraded: Option<Box<Upgraded>>,
+    /// Response bytes not yet handed to TLS, and how many of them were.
+    out: Vec<u8>,
+    out_written: usize,
 }
 
 /// The length of a `101 Switching Protocols` head at the start of `buf`.
@@ -317,10 +330,15 @@ impl Guarded {
             rewritten: None,
             drain: guard.drain.clone(),
             upgraded: None,
+            out: Vec::new(),
+            out_written: 0,
         }
     }
 
     fn await_next_request(&mut self) {
+        if self.out.is_empty() {
+            self.out = Vec::new(); // an idle connection holds no buffer
+        }
         self.phase = Phase::Idle;
         self.head_bytes = 0;
         self.lines = 0;
@@ -371,6 +389,38 @@ impl Guarded {
             error,
             why,
         });
+    }
+
+    /// Hands what [`Guarded::out`] holds to TLS.
+    fn poll_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.out_written < self.out.len() {
+            match ready!(Pin::new(&mut self.inner).poll_write(cx, &self.out[self.out_written..])) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => self.out_written += n,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        self.out.clear();
+        self.out_written = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Takes `bufs` into [`Guarded::out`], or straight to TLS if large.
+    fn poll_buffered(&mut self, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        if self.out.len() + len > OUT_BUFFER {
+            ready!(self.poll_out(cx))?;
+        }
+        if len >= OUT_BUFFER {
+            return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        }
+        if self.out.capacity() == 0 {
+            self.out.reserve_exact(OUT_BUFFER);
+        }
+        for b in bufs {
+            self.out.extend_from_slice(b);
+        }
+        Poll::Ready(Ok(len))
     }
 
     /// Writes the pending 408/431, then fails the read so Pingora closes.
@@ -463,6 +513,11 @@ fn is_departure(e: &io::Error) -> bool {
 impl AsyncWrite for Guarded {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if this.upgraded.is_some() || this.expect_head || this.rewritten.is_some() {
+            // What is gathered goes first (normally nothing: a response
+            // ends with a flush).
+            ready!(this.poll_out(cx))?;
+        }
         if let Some(up) = this.upgraded.as_mut() {
             return up.poll_write(&mut this.inner, cx, buf);
         }
@@ -470,6 +525,8 @@ impl AsyncWrite for Guarded {
             if let Some(head) = own_error_head(buf) {
                 this.rewritten = Some((head, 0, buf.len()));
             } else if let Some(len) = switching_head(buf) {
+                // A tunnel from now on: frames leave as they come.
+                this.out = Vec::new();
                 let mut up = Box::new(Upgraded::new(this.drain.clone(), len));
                 let polled = up.poll_write(&mut this.inner, cx, buf);
                 this.upgraded = Some(up);
@@ -488,15 +545,18 @@ impl AsyncWrite for Guarded {
             this.rewritten = None;
             return Poll::Ready(Ok(consumed));
         }
-        Pin::new(&mut this.inner).poll_write(cx, buf)
+        this.poll_buffered(cx, &[io::IoSlice::new(buf)])
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        ready!(this.poll_out(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        ready!(this.poll_out(cx))?;
         if let Some(up) = this.upgraded.as_mut() {
             up.farewell(&mut this.inner, cx);
         }
@@ -514,11 +574,11 @@ impl AsyncWrite for Guarded {
             let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &b[..]);
             return Pin::new(this).poll_write(cx, first);
         }
-        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+        this.poll_buffered(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        true
     }
 }
 
@@ -527,6 +587,7 @@ impl AsyncWrite for Guarded {
 #[async_trait]
 impl Shutdown for Guarded {
     async fn shutdown(&mut self) {
+        let _ = std::future::poll_fn(|cx| self.poll_out(cx)).await;
         if let Some(up) = self.upgraded.as_mut() {
             let inner = &mut self.inner;
             std::future::poll_fn(|cx| {
@@ -607,5 +668,137 @@ impl fmt::Debug for Guarded {
             .field("phase", &self.phase)
             .field("upgraded", &self.upgraded.is_some())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A client connection that records every write it is given, and reads
+    /// `input` once.
+    #[derive(Debug)]
+    struct Recorder {
+        input: io::Cursor<Vec<u8>>,
+        writes: Arc<Mutex<Vec<Vec<u8>>>>,
+    }
+
+    impl AsyncRead for Recorder {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.input).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            self.writes.lock().unwrap().push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[async_trait]
+    impl Shutdown for Recorder {
+        async fn shutdown(&mut self) {}
+    }
+    impl UniqueID for Recorder {
+        fn id(&self) -> UniqueIDType {
+            0
+        }
+    }
+    impl Ssl for Recorder {}
+    impl GetTimingDigest for Recorder {
+        fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+            Vec::new()
+        }
+    }
+    impl GetProxyDigest for Recorder {
+        fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+            None
+        }
+    }
+    impl GetSocketDigest for Recorder {
+        fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+            None
+        }
+    }
+    impl Peek for Recorder {}
+
+    /// A guarded connection whose client sent `input`, and its writes.
+    fn guarded(input: &[u8]) -> (Guarded, Arc<Mutex<Vec<Vec<u8>>>>) {
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let inner = Recorder {
+            input: io::Cursor::new(input.to_vec()),
+            writes: writes.clone(),
+        };
+        let guard = Guard::new(
+            ConnectionLimits::default(),
+            Vec::new(),
+            Drain::new(Duration::from_secs(1)),
+        );
+        let permit = guard.admit(None).unwrap();
+        (Guarded::new(Box::new(inner), permit, &guard, false), writes)
+    }
+
+    #[tokio::test]
+    async fn a_response_reaches_tls_in_one_write_and_large_writes_go_straight_through() {
+        let (mut g, writes) = guarded(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n");
+        let mut head = [0; 64];
+        let n = g.read(&mut head).await.unwrap();
+        assert_eq!(n, 27);
+        g.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
+            .await
+            .unwrap();
+        g.write_all(b"hello").await.unwrap();
+        assert!(writes.lock().unwrap().is_empty(), "gathered until the flush");
+        g.flush().await.unwrap();
+        assert_eq!(
+            *writes.lock().unwrap(),
+            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello".to_vec()]
+        );
+        // A large body goes straight through, after what was gathered.
+        g.write_all(b"x").await.unwrap();
+        g.write_all(&[b'y'; OUT_BUFFER]).await.unwrap();
+        assert_eq!(
+            writes.lock().unwrap().len(),
+            3,
+            "the gathered byte, then the large write"
+        );
+        g.flush().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_next_request_starts_with_no_buffer() {
+        let (mut g, _writes) = guarded(b"GET / HTTP/1.1\r\n\r\n");
+        let _ = g.read(&mut [0; 64]).await.unwrap();
+        g.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await.unwrap();
+        g.flush().await.unwrap();
+        assert!(g.out.capacity() >= OUT_BUFFER);
+        g.done.store(true, Ordering::Release);
+        let _ = g.read(&mut [0; 64]).await.unwrap(); // end of input
+        assert_eq!(g.out.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn after_a_101_frames_leave_as_they_are_written() {
+        let (mut g, writes) = guarded(b"GET /ws HTTP/1.1\r\nupgrade: websocket\r\n\r\n");
+        let _ = g.read(&mut [0; 64]).await.unwrap();
+        g.write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n")
+            .await
+            .unwrap();
+        g.write_all(b"\x81\x02hi").await.unwrap();
+        assert_eq!(writes.lock().unwrap().len(), 2, "head and frame, each at once");
+        assert_eq!(g.out.capacity(), 0, "a tunnel holds no write buffer");
     }
 }

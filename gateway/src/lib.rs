@@ -159,15 +159,12 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Gatew
         tls: Arc::new(settings.build()),
     };
     let mut https = Service::new("https".to_string(), app);
-    // Writes are buffered up to 4 KiB and flushed by Pingora at the end of
-    // each response, after each chunk, and after each write of an upgraded
-    // (WebSocket) body: a response head and a small body leave in one
-    // syscall instead of two (a 2 KiB file: 29.4 -> 24.7 µs of CPU per
-    // request, `bench --scenarios static`), and frames still leave at once
-    // (`bench --scenarios dm` p99 20 ms). Reads are unbuffered: Pingora's
-    // 64 KiB read buffer is allocated per connection up front, and rustls
-    // keeps its own record buffer.
-    let listener = ListenerConfig::tcp(g.https_listen.to_string()).l4_buffer(L4BufferSettings::new(0, 4096));
+    // Unbuffered both ways below TLS: Pingora's 64 KiB read buffer would be
+    // allocated per connection up front (rustls keeps its own record
+    // buffer), and a write buffer here would hold 4 KiB for the life of
+    // every connection. Writes are gathered above TLS instead, by the
+    // guard, and only while a response is written (`guard::OUT_BUFFER`).
+    let listener = ListenerConfig::tcp(g.https_listen.to_string()).l4_buffer(L4BufferSettings::unbuffered());
     https.add_listener(listener);
 
     let mut http = pingora::proxy::http_proxy_service_with_name(
