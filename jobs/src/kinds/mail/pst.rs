@@ -103,8 +103,13 @@ pub async fn extract(pst: &Path, out: &Path) -> Result<Vec<LocalFolder>, String>
     tokio::fs::create_dir_all(out)
         .await
         .map_err(|e| format!("{}: {e}", out.display()))?;
+    // One process (`-j 0`): by default readpst forks per folder, and then
+    // neither its per-folder counts (below) come from one place nor does
+    // `kill_on_drop` stop all of it. Under the full test suite's load the
+    // forking run reported an item of the intact fixture as skipped (two
+    // of three suite runs; none since).
     let run = tokio::process::Command::new("readpst")
-        .args(["-S", "-o"])
+        .args(["-j", "0", "-S", "-o"])
         .arg(out)
         .arg(pst)
         .kill_on_drop(true)
