@@ -392,13 +392,12 @@ impl Guarded {
 
     /// Hands what [`Guarded::out`] holds to TLS.
     fn poll_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.out_written < self.out.len() {
-            match ready!(Pin::new(&mut self.inner).poll_write(cx, &self.out[self.out_written..])) {
-                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(n) => self.out_written += n,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
+        ready!(poll_write_rest(
+            &mut self.inner,
+            cx,
+            &self.out,
+            &mut self.out_written
+        ))?;
         self.out.clear();
         self.out_written = 0;
         Poll::Ready(Ok(()))
@@ -501,6 +500,22 @@ impl AsyncRead for Guarded {
     }
 }
 
+/// Writes `bytes[*written..]` to `inner`, counting in `written`.
+fn poll_write_rest(
+    inner: &mut Stream,
+    cx: &mut Context<'_>,
+    bytes: &[u8],
+    written: &mut usize,
+) -> Poll<io::Result<()>> {
+    while *written < bytes.len() {
+        match ready!(Pin::new(&mut *inner).poll_write(cx, &bytes[*written..]))? {
+            0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            n => *written += n,
+        }
+    }
+    Poll::Ready(Ok(()))
+}
+
 /// A client leaving: a reset or a TLS stream ended without close_notify.
 fn is_departure(e: &io::Error) -> bool {
     matches!(
@@ -533,13 +548,7 @@ impl AsyncWrite for Guarded {
             }
         }
         if let Some((head, written, consumed)) = this.rewritten.as_mut() {
-            while *written < head.len() {
-                match ready!(Pin::new(&mut this.inner).poll_write(cx, &head[*written..])) {
-                    Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                    Ok(n) => *written += n,
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
-            }
+            ready!(poll_write_rest(&mut this.inner, cx, head, written))?;
             let consumed = *consumed;
             this.rewritten = None;
             return Poll::Ready(Ok(consumed));

@@ -531,12 +531,7 @@ impl ProxyHttp for Edge {
                 ErrorType::ReadTimedout | ErrorType::WriteTimedout => "timeout",
                 _ => "io",
             };
-            metrics::counter!(
-                "portico_gateway_upstream_errors_total",
-                "route" => ctx.route.name().to_string(),
-                "kind" => kind
-            )
-            .increment(1);
+            upstream_error(&ctx.route, kind);
         }
         if code == 503
             && session.response_written().is_none()

@@ -3,7 +3,8 @@
 //! Pingora proxies an upgraded connection inside the HTTP session that
 //! carried its `101`: the session's futures, header maps and 64 KiB body
 //! buffers stay allocated for the life of the tunnel, ~88 KiB per idle
-//! WebSocket (ARCHITECTURE.md, "Where an idle WebSocket's memory goes").
+//! WebSocket (ARCHITECTURE.md, "WebSockets are tunnels of the gateway's
+//! own").
 //! Here the proxy does the upgrade handshake itself ([`handshake`]), takes
 //! the client's stream out of Pingora's session ([`take_client`]) and joins
 //! the two connections in one small task ([`run`]); Pingora's session ends
