@@ -805,9 +805,17 @@ impl Edge {
                 crate::tunnel::refusal_body(&mut upstream, &head, rest),
             )
             .await;
-            let Ok(Ok(body)) = body else {
-                upstream_error(&route, "io");
-                return respond(session, 502, None).await;
+            let body = match body {
+                Ok(Ok(body)) => body,
+                Ok(Err(e)) => {
+                    upstream_error(&route, "io");
+                    tracing::warn!(route = route.name(), upstream = ?ctx.upstream, error = %e, "refusal not passed on");
+                    return respond(session, 502, None).await;
+                }
+                Err(_) => {
+                    upstream_error(&route, "timeout");
+                    return respond(session, 504, None).await;
+                }
             };
             let empty = body.is_empty();
             session.write_response_header(Box::new(head), empty).await?;
