@@ -1,5 +1,6 @@
 //! One WebSocket connection: a reader loop that executes client commands and
-//! a writer task that drains the connection's bounded outbound queue.
+//! a writer that drains the connection's bounded outbound queue, both in
+//! the connection's one task.
 //!
 //! The connection ends on client close, idle timeout, token expiry, protocol
 //! violation, slow consumption or server drain; each has its close code
@@ -21,9 +22,10 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message as WsMessage, Utf8Bytes};
 use tracing::Instrument;
 
@@ -47,62 +49,80 @@ const CLOSE_WRITE: Duration = Duration::from_secs(5);
 /// (unread input would make it a reset, which discards that).
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
-/// Serves an upgraded connection until it ends. `socket`: the TCP socket
+/// Serves a connection from its upgrade until it ends: `upgrade` yields
+/// the upgraded stream (or why there is none), `socket` is the TCP socket
 /// under it, when there is one (room for a last close frame).
-pub async fn serve<S>(
+///
+/// Memory per idle connection is this one future, so it is built with care:
+/// the reader and the writer are two futures joined in the connection's one
+/// task (not a second task), and everything is set up before the future and
+/// used in place by it. An `async fn` would keep each argument twice, once
+/// as given and once where its body moved it.
+pub fn serve<S, U, E>(
     shard: Arc<Shard>,
-    ws: WebSocketStream<S>,
+    upgrade: U,
+    cfg: WebSocketConfig,
     socket: Option<Socket>,
     claims: Claims,
     guard: ConnGuard,
-) where
+) -> impl Future<Output = ()> + Send + 'static
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    U: Future<Output = Result<S, E>> + Send + 'static,
+    E: std::fmt::Display,
 {
     let span = tracing::info_span!("conn", id = guard.id, user = %claims.sub, shard = shard.hub.shard());
-    async move {
-        let (sink, mut stream) = ws.split();
-        let (tx, rx) = mpsc::channel(shard.cfg.outbound_queue);
-        let ctl = Arc::new(ConnCtl::new(shard.shutdown.child_token()));
-        let outlet = Outlet {
+    let (tx, rx) = mpsc::channel(shard.cfg.outbound_queue);
+    let ctl = Arc::new(ConnCtl::new(shard.shutdown.child_token()));
+    let mut conn = Conn {
+        reserve: (shard.cfg.outbound_queue / 4).max(1),
+        outlet: Outlet {
             id: guard.id,
             user: Arc::from(claims.sub.as_str()),
             tx,
             ctl: ctl.clone(),
+        },
+        shard,
+        claims,
+        subscribed: HashSet::new(),
+    };
+    // Queued now, written first once the writer runs.
+    conn.send(&ServerFrame::Welcome {
+        user: &conn.claims.sub,
+        shard: conn.shard.hub.shard(),
+        protocol: protocol::SUBPROTOCOL,
+    });
+    async move {
+        let io = match upgrade.await {
+            Ok(io) => io,
+            Err(e) => return tracing::debug!(error = %e, "upgrade failed"),
         };
-        let heartbeat = Duration::from_secs(shard.cfg.heartbeat_secs);
-        let writer = tokio::spawn(write_loop(sink, rx, ctl.clone(), heartbeat, socket));
-
-        let mut conn = Conn {
-            reserve: (shard.cfg.outbound_queue / 4).max(1),
-            shard: shard.clone(),
-            claims,
-            outlet,
-            subscribed: HashSet::new(),
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(cfg)).await;
+        let (sink, mut stream) = ws.split();
+        let reader = async {
+            let client_closed = conn.read_loop(&mut stream).await;
+            if ctl.reason().is_none() {
+                ctl.close(close::NORMAL, ""); // the client left
+            }
+            if let Some((code, reason)) = ctl.reason() {
+                tracing::debug!(code, reason, "closing");
+            }
+            client_closed
         };
-        conn.send(&ServerFrame::Welcome {
-            user: &conn.claims.sub,
-            shard: shard.hub.shard(),
-            protocol: protocol::SUBPROTOCOL,
-        });
-        let client_closed = conn.read_loop(&mut stream).await;
-        if ctl.reason().is_none() {
-            ctl.close(close::NORMAL, ""); // the client left
-        }
-        if let Some((code, reason)) = ctl.reason() {
-            tracing::debug!(code, reason, "closing");
-        }
-        let _ = writer.await;
+        // The writer ends once the reader asked it to close (or on a write
+        // error, which ends the reader through the same token).
+        let writer = write_loop(sink, rx, &ctl, socket.as_ref());
+        let (client_closed, ()) = tokio::join!(reader, writer);
         if !client_closed {
             let _ =
                 tokio::time::timeout(CLOSE_LINGER, async { while stream.next().await.is_some() {} }).await;
         }
         for conv in conn.subscribed.drain() {
-            shard.hub.unsubscribe(conn.outlet.id, &conv).await;
+            conn.shard.hub.unsubscribe(conn.outlet.id, &conv).await;
         }
         drop(guard);
     }
     .instrument(span)
-    .await
 }
 
 struct Conn {
@@ -116,7 +136,7 @@ struct Conn {
 
 impl Conn {
     fn send(&self, frame: &ServerFrame<'_>) {
-        self.outlet.send(Out::Frame(frame.to_json().into()));
+        self.outlet.send(Out::Frame(Arc::new(frame.to_json().into())));
     }
 
     fn error(&self, code: ErrorCode, conv: Option<&ConvId>) {
@@ -131,9 +151,16 @@ impl Conn {
         St: futures_util::Stream<Item = Result<WsMessage, WsError>> + Unpin,
     {
         let idle = Duration::from_secs(self.shard.cfg.idle_timeout_secs);
-        let expires_in = Duration::from_secs(self.claims.exp.saturating_sub(now_secs()));
-        let expiry = tokio::time::sleep(expires_in);
-        tokio::pin!(expiry);
+        let heartbeat = Duration::from_secs(self.shard.cfg.heartbeat_secs);
+        let start = Instant::now();
+        let expiry = start + Duration::from_secs(self.claims.exp.saturating_sub(now_secs()));
+        // When the client was last heard from, and when to ping it next.
+        let (mut heard, mut ping_at) = (start, start + heartbeat);
+        // One timer serves the heartbeat, the idle limit and the token's
+        // expiry. It is moved only when it fires: a frame just notes the
+        // time, so reading never touches the timer wheel.
+        let timer = tokio::time::sleep_until(ping_at.min(heard + idle).min(expiry));
+        tokio::pin!(timer);
         let ctl = self.outlet.ctl.clone();
         loop {
             let next = tokio::select! {
@@ -143,28 +170,39 @@ impl Conn {
                     }
                     return false;
                 }
-                _ = &mut expiry => {
-                    ctl.close(close::TOKEN_EXPIRED, "token expired");
-                    return false;
+                _ = &mut timer => {
+                    let now = Instant::now();
+                    if now >= expiry {
+                        ctl.close(close::TOKEN_EXPIRED, "token expired");
+                        return false;
+                    }
+                    if now >= heard + idle {
+                        ctl.close(close::IDLE_TIMEOUT, "idle timeout");
+                        return false;
+                    }
+                    if now >= ping_at {
+                        // A full queue is traffic enough: no ping then.
+                        let _ = self.outlet.tx.try_send(Out::Ping);
+                        ping_at = now + heartbeat;
+                    }
+                    timer.as_mut().reset(ping_at.min(heard + idle).min(expiry));
+                    continue;
                 }
-                r = tokio::time::timeout(idle, stream.next()) => r,
+                next = stream.next() => next,
             };
+            heard = Instant::now();
             let msg = match next {
-                Err(_) => {
-                    ctl.close(close::IDLE_TIMEOUT, "idle timeout");
-                    return false;
-                }
-                Ok(None) => return true,
-                Ok(Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. })))) => {
+                None => return true,
+                Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
                     ctl.close(close::TOO_BIG, "message too big");
                     return false;
                 }
-                Ok(Some(Err(WsError::Protocol(_)))) => {
+                Some(Err(WsError::Protocol(_))) => {
                     ctl.close(close::PROTOCOL_ERROR, "protocol error");
                     return false;
                 }
-                Ok(Some(Err(_))) => return true,
-                Ok(Some(Ok(m))) => m,
+                Some(Err(_)) => return true,
+                Some(Ok(m)) => m,
             };
             if !matches!(msg, WsMessage::Ping(_) | WsMessage::Pong(_)) && !self.room().await {
                 return false;
@@ -393,78 +431,74 @@ impl Conn {
     }
 }
 
-async fn write_loop<Si>(
+/// Drains the queue into the socket until the token is cancelled, then
+/// writes the close frame. A plain `fn`: its arguments live in the future
+/// once, not twice (see [`serve`]).
+#[allow(clippy::manual_async_fn)]
+fn write_loop<'a, Si>(
     mut sink: Si,
     mut rx: mpsc::Receiver<Out>,
-    ctl: Arc<ConnCtl>,
-    heartbeat: Duration,
-    socket: Option<Socket>,
-) where
-    Si: futures_util::Sink<WsMessage, Error = WsError> + Unpin,
+    ctl: &'a ConnCtl,
+    socket: Option<&'a Socket>,
+) -> impl Future<Output = ()> + 'a
+where
+    Si: futures_util::Sink<WsMessage, Error = WsError> + Unpin + 'a,
 {
-    let mut ping = tokio::time::interval(heartbeat);
-    ping.tick().await;
-    let token = ctl.token().clone();
-    loop {
-        let step = async {
-            tokio::select! {
-                biased;
-                item = rx.recv() => {
-                    let Some(item) = item else { return Ok(false) };
-                    feed(&mut sink, item).await?;
-                    // Write what else is queued, then flush once.
-                    for _ in 0..WRITE_BATCH {
-                        match rx.try_recv() {
-                            Ok(item) => feed(&mut sink, item).await?,
-                            Err(_) => break,
-                        }
+    async move {
+        let written = async {
+            while let Some(item) = rx.recv().await {
+                feed(&mut sink, item).await?;
+                // Write what else is queued, then flush once.
+                for _ in 0..WRITE_BATCH {
+                    match rx.try_recv() {
+                        Ok(item) => feed(&mut sink, item).await?,
+                        Err(_) => break,
                     }
-                    sink.flush().await?;
-                    ctl.drained().notify_one();
-                    Ok(true)
                 }
-                _ = ping.tick() => sink.send(WsMessage::Ping(Default::default())).await.map(|_| true),
+                sink.flush().await?;
+                ctl.drained().notify_one();
             }
+            Ok::<_, WsError>(())
         };
-        let going = tokio::select! {
-            _ = token.cancelled() => break,
-            r = step => r,
-        };
-        match going {
-            Ok(true) => {}
-            Ok(false) | Err(_) => {
+        // A write waiting on a full socket is cut short by the token too: an
+        // evicted slow consumer still gets its close frame.
+        let token = ctl.token();
+        tokio::select! {
+            _ = token.cancelled() => {}
+            _ = written => {
+                // A write failed (or the queue closed): nobody to say goodbye to.
                 token.cancel();
                 return;
             }
         }
-    }
-    // Cancelled without a reason: the shard's drain got here first.
-    let (code, reason) = ctl
-        .reason()
-        .unwrap_or((close::GOING_AWAY, "server shutting down"));
-    if code == close::SLOW_CONSUMER {
-        // What is queued would never be read in time: drop it, and give
-        // the full socket room for the close frame, so the client learns
-        // why as soon as it reads.
-        rx.close();
-        while rx.try_recv().is_ok() {}
-        if let Some(s) = &socket {
-            s.make_room();
+        // Cancelled without a reason: the shard's drain got here first.
+        let (code, reason) = ctl
+            .reason()
+            .unwrap_or((close::GOING_AWAY, "server shutting down"));
+        if code == close::SLOW_CONSUMER {
+            // What is queued would never be read in time: drop it, and give
+            // the full socket room for the close frame, so the client learns
+            // why as soon as it reads.
+            rx.close();
+            while rx.try_recv().is_ok() {}
+            if let Some(s) = socket {
+                s.make_room();
+            }
         }
-    }
-    let frame = CloseFrame {
-        code: code.into(),
-        reason: Utf8Bytes::from_static(reason),
-    };
-    let _ = tokio::time::timeout(CLOSE_WRITE, async {
-        sink.send(WsMessage::Close(Some(frame))).await?;
-        sink.close().await
-    })
-    .await;
-    // Whether or not the close frame made it in time: the client must see
-    // the end of the stream behind what was sent, not a silent socket.
-    if let Some(s) = &socket {
-        s.shutdown_write();
+        let frame = CloseFrame {
+            code: code.into(),
+            reason: Utf8Bytes::from_static(reason),
+        };
+        let _ = tokio::time::timeout(CLOSE_WRITE, async {
+            sink.send(WsMessage::Close(Some(frame))).await?;
+            sink.close().await
+        })
+        .await;
+        // Whether or not the close frame made it in time: the client must see
+        // the end of the stream behind what was sent, not a silent socket.
+        if let Some(s) = socket {
+            s.shutdown_write();
+        }
     }
 }
 
@@ -473,9 +507,10 @@ where
     Si: futures_util::Sink<WsMessage, Error = WsError> + Unpin,
 {
     match item {
-        Out::Frame(t) => sink.feed(WsMessage::Text(t)).await,
+        Out::Frame(t) => sink.feed(WsMessage::Text(Arc::unwrap_or_clone(t))).await,
+        Out::Ping => sink.feed(WsMessage::Ping(Default::default())).await,
         Out::Batch(frames) => {
-            for t in frames {
+            for t in *frames {
                 sink.feed(WsMessage::Text(t)).await?;
             }
             Ok(())

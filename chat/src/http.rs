@@ -19,9 +19,8 @@ use portico_common::api::{ErrorBody, Errors};
 use portico_common::auth::{AuthError, Claims, bearer_token, handshake_token};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -188,17 +187,9 @@ async fn ws_handshake(State(shard): State<Arc<Shard>>, mut req: Request) -> Resp
         .extensions()
         .get::<axum::extract::ConnectInfo<crate::socket::ConnSocket>>()
         .map(|c| c.0.0.clone());
-    let task_shard = shard.clone();
-    shard.tracker.spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let ws =
-                    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(cfg)).await;
-                crate::conn::serve(task_shard, ws, socket, claims, guard).await;
-            }
-            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
-        }
-    });
+    let upgrade = async move { on_upgrade.await.map(TokioIo::new) };
+    let conn = crate::conn::serve(shard.clone(), upgrade, cfg, socket, claims, guard);
+    shard.tracker.spawn(conn);
     let mut resp = Response::new(Body::empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let rh = resp.headers_mut();

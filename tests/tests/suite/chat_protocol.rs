@@ -3,11 +3,13 @@
 
 use std::time::Duration;
 
+use futures_util::{SinkExt, StreamExt};
 use portico_tests::client::{
     Refused, Ws, create_conversation as create_conv, sign, token, token_with_exp, unix_now,
 };
 use portico_tests::servers::Service;
 use serde_json::json;
+use tokio::io::AsyncReadExt;
 use tokio_tungstenite::tungstenite::Message;
 
 async fn shard() -> (Service, u16) {
@@ -175,4 +177,76 @@ async fn bad_frames_get_documented_errors_and_the_shard_keeps_serving() {
     assert_eq!(ws.expect_close().await, 1009);
     other.send(json!({"type": "ping"})).await;
     assert_eq!(other.recv().await["type"], "pong");
+}
+
+/// The shard pings every `heartbeat_secs`: a client that reads (and so
+/// answers) stays connected well past `idle_timeout_secs`; one that goes
+/// silent is closed with 4000, and one whose token expires while it is
+/// connected with 4001, whatever else it does.
+#[tokio::test]
+async fn pings_keep_a_reading_client_while_silence_or_an_expired_token_ends_one() {
+    let (_svc, port) = Service::chat(&[
+        ("PORTICO_CHAT__HEARTBEAT_SECS", "1".into()),
+        ("PORTICO_CHAT__IDLE_TIMEOUT_SECS", "2".into()),
+    ]);
+    let mut live = portico_tests::client::ws_direct(port, &token("alice")).await;
+    // Bob never writes, not even a pong: his socket is read raw, later.
+    let mut silent = portico_tests::client::ws_direct(port, &token("bob")).await;
+    let mut expiring = Ws::connect(port, &token_with_exp("carol", unix_now() + 3))
+        .await
+        .expect("carol connects");
+
+    // Twice the idle limit, reading all along (tungstenite answers pings).
+    let live_reads = async {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(4500);
+        let mut pings = 0;
+        while let Ok(next) = tokio::time::timeout_at(deadline, live.next()).await {
+            match next {
+                Some(Ok(Message::Ping(_))) => pings += 1,
+                Some(Ok(Message::Text(_))) => {}
+                other => panic!("the reading client lost its connection: {other:?}"),
+            }
+        }
+        pings
+    };
+    let (pings, carol_code) = tokio::join!(live_reads, expiring.expect_close_within(Duration::from_secs(6)));
+    assert!(pings >= 2, "a ping every second, got {pings} in 4.5 s");
+    assert_eq!(carol_code, 4001, "the expired token closes the connection");
+    live.send(Message::Text(json!({"type": "ping"}).to_string().into()))
+        .await
+        .expect("still connected");
+    loop {
+        match live.next().await {
+            Some(Ok(Message::Text(t))) => {
+                assert!(t.contains("\"pong\""), "{t}");
+                break;
+            }
+            Some(Ok(_)) => {}
+            other => panic!("no pong: {other:?}"),
+        }
+    }
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), silent.get_mut().read_to_end(&mut raw))
+        .await
+        .expect("the server ends the silent connection")
+        .expect("read what the server sent");
+    assert_eq!(
+        close_code(&raw),
+        Some(4000),
+        "silence ends in an idle close: {raw:?}"
+    );
+}
+
+/// The code of the close frame in a server's raw (unmasked) frames, which
+/// are all short here: pings, then the close.
+fn close_code(mut raw: &[u8]) -> Option<u16> {
+    while let [b0, len, rest @ ..] = raw {
+        let (len, payload) = (usize::from(*len), rest);
+        assert!(len < 126 && payload.len() >= len, "a short server frame: {raw:?}");
+        if b0 & 0x0f == 0x8 {
+            return payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+        }
+        raw = &payload[len..];
+    }
+    None
 }
