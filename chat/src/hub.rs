@@ -148,6 +148,28 @@ pub struct Hub {
     /// Gap fills in flight (each holds the hub weakly and ends after one
     /// store call).
     fills: tokio_util::task::TaskTracker,
+    meters: Meters,
+}
+
+/// The hub's metric handles, labelled with its shard once: fan-out records
+/// per message without formatting the label or looking the series up.
+struct Meters {
+    connections: metrics::Gauge,
+    subscriptions: metrics::Gauge,
+    deliveries: metrics::Counter,
+    fanout_latency: metrics::Histogram,
+}
+
+impl Meters {
+    fn new(shard: u16) -> Self {
+        let label = || ("shard", shard.to_string());
+        Meters {
+            connections: metrics::gauge!(crate::metrics::CONNECTIONS, &[label()]),
+            subscriptions: metrics::gauge!(crate::metrics::SUBSCRIPTIONS, &[label()]),
+            deliveries: metrics::counter!("portico_chat_deliveries_total", &[label()]),
+            fanout_latency: metrics::histogram!("portico_chat_fanout_latency_seconds", &[label()]),
+        }
+    }
 }
 
 impl Hub {
@@ -162,6 +184,7 @@ impl Hub {
             max_connections,
             sync_buffer: queue,
             fills: tokio_util::task::TaskTracker::new(),
+            meters: Meters::new(shard),
         })
     }
 
@@ -189,7 +212,7 @@ impl Hub {
             self.connections.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        metrics::gauge!(crate::metrics::CONNECTIONS, "shard" => self.shard.to_string()).increment(1.0);
+        self.meters.connections.increment(1.0);
         Some(ConnGuard {
             hub: self.clone(),
             id: self.next_conn.fetch_add(1, Ordering::Relaxed),
@@ -285,7 +308,7 @@ impl Hub {
         }
         sub.cursor = cursor;
         sub.outlet.send(Out::Batch(Box::new(batch)));
-        metrics::gauge!(crate::metrics::SUBSCRIPTIONS, "shard" => self.shard.to_string()).increment(1.0);
+        self.meters.subscriptions.increment(1.0);
         let count = st.users.entry(outlet.user.clone()).or_insert(0);
         *count += 1;
         let joined = *count == 1;
@@ -338,7 +361,7 @@ impl Hub {
         }
         for id in removed {
             st.subs.remove(&id);
-            metrics::gauge!(crate::metrics::SUBSCRIPTIONS, "shard" => self.shard.to_string()).decrement(1.0);
+            self.meters.subscriptions.decrement(1.0);
         }
         if ev.event == EventKind::Removed {
             st.users.remove(ev.user.as_str());
@@ -372,8 +395,7 @@ impl Hub {
                 && sub.syncing.is_none()
                 && let Some(n) = st.users.get_mut(&sub.outlet.user)
             {
-                metrics::gauge!(crate::metrics::SUBSCRIPTIONS, "shard" => self.shard.to_string())
-                    .decrement(1.0);
+                self.meters.subscriptions.decrement(1.0);
                 *n -= 1;
                 if *n == 0 {
                     st.users.remove(&sub.outlet.user);
@@ -486,10 +508,9 @@ impl Hub {
                 sent += 1;
             }
         }
-        let shard = self.shard.to_string();
-        metrics::counter!("portico_chat_deliveries_total", "shard" => shard.clone()).increment(sent);
+        self.meters.deliveries.increment(sent);
         let age = crate::store::now_millis().saturating_sub(msg.ts) as f64 / 1000.0;
-        metrics::histogram!("portico_chat_fanout_latency_seconds", "shard" => shard).record(age);
+        self.meters.fanout_latency.record(age);
     }
 
     /// After [`GAP_WAIT`], loads missing offsets from the store.
@@ -560,7 +581,7 @@ pub struct ConnGuard {
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.hub.connections.fetch_sub(1, Ordering::AcqRel);
-        metrics::gauge!(crate::metrics::CONNECTIONS, "shard" => self.hub.shard.to_string()).decrement(1.0);
+        self.hub.meters.connections.decrement(1.0);
     }
 }
 

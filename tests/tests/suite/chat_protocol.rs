@@ -46,6 +46,15 @@ async fn members_receive_every_message_once_in_order() {
         assert_eq!(ws.offsets(20).await, (1..=20).collect::<Vec<u64>>());
         assert!(ws.no_message_within(Duration::from_millis(200)).await);
     }
+    // The shard's own count: 20 messages to 3 subscribers, 6 connections.
+    let metrics = portico_tests::client::metrics(port).await;
+    for series in [
+        "portico_chat_deliveries_total{shard=\"1\"} 60",
+        "portico_chat_connections{shard=\"1\"} 6",
+        "portico_chat_subscriptions{shard=\"1\"} 3",
+    ] {
+        assert!(metrics.contains(series), "{series} in:\n{metrics}");
+    }
 }
 
 #[tokio::test]
