@@ -159,7 +159,8 @@ impl Conn {
         // One timer serves the heartbeat, the idle limit and the token's
         // expiry. It is moved only when it fires: a frame just notes the
         // time, so reading never touches the timer wheel.
-        let timer = tokio::time::sleep_until(ping_at.min(heard + idle).min(expiry));
+        let due = |heard: Instant, ping_at: Instant| ping_at.min(heard + idle).min(expiry);
+        let timer = tokio::time::sleep_until(due(heard, ping_at));
         tokio::pin!(timer);
         let ctl = self.outlet.ctl.clone();
         loop {
@@ -185,7 +186,7 @@ impl Conn {
                         let _ = self.outlet.tx.try_send(Out::Ping);
                         ping_at = now + heartbeat;
                     }
-                    timer.as_mut().reset(ping_at.min(heard + idle).min(expiry));
+                    timer.as_mut().reset(due(heard, ping_at));
                     continue;
                 }
                 next = stream.next() => next,
