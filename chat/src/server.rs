@@ -177,17 +177,18 @@ impl Bound {
                 }
             });
         }
-        // Drain WebSockets as soon as the stop comes, in parallel with HTTP.
+        // The stop starts HTTP's graceful shutdown and, in the same step,
+        // tells systemd and drains the WebSockets in parallel with HTTP. (A
+        // task of its own raced the server's return: aborted with the other
+        // housekeeping before it ran, it never said STOPPING.)
         let drain_ws = shard.shutdown.clone();
-        let http_stop = stop.clone();
-        background.spawn(async move {
-            stop.cancelled().await;
-            portico_common::notify::stopping();
-            drain_ws.cancel();
-        });
         let app = app.into_make_service_with_connect_info::<crate::socket::ConnSocket>();
-        let server = axum::serve(crate::socket::Accepting(listener), app)
-            .with_graceful_shutdown(async move { http_stop.cancelled().await });
+        let server =
+            axum::serve(crate::socket::Accepting(listener), app).with_graceful_shutdown(async move {
+                stop.cancelled().await;
+                portico_common::notify::stopping();
+                drain_ws.cancel();
+            });
         let result = server.await;
         shard.tracker.close();
         let drain = Duration::from_secs(shard.cfg.drain_secs.max(1));
