@@ -11,6 +11,7 @@
 pub mod acme;
 pub mod drain;
 pub mod files;
+pub mod forward;
 pub mod guard;
 pub mod headers;
 pub mod limits;

@@ -426,6 +426,9 @@ impl ProxyHttp for Edge {
                 Err(_) => return self.body_too_slow(session).await,
             }
         }
+        if forwardable(session, declared) {
+            return self.forward(session, ctx).await;
+        }
         Ok(false)
     }
 
@@ -652,6 +655,47 @@ fn upstream_error(route: &Route, kind: &'static str) {
     .increment(1);
 }
 
+/// Whether this request takes the gateway's own forwarding path
+/// (`forward`): an HTTP/1 or HTTP/2 request in origin form, without a
+/// streamed body (none, or one of `declared` bytes already read whole) and
+/// whose `Connection` header names nothing to drop. The rest (streamed or
+/// large bodies, `Expect`, upgrades that are not tunnels) is Pingora's.
+fn forwardable(session: &mut Session, declared: Option<u64>) -> bool {
+    use pingora::protocols::http::ServerSession;
+    let req = session.req_header();
+    if !matches!(
+        *session.downstream_session,
+        ServerSession::H1(_) | ServerSession::H2(_)
+    ) || req.method == http::Method::CONNECT
+        || !req.raw_path().starts_with(b"/")
+        || req.headers.contains_key(http::header::TRANSFER_ENCODING)
+        || req.headers.contains_key(http::header::EXPECT)
+        || !crate::forward::plain_connection(req)
+    {
+        return false;
+    }
+    match declared {
+        None if req.headers.contains_key(http::header::CONTENT_LENGTH) => false,
+        None | Some(0) => session.is_body_empty(),
+        Some(n) => {
+            session.is_body_done()
+                && !session.retry_buffer_truncated()
+                && session.get_retry_buffer().is_some_and(|b| b.len() as u64 == n)
+        }
+    }
+}
+
+/// An error of the forwarding path as Pingora's proxy would have named it
+/// (`fail_to_proxy` turns it into a 502 or 504 and counts it).
+fn upstream_failure(e: crate::forward::ForwardError) -> Box<Error> {
+    let kind = if e.is_timeout() {
+        ErrorType::ReadTimedout
+    } else {
+        ErrorType::ReadError
+    };
+    Error::explain(kind, e.to_string()).into_up()
+}
+
 /// What a tunnel needs to log its request when it ends.
 struct TunnelLog {
     client: Option<IpAddr>,
@@ -764,6 +808,104 @@ impl Edge {
             }
             tracing::debug!(shard = %inet, error = failed.1, "shard refused an upgrade; trying the next");
             ctx.failed_shard = Some(inet);
+        }
+    }
+
+    /// A plain request forwarded by the gateway itself (see `forward`):
+    /// the same upstream choice, forwarded headers and response filter as
+    /// on Pingora's path, on a connection from this thread's pool.
+    async fn forward(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let mut req = session.req_header().clone();
+        // HTTP/2 names the host in `:authority`; HTTP/1.1 needs `Host`.
+        if let Some(authority) = req
+            .uri
+            .authority()
+            .filter(|_| !req.headers.contains_key(http::header::HOST))
+        {
+            let host = authority.as_str().to_string();
+            req.insert_header(http::header::HOST, host)?;
+        }
+        crate::forward::strip_hop_by_hop(&mut req);
+        self.forward_headers(&mut req, authority(session.req_header()), ctx)?;
+        let mut wire =
+            pingora::protocols::http::v1::client::http_req_header_to_wire(&req).ok_or_else(|| {
+                Error::explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "the request cannot be written as HTTP/1.1",
+                )
+            })?;
+        if let Some(body) = session.get_retry_buffer() {
+            wire.extend_from_slice(&body);
+        }
+        let head_request = req.method == http::Method::HEAD;
+        let timeout = ctx.route.timeout;
+        let addr = self.upstream_addr(ctx).map_err(|e| e.into_up())?;
+        let pooled = addr.as_inet().and_then(|&a| {
+            ctx.upstream = Some(a);
+            ctx.upstream_started = Some(Instant::now());
+            crate::forward::take(a)
+        });
+        let mut conn = match pooled {
+            Some(conn) => conn,
+            None => self.open(ctx).await?,
+        };
+        let mut head = match conn.exchange(&wire, head_request, timeout).await {
+            Ok(head) => head,
+            // The upstream closed its idle connection as the request left.
+            Err(e) if conn.retry_on_new(&e) => {
+                conn = self.open(ctx).await?;
+                conn.exchange(&wire, head_request, timeout)
+                    .await
+                    .map_err(upstream_failure)?
+            }
+            Err(e) => return Err(upstream_failure(e)),
+        };
+        self.filter_response(&mut head, ctx)?;
+        let down = |e: Box<Error>| e.into_down();
+        // The upstream connection goes back to the pool as soon as the
+        // body has been read, before the last write to the client: the
+        // client's next request may come before this task runs again.
+        if conn.is_done() {
+            conn.release();
+            session
+                .write_response_header(Box::new(head), true)
+                .await
+                .map_err(down)?;
+            return Ok(true);
+        }
+        session
+            .write_response_header(Box::new(head), false)
+            .await
+            .map_err(down)?;
+        let last = loop {
+            let piece = conn.next_body(timeout).await.map_err(upstream_failure)?;
+            if conn.is_done() {
+                break piece;
+            }
+            session.write_response_body(piece, false).await.map_err(down)?;
+        };
+        conn.release();
+        session.write_response_body(last, true).await.map_err(down)?;
+        Ok(true)
+    }
+
+    /// A new connection for `forward`, failing as Pingora's would.
+    async fn open(&self, ctx: &mut Ctx) -> Result<crate::forward::Conn> {
+        match self.connect(ctx).await {
+            Ok(tcp) => {
+                let addr = ctx
+                    .upstream
+                    .ok_or_else(|| Error::explain(ErrorType::InternalError, "no upstream"))?;
+                Ok(crate::forward::Conn::new(tcp, addr))
+            }
+            Err((status, why)) => {
+                let kind = if status == 504 {
+                    ErrorType::ConnectTimedout
+                } else {
+                    ErrorType::ConnectError
+                };
+                Err(Error::explain(kind, why).into_up())
+            }
         }
     }
 

@@ -35,10 +35,7 @@ use pingora::proxy::Session;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
-/// Largest upstream response head read during the handshake.
-const MAX_HEAD: usize = 16 * 1024;
-/// Header lines an upstream response head may have.
-const MAX_HEADERS: usize = 64;
+use crate::forward::MAX_HEAD;
 /// Largest body of a refused upgrade (a 401 or 503 from the upstream)
 /// passed on to the client.
 const MAX_REFUSAL_BODY: usize = 64 * 1024;
@@ -119,29 +116,11 @@ where
         if n == 0 {
             return Err(HandshakeError::Closed);
         }
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut headers);
-        match parsed.parse(&buf) {
-            Ok(httparse::Status::Partial) => continue,
-            Ok(httparse::Status::Complete(len)) => {
-                let head = response_head(&parsed)?;
-                let rest = buf.split_off(len);
-                return Ok(Answer { head, rest });
-            }
-            Err(e) => return Err(HandshakeError::Malformed(e.to_string())),
+        if let Some((head, len)) = crate::forward::parse_head(&buf).map_err(HandshakeError::Malformed)? {
+            let rest = buf.split_off(len);
+            return Ok(Answer { head, rest });
         }
     }
-}
-
-fn response_head(parsed: &httparse::Response<'_, '_>) -> Result<ResponseHeader, HandshakeError> {
-    let malformed = |e: &dyn std::fmt::Display| HandshakeError::Malformed(e.to_string());
-    let status = parsed.code.ok_or_else(|| malformed(&"no status"))?;
-    let mut head = ResponseHeader::build(status, Some(parsed.headers.len())).map_err(|e| malformed(&e))?;
-    for h in parsed.headers.iter() {
-        head.append_header(h.name.to_string(), h.value)
-            .map_err(|e| malformed(&e))?;
-    }
-    Ok(head)
 }
 
 /// The body of a refused upgrade: `Content-Length` bytes (at most

@@ -13,6 +13,7 @@ mod console;
 mod gateway_acme;
 mod gateway_edge;
 mod gateway_files;
+mod gateway_forward;
 mod gateway_hardening;
 mod gateway_limits;
 mod gateway_reload;

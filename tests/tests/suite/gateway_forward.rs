@@ -1,0 +1,310 @@
+//! Plain requests the gateway forwards itself (gateway/src/forward.rs),
+//! against a scripted real upstream whose answer each path chooses: every
+//! body framing (length, chunked, until close; none for HEAD, 204, 304;
+//! interim 1xx skipped) reaches the client whole, one upstream connection
+//! carries request after request, an upstream that closes its idle
+//! connections costs the client nothing, and answers that break HTTP/1.1
+//! or come too late end in the edge's own 502 or 504, never a hang.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use portico_tests::servers::{EdgePorts, Service};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The upstream's answer to a path, and whether it closes the connection
+/// after it (without saying so, for `/closes`).
+fn answer(method: &str, path: &str) -> (&'static [u8], bool) {
+    match path {
+        "/length" => (b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nhello", false),
+        "/chunked" => (
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\nkeep-alive: timeout=5\r\n\r\n\
+              5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-trailer: t\r\n\r\n",
+            false,
+        ),
+        "/until-close" => (b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end", true),
+        "/early-hints" => (
+            b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            false,
+        ),
+        "/not-modified" => (b"HTTP/1.1 304 Not Modified\r\netag: \"v1\"\r\n\r\n", false),
+        "/empty" => (b"HTTP/1.1 204 No Content\r\n\r\n", false),
+        "/head" if method == "HEAD" => (b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n", false),
+        "/closes" => (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", true),
+        "/both-framings" => (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            false,
+        ),
+        "/bad-length" => (b"HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\nhello", false),
+        "/not-http" => (b"SSH-2.0-OpenSSH\r\n\r\n", true),
+        "/bad-chunk" => (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n", false),
+        "/short" => (b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nnot 100 bytes", true),
+        _ => (b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n", false),
+    }
+}
+
+/// A scripted upstream: answers each request (head and Content-Length body)
+/// by its path; `/slow` never answers. Counts connections and requests.
+struct Scripted {
+    port: u16,
+    connections: Arc<AtomicUsize>,
+    bodies: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+}
+
+impl Scripted {
+    async fn start() -> Scripted {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, b) = (connections.clone(), bodies.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve(tcp, b.clone()));
+            }
+        });
+        Scripted {
+            port,
+            connections,
+            bodies,
+        }
+    }
+}
+
+async fn serve(mut tcp: TcpStream, bodies: Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        while buf.len() < end + length {
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        bodies.lock().unwrap().push(buf[end..end + length].to_vec());
+        buf.drain(..end + length);
+        let mut words = head.split(' ');
+        let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+        if path == "/slow" {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            return;
+        }
+        if path == "/echo-head" {
+            let echo = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{head}", head.len());
+            let _ = tcp.write_all(echo.as_bytes()).await;
+            continue;
+        }
+        let (bytes, close) = answer(method, path);
+        if tcp.write_all(bytes).await.is_err() || close {
+            return;
+        }
+    }
+}
+
+/// An HTTPS client trusting `ca`, speaking HTTP/2 or HTTP/1.1 only.
+fn client(ca: &[u8], h2: bool) -> reqwest::Client {
+    let builder = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca).unwrap())
+        .timeout(Duration::from_secs(10));
+    let builder = if h2 {
+        builder.http2_prior_knowledge()
+    } else {
+        builder.http1_only()
+    };
+    builder.build().unwrap()
+}
+
+fn gateway(port: u16) -> (Service, EdgePorts) {
+    let routes = format!(
+        "[[gateway.routes]]\nname = \"impatient\"\npath_prefix = \"/slow\"\n\
+         upstream = \"127.0.0.1:{port}\"\ntimeout_secs = 1\n\
+         [[gateway.routes]]\nname = \"site\"\npath_prefix = \"/\"\nupstream = \"127.0.0.1:{port}\"\n"
+    );
+    Service::gateway_with_routes(&routes, &[])
+}
+
+#[tokio::test]
+async fn every_body_framing_reaches_the_client_whole_over_one_upstream_connection() {
+    for h2 in [false, true] {
+        framings_reach_the_client(h2).await;
+    }
+}
+
+async fn framings_reach_the_client(h2: bool) {
+    let up = Scripted::start().await;
+    let port = up.port;
+    let (svc, edge) = tokio::task::spawn_blocking(move || gateway(port)).await.unwrap();
+    let client = client(&svc.certificate("localhost"), h2);
+    let first = client
+        .get(format!("https://localhost:{}/length", edge.https))
+        .send()
+        .await
+        .unwrap();
+    let version = if h2 {
+        reqwest::Version::HTTP_2
+    } else {
+        reqwest::Version::HTTP_11
+    };
+    assert_eq!(first.version(), version);
+    assert_eq!(first.text().await.unwrap(), "hello");
+    let url = |p: &str| format!("https://localhost:{}{p}", edge.https);
+
+    let cases: &[(&str, u16, &str)] = &[
+        ("/length", 200, "hello"),
+        ("/chunked", 200, "hello world"),
+        ("/early-hints", 200, "ok"),
+        ("/not-modified", 304, ""),
+        ("/empty", 204, ""),
+        ("/length", 200, "hello"),
+    ];
+    for (path, want, body) in cases {
+        let r = client.get(url(path)).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), *want, "{path}");
+        assert!(
+            r.headers().get("keep-alive").is_none(),
+            "{path}: hop-by-hop header passed on"
+        );
+        assert_eq!(
+            r.headers()["x-content-type-options"],
+            "nosniff",
+            "{path}: the edge's headers"
+        );
+        assert_eq!(r.text().await.unwrap(), *body, "{path}");
+    }
+    let head = client.head(url("/head")).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-length"], "100");
+    // Pingora serves each HTTP/2 stream on a thread of its choosing, and
+    // the pools are per thread: one connection per gateway thread at most.
+    let most = if h2 { 2 } else { 1 };
+    let used = up.connections.load(Ordering::SeqCst);
+    assert!(
+        used <= most,
+        "{used} upstream connections for sequential requests"
+    );
+
+    // A body read whole before the upstream is asked goes with the head.
+    let r = client
+        .post(url("/length"))
+        .body("a small form")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(up.bodies.lock().unwrap().last().unwrap(), b"a small form");
+
+    // Until the connection's end: passed on whole, and that upstream
+    // connection is not used again.
+    let r = client.get(url("/until-close")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "until the end");
+    let r = client.get(url("/length")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "hello");
+    if !h2 {
+        assert_eq!(up.connections.load(Ordering::SeqCst), 2);
+    }
+
+    // What the upstream sees: the client's connection headers are not its
+    // business; the edge's forwarded headers are.
+    let r = client
+        .get(url("/echo-head"))
+        .header("te", "trailers")
+        .header("keep-alive", "timeout=99")
+        .send()
+        .await
+        .unwrap();
+    let seen = r.text().await.unwrap().to_ascii_lowercase();
+    assert!(seen.starts_with("get /echo-head http/1.1\r\n"), "{seen}");
+    assert!(
+        seen.contains(&format!("\r\nhost: localhost:{}\r\n", edge.https)),
+        "{seen}"
+    );
+    for gone in ["\r\nte:", "\r\nkeep-alive:", "\r\nconnection:"] {
+        assert!(!seen.contains(gone), "{gone} reached the upstream:\n{seen}");
+    }
+    assert!(seen.contains("\r\nx-forwarded-proto: https\r\n"), "{seen}");
+}
+
+#[tokio::test]
+async fn an_upstream_that_closes_idle_connections_costs_the_client_nothing() {
+    let up = Scripted::start().await;
+    let port = up.port;
+    let (svc, edge) = tokio::task::spawn_blocking(move || gateway(port)).await.unwrap();
+    let client = client(&svc.certificate("localhost"), false);
+    let url = format!("https://localhost:{}/closes", edge.https);
+    // Each answer leaves a connection the upstream then closes: the next
+    // request finds it closed in the pool, or fails on it silently and
+    // goes again on a new one.
+    for i in 0..50 {
+        let r = client.get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(r.text().await.unwrap(), "ok", "request {i}");
+        if i % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(up.connections.load(Ordering::SeqCst), 50);
+}
+
+#[tokio::test]
+async fn answers_that_break_http_end_in_502_and_silence_in_504() {
+    let up = Scripted::start().await;
+    let port = up.port;
+    let (svc, edge) = tokio::task::spawn_blocking(move || gateway(port)).await.unwrap();
+    let client = client(&svc.certificate("localhost"), false);
+    let url = |p: &str| format!("https://localhost:{}{p}", edge.https);
+    for path in ["/both-framings", "/bad-length", "/not-http"] {
+        let r = client.get(url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 502, "{path}");
+        assert!(
+            r.headers().get("server").is_none(),
+            "{path}: the edge's own answer"
+        );
+    }
+    // Broken after the head: the client's response ends unfinished (or
+    // not at all), never as a complete body.
+    for path in ["/bad-chunk", "/short"] {
+        let complete = match client.get(url(path)).send().await {
+            Ok(r) => r.bytes().await.is_ok(),
+            // Nothing had left for the client yet.
+            Err(_) => false,
+        };
+        assert!(!complete, "{path}: a broken body passed for complete");
+    }
+    let started = std::time::Instant::now();
+    let r = client.get(url("/slow")).send().await.unwrap();
+    assert_eq!(r.status(), 504);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    // And the edge still serves.
+    let r = client.get(url("/length")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "hello");
+    let metrics = portico_tests::client::metrics(edge.admin).await;
+    assert!(
+        metrics.contains("portico_gateway_upstream_errors_total{route=\"impatient\",kind=\"timeout\"} 1"),
+        "{metrics}"
+    );
+}
