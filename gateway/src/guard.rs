@@ -147,6 +147,7 @@ impl<A> GuardedApp<A> {
             tracing::error!("HTTPS listener handed over a stream that is not TCP");
             return None;
         };
+        let l4 = served_here(l4);
         let deadline = Duration::from_secs(self.guard.cfg.handshake_timeout_secs);
         let failed = |reason: &'static str| {
             metrics::counter!("portico_gateway_tls_handshake_failures_total", "reason" => reason)
@@ -168,6 +169,36 @@ impl<A> GuardedApp<A> {
             }
         }
     }
+}
+
+/// The accepted connection, registered with the reactor of the thread
+/// that serves it. Pingora accepts every connection on one thread and
+/// hands it to a random one of its runtimes, while the socket stays
+/// registered with the accepting thread's reactor: each readiness of a
+/// connection served elsewhere was a cross-thread wake-up (an `eventfd`
+/// write and a context switch). A duplicate of the socket is registered
+/// here; dropping the original deregisters it there before closing it.
+/// If that fails the connection is served as it came.
+fn served_here(l4: Box<L4Stream>) -> Box<L4Stream> {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    let peer = l4.get_socket_digest().and_then(|d| d.peer_addr().cloned());
+    // SAFETY: the descriptor belongs to `l4`, which is alive for the whole
+    // borrow; `try_clone_to_owned` duplicates it (`F_DUPFD_CLOEXEC`).
+    #[allow(unsafe_code)]
+    let fd = unsafe { BorrowedFd::borrow_raw(l4.as_raw_fd()) };
+    let Ok(owned) = fd.try_clone_to_owned() else {
+        return l4;
+    };
+    // Non-blocking already: the flag belongs to the shared open socket.
+    let Ok(tcp) = tokio::net::TcpStream::from_std(std::net::TcpStream::from(owned)) else {
+        return l4;
+    };
+    drop(l4);
+    let mut here = L4Stream::from(tcp);
+    let digest = pingora::protocols::SocketDigest::from_raw_fd(here.as_raw_fd());
+    let _ = digest.peer_addr.set(peer);
+    here.set_socket_digest(digest);
+    Box::new(here)
 }
 
 #[async_trait]

@@ -62,48 +62,7 @@ impl Drop for Upstream {
 /// Serves one keep-alive connection: head, body (by Content-Length), answer.
 async fn serve(mut sock: TcpStream, extra: Arc<String>, heads: Arc<Mutex<Vec<String>>>) {
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        let end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            match sock.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-        let length: usize = head
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse().ok())?
-            })
-            .unwrap_or(0);
-        let chunked = head.lines().any(|l| {
-            l.split_once(':').is_some_and(|(k, v)| {
-                k.eq_ignore_ascii_case("transfer-encoding") && v.trim().eq_ignore_ascii_case("chunked")
-            })
-        });
-        // The whole body first (a server that answers early would hide
-        // what the gateway does with the rest).
-        let body_end = loop {
-            let have = if chunked {
-                chunked_end(&buf[end..]).map(|n| end + n)
-            } else {
-                (buf.len() >= end + length).then_some(end + length)
-            };
-            if let Some(e) = have {
-                break e;
-            }
-            match sock.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        };
-        buf.drain(..body_end);
+    while let Some((head, _body)) = read_request(&mut sock, &mut buf).await {
         heads.lock().expect("heads").push(head.clone());
         let response = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{extra}\r\n{head}",
@@ -113,6 +72,55 @@ async fn serve(mut sock: TcpStream, extra: Arc<String>, heads: Arc<Mutex<Vec<Str
             return;
         }
     }
+}
+
+/// Reads the next request on `sock` (bytes left over from the previous
+/// one in `buf`): its head and its whole body (by Content-Length or
+/// chunked, still encoded). `None` when the connection ends first.
+pub async fn read_request(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, Vec<u8>)> {
+    let mut chunk = [0u8; 8192];
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match sock.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let chunked = head.lines().any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.eq_ignore_ascii_case("transfer-encoding") && v.trim().eq_ignore_ascii_case("chunked")
+        })
+    });
+    // The whole body first (a server that answers early would hide what
+    // the gateway does with the rest).
+    let body_end = loop {
+        let have = if chunked {
+            chunked_end(&buf[end..]).map(|n| end + n)
+        } else {
+            (buf.len() >= end + length).then_some(end + length)
+        };
+        if let Some(e) = have {
+            break e;
+        }
+        match sock.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let body = buf[end..body_end].to_vec();
+    buf.drain(..body_end);
+    Some((head, body))
 }
 
 /// The length of a complete chunked body at the start of `b`, if complete.

@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use portico_tests::servers::{EdgePorts, Service};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use portico_tests::upstream::read_request;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 /// The upstream's answer to a path, and whether it closes the connection
@@ -76,34 +77,8 @@ impl Scripted {
 
 async fn serve(mut tcp: TcpStream, bodies: Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        let end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            match tcp.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-        let length: usize = head
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse().ok())?
-            })
-            .unwrap_or(0);
-        while buf.len() < end + length {
-            match tcp.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-        bodies.lock().unwrap().push(buf[end..end + length].to_vec());
-        buf.drain(..end + length);
+    while let Some((head, body)) = read_request(&mut tcp, &mut buf).await {
+        bodies.lock().unwrap().push(body);
         let mut words = head.split(' ');
         let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
         if path == "/slow" {
