@@ -42,7 +42,8 @@ pub struct FileRoute {
     root: PathBuf,
     prefix: String,
     cache_control: String,
-    cache: Mutex<LruCache<PathBuf, Entry>>,
+    /// Shared entries: a hit copies a pointer, not the path and tags.
+    cache: Mutex<LruCache<PathBuf, Arc<Entry>>>,
 }
 
 impl std::fmt::Debug for FileRoute {
@@ -52,7 +53,6 @@ impl std::fmt::Debug for FileRoute {
 }
 
 /// A servable file (or a precompressed sibling).
-#[derive(Clone)]
 struct Entry {
     path: PathBuf,
     len: u64,
@@ -113,7 +113,7 @@ impl FileRoute {
 
     /// Looks a relative path up (through the cache), refusing anything
     /// whose real path leaves the root or is not a regular file.
-    async fn lookup(&self, rel: PathBuf) -> Option<Entry> {
+    async fn lookup(&self, rel: PathBuf) -> Option<Arc<Entry>> {
         let cached = self.cache.lock().expect("file cache lock").get(&rel).cloned();
         if let Some(e) = cached {
             // Still the same file? One stat of a path just resolved: done
@@ -124,7 +124,7 @@ impl FileRoute {
             }
         }
         let root = self.root.clone();
-        let found = tokio::task::spawn_blocking(move || -> Option<(PathBuf, Entry)> {
+        let found = tokio::task::spawn_blocking(move || -> Option<(PathBuf, Arc<Entry>)> {
             let real = root.join(&rel).canonicalize().ok()?;
             if !real.starts_with(&root) {
                 return None;
@@ -155,7 +155,7 @@ impl FileRoute {
                 modified,
                 bytes,
             };
-            Some((rel, e))
+            Some((rel, Arc::new(e)))
         })
         .await
         .ok()??;
