@@ -840,12 +840,9 @@ impl Edge {
         let head_request = req.method == http::Method::HEAD;
         let timeout = ctx.route.timeout;
         let addr = self.upstream_addr(ctx).map_err(|e| e.into_up())?;
-        let pooled = addr.as_inet().and_then(|&a| {
-            ctx.upstream = Some(a);
-            ctx.upstream_started = Some(Instant::now());
-            crate::forward::take(a)
-        });
-        let mut conn = match pooled {
+        ctx.upstream = addr.as_inet().copied();
+        ctx.upstream_started = Some(Instant::now());
+        let mut conn = match ctx.upstream.and_then(crate::forward::take) {
             Some(conn) => conn,
             None => self.open(ctx).await?,
         };

@@ -36,6 +36,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
 use crate::forward::MAX_HEAD;
+
 /// Largest body of a refused upgrade (a 401 or 503 from the upstream)
 /// passed on to the client.
 const MAX_REFUSAL_BODY: usize = 64 * 1024;
