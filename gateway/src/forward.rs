@@ -364,16 +364,21 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(ResponseHeader, usize)>, String>
         Err(e) => return Err(e.to_string()),
     };
     let malformed = |e: &dyn std::fmt::Display| e.to_string();
-    let status = parsed.code.ok_or_else(|| malformed(&"no status"))?;
-    let mut head = ResponseHeader::build(status, Some(parsed.headers.len())).map_err(|e| malformed(&e))?;
+    // Built as `http` parts, without Pingora's header-case map: a known
+    // name costs no allocation and no second parse, a value one copy.
+    let (mut head, ()) = http::Response::new(()).into_parts();
+    head.status = http::StatusCode::from_u16(parsed.code.ok_or_else(|| malformed(&"no status"))?)
+        .map_err(|e| malformed(&e))?;
     if parsed.version == Some(0) {
-        head.set_version(http::Version::HTTP_10);
+        head.version = http::Version::HTTP_10;
     }
+    head.headers.reserve(parsed.headers.len());
     for h in parsed.headers.iter() {
-        head.append_header(h.name.to_string(), h.value)
-            .map_err(|e| malformed(&e))?;
+        let name = http::HeaderName::from_bytes(h.name.as_bytes()).map_err(|e| malformed(&e))?;
+        let value = http::HeaderValue::from_bytes(h.value).map_err(|e| malformed(&e))?;
+        head.headers.append(name, value);
     }
-    Ok(Some((head, len)))
+    Ok(Some((ResponseHeader::from(head), len)))
 }
 
 /// How the body of `head` is delimited (RFC 9112, section 6.3).

@@ -18,10 +18,11 @@ pub const SECURITY_HEADERS: &[(&str, &str)] = &[
 pub fn secure(resp: &mut ResponseHeader) -> pingora::Result<()> {
     for (name, value) in SECURITY_HEADERS {
         if !resp.headers.contains_key(*name) {
-            resp.insert_header(*name, *value)?;
+            // Static values: every response shares them, none is copied.
+            resp.insert_header(*name, http::HeaderValue::from_static(value))?;
         }
     }
-    resp.remove_header("server");
+    resp.remove_header(&http::header::SERVER);
     Ok(())
 }
 

@@ -106,6 +106,7 @@ impl AppRoutes {
                         max_body_bytes: self.max_body_bytes,
                         class: None,
                         files: None,
+                        metrics: Default::default(),
                     }),
                 )
             })
@@ -171,6 +172,7 @@ impl AppRoutes {
                     max_body_bytes: self.max_body_bytes,
                     class: None,
                     files: None,
+                    metrics: Default::default(),
                 })),
                 (AppRouteState::Stopped, _) => AppState::Stopped,
                 (AppRouteState::Down | AppRouteState::Running, _) => AppState::Down,

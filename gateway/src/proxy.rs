@@ -496,7 +496,7 @@ impl ProxyHttp for Edge {
         upstream: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        self.forward_headers(upstream, authority(session.req_header()), ctx)
+        self.forward_headers(upstream, authority(session.req_header()).map(str::to_string), ctx)
     }
 
     async fn response_filter(
@@ -624,18 +624,14 @@ struct Access<'a> {
 }
 
 fn access(a: Access<'_>) {
-    let route = a.route.name().to_string();
-    metrics::counter!("portico_gateway_requests_total", "route" => route.clone(), "status" => a.status.to_string())
-        .increment(1);
-    metrics::histogram!("portico_gateway_request_duration_seconds", "route" => route.clone())
-        .record(a.elapsed.as_secs_f64());
+    a.route.count_request(a.status, a.elapsed);
     tracing::info!(
         target: "access",
         client = ?a.client,
         method = %a.method,
         path = a.path,
         status = a.status,
-        route = %route,
+        route = a.route.name(),
         app = a.app,
         upstream = a.upstream.map(|a| a.to_string()),
         ms = a.elapsed.as_millis() as u64,
@@ -738,7 +734,7 @@ impl Edge {
 
     /// The request head as the upstream gets it: what the client claims
     /// about itself removed, what we saw said instead.
-    fn forward_headers(&self, upstream: &mut RequestHeader, host: Option<&str>, ctx: &Ctx) -> Result<()> {
+    fn forward_headers(&self, upstream: &mut RequestHeader, host: Option<String>, ctx: &Ctx) -> Result<()> {
         let spoofed: Vec<http::HeaderName> = upstream
             .headers
             .keys()
@@ -749,12 +745,14 @@ impl Edge {
             upstream.remove_header(&name);
         }
         if let Some(ip) = ctx.client_ip {
-            upstream.insert_header("x-forwarded-for", ip.to_string())?;
-            upstream.insert_header("x-real-ip", ip.to_string())?;
+            let ip = http::HeaderValue::try_from(ip.to_string())
+                .or_err(ErrorType::InternalError, "client address")?;
+            upstream.insert_header("x-forwarded-for", ip.clone())?;
+            upstream.insert_header("x-real-ip", ip)?;
         }
-        upstream.insert_header("x-forwarded-proto", "https")?;
+        upstream.insert_header("x-forwarded-proto", http::HeaderValue::from_static("https"))?;
         if let Some(host) = host {
-            upstream.insert_header("x-forwarded-host", host.to_string())?;
+            upstream.insert_header("x-forwarded-host", host)?;
         }
         Ok(())
     }
@@ -762,8 +760,7 @@ impl Edge {
     /// The upstream's response head as the client gets it.
     fn filter_response(&self, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
         if let Some(started) = ctx.upstream_started.take() {
-            metrics::histogram!("portico_gateway_upstream_seconds", "route" => ctx.route.name().to_string())
-                .record(started.elapsed().as_secs_f64());
+            ctx.route.upstream_answered(started.elapsed());
         }
         if let Some(app) = &ctx.app {
             let site = crate::paas::Site {
@@ -815,7 +812,12 @@ impl Edge {
     /// the same upstream choice, forwarded headers and response filter as
     /// on Pingora's path, on a connection from this thread's pool.
     async fn forward(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        let mut req = session.req_header().clone();
+        let host = authority(session.req_header()).map(str::to_string);
+        // The client's head becomes the upstream's in place, not in a copy:
+        // what is read of it from here on (method and path for the log, the
+        // method for the response's framing) does not change.
+        let req = session.req_header_mut();
+        let version = req.version;
         // HTTP/2 names the host in `:authority`; HTTP/1.1 needs `Host`.
         if let Some(authority) = req
             .uri
@@ -825,19 +827,21 @@ impl Edge {
             let host = authority.as_str().to_string();
             req.insert_header(http::header::HOST, host)?;
         }
-        crate::forward::strip_hop_by_hop(&mut req);
-        self.forward_headers(&mut req, authority(session.req_header()), ctx)?;
+        crate::forward::strip_hop_by_hop(req);
+        self.forward_headers(req, host, ctx)?;
         let mut wire =
-            pingora::protocols::http::v1::client::http_req_header_to_wire(&req).ok_or_else(|| {
+            pingora::protocols::http::v1::client::http_req_header_to_wire(req).ok_or_else(|| {
                 Error::explain(
                     ErrorType::InvalidHTTPHeader,
                     "the request cannot be written as HTTP/1.1",
                 )
             })?;
+        // The client's version stays its own (the upstream's is 1.1).
+        req.set_version(version);
+        let head_request = req.method == http::Method::HEAD;
         if let Some(body) = session.get_retry_buffer() {
             wire.extend_from_slice(&body);
         }
-        let head_request = req.method == http::Method::HEAD;
         let timeout = ctx.route.timeout;
         let addr = self.upstream_addr(ctx).map_err(|e| e.into_up())?;
         ctx.upstream = addr.as_inet().copied();
@@ -921,7 +925,7 @@ impl Edge {
             }
         };
         let mut req = session.req_header().clone();
-        self.forward_headers(&mut req, authority(session.req_header()), ctx)?;
+        self.forward_headers(&mut req, authority(session.req_header()).map(str::to_string), ctx)?;
         let answer = match tokio::time::timeout(route.timeout, crate::tunnel::handshake(&mut upstream, &req))
             .await
         {

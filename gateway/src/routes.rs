@@ -10,8 +10,10 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use metrics::{Counter, Histogram};
 
 use portico_config::{GatewayConfig, RouteUpstream};
 
@@ -35,6 +37,27 @@ pub struct Route {
     /// A file route's root (None when its directory could not be opened:
     /// every request gets 404, and the reload logged why).
     pub files: Option<Arc<FileRoute>>,
+    pub metrics: RouteMetrics,
+}
+
+/// Statuses whose `requests_total` counter a route keeps at hand.
+const COMMON_STATUSES: [u16; 18] = [
+    200, 204, 206, 301, 302, 304, 308, 400, 401, 403, 404, 408, 413, 429, 500, 502, 503, 504,
+];
+
+/// A route's request metrics, registered at first use and then kept:
+/// counting a request builds no label strings and looks up no key.
+#[derive(Clone, Default)]
+pub struct RouteMetrics {
+    duration: OnceLock<Histogram>,
+    upstream: OnceLock<Histogram>,
+    requests: [OnceLock<Counter>; COMMON_STATUSES.len()],
+}
+
+impl std::fmt::Debug for RouteMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RouteMetrics")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +77,38 @@ impl Route {
 
     pub fn is_chat(&self) -> bool {
         self.target == Target::Chat
+    }
+
+    /// Counts an answered request (`status` 0: none was written) and its
+    /// duration.
+    pub fn count_request(&self, status: u16, elapsed: Duration) {
+        let counter = || {
+            metrics::counter!(
+                "portico_gateway_requests_total",
+                "route" => self.name.clone(),
+                "status" => status.to_string()
+            )
+        };
+        match COMMON_STATUSES.iter().position(|&s| s == status) {
+            Some(i) => self.metrics.requests[i].get_or_init(counter).increment(1),
+            None => counter().increment(1),
+        }
+        self.metrics
+            .duration
+            .get_or_init(|| {
+                metrics::histogram!("portico_gateway_request_duration_seconds", "route" => self.name.clone())
+            })
+            .record(elapsed.as_secs_f64());
+    }
+
+    /// Records how long the upstream took to answer with its head.
+    pub fn upstream_answered(&self, elapsed: Duration) {
+        self.metrics
+            .upstream
+            .get_or_init(
+                || metrics::histogram!("portico_gateway_upstream_seconds", "route" => self.name.clone()),
+            )
+            .record(elapsed.as_secs_f64());
     }
 }
 
@@ -88,6 +143,7 @@ impl Routes {
                 max_body_bytes: g.max_body_bytes,
                 class: None,
                 files: None,
+                metrics: RouteMetrics::default(),
             })
         };
         let mut entries: Vec<Entry> = g
@@ -116,6 +172,7 @@ impl Routes {
                     // Validated: every class a route names exists.
                     class: r.limit_class.as_deref().and_then(|c| classes.get(c).cloned()),
                     files,
+                    metrics: RouteMetrics::default(),
                 };
                 Entry {
                     host: r.host.clone(),
