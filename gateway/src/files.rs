@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use bytes::Bytes;
+use http::HeaderValue;
 use lru::LruCache;
 use pingora::http::ResponseHeader;
 use pingora::modules::http::compression::ResponseCompression;
@@ -41,9 +42,18 @@ const CHUNK: usize = 64 * 1024;
 pub struct FileRoute {
     root: PathBuf,
     prefix: String,
-    cache_control: String,
+    cache_control: HeaderValue,
     /// Shared entries: a hit copies a pointer, not the path and tags.
-    cache: Mutex<LruCache<PathBuf, Arc<Entry>>>,
+    cache: Mutex<LruCache<PathBuf, Cached>>,
+}
+
+/// What the cache knows of a path.
+#[derive(Clone)]
+enum Cached {
+    Found(Arc<Entry>),
+    /// A precompressed sibling that does not exist (only those: they are
+    /// named after files that do, so random paths cannot fill the cache).
+    Missing,
 }
 
 impl std::fmt::Debug for FileRoute {
@@ -57,10 +67,11 @@ struct Entry {
     path: PathBuf,
     len: u64,
     modified: SystemTime,
-    etag: String,
-    /// `Content-Type` and `Last-Modified`, computed once per version.
-    content_type: Arc<str>,
-    last_modified: Arc<str>,
+    /// `ETag`, `Content-Type` and `Last-Modified`, computed once per
+    /// version: a response shares them.
+    etag: HeaderValue,
+    content_type: HeaderValue,
+    last_modified: HeaderValue,
     /// The whole file, when small.
     bytes: Option<Bytes>,
 }
@@ -79,7 +90,8 @@ impl FileRoute {
         Ok(FileRoute {
             root,
             prefix: prefix.trim_end_matches('/').to_string(),
-            cache_control: cache.header(),
+            cache_control: HeaderValue::try_from(cache.header())
+                .map_err(|e| std::io::Error::other(format!("cache policy: {e}")))?,
             cache: Mutex::new(LruCache::new(NonZeroUsize::new(ENTRIES).expect("nonzero"))),
         })
     }
@@ -113,56 +125,77 @@ impl FileRoute {
 
     /// Looks a relative path up (through the cache), refusing anything
     /// whose real path leaves the root or is not a regular file.
-    async fn lookup(&self, rel: PathBuf) -> Option<Arc<Entry>> {
-        let cached = self.cache.lock().expect("file cache lock").get(&rel).cloned();
-        if let Some(e) = cached {
-            // Still the same file? One stat of a path just resolved: done
-            // here, as a thread hand-off would cost more than the call.
-            let m = std::fs::metadata(&e.path).ok()?;
-            if m.is_file() && m.len() == e.len && m.modified().ok()? == e.modified {
-                return Some(e);
+    /// `sibling`: `rel` is a precompressed variant's name, whose absence
+    /// is remembered too (browsers ask for one with every request).
+    async fn lookup(&self, rel: &Path, sibling: bool) -> Option<Arc<Entry>> {
+        let cached = self.cache.lock().expect("file cache lock").get(rel).cloned();
+        // Still the same file, still no file? One stat of a path just
+        // resolved: done here, as a thread hand-off would cost more.
+        match cached {
+            Some(Cached::Found(e)) => {
+                let m = std::fs::metadata(&e.path).ok()?;
+                if m.is_file() && m.len() == e.len && m.modified().ok()? == e.modified {
+                    return Some(e);
+                }
             }
+            Some(Cached::Missing) if std::fs::symlink_metadata(self.root.join(rel)).is_err() => return None,
+            Some(Cached::Missing) | None => {}
         }
         let root = self.root.clone();
-        let found = tokio::task::spawn_blocking(move || -> Option<(PathBuf, Arc<Entry>)> {
-            let real = root.join(&rel).canonicalize().ok()?;
-            if !real.starts_with(&root) {
-                return None;
-            }
-            let m = std::fs::metadata(&real).ok()?;
-            if !m.is_file() {
-                return None;
-            }
-            let modified = m.modified().ok()?;
-            let nanos = modified
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos());
-            let bytes = if m.len() <= SMALL {
-                Some(Bytes::from(std::fs::read(&real).ok()?))
-            } else {
-                None
-            };
-            // Read between the stat and now? Then the size tells.
-            if bytes.as_ref().is_some_and(|b| b.len() as u64 != m.len()) {
-                return None;
-            }
-            let e = Entry {
-                etag: format!("\"{:x}-{:x}\"", m.len(), nanos),
-                content_type: content_type(&real).into(),
-                last_modified: httpdate::fmt_http_date(modified).into(),
-                path: real,
-                len: m.len(),
-                modified,
-                bytes,
-            };
-            Some((rel, Arc::new(e)))
+        let rel = rel.to_path_buf();
+        let found = tokio::task::spawn_blocking(move || {
+            let entry = read_entry(&root, &rel).map(Arc::new);
+            (rel, entry)
         })
         .await
-        .ok()??;
-        let (rel, e) = found;
-        self.cache.lock().expect("file cache lock").put(rel, e.clone());
-        Some(e)
+        .ok()?;
+        let (rel, entry) = found;
+        let remembered = match &entry {
+            Some(e) => Some(Cached::Found(e.clone())),
+            None if sibling => Some(Cached::Missing),
+            None => None,
+        };
+        if let Some(c) = remembered {
+            self.cache.lock().expect("file cache lock").put(rel, c);
+        }
+        entry
     }
+}
+
+/// Resolves `rel` under `root` and reads what serving it needs: `None`
+/// when its real path leaves the root or is not a regular file.
+fn read_entry(root: &Path, rel: &Path) -> Option<Entry> {
+    let real = root.join(rel).canonicalize().ok()?;
+    if !real.starts_with(root) {
+        return None;
+    }
+    let m = std::fs::metadata(&real).ok()?;
+    if !m.is_file() {
+        return None;
+    }
+    let modified = m.modified().ok()?;
+    let nanos = modified
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let bytes = if m.len() <= SMALL {
+        Some(Bytes::from(std::fs::read(&real).ok()?))
+    } else {
+        None
+    };
+    // Read between the stat and now? Then the size tells.
+    if bytes.as_ref().is_some_and(|b| b.len() as u64 != m.len()) {
+        return None;
+    }
+    let e = Entry {
+        etag: HeaderValue::try_from(format!("\"{:x}-{:x}\"", m.len(), nanos)).ok()?,
+        content_type: HeaderValue::try_from(content_type(&real)).ok()?,
+        last_modified: HeaderValue::try_from(httpdate::fmt_http_date(modified)).ok()?,
+        path: real,
+        len: m.len(),
+        modified,
+        bytes,
+    };
+    Some(e)
 }
 
 fn percent_decode(s: &str) -> Option<String> {
@@ -271,7 +304,7 @@ pub async fn serve(session: &mut Session, files: &FileRoute) -> Result<bool> {
     let Some(rel) = files.relative(&path) else {
         return not_found(session).await;
     };
-    let Some(entry) = files.lookup(rel.clone()).await else {
+    let Some(entry) = files.lookup(&rel, false).await else {
         return not_found(session).await;
     };
     let ranged = header(session, "range").map(str::to_string);
@@ -286,7 +319,7 @@ pub async fn serve(session: &mut Session, files: &FileRoute) -> Result<bool> {
             }
             let mut name = rel.clone().into_os_string();
             name.push(format!(".{ext}"));
-            if let Some(v) = files.lookup(PathBuf::from(name)).await
+            if let Some(v) = files.lookup(Path::new(&name), true).await
                 && v.modified >= entry.modified
             {
                 variant = Some((coding, v));
@@ -295,21 +328,24 @@ pub async fn serve(session: &mut Session, files: &FileRoute) -> Result<bool> {
         }
     }
     let (body, etag) = match &variant {
-        Some((coding, v)) => (
-            v.clone(),
-            format!("{}-{coding}\"", entry.etag.trim_end_matches('"')),
-        ),
+        Some((coding, v)) => {
+            let base = entry.etag.to_str().unwrap_or_default().trim_end_matches('"');
+            let tag = HeaderValue::try_from(format!("{base}-{coding}\""))
+                .or_err(ErrorType::InternalError, "a variant's ETag")?;
+            (v.clone(), tag)
+        }
         None => (entry.clone(), entry.etag.clone()),
     };
     let last_modified = entry.last_modified.clone();
     let common = |resp: &mut ResponseHeader| -> Result<()> {
-        resp.insert_header("etag", &etag)?;
-        resp.insert_header("last-modified", &*last_modified)?;
-        resp.insert_header("cache-control", &files.cache_control)?;
-        resp.insert_header("vary", "Accept-Encoding")?;
-        resp.insert_header("accept-ranges", "bytes")?;
+        resp.insert_header("etag", etag.clone())?;
+        resp.insert_header("last-modified", last_modified.clone())?;
+        resp.insert_header("cache-control", files.cache_control.clone())?;
+        resp.insert_header("vary", HeaderValue::from_static("Accept-Encoding"))?;
+        resp.insert_header("accept-ranges", HeaderValue::from_static("bytes"))?;
         crate::headers::secure(resp)
     };
+    let etag = etag.to_str().unwrap_or_default();
     // Our own encodings (or none, for ranges and 304s): the edge's gzip
     // must not touch them.
     let no_gzip = |session: &mut Session| {
@@ -322,7 +358,7 @@ pub async fn serve(session: &mut Session, files: &FileRoute) -> Result<bool> {
         header(session, "if-none-match"),
         header(session, "if-modified-since"),
     ) {
-        (Some(list), _) => etag_matches(list, &etag),
+        (Some(list), _) => etag_matches(list, etag),
         (None, Some(since)) => httpdate::parse_http_date(since).is_ok_and(|t| {
             let secs = |t: SystemTime| {
                 t.duration_since(SystemTime::UNIX_EPOCH)
@@ -366,8 +402,8 @@ pub async fn serve(session: &mut Session, files: &FileRoute) -> Result<bool> {
         None => (200, 0, body.len),
     };
     let mut resp = ResponseHeader::build(status, Some(8))?;
-    resp.insert_header("content-type", &*entry.content_type)?;
-    resp.insert_header("content-length", len.to_string())?;
+    resp.insert_header("content-type", entry.content_type.clone())?;
+    resp.insert_header("content-length", HeaderValue::from(len))?;
     if status == 206 {
         resp.insert_header(
             "content-range",
@@ -492,6 +528,36 @@ mod tests {
             assert_eq!(&tail[..], &data[data.len() - 7..]);
             assert!(read_at(&f, data.len() as u64, CHUNK).await.unwrap().is_empty());
         }
+    }
+
+    /// A missing precompressed sibling is remembered (browsers ask for
+    /// one with every request) until one appears; a missing plain path is
+    /// not (random paths must not push real files out of the cache).
+    #[tokio::test(flavor = "current_thread")]
+    async fn missing_siblings_are_remembered_until_they_appear() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("app.js"), "let a = 1;").unwrap();
+        let r = route(d.path());
+        let cached = |p: &str| match r.cache.lock().unwrap().peek(Path::new(p)) {
+            Some(Cached::Found(_)) => "found",
+            Some(Cached::Missing) => "missing",
+            None => "unknown",
+        };
+        assert!(r.lookup(Path::new("app.js"), false).await.is_some());
+        assert!(r.lookup(Path::new("app.js.br"), true).await.is_none());
+        assert!(r.lookup(Path::new("nothing.js"), false).await.is_none());
+        assert_eq!(
+            (cached("app.js"), cached("app.js.br"), cached("nothing.js")),
+            ("found", "missing", "unknown")
+        );
+        assert!(r.lookup(Path::new("app.js.br"), true).await.is_none());
+        std::fs::write(d.path().join("app.js.br"), "compressed").unwrap();
+        let sibling = r
+            .lookup(Path::new("app.js.br"), true)
+            .await
+            .expect("the new sibling");
+        assert_eq!(sibling.len, 10);
+        assert_eq!(cached("app.js.br"), "found");
     }
 
     #[test]
