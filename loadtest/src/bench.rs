@@ -372,12 +372,16 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 std::fs::write(args.out.join("proxy.json"), serde_json::to_string_pretty(&r)?)?;
                 let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
                 rows.push(format!(
-                    "| proxy | HTTPS keep-alive to one origin, wrk -t2 -c64 -d10s | gateway {:.0} req/s, nginx {:.0} req/s: **{:.2}× nginx** (CPU per request {:.1} µs vs {:.1} µs) | p99 gateway {:.2} ms, nginx {:.2} ms ({:.2}×) | | | | |",
+                    "| proxy | HTTPS keep-alive to one origin, wrk -t2 -c64 -d10s | gateway {:.0} req/s, nginx {:.0} req/s: **{:.2}× nginx** (CPU per request {:.1} µs vs {:.1} µs; user {:.1} vs {:.1}, system {:.1} vs {:.1}) | p99 gateway {:.2} ms, nginx {:.2} ms ({:.2}×) | | | | |",
                     f("gateway_rps"),
                     f("nginx_rps"),
                     f("rps_ratio"),
                     f("gateway_cpu_us_per_request"),
                     f("nginx_cpu_us_per_request"),
+                    f("gateway_user_us_per_request"),
+                    f("nginx_user_us_per_request"),
+                    f("gateway_system_us_per_request"),
+                    f("nginx_system_us_per_request"),
                     f("gateway_p99_ms"),
                     f("nginx_p99_ms"),
                     f("p99_ratio"),

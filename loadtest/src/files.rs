@@ -52,7 +52,7 @@ pub async fn run(out: &Path, profiles: Option<&Path>) -> anyhow::Result<bool> {
             None => None,
         };
         let ours = wrk_cpu(format!("https://localhost:{}/static/{name}", edge.https), || {
-            crate::sys::cpu_time(gw.proc.pid()).unwrap_or_default()
+            crate::sys::cpu(gw.proc.pid()).unwrap_or_default()
         })
         .await?;
         if let (Some(r), Some(out)) = (recording, profiles) {
@@ -62,24 +62,40 @@ pub async fn run(out: &Path, profiles: Option<&Path>) -> anyhow::Result<bool> {
             nginx.workers_cpu()
         })
         .await?;
-        let ratio = ours.0 / theirs.0.max(1.0);
+        let ratio = ours.rps / theirs.rps.max(1.0);
         println!(
-            "static {name}: gateway {:.0} req/s p99 {:.2} ms, nginx {:.0} req/s p99 {:.2} ms, ratio {ratio:.2}",
-            ours.0, ours.1, theirs.0, theirs.1
+            "static {name}: gateway {:.0} req/s p99 {:.2} ms {:.1} µs CPU/req (user {:.1}, system {:.1}), \
+             nginx {:.0} req/s p99 {:.2} ms {:.1} µs CPU/req (user {:.1}, system {:.1}), ratio {ratio:.2}",
+            ours.rps,
+            ours.p99_ms,
+            ours.cpu_us,
+            ours.user_us,
+            ours.system_us,
+            theirs.rps,
+            theirs.p99_ms,
+            theirs.cpu_us,
+            theirs.user_us,
+            theirs.system_us
         );
+        let cell = |s: &crate::measure::Served| {
+            format!(
+                "{:.0} req/s, p99 {:.2} ms, {:.1} µs CPU/req (user {:.1}, system {:.1})",
+                s.rps, s.p99_ms, s.cpu_us, s.user_us, s.system_us
+            )
+        };
         rows.push(format!(
-            "| {name} ({}) | {:.0} req/s, p99 {:.2} ms, {:.1} µs CPU/req | {:.0} req/s, p99 {:.2} ms, {:.1} µs CPU/req | {ratio:.2} |",
+            "| {name} ({}) | {} | {} | {ratio:.2} |",
             if name == "big.bin" { "1 MiB" } else { "2 KiB" },
-            ours.0,
-            ours.1,
-            ours.2,
-            theirs.0,
-            theirs.1,
-            theirs.2
+            cell(&ours),
+            cell(&theirs)
         ));
         results.push(json!({
-            "file": name, "gateway_rps": ours.0, "gateway_p99_ms": ours.1, "gateway_cpu_us_per_request": ours.2,
-            "nginx_rps": theirs.0, "nginx_p99_ms": theirs.1, "nginx_cpu_us_per_request": theirs.2, "ratio": ratio,
+            "file": name, "gateway_rps": ours.rps, "gateway_p99_ms": ours.p99_ms,
+            "gateway_cpu_us_per_request": ours.cpu_us, "gateway_user_us_per_request": ours.user_us,
+            "gateway_system_us_per_request": ours.system_us,
+            "nginx_rps": theirs.rps, "nginx_p99_ms": theirs.p99_ms,
+            "nginx_cpu_us_per_request": theirs.cpu_us, "nginx_user_us_per_request": theirs.user_us,
+            "nginx_system_us_per_request": theirs.system_us, "ratio": ratio,
         }));
     }
     let commit = commit();

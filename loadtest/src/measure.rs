@@ -5,6 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
+use crate::sys::Cpu;
 use anyhow::Context;
 
 /// `wrk -t2 -c64 -d10s` on `url` (with a `Host` header): requests/s and p99
@@ -43,14 +44,32 @@ pub async fn wrk(url: String, host: Option<String>) -> anyhow::Result<(f64, f64)
     .await?
 }
 
-/// One `wrk` run on `url`: requests/s, p99 ms, and the CPU time `cpu` (of
-/// the server under test, read before and after) spent per request, µs.
-pub async fn wrk_cpu(url: String, cpu: impl Fn() -> Duration) -> anyhow::Result<(f64, f64, f64)> {
+/// One `wrk` run against a server, with the CPU time it spent.
+#[derive(Debug, Clone, Copy)]
+pub struct Served {
+    pub rps: f64,
+    pub p99_ms: f64,
+    /// CPU time per request, µs: in all, in the program, in the kernel.
+    pub cpu_us: f64,
+    pub user_us: f64,
+    pub system_us: f64,
+}
+
+/// One `wrk` run on `url`, with the CPU time `cpu` (of the server under
+/// test, read before and after) spent per request.
+pub async fn wrk_cpu(url: String, cpu: impl Fn() -> Cpu) -> anyhow::Result<Served> {
     let before = cpu();
-    let (rps, p99) = wrk(url, None).await?;
-    let spent = cpu().saturating_sub(before);
+    let (rps, p99_ms) = wrk(url, None).await?;
+    let spent = cpu().since(before);
     // wrk runs for 10 s.
-    Ok((rps, p99, spent.as_secs_f64() * 1e6 / (rps * 10.0).max(1.0)))
+    let per_request = |d: Duration| d.as_secs_f64() * 1e6 / (rps * 10.0).max(1.0);
+    Ok(Served {
+        rps,
+        p99_ms,
+        cpu_us: per_request(spent.total()),
+        user_us: per_request(spent.user),
+        system_us: per_request(spent.system),
+    })
 }
 
 /// `1.23ms`, `456.00us`, `1.10s` → milliseconds.

@@ -88,8 +88,8 @@ impl Nginx {
     }
 
     /// CPU time of all workers so far.
-    pub fn workers_cpu(&self) -> Duration {
-        crate::sys::cpu_time_of(self.workers())
+    pub fn workers_cpu(&self) -> crate::sys::Cpu {
+        crate::sys::cpu_of(self.workers())
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 use portico_tests::servers::Service;
 use serde_json::{Value, json};
 
-use crate::measure::{wrk, wrk_cpu};
+use crate::measure::{Served, wrk, wrk_cpu};
 use crate::nginx::Nginx;
 
 /// Runs the scenario; `None` (said loudly) without nginx. With `profiles`
@@ -54,47 +54,74 @@ pub async fn run(profiles: Option<&Path>) -> anyhow::Result<Option<Value>> {
     let direct = wrk(format!("http://127.0.0.1:{}/", origin.port), None).await?;
     // The better run of each by requests/s; CPU time per request is the
     // lowest seen (the profiled run, slowed by perf, aside).
-    let (mut ours, mut theirs) = ((0.0, 0.0, f64::MAX), (0.0, 0.0, f64::MAX));
+    let (mut ours, mut theirs): (Option<Served>, Option<Served>) = (None, None);
+    let (mut ours_cpu, mut theirs_cpu): (Option<Served>, Option<Served>) = (None, None);
+    let least_cpu = |kept: &mut Option<Served>, s: Served| {
+        if kept.is_none_or(|k| s.cpu_us < k.cpu_us) {
+            *kept = Some(s);
+        }
+    };
+    let faster = |kept: &mut Option<Served>, s: Served| {
+        if kept.is_none_or(|k| s.rps > k.rps) {
+            *kept = Some(s);
+        }
+    };
     for round in 0..2 {
         let recording = match profiles {
             Some(_) if round == 0 => Some(crate::profile::record(gw.proc.pid(), "proxy-gateway")?),
             _ => None,
         };
         let g = wrk_cpu(format!("https://localhost:{https}/"), || {
-            crate::sys::cpu_time(gw.proc.pid()).unwrap_or_default()
+            crate::sys::cpu(gw.proc.pid()).unwrap_or_default()
         })
         .await?;
         if let (Some(r), Some(out)) = (recording, profiles) {
             r.finish(out)?;
         } else {
-            ours.2 = ours.2.min(g.2);
+            least_cpu(&mut ours_cpu, g);
         }
         let n = wrk_cpu(format!("https://localhost:{}/", nginx.port), || {
             nginx.workers_cpu()
         })
         .await?;
-        theirs.2 = theirs.2.min(n.2);
+        least_cpu(&mut theirs_cpu, n);
         println!(
-            "proxy: gateway {:.0} req/s p99 {:.2} ms {:.1} µs CPU/req, nginx {:.0} req/s p99 {:.2} ms {:.1} µs CPU/req",
-            g.0, g.1, g.2, n.0, n.1, n.2
+            "proxy: gateway {:.0} req/s p99 {:.2} ms {:.1} µs CPU/req (user {:.1}, system {:.1}), \
+             nginx {:.0} req/s p99 {:.2} ms {:.1} µs CPU/req (user {:.1}, system {:.1})",
+            g.rps,
+            g.p99_ms,
+            g.cpu_us,
+            g.user_us,
+            g.system_us,
+            n.rps,
+            n.p99_ms,
+            n.cpu_us,
+            n.user_us,
+            n.system_us
         );
-        if g.0 > ours.0 {
-            (ours.0, ours.1) = (g.0, g.1);
-        }
-        if n.0 > theirs.0 {
-            (theirs.0, theirs.1) = (n.0, n.1);
-        }
+        faster(&mut ours, g);
+        faster(&mut theirs, n);
     }
+    let (Some(ours), Some(theirs)) = (ours, theirs) else {
+        anyhow::bail!("proxy: no run was measured");
+    };
+    // Set after two rounds (only the first may be profiled).
+    let ours_cpu = ours_cpu.unwrap_or(ours);
+    let theirs_cpu = theirs_cpu.unwrap_or(theirs);
     tokio::task::spawn_blocking(move || drop((gw, nginx, origin))).await?;
     tokio::time::sleep(Duration::from_millis(100)).await;
     Ok(Some(json!({
         "origin_direct_rps": direct.0, "origin_direct_p99_ms": direct.1,
-        "gateway_rps": ours.0, "gateway_p99_ms": ours.1,
-        "nginx_rps": theirs.0, "nginx_p99_ms": theirs.1,
+        "gateway_rps": ours.rps, "gateway_p99_ms": ours.p99_ms,
+        "nginx_rps": theirs.rps, "nginx_p99_ms": theirs.p99_ms,
         "nginx": crate::nginx::version(),
-        "rps_ratio": ours.0 / theirs.0.max(1.0),
-        "gateway_cpu_us_per_request": ours.2,
-        "nginx_cpu_us_per_request": theirs.2,
-        "p99_ratio": ours.1 / theirs.1.max(0.001),
+        "rps_ratio": ours.rps / theirs.rps.max(1.0),
+        "gateway_cpu_us_per_request": ours_cpu.cpu_us,
+        "gateway_user_us_per_request": ours_cpu.user_us,
+        "gateway_system_us_per_request": ours_cpu.system_us,
+        "nginx_cpu_us_per_request": theirs_cpu.cpu_us,
+        "nginx_user_us_per_request": theirs_cpu.user_us,
+        "nginx_system_us_per_request": theirs_cpu.system_us,
+        "p99_ratio": ours.p99_ms / theirs.p99_ms.max(0.001),
     })))
 }

@@ -13,15 +13,56 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// User + system CPU time consumed by `pid` so far.
-pub fn cpu_time(pid: u32) -> Option<Duration> {
+/// CPU time as the kernel splits it: in the program, and in the kernel on
+/// its behalf (syscalls, the loopback's packet delivery, scheduling).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cpu {
+    pub user: Duration,
+    pub system: Duration,
+}
+
+impl Cpu {
+    pub fn total(self) -> Duration {
+        self.user + self.system
+    }
+
+    /// What was spent between `before` and `self`.
+    pub fn since(self, before: Cpu) -> Cpu {
+        Cpu {
+            user: self.user.saturating_sub(before.user),
+            system: self.system.saturating_sub(before.system),
+        }
+    }
+}
+
+impl std::iter::Sum for Cpu {
+    fn sum<I: Iterator<Item = Cpu>>(iter: I) -> Cpu {
+        iter.fold(Cpu::default(), |a, b| Cpu {
+            user: a.user + b.user,
+            system: a.system + b.system,
+        })
+    }
+}
+
+/// CPU time consumed by `pid` so far.
+pub fn cpu(pid: u32) -> Option<Cpu> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may contain spaces) in parens.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(Duration::from_millis((utime + stime) * 1000 / TICKS_PER_SEC))
+    let ticks = |i: usize| -> Option<Duration> {
+        let t: u64 = fields.get(i)?.parse().ok()?;
+        Some(Duration::from_millis(t * 1000 / TICKS_PER_SEC))
+    };
+    Some(Cpu {
+        user: ticks(11)?,
+        system: ticks(12)?,
+    })
+}
+
+/// User + system CPU time consumed by `pid` so far.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    cpu(pid).map(Cpu::total)
 }
 
 /// Raises this process's open-file limit as far as allowed (as root: to the
@@ -57,7 +98,12 @@ pub fn children(pid: u32) -> Vec<u32> {
 
 /// CPU time of all of `pids` so far (those still running).
 pub fn cpu_time_of(pids: impl IntoIterator<Item = u32>) -> Duration {
-    pids.into_iter().filter_map(cpu_time).sum()
+    cpu_of(pids).total()
+}
+
+/// CPU time of all of `pids` so far, split (those still running).
+pub fn cpu_of(pids: impl IntoIterator<Item = u32>) -> Cpu {
+    pids.into_iter().filter_map(cpu).sum()
 }
 
 /// Resident memory of all of `pids`, in bytes (those still running).
