@@ -63,40 +63,18 @@ pub async fn run(out: &Path, profiles: Option<&Path>) -> anyhow::Result<bool> {
         })
         .await?;
         let ratio = ours.rps / theirs.rps.max(1.0);
-        println!(
-            "static {name}: gateway {:.0} req/s p99 {:.2} ms {:.1} µs CPU/req (user {:.1}, system {:.1}), \
-             nginx {:.0} req/s p99 {:.2} ms {:.1} µs CPU/req (user {:.1}, system {:.1}), ratio {ratio:.2}",
-            ours.rps,
-            ours.p99_ms,
-            ours.cpu_us,
-            ours.user_us,
-            ours.system_us,
-            theirs.rps,
-            theirs.p99_ms,
-            theirs.cpu_us,
-            theirs.user_us,
-            theirs.system_us
-        );
-        let cell = |s: &crate::measure::Served| {
-            format!(
-                "{:.0} req/s, p99 {:.2} ms, {:.1} µs CPU/req (user {:.1}, system {:.1})",
-                s.rps, s.p99_ms, s.cpu_us, s.user_us, s.system_us
-            )
-        };
+        println!("static {name}: gateway {ours}; nginx {theirs}; ratio {ratio:.2}");
         rows.push(format!(
-            "| {name} ({}) | {} | {} | {ratio:.2} |",
+            "| {name} ({}) | {ours} | {theirs} | {ratio:.2} |",
             if name == "big.bin" { "1 MiB" } else { "2 KiB" },
-            cell(&ours),
-            cell(&theirs)
         ));
-        results.push(json!({
+        let mut result = json!({
             "file": name, "gateway_rps": ours.rps, "gateway_p99_ms": ours.p99_ms,
-            "gateway_cpu_us_per_request": ours.cpu_us, "gateway_user_us_per_request": ours.user_us,
-            "gateway_system_us_per_request": ours.system_us,
-            "nginx_rps": theirs.rps, "nginx_p99_ms": theirs.p99_ms,
-            "nginx_cpu_us_per_request": theirs.cpu_us, "nginx_user_us_per_request": theirs.user_us,
-            "nginx_system_us_per_request": theirs.system_us, "ratio": ratio,
-        }));
+            "nginx_rps": theirs.rps, "nginx_p99_ms": theirs.p99_ms, "ratio": ratio,
+        });
+        ours.put_cpu(&mut result, "gateway");
+        theirs.put_cpu(&mut result, "nginx");
+        results.push(result);
     }
     let commit = commit();
     let table = format!(

@@ -55,6 +55,30 @@ pub struct Served {
     pub system_us: f64,
 }
 
+impl Served {
+    /// Adds `<who>_cpu_us_per_request` and its user and system parts to
+    /// the JSON object `obj`.
+    pub fn put_cpu(&self, obj: &mut serde_json::Value, who: &str) {
+        for (part, us) in [
+            ("cpu", self.cpu_us),
+            ("user", self.user_us),
+            ("system", self.system_us),
+        ] {
+            obj[format!("{who}_{part}_us_per_request")] = us.into();
+        }
+    }
+}
+
+impl std::fmt::Display for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.0} req/s, p99 {:.2} ms, {:.1} µs CPU/req (user {:.1}, system {:.1})",
+            self.rps, self.p99_ms, self.cpu_us, self.user_us, self.system_us
+        )
+    }
+}
+
 /// One `wrk` run on `url`, with the CPU time `cpu` (of the server under
 /// test, read before and after) spent per request.
 pub async fn wrk_cpu(url: String, cpu: impl Fn() -> Cpu) -> anyhow::Result<Served> {
@@ -93,4 +117,32 @@ pub fn commit() -> String {
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Served;
+
+    /// The console line, the table cell and the JSON keys the README's
+    /// proxy row reads all come from one `Served`.
+    #[test]
+    fn a_run_is_shown_and_stored_with_its_cpu_split() {
+        let s = Served {
+            rps: 17921.4,
+            p99_ms: 8.744,
+            cpu_us: 62.25,
+            user_us: 29.0,
+            system_us: 33.25,
+        };
+        assert_eq!(
+            s.to_string(),
+            "17921 req/s, p99 8.74 ms, 62.2 µs CPU/req (user 29.0, system 33.2)"
+        );
+        let mut obj = serde_json::json!({ "gateway_rps": s.rps });
+        s.put_cpu(&mut obj, "gateway");
+        assert_eq!(obj["gateway_cpu_us_per_request"], 62.25);
+        assert_eq!(obj["gateway_user_us_per_request"], 29.0);
+        assert_eq!(obj["gateway_system_us_per_request"], 33.25);
+        assert_eq!(obj["gateway_rps"], 17921.4);
+    }
 }

@@ -85,20 +85,7 @@ pub async fn run(profiles: Option<&Path>) -> anyhow::Result<Option<Value>> {
         })
         .await?;
         least_cpu(&mut theirs_cpu, n);
-        println!(
-            "proxy: gateway {:.0} req/s p99 {:.2} ms {:.1} µs CPU/req (user {:.1}, system {:.1}), \
-             nginx {:.0} req/s p99 {:.2} ms {:.1} µs CPU/req (user {:.1}, system {:.1})",
-            g.rps,
-            g.p99_ms,
-            g.cpu_us,
-            g.user_us,
-            g.system_us,
-            n.rps,
-            n.p99_ms,
-            n.cpu_us,
-            n.user_us,
-            n.system_us
-        );
+        println!("proxy: gateway {g}; nginx {n}");
         faster(&mut ours, g);
         faster(&mut theirs, n);
     }
@@ -110,18 +97,15 @@ pub async fn run(profiles: Option<&Path>) -> anyhow::Result<Option<Value>> {
     let theirs_cpu = theirs_cpu.unwrap_or(theirs);
     tokio::task::spawn_blocking(move || drop((gw, nginx, origin))).await?;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    Ok(Some(json!({
+    let mut result = json!({
         "origin_direct_rps": direct.0, "origin_direct_p99_ms": direct.1,
         "gateway_rps": ours.rps, "gateway_p99_ms": ours.p99_ms,
         "nginx_rps": theirs.rps, "nginx_p99_ms": theirs.p99_ms,
         "nginx": crate::nginx::version(),
         "rps_ratio": ours.rps / theirs.rps.max(1.0),
-        "gateway_cpu_us_per_request": ours_cpu.cpu_us,
-        "gateway_user_us_per_request": ours_cpu.user_us,
-        "gateway_system_us_per_request": ours_cpu.system_us,
-        "nginx_cpu_us_per_request": theirs_cpu.cpu_us,
-        "nginx_user_us_per_request": theirs_cpu.user_us,
-        "nginx_system_us_per_request": theirs_cpu.system_us,
         "p99_ratio": ours.p99_ms / theirs.p99_ms.max(0.001),
-    })))
+    });
+    ours_cpu.put_cpu(&mut result, "gateway");
+    theirs_cpu.put_cpu(&mut result, "nginx");
+    Ok(Some(result))
 }
