@@ -180,7 +180,8 @@ pub struct LimitClass {
     pub per_user_burst: Option<u32>,
 }
 
-/// Limits Pingora does not enforce by itself on the HTTPS listener.
+/// Limits Pingora does not enforce by itself, on the HTTPS and plain-HTTP
+/// listeners alike.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConnectionLimits {
@@ -195,9 +196,10 @@ pub struct ConnectionLimits {
     pub max_header_bytes: usize,
     /// Most header lines in one request; more gets 431.
     pub max_headers: usize,
-    /// Open client connections on the HTTPS listener; more are closed at once.
+    /// Open client connections on both listeners; more are closed at once.
     pub max_connections: usize,
-    /// Open client connections from one IP (IPv6 /64); trusted proxies exempt.
+    /// Open client connections from one IP (IPv6 /64), on both listeners;
+    /// trusted proxies exempt.
     pub max_connections_per_ip: usize,
     /// An idle keep-alive connection (HTTP/1 between requests, or HTTP/2)
     /// is closed after this many seconds.

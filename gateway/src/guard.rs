@@ -24,6 +24,16 @@
 //! a per-IP cap at the accept, then does the TLS handshake itself under
 //! `handshake_timeout_secs` (Pingora's TLS listener allows 60 s and counts
 //! nothing, so a flood of silent TCP connections would escape the caps).
+//! The plain-HTTP listener is wrapped too, without TLS: the same caps and
+//! deadlines hold on both ports.
+//!
+//! When the service stops accepting (a stop or an upgrade), the guard
+//! closes the connections that are idle between requests
+//! ([`Guard::closing`]). Pingora's own close-on-stop is not used: it also
+//! dropped a connection accepted an instant before whose first request had
+//! not arrived yet, and that client, which had sent nothing to retry, saw
+//! its request fail. Such a connection is served (with `connection: close`,
+//! Pingora's doing once it stops) under the header deadline.
 //!
 //! HTTP/2 connections are not watched byte by byte (frames, not text):
 //! Pingora's h2 options carry the header-size, stream and idle limits.
@@ -53,6 +63,7 @@ use pingora::server::ShutdownWatch;
 use portico_config::ConnectionLimits;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::drain::{Drain, ReadGate, Upgraded};
 use crate::limits::ClientKey;
@@ -75,6 +86,9 @@ pub struct Guard {
     /// map is bounded by `max_connections`.
     per_ip: DashMap<ClientKey, usize>,
     trusted: Vec<IpAddr>,
+    /// Fired when the listeners stop: connections idle between requests
+    /// close (see the module doc).
+    closing: CancellationToken,
 }
 
 impl Guard {
@@ -85,6 +99,7 @@ impl Guard {
             open: AtomicUsize::new(0),
             per_ip: DashMap::new(),
             trusted: trusted_proxies,
+            closing: CancellationToken::new(),
         })
     }
 
@@ -132,28 +147,33 @@ impl Drop for Permit {
     }
 }
 
-/// A Pingora app behind the guard (the HTTPS proxy), on a plain TCP
-/// listener: the guard admits, then terminates TLS with `tls`.
+/// A Pingora app behind the guard, on a plain TCP listener: the guard
+/// admits, then terminates TLS with `tls` if there is one (HTTPS; the
+/// plain-HTTP listener has none).
 pub struct GuardedApp<A> {
     pub inner: Arc<A>,
     pub guard: Arc<Guard>,
-    pub tls: Arc<Acceptor>,
+    pub tls: Option<Arc<Acceptor>>,
 }
 
 impl<A> GuardedApp<A> {
-    /// The TLS handshake under the deadline; `None` (counted) if it fails.
+    /// The TLS handshake under the deadline (none without `tls`); `None`
+    /// (counted) if it fails.
     async fn handshake(&self, stream: Stream, ip: Option<IpAddr>) -> Option<Stream> {
         let Ok(l4) = stream.into_any().downcast::<L4Stream>() else {
-            tracing::error!("HTTPS listener handed over a stream that is not TCP");
+            tracing::error!("a guarded listener handed over a stream that is not TCP");
             return None;
         };
         let l4 = served_here(l4);
+        let Some(tls) = &self.tls else {
+            return Some(l4);
+        };
         let deadline = Duration::from_secs(self.guard.cfg.handshake_timeout_secs);
         let failed = |reason: &'static str| {
             metrics::counter!("portico_gateway_tls_handshake_failures_total", "reason" => reason)
                 .increment(1);
         };
-        match tokio::time::timeout(deadline, self.tls.tls_handshake(*l4)).await {
+        match tokio::time::timeout(deadline, tls.tls_handshake(*l4)).await {
             Ok(Ok(tls)) => Some(Box::new(tls)),
             Ok(Err(e)) => {
                 // Scanners and clients that distrust the certificate do this
@@ -221,8 +241,11 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
         self.inner.process_new(stream, shutdown).await
     }
 
+    /// Called once the listeners have stopped. Not passed on to the inner
+    /// app: Pingora's cleanup drops every connection waiting for a request
+    /// head, the first of a new connection included (see the module doc).
     async fn cleanup(&self) {
-        self.inner.cleanup().await
+        self.guard.closing.cancel();
     }
 }
 
@@ -239,8 +262,12 @@ enum Phase {
 /// A client stream with the guard's deadlines and head limits.
 pub struct Guarded {
     inner: Stream,
-    _permit: Permit,
+    permit: Permit,
     phase: Phase,
+    /// Resolves when the listeners stop ([`Guard::closing`]); made at the
+    /// first wait between requests, so a connection that never waits for a
+    /// second request (or is upgraded) holds none.
+    closing: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     deadline: Pin<Box<Sleep>>,
     header_timeout: Duration,
     keepalive_idle: Duration,
@@ -343,7 +370,8 @@ impl Guarded {
         let header_timeout = Duration::from_secs(cfg.header_timeout_secs);
         Guarded {
             inner,
-            _permit: permit,
+            permit,
+            closing: None,
             // HTTP/2 is framed: its limits live in the h2 options.
             phase: if h2 { Phase::Passthrough } else { Phase::Head },
             // The first request's head counts from the accept: a client that
@@ -370,6 +398,10 @@ impl Guarded {
 
     fn await_next_request(&mut self) {
         self.phase = Phase::Idle;
+        if self.closing.is_none() {
+            let token = self.permit.guard.closing.clone();
+            self.closing = Some(Box::pin(token.cancelled_owned()));
+        }
         self.head_bytes = 0;
         self.lines = 0;
         self.line_len = 0;
@@ -516,6 +548,15 @@ impl AsyncRead for Guarded {
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {
+                if this.phase == Phase::Idle
+                    && this
+                        .closing
+                        .as_mut()
+                        .is_some_and(|c| c.as_mut().poll(cx).is_ready())
+                {
+                    // The service stopped: an idle connection ends (EOF).
+                    return Poll::Ready(Ok(()));
+                }
                 if this.deadline.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }

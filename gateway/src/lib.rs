@@ -154,10 +154,13 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Gatew
     settings.set_cert_resolver(certs.resolver());
     settings.enable_h2();
     // The guard terminates TLS itself (after its caps, under its deadline).
+    // One guard for both listeners: the caps count a client's connections
+    // on either port.
+    let guard = guard::Guard::new(conns.clone(), g.trusted_proxies.clone(), drain.clone());
     let app = guard::GuardedApp {
         inner: Arc::new(proxy),
-        guard: guard::Guard::new(conns.clone(), g.trusted_proxies.clone(), drain.clone()),
-        tls: Arc::new(settings.build()),
+        guard: guard.clone(),
+        tls: Some(Arc::new(settings.build())),
     };
     let mut https = Service::new("https".to_string(), app);
     // Unbuffered both ways below TLS: Pingora's 64 KiB read buffer would be
@@ -168,7 +171,7 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Gatew
     let listener = ListenerConfig::tcp(g.https_listen.to_string()).l4_buffer(L4BufferSettings::unbuffered());
     https.add_listener(listener);
 
-    let mut http = pingora::proxy::http_proxy_service_with_name(
+    let redirect = pingora::proxy::http_proxy(
         &server.configuration,
         redirect::Redirect {
             https_port: g.https_listen.port(),
@@ -176,9 +179,15 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Gatew
             hostnames: g.hostnames.clone(),
             paas_domain: cfg.paas.domain.to_ascii_lowercase(),
         },
-        "http redirect",
     );
-    http.add_tcp(&g.http_listen.to_string());
+    let app = guard::GuardedApp {
+        inner: Arc::new(redirect),
+        guard,
+        tls: None,
+    };
+    let mut http = Service::new("http redirect".to_string(), app);
+    let listener = ListenerConfig::tcp(g.http_listen.to_string()).l4_buffer(L4BufferSettings::unbuffered());
+    http.add_listener(listener);
 
     let admin = background_service(
         "admin",

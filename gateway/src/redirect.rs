@@ -88,6 +88,13 @@ impl ProxyHttp for Redirect {
         Ok(true)
     }
 
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, _ctx: &mut ()) {
+        // The connection guard waits for the next request from here on.
+        if let Some(stream) = session.stream() {
+            crate::guard::request_done(stream);
+        }
+    }
+
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
         Err(Error::explain(
             ErrorType::InternalError,
