@@ -45,6 +45,14 @@ async fn graceful_upgrade_drops_no_request() {
     drop(status.1);
 }
 
+/// Sends `GET path` on `s`, then reads what comes back until it closes.
+async fn ask(s: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin), path: &str) -> String {
+    use tokio::io::AsyncWriteExt;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    s.write_all(request.as_bytes()).await.unwrap();
+    read_to_close(s).await
+}
+
 /// Reads what the gateway sends until it closes (or 5 s pass).
 async fn read_to_close(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> String {
     use tokio::io::AsyncReadExt;
@@ -98,28 +106,25 @@ async fn a_stop_serves_connections_whose_first_request_is_on_its_way_and_closes_
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    plain
-        .write_all(b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
-    let answer = read_to_close(&mut plain).await;
+    let answers = [
+        ("plain", ask(&mut plain, "/x").await),
+        ("TLS", ask(&mut tls, "/").await),
+    ];
+    for (which, answer) in &answers {
+        assert!(
+            answer.starts_with("HTTP/1.1 "),
+            "{which}: {answer:?}\n{}",
+            svc.proc.log()
+        );
+        assert!(
+            answer.to_ascii_lowercase().contains("\r\nconnection: close\r\n"),
+            "{which}: a stopping gateway says it closes: {answer:?}"
+        );
+    }
     assert!(
-        answer.starts_with("HTTP/1.1 308 "),
-        "plain: {answer:?}\n{}",
-        svc.proc.log()
-    );
-    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
-    let answer = read_to_close(&mut tls).await;
-    assert!(
-        answer.starts_with("HTTP/1.1 "),
-        "TLS: {answer:?}\n{}",
-        svc.proc.log()
-    );
-    assert!(
-        answer.to_ascii_lowercase().contains("\r\nconnection: close\r\n"),
-        "a stopping gateway says it closes: {answer:?}"
+        answers[0].1.starts_with("HTTP/1.1 308 "),
+        "plain: {:?}",
+        answers[0].1
     );
     // The idle one was closed, with nothing more written.
     let rest = read_to_close(&mut idle).await;
