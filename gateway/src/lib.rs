@@ -186,6 +186,7 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Gatew
         tls: None,
     };
     let mut http = Service::new("http redirect".to_string(), app);
+    // Unbuffered too: Pingora's HTTP/1 reader keeps its own buffer.
     let listener = ListenerConfig::tcp(g.http_listen.to_string()).l4_buffer(L4BufferSettings::unbuffered());
     http.add_listener(listener);
 

@@ -372,6 +372,13 @@ pub async fn metrics(port: u16) -> String {
     }
 }
 
+/// The value of the unlabelled `series` (or of one with its labels
+/// written out) in a metrics page from [`metrics`], if it is there.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// `GET url` as `user` (bearer token), parsed as JSON.
 pub async fn get_json(url: &str, user: &str) -> Value {
     reqwest::Client::new()

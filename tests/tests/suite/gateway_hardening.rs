@@ -7,7 +7,7 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use portico_tests::client::{https_client, https_client_from, metrics, tls_connect, token};
+use portico_tests::client::{https_client, https_client_from, metrics, sample, tls_connect, token};
 use portico_tests::free_port;
 use portico_tests::servers::{EdgePorts, Service};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -17,7 +17,7 @@ fn ip(last: u8) -> IpAddr {
 }
 
 /// A gateway whose upstreams are all closed ports (admitted requests: 5xx).
-fn gateway(extra: &[(&'static str, String)], args: &[&str]) -> (Service, EdgePorts) {
+async fn gateway(extra: &[(&'static str, String)], args: &[&str]) -> (Service, EdgePorts) {
     let edge = EdgePorts::free();
     let mut env = edge.env();
     env.push((
@@ -35,37 +35,20 @@ fn gateway(extra: &[(&'static str, String)], args: &[&str]) -> (Service, EdgePor
         (edge.https, &b"not TLS\r\n\r\n"[..]),
         (edge.http, b"GET / HTTP/1.0\r\n\r\n"),
     ] {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(bytes).unwrap();
-        let _ = s.read_to_end(&mut Vec::new());
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.write_all(bytes).await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut Vec::new())).await;
     }
     let deadline = Instant::now() + Duration::from_secs(10);
-    while open_connections(edge.admin) != Some(0) {
+    loop {
+        let text = metrics(edge.admin).await;
+        if !text.is_empty() && sample(&text, "portico_gateway_connections").unwrap_or(0.0) == 0.0 {
+            break;
+        }
         assert!(Instant::now() < deadline, "the probes' connections never closed");
-        std::thread::sleep(Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     (svc, edge)
-}
-
-/// The value of `series` in a metrics page (0 if absent).
-fn sample(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
-}
-
-/// The gateway's open-connections gauge (0 before any was counted).
-fn open_connections(admin: u16) -> Option<u64> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", admin)).ok()?;
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.contains("\r\n\r\n")
-        .then(|| sample(&text, "portico_gateway_connections"))
 }
 
 /// Reads until the end of a response head (or EOF, or 15 s); returns it.
@@ -103,7 +86,8 @@ async fn a_header_trickle_is_cut_at_the_deadline_and_a_slow_but_timely_head_is_s
     let (svc, edge) = gateway(
         &[("PORTICO_GATEWAY__CONNECTIONS__HEADER_TIMEOUT_SECS", "2".into())],
         &[],
-    );
+    )
+    .await;
     let ca = svc.certificate("localhost");
 
     // Timely: the head arrives in pieces but within the deadline.
@@ -148,7 +132,7 @@ async fn a_header_trickle_is_cut_at_the_deadline_and_a_slow_but_timely_head_is_s
 
 #[tokio::test]
 async fn oversized_or_too_many_headers_get_431() {
-    let (svc, edge) = gateway(&[], &[]);
+    let (svc, edge) = gateway(&[], &[]).await;
     let ca = svc.certificate("localhost");
     let send = |head: String| {
         let ca = ca.clone();
@@ -192,7 +176,8 @@ async fn connection_caps_close_extra_connections_and_free_their_places() {
             ("PORTICO_GATEWAY__CONNECTIONS__MAX_CONNECTIONS_PER_IP", "2".into()),
         ],
         &[],
-    );
+    )
+    .await;
     let ca = svc.certificate("localhost");
     // Counted from here: the harness's probes may have met the caps.
     let before = metrics(edge.admin).await;
@@ -218,11 +203,8 @@ async fn connection_caps_close_extra_connections_and_free_their_places() {
     let text = metrics(edge.admin).await;
     for cap in ["per_ip", "total"] {
         let series = format!("portico_gateway_connections_refused_total{{cap=\"{cap}\"}}");
-        assert_eq!(
-            sample(&text, &series) - sample(&before, &series),
-            1,
-            "{cap}: {text}"
-        );
+        let refused = |text: &str| sample(text, &series).unwrap_or(0.0);
+        assert_eq!(refused(&text) - refused(&before), 1.0, "{cap}: {text}");
     }
 }
 
@@ -235,7 +217,8 @@ async fn keep_alive_serves_several_requests_then_idle_connections_close() {
             ("PORTICO_GATEWAY__JOBS_UPSTREAM", format!("127.0.0.1:{jobs_port}")),
         ],
         &[],
-    );
+    )
+    .await;
     let ca = svc.certificate("localhost");
     let mut tls = tls_connect(edge.https, &ca, ip(1)).await.unwrap();
     for _ in 0..3 {
@@ -273,7 +256,7 @@ async fn a_limit_class_limits_each_user_across_addresses() {
         ),
     )
     .unwrap();
-    let (svc, edge) = gateway(&[], &["--config", file.to_str().unwrap()]);
+    let (svc, edge) = gateway(&[], &["--config", file.to_str().unwrap()]).await;
     let ca = svc.certificate("localhost");
     let url = format!("https://localhost:{}/api/things/1", edge.https);
     let from = |last: u8| https_client_from(&ca, last);
@@ -359,7 +342,7 @@ async fn first_record(port: u16, hello: &[u8]) -> (u8, Vec<u8>) {
 
 #[tokio::test]
 async fn tls_1_1_is_refused_where_the_same_hello_at_1_2_is_served() {
-    let (_svc, edge) = gateway(&[], &[]);
+    let (_svc, edge) = gateway(&[], &[]).await;
     let (kind, body) = first_record(edge.https, &client_hello(0x0303)).await;
     assert_eq!((kind, body[0]), (22, 2), "TLS 1.2: a ServerHello: {body:?}");
     let (kind, body) = first_record(edge.https, &client_hello(0x0302)).await;
@@ -383,7 +366,8 @@ async fn silent_connections_count_toward_the_cap_and_the_handshake_has_a_deadlin
             ("PORTICO_GATEWAY__CONNECTIONS__MAX_CONNECTIONS_PER_IP", "5".into()),
         ],
         &[],
-    );
+    )
+    .await;
     let ca = svc.certificate("localhost");
     // Twenty TCP connections from one address that never send a ClientHello.
     let started = Instant::now();

@@ -81,12 +81,7 @@ async fn sighup_applies_good_routes_and_refuses_broken_ones() {
     assert_eq!(ws.recv_type("pong").await["type"], "pong");
     let gauge = || async {
         let text = portico_tests::client::metrics(edge.admin).await;
-        text.lines().find_map(|l| {
-            l.strip_prefix("portico_gateway_websockets ")?
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
+        portico_tests::client::sample(&text, "portico_gateway_websockets")
     };
     assert_eq!(gauge().await, Some(1.0), "one open WebSocket");
     drop(ws);
