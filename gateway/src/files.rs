@@ -488,7 +488,7 @@ async fn read_at(f: &Arc<std::fs::File>, offset: u64, want: usize) -> std::io::R
 }
 
 async fn not_found(session: &mut Session) -> Result<bool> {
-    crate::proxy::page(session, 404, "Not found", "There is nothing at this address.").await
+    crate::proxy::not_found().write(session).await
 }
 
 #[cfg(test)]

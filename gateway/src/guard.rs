@@ -149,11 +149,24 @@ impl Drop for Permit {
 
 /// A Pingora app behind the guard, on a plain TCP listener: the guard
 /// admits, then terminates TLS with `tls` if there is one (HTTPS; the
-/// plain-HTTP listener has none).
+/// plain-HTTP listener has none). An HTTP/1 connection is served by
+/// `lean` first, if there is one, and by the app from the request `lean`
+/// hands over.
 pub struct GuardedApp<A> {
     pub inner: Arc<A>,
     pub guard: Arc<Guard>,
     pub tls: Option<Arc<Acceptor>>,
+    pub lean: Option<Arc<dyn Lean>>,
+}
+
+/// A server of the plain HTTP/1.1 requests of a connection, tried before
+/// the Pingora app (the gateway's is [`crate::h1`]).
+#[async_trait]
+pub trait Lean: Send + Sync {
+    /// Serves requests until the connection ends (`None`), or gives it
+    /// back (`Some`) at a request it leaves to the app, whose bytes read so
+    /// far it has put back ([`Guarded::unread`]).
+    async fn serve(&self, conn: Box<Guarded>, shutdown: &ShutdownWatch) -> Option<Box<Guarded>>;
 }
 
 impl<A> GuardedApp<A> {
@@ -237,7 +250,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
         };
         let stream = self.handshake(stream, ip).await?;
         let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
-        let stream: Stream = Box::new(Guarded::new(stream, permit, &self.guard, h2));
+        let mut stream = Box::new(Guarded::new(stream, permit, &self.guard, h2));
+        if let Some(lean) = self.lean.as_ref().filter(|_| !h2) {
+            stream = lean.serve(stream, shutdown).await?;
+        }
         self.inner.process_new(stream, shutdown).await
     }
 
@@ -297,6 +313,9 @@ pub struct Guarded {
     /// Response bytes not yet handed to TLS, and how many of them were.
     out: Vec<u8>,
     out_written: usize,
+    /// Bytes read by the lean server and given back ([`Guarded::unread`]):
+    /// read again before the stream's.
+    unread: bytes::BytesMut,
 }
 
 /// The length of a `101 Switching Protocols` head at the start of `buf`.
@@ -347,7 +366,7 @@ pub fn disconnect_cause(e: &(dyn std::error::Error + Send + Sync + 'static)) -> 
 pub fn request_done(stream: &Stream) {
     // `**stream`: ask the boxed connection, not the box.
     if let Some(g) = (**stream).as_any().downcast_ref::<Guarded>() {
-        g.done.store(true, Ordering::Release);
+        g.request_done();
     }
 }
 
@@ -393,7 +412,25 @@ impl Guarded {
             upgraded: None,
             out: Vec::new(),
             out_written: 0,
+            unread: bytes::BytesMut::new(),
         }
+    }
+
+    /// Puts bytes already read (and watched) back in front of the stream.
+    pub fn unread(&mut self, bytes: bytes::BytesMut) {
+        self.unread = bytes;
+    }
+
+    /// The request is over: the next read waits for a new one under the
+    /// keep-alive and header deadlines.
+    pub fn request_done(&self) {
+        self.done.store(true, Ordering::Release);
+    }
+
+    /// The client's address, as the socket has it.
+    pub fn peer_ip(&self) -> Option<IpAddr> {
+        self.get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
     }
 
     fn await_next_request(&mut self) {
@@ -505,6 +542,11 @@ impl Guarded {
 impl AsyncRead for Guarded {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.unread.is_empty() {
+            let n = this.unread.len().min(buf.remaining());
+            buf.put_slice(&this.unread.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         if this.reject.is_some() {
             return this.poll_reject(cx);
         }

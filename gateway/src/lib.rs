@@ -13,6 +13,7 @@ pub mod drain;
 pub mod files;
 pub mod forward;
 pub mod guard;
+pub mod h1;
 pub mod headers;
 pub mod limits;
 pub mod paas;
@@ -140,6 +141,8 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Gatew
         body_min_rate: g.connections.body_min_bytes_per_sec,
     };
     let conns = &g.connections;
+    // Plain HTTP/1.1 requests are served by the gateway's own loop (`h1`).
+    let lean: Arc<dyn guard::Lean> = Arc::new(edge.clone());
     let mut proxy = pingora::proxy::http_proxy(&server.configuration, edge);
     let mut options = HttpServerOptions::default();
     options.h2_idle_timeout = Some(Duration::from_secs(conns.keepalive_idle_secs));
@@ -161,6 +164,7 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Gatew
         inner: Arc::new(proxy),
         guard: guard.clone(),
         tls: Some(Arc::new(settings.build())),
+        lean: Some(lean),
     };
     let mut https = Service::new("https".to_string(), app);
     // Unbuffered both ways below TLS: Pingora's 64 KiB read buffer would be
@@ -184,6 +188,7 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Gatew
         inner: Arc::new(redirect),
         guard,
         tls: None,
+        lean: None,
     };
     let mut http = Service::new("http redirect".to_string(), app);
     // Unbuffered too: Pingora's HTTP/1 reader keeps its own buffer.

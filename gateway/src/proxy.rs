@@ -31,6 +31,7 @@ const WS_IDLE: Duration = Duration::from_secs(120);
 /// How long connecting to an upstream may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+#[derive(Clone)]
 pub struct Edge {
     /// Swapped whole on SIGHUP (see `reload`).
     pub routes: Arc<ArcSwap<Routes>>,
@@ -50,7 +51,7 @@ pub struct Edge {
 
 /// Bodies up to this size are read whole before an upstream connection is
 /// taken (Pingora's retry buffer holds them and replays them upstream).
-const BUFFERED_BODY: u64 = 64 * 1024;
+pub(crate) const BUFFERED_BODY: u64 = 64 * 1024;
 
 /// A request for a hosted app: what the response rewrite needs.
 pub struct AppCtx {
@@ -62,14 +63,14 @@ pub struct AppCtx {
 }
 
 pub struct Ctx {
-    route: Arc<Route>,
+    pub(crate) route: Arc<Route>,
     /// The subject of a valid token on the request, if any.
     user: Option<String>,
     /// Anonymous chat clients: the sticky cookie's value, and whether it is
     /// new (then the response sets it).
     sticky: Option<(String, bool)>,
     started: Instant,
-    client_ip: Option<IpAddr>,
+    pub(crate) client_ip: Option<IpAddr>,
     body_bytes: u64,
     /// The upstream picked for this request (access log), and when.
     upstream: Option<std::net::SocketAddr>,
@@ -105,51 +106,111 @@ fn is_internal(path: &str) -> bool {
     })
 }
 
-/// A small HTML page written by the gateway itself (unknown or stopped
-/// apps): never a connection error, never cached.
-pub(crate) async fn page(session: &mut Session, status: u16, title: &str, text: &str) -> Result<bool> {
-    let body = format!(
-        "<!doctype html><html lang=\"en\"><meta charset=\"utf-8\"><title>{title}</title>\
-         <body style=\"font-family:sans-serif;max-width:40em;margin:4em auto\"><h1>{title}</h1><p>{text}</p></body></html>\n"
-    );
-    let mut resp = ResponseHeader::build(status, Some(5))?;
-    resp.insert_header("content-type", "text/html; charset=utf-8")?;
-    resp.insert_header("content-length", body.len())?;
-    resp.insert_header("cache-control", "no-store")?;
-    crate::headers::secure(&mut resp)?;
-    session.write_response_header(Box::new(resp), false).await?;
-    session
-        .write_response_body(Some(bytes::Bytes::from(body)), true)
-        .await?;
-    Ok(true)
+/// An answer the gateway writes itself, on Pingora's session or on its
+/// own HTTP/1 loop (`h1`).
+pub enum Canned {
+    /// An empty response. An error closes the connection: the rest of the
+    /// request may still be on the wire.
+    Status {
+        status: u16,
+        retry_after: Option<Duration>,
+    },
+    /// A small HTML page (unknown or stopped apps): never a connection
+    /// error, never cached.
+    Page {
+        status: u16,
+        title: &'static str,
+        text: String,
+    },
+    /// A permanent redirect (`308`) to `location`.
+    Moved { location: String },
 }
 
-/// A short response written by the gateway itself (errors close the
-/// connection: the rest of the request may still be on the wire).
-async fn respond(session: &mut Session, status: u16, retry_after: Option<Duration>) -> Result<bool> {
-    if status >= 400 {
-        session.set_keepalive(None);
+impl Canned {
+    pub fn status(status: u16) -> Canned {
+        Canned::Status {
+            status,
+            retry_after: None,
+        }
     }
-    let mut resp = ResponseHeader::build(status, Some(4))?;
-    if let Some(wait) = retry_after {
-        // Whole seconds, rounded up: 0 would invite an immediate retry.
-        resp.insert_header("retry-after", wait.as_secs() + u64::from(wait.subsec_nanos() > 0))?;
+
+    fn page(status: u16, title: &'static str, text: impl Into<String>) -> Canned {
+        Canned::Page {
+            status,
+            title,
+            text: text.into(),
+        }
     }
-    resp.insert_header("content-length", "0")?;
-    crate::headers::secure(&mut resp)?;
-    session.write_response_header(Box::new(resp), true).await?;
-    Ok(true)
+
+    /// Whether the connection closes after this answer.
+    pub fn closes(&self) -> bool {
+        matches!(self, Canned::Status { status, .. } if *status >= 400)
+    }
+
+    /// The response head, with the security headers, and its body.
+    pub fn response(&self) -> Result<(ResponseHeader, Option<bytes::Bytes>)> {
+        let (status, body) = match self {
+            Canned::Status { status, .. } => (*status, None),
+            Canned::Page { status, title, text } => (
+                *status,
+                Some(bytes::Bytes::from(format!(
+                    "<!doctype html><html lang=\"en\"><meta charset=\"utf-8\"><title>{title}</title>\
+                     <body style=\"font-family:sans-serif;max-width:40em;margin:4em auto\"><h1>{title}</h1><p>{text}</p></body></html>\n"
+                ))),
+            ),
+            Canned::Moved { .. } => (308, None),
+        };
+        let mut resp = ResponseHeader::build(status, Some(5))?;
+        match self {
+            Canned::Status {
+                retry_after: Some(wait),
+                ..
+            } => {
+                // Whole seconds, rounded up: 0 would invite an immediate retry.
+                resp.insert_header("retry-after", wait.as_secs() + u64::from(wait.subsec_nanos() > 0))?;
+            }
+            Canned::Page { .. } => {
+                resp.insert_header("content-type", "text/html; charset=utf-8")?;
+                resp.insert_header("cache-control", "no-store")?;
+            }
+            Canned::Moved { location } => resp.insert_header("location", location.as_str())?,
+            Canned::Status { .. } => {}
+        }
+        resp.insert_header("content-length", body.as_ref().map_or(0, |b| b.len()))?;
+        crate::headers::secure(&mut resp)?;
+        Ok((resp, body))
+    }
+
+    /// Writes the answer on Pingora's session.
+    pub(crate) async fn write(&self, session: &mut Session) -> Result<bool> {
+        if self.closes() {
+            session.set_keepalive(None);
+        }
+        let (resp, body) = self.response()?;
+        session
+            .write_response_header(Box::new(resp), body.is_none())
+            .await?;
+        if body.is_some() {
+            session.write_response_body(body, true).await?;
+        }
+        Ok(true)
+    }
+}
+
+/// The 404 page of an address with nothing behind it.
+pub(crate) fn not_found() -> Canned {
+    Canned::page(404, "Not found", "There is nothing at this address.")
 }
 
 impl Edge {
     /// The client's address: the socket peer, or, when the peer is a
     /// trusted proxy, the last `X-Forwarded-For` hop it did not add itself.
-    fn client_ip(&self, session: &Session) -> Option<IpAddr> {
-        let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip())?;
+    pub(crate) fn client_ip(&self, peer: Option<IpAddr>, req: &RequestHeader) -> Option<IpAddr> {
+        let peer = peer?;
         if !self.trusted_proxies.contains(&peer) {
             return Some(peer);
         }
-        let xff = session.req_header().headers.get_all("x-forwarded-for");
+        let xff = req.headers.get_all("x-forwarded-for");
         let hops: Vec<IpAddr> = xff
             .iter()
             .filter_map(|v| v.to_str().ok())
@@ -163,12 +224,9 @@ impl Edge {
                 .unwrap_or(peer),
         )
     }
-}
 
-impl Edge {
     /// [`crate::screen`]'s checks; the request's path normalized in place.
-    fn screen(&self, session: &mut Session) -> std::result::Result<(), crate::screen::Refusal> {
-        let req = session.req_header();
+    fn screen(&self, req: &mut RequestHeader) -> std::result::Result<(), crate::screen::Refusal> {
         crate::screen::check_head(req, self.max_headers)?;
         let path = match crate::screen::normalize_path(req.uri.path())? {
             std::borrow::Cow::Borrowed(_) => return Ok(()),
@@ -185,21 +243,20 @@ impl Edge {
         };
         parts.path_and_query = Some(target.parse().map_err(|_| bad)?);
         let uri = http::Uri::from_parts(parts).map_err(|_| bad)?;
-        session.req_header_mut().set_uri(uri);
+        req.set_uri(uri);
         Ok(())
     }
 
     /// 408 for a body that did not arrive in time.
-    async fn body_too_slow(&self, session: &mut Session) -> Result<bool> {
+    pub(crate) fn body_too_slow() -> Canned {
         metrics::counter!("portico_gateway_requests_rejected_total", "reason" => "body_too_slow")
             .increment(1);
-        respond(session, 408, None).await
+        Canned::status(408)
     }
 
     /// The user a request authenticates as: the subject of a token (bearer,
     /// WebSocket subprotocol or `?token=`) that verifies.
-    fn user(&self, session: &Session) -> Option<String> {
-        let req = session.req_header();
+    fn user(&self, req: &RequestHeader) -> Option<String> {
         let (token, _) = handshake_token(&req.headers, req.uri.query(), CHAT_SUBPROTOCOL)?;
         self.tokens.verify(&token).ok().map(|c| c.sub)
     }
@@ -218,9 +275,8 @@ impl Edge {
     }
 
     /// The client's sticky cookie if it is well-formed, else a new one.
-    fn sticky_cookie(session: &Session) -> (String, bool) {
-        let sent = session
-            .req_header()
+    fn sticky_cookie(req: &RequestHeader) -> (String, bool) {
+        let sent = req
             .headers
             .get_all(http::header::COOKIE)
             .iter()
@@ -235,6 +291,141 @@ impl Edge {
             None => (format!("{:032x}", rand::random::<u128>()), true),
         }
     }
+
+    /// Where a request goes, decided from its head alone and without side
+    /// effects but the count of a refusal: the screen (the path normalized
+    /// in place), the route (`ctx.route`, `ctx.app`), or the answer when
+    /// it goes nowhere. `ctx.client_ip` is set.
+    pub(crate) fn route(&self, req: &mut RequestHeader, ctx: &mut Ctx) -> Option<Canned> {
+        if let Err(refusal) = self.screen(req) {
+            metrics::counter!("portico_gateway_requests_rejected_total", "reason" => refusal.reason)
+                .increment(1);
+            return Some(Canned::status(refusal.status));
+        }
+        let host = authority(req).map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name));
+        ctx.route = self.routes.load().route(host, req.uri.path()).clone();
+        if let Some(site) = host.and_then(|h| self.apps.site(h)) {
+            ctx.route = site;
+        } else if let Some(m) = self.apps.resolve(host, req.uri.path()) {
+            match m.state {
+                None => {
+                    return Some(Canned::page(
+                        404,
+                        "No such app",
+                        "No app is deployed at this address.",
+                    ));
+                }
+                Some(_) if m.by == Addressed::Prefix => {
+                    // Apps live only on their own origin: on a shared one
+                    // their cookies, service workers and scripts would reach
+                    // every other app and the chat.
+                    let port = authority(req)
+                        .and_then(|a| a.rsplit_once(':'))
+                        .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+                        .map(|(_, p)| format!(":{p}"))
+                        .unwrap_or_default();
+                    let rest = crate::paas::strip_prefix(req.uri.path());
+                    let q = req.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+                    let location = format!("https://{}.{}{port}{rest}{q}", m.name, self.apps.domain());
+                    return Some(Canned::Moved { location });
+                }
+                Some(AppState::Stopped) => {
+                    return Some(Canned::page(
+                        503,
+                        "App stopped",
+                        format!("The app {} is stopped.", m.name),
+                    ));
+                }
+                Some(AppState::Down) => {
+                    let text = format!(
+                        "The app {} is not answering right now. Try again in a moment.",
+                        m.name
+                    );
+                    return Some(Canned::page(503, "App unavailable", text));
+                }
+                Some(AppState::NotDeployed) => {
+                    let text = format!("The app {} has not been deployed yet.", m.name);
+                    return Some(Canned::page(503, "App not deployed", text));
+                }
+                Some(AppState::Running(route)) => {
+                    let public = authority(req).unwrap_or_default().to_string();
+                    let host_port = match route.target {
+                        Target::Upstream(a) => a.port(),
+                        Target::Chat | Target::Files => 0,
+                    };
+                    ctx.app = Some(AppCtx {
+                        name: m.name,
+                        origin: format!("https://{public}"),
+                        public_host: public
+                            .rsplit_once(':')
+                            .map_or(public.as_str(), |(h, _)| h)
+                            .to_string(),
+                        host_port,
+                    });
+                    ctx.route = route;
+                }
+            }
+        }
+        // The services' operational endpoints are for the admin listeners
+        // only: the edge never hands them to a stranger.
+        if ctx.route.is_chat() && is_internal(req.uri.path()) {
+            return Some(not_found());
+        }
+        None
+    }
+
+    /// Who the client is and whether it may go on: the token's user where
+    /// the user matters, the sticky cookie, and the rate limits (which
+    /// count this request). `None`: admitted.
+    pub(crate) fn admit(&self, req: &RequestHeader, upgrade: bool, ctx: &mut Ctx) -> Option<Canned> {
+        // A token costs an HMAC: verify it only where the user matters.
+        if ctx.route.is_chat() || ctx.route.class.as_ref().is_some_and(|c| c.limits_users()) {
+            ctx.user = self.user(req);
+        }
+        if ctx.route.is_chat() && ctx.user.is_none() {
+            ctx.sticky = Some(Self::sticky_cookie(req));
+        }
+        let ip = ctx.client_ip?;
+        let verdict = if upgrade {
+            self.limits
+                .check_ws_connect(ip)
+                .and_then(|_| self.limits.check_request(ip))
+        } else {
+            self.limits.check_request(ip)
+        };
+        let verdict = verdict.and_then(|_| match &ctx.route.class {
+            Some(class) => class.check(ctx.client_ip, ctx.user.as_deref()),
+            None => Ok(()),
+        });
+        let wait = verdict.err()?;
+        metrics::counter!("portico_gateway_rate_limited_total", "route" => ctx.route.name().to_string())
+            .increment(1);
+        Some(Canned::Status {
+            status: 429,
+            retry_after: Some(wait),
+        })
+    }
+
+    /// A `413` if the declared body is over the route's limit.
+    pub(crate) fn body_limit(declared: Option<u64>, ctx: &Ctx) -> Option<Canned> {
+        declared
+            .filter(|n| *n > ctx.route.max_body_bytes)
+            .map(|_| Canned::status(413))
+    }
+}
+
+/// The request's declared `Content-Length`, if it is one number.
+pub(crate) fn declared_length(req: &RequestHeader) -> Option<u64> {
+    req.headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// Whether an answer to this path is never compressed: API answers carry
+/// tokens next to attacker-influenced text, which is what BREACH needs.
+pub(crate) fn never_compressed(path: &str) -> bool {
+    path.starts_with("/api/") || path.starts_with("/demo/token")
 }
 
 #[async_trait]
@@ -266,128 +457,29 @@ impl ProxyHttp for Edge {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        ctx.client_ip = self.client_ip(session);
-        if let Err(refusal) = self.screen(session) {
-            metrics::counter!("portico_gateway_requests_rejected_total", "reason" => refusal.reason)
-                .increment(1);
-            return respond(session, refusal.status, None).await;
-        }
-        let req = session.req_header();
-        let host = authority(req).map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name));
-        ctx.route = self.routes.load().route(host, req.uri.path()).clone();
-        if let Some(site) = host.and_then(|h| self.apps.site(h)) {
-            ctx.route = site;
-        } else if let Some(m) = self.apps.resolve(host, req.uri.path()) {
-            match m.state {
-                None => {
-                    return page(session, 404, "No such app", "No app is deployed at this address.").await;
-                }
-                Some(_) if m.by == Addressed::Prefix => {
-                    // Apps live only on their own origin: on a shared one
-                    // their cookies, service workers and scripts would reach
-                    // every other app and the chat.
-                    let req = session.req_header();
-                    let port = authority(req)
-                        .and_then(|a| a.rsplit_once(':'))
-                        .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
-                        .map(|(_, p)| format!(":{p}"))
-                        .unwrap_or_default();
-                    let rest = crate::paas::strip_prefix(req.uri.path());
-                    let q = req.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-                    let location = format!("https://{}.{}{port}{rest}{q}", m.name, self.apps.domain());
-                    let mut resp = ResponseHeader::build(308, Some(4))?;
-                    resp.insert_header("location", location)?;
-                    resp.insert_header("content-length", "0")?;
-                    crate::headers::secure(&mut resp)?;
-                    session.write_response_header(Box::new(resp), true).await?;
-                    return Ok(true);
-                }
-                Some(AppState::Stopped) => {
-                    let text = format!("The app {} is stopped.", m.name);
-                    return page(session, 503, "App stopped", &text).await;
-                }
-                Some(AppState::Down) => {
-                    let text = format!(
-                        "The app {} is not answering right now. Try again in a moment.",
-                        m.name
-                    );
-                    return page(session, 503, "App unavailable", &text).await;
-                }
-                Some(AppState::NotDeployed) => {
-                    let text = format!("The app {} has not been deployed yet.", m.name);
-                    return page(session, 503, "App not deployed", &text).await;
-                }
-                Some(AppState::Running(route)) => {
-                    let req = session.req_header();
-                    let public = authority(req).unwrap_or_default().to_string();
-                    let host_port = match route.target {
-                        Target::Upstream(a) => a.port(),
-                        Target::Chat | Target::Files => 0,
-                    };
-                    ctx.app = Some(AppCtx {
-                        name: m.name,
-                        origin: format!("https://{public}"),
-                        public_host: public
-                            .rsplit_once(':')
-                            .map_or(public.as_str(), |(h, _)| h)
-                            .to_string(),
-                        host_port,
-                    });
-                    ctx.route = route;
-                }
-            }
-        }
-        // The services' operational endpoints are for the admin listeners
-        // only: the edge never hands them to a stranger.
-        if ctx.route.is_chat() && is_internal(session.req_header().uri.path()) {
-            return page(session, 404, "Not found", "There is nothing at this address.").await;
-        }
-        // A token costs an HMAC: verify it only where the user matters.
-        if ctx.route.is_chat() || ctx.route.class.as_ref().is_some_and(|c| c.limits_users()) {
-            ctx.user = self.user(session);
-        }
-        if ctx.route.is_chat() && ctx.user.is_none() {
-            ctx.sticky = Some(Self::sticky_cookie(session));
-        }
-        if let Some(ip) = ctx.client_ip {
-            let verdict = if session.is_upgrade_req() {
-                self.limits
-                    .check_ws_connect(ip)
-                    .and_then(|_| self.limits.check_request(ip))
-            } else {
-                self.limits.check_request(ip)
-            };
-            let verdict = verdict.and_then(|_| match &ctx.route.class {
-                Some(class) => class.check(ctx.client_ip, ctx.user.as_deref()),
-                None => Ok(()),
-            });
-            if let Err(wait) = verdict {
-                metrics::counter!("portico_gateway_rate_limited_total", "route" => ctx.route.name().to_string())
-                    .increment(1);
-                return respond(session, 429, Some(wait)).await;
-            }
+        let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        ctx.client_ip = self.client_ip(peer, session.req_header());
+        let upgrade = session.is_upgrade_req();
+        if let Some(answer) = self
+            .route(session.req_header_mut(), ctx)
+            .or_else(|| self.admit(session.req_header(), upgrade, ctx))
+        {
+            return answer.write(session).await;
         }
         // File routes are answered here, after the screen and the limits.
         if ctx.route.target == Target::Files {
             return match ctx.route.files.clone() {
                 Some(files) => crate::files::serve(session, &files).await,
-                None => page(session, 404, "Not found", "There is nothing at this address.").await,
+                None => not_found().write(session).await,
             };
         }
-        let declared = session
-            .req_header()
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > ctx.route.max_body_bytes) {
-            return respond(session, 413, None).await;
+        let declared = declared_length(session.req_header());
+        if let Some(answer) = Self::body_limit(declared, ctx) {
+            return answer.write(session).await;
         }
-        // Never compress API answers: they carry tokens next to
-        // attacker-influenced text, which is what BREACH needs.
-        let path = session.req_header().uri.path();
-        let api = path.starts_with("/api/") || path.starts_with("/demo/token");
-        if api && let Some(c) = session.downstream_modules_ctx.get_mut::<ResponseCompression>() {
+        if never_compressed(session.req_header().uri.path())
+            && let Some(c) = session.downstream_modules_ctx.get_mut::<ResponseCompression>()
+        {
             c.adjust_level(0);
         }
         if session.is_upgrade_req() {
@@ -420,10 +512,10 @@ impl ProxyHttp for Edge {
             match tokio::time::timeout(deadline, read).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) if *e.etype() == ErrorType::ReadTimedout => {
-                    return self.body_too_slow(session).await;
+                    return Self::body_too_slow().write(session).await;
                 }
                 Ok(Err(e)) => return Err(e),
-                Err(_) => return self.body_too_slow(session).await,
+                Err(_) => return Self::body_too_slow().write(session).await,
             }
         }
         if forwardable(session, declared) {
@@ -510,44 +602,9 @@ impl ProxyHttp for Edge {
 
     /// An app whose container does not answer gets a page, not a 502.
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
-        let code = match e.etype() {
-            ErrorType::HTTPStatus(code) => *code,
-            _ => match e.esource() {
-                ErrorSource::Upstream if ctx.app.is_some() => 503,
-                ErrorSource::Upstream => match e.etype() {
-                    ErrorType::ReadTimedout | ErrorType::WriteTimedout | ErrorType::ConnectTimedout => 504,
-                    _ => 502,
-                },
-                ErrorSource::Downstream => match e.etype() {
-                    // The client stopped sending its body: its fault, not
-                    // the upstream's.
-                    ErrorType::ReadTimedout => 408,
-                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
-                    _ => 400,
-                },
-                ErrorSource::Internal | ErrorSource::Unset => 500,
-            },
-        };
-        if *e.esource() == ErrorSource::Upstream {
-            let kind = match e.etype() {
-                ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError => "connect",
-                ErrorType::ReadTimedout | ErrorType::WriteTimedout => "timeout",
-                _ => "io",
-            };
-            upstream_error(&ctx.route, kind);
-        }
-        if code == 503
-            && session.response_written().is_none()
-            && let Some(app) = &ctx.app
-        {
-            let text = format!(
-                "The app {} is not answering right now. Try again in a moment.",
-                app.name
-            );
-            let _ = page(session, 503, "App unavailable", &text).await;
-        } else if code > 0 && session.response_written().is_none() {
-            // Our own answer (security headers, no `Server: Pingora`).
-            let _ = respond(session, code, None).await;
+        let (code, answer) = failure(e, ctx);
+        if let Some(answer) = answer.filter(|_| session.response_written().is_none()) {
+            let _ = answer.write(session).await;
         }
         FailToProxy {
             error_code: code,
@@ -592,20 +649,26 @@ impl ProxyHttp for Edge {
         if ctx.websocket {
             metrics::gauge!("portico_gateway_websockets").decrement(1.0);
         }
-        let req = session.req_header();
-        access(Access {
-            client: ctx.client_ip,
-            method: &req.method,
-            path: req.uri.path(),
-            status: session.response_written().map_or(0, |r| r.status.as_u16()),
-            route: &ctx.route,
-            app: ctx.app.as_ref().map(|a| &*a.name),
-            upstream: ctx.upstream,
-            elapsed: ctx.started.elapsed(),
-            bytes: None,
-            error: e.map(|e| e.to_string()),
-        });
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        log_request(session.req_header(), status, ctx, e);
     }
+}
+
+/// The access log line and request metrics of a request that was not
+/// upgraded (a tunnel logs its own when it ends).
+pub(crate) fn log_request(req: &RequestHeader, status: u16, ctx: &Ctx, e: Option<&Error>) {
+    access(Access {
+        client: ctx.client_ip,
+        method: &req.method,
+        path: req.uri.path(),
+        status,
+        route: &ctx.route,
+        app: ctx.app.as_ref().map(|a| &*a.name),
+        upstream: ctx.upstream,
+        elapsed: ctx.started.elapsed(),
+        bytes: None,
+        error: e.map(|e| e.to_string()),
+    });
 }
 
 /// One line of the access log, with the request metrics.
@@ -639,6 +702,51 @@ fn access(a: Access<'_>) {
         down = a.bytes.map(|b| b.1),
         error = a.error,
     );
+}
+
+/// What a request that failed is answered: the status (0 when the client
+/// went away and hears nothing) and our own answer, if any (security
+/// headers, no `Server: Pingora`; an app that does not answer gets a
+/// page, not a 502). An upstream's failure is counted.
+pub(crate) fn failure(e: &Error, ctx: &Ctx) -> (u16, Option<Canned>) {
+    let code = match e.etype() {
+        ErrorType::HTTPStatus(code) => *code,
+        _ => match e.esource() {
+            ErrorSource::Upstream if ctx.app.is_some() => 503,
+            ErrorSource::Upstream => match e.etype() {
+                ErrorType::ReadTimedout | ErrorType::WriteTimedout | ErrorType::ConnectTimedout => 504,
+                _ => 502,
+            },
+            ErrorSource::Downstream => match e.etype() {
+                // The client stopped sending its body: its fault, not
+                // the upstream's.
+                ErrorType::ReadTimedout => 408,
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                _ => 400,
+            },
+            ErrorSource::Internal | ErrorSource::Unset => 500,
+        },
+    };
+    if *e.esource() == ErrorSource::Upstream {
+        let kind = match e.etype() {
+            ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError => "connect",
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => "timeout",
+            _ => "io",
+        };
+        upstream_error(&ctx.route, kind);
+    }
+    let answer = match &ctx.app {
+        Some(app) if code == 503 => {
+            let text = format!(
+                "The app {} is not answering right now. Try again in a moment.",
+                app.name
+            );
+            Some(Canned::page(503, "App unavailable", text))
+        }
+        _ if code > 0 => Some(Canned::status(code)),
+        _ => None,
+    };
+    (code, answer)
 }
 
 /// Counts a failure to reach or hear an upstream: `connect`, `timeout`, `io`.
@@ -683,7 +791,7 @@ fn forwardable(session: &mut Session, declared: Option<u64>) -> bool {
 
 /// An error of the forwarding path as Pingora's proxy would have named it
 /// (`fail_to_proxy` turns it into a 502 or 504 and counts it).
-fn upstream_failure(e: crate::forward::ForwardError) -> Box<Error> {
+pub(crate) fn upstream_failure(e: crate::forward::ForwardError) -> Box<Error> {
     let kind = if e.is_timeout() {
         ErrorType::ReadTimedout
     } else {
@@ -812,56 +920,11 @@ impl Edge {
     /// the same upstream choice, forwarded headers and response filter as
     /// on Pingora's path, on a connection from this thread's pool.
     async fn forward(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        let host = authority(session.req_header()).map(str::to_string);
-        // The client's head becomes the upstream's in place, not in a copy:
-        // what is read of it from here on (method and path for the log, the
-        // method for the response's framing) does not change.
-        let req = session.req_header_mut();
-        let version = req.version;
-        // HTTP/2 names the host in `:authority`; HTTP/1.1 needs `Host`.
-        if let Some(authority) = req
-            .uri
-            .authority()
-            .filter(|_| !req.headers.contains_key(http::header::HOST))
-        {
-            let host = authority.as_str().to_string();
-            req.insert_header(http::header::HOST, host)?;
-        }
-        crate::forward::strip_hop_by_hop(req);
-        self.forward_headers(req, host, ctx)?;
-        let mut wire =
-            pingora::protocols::http::v1::client::http_req_header_to_wire(req).ok_or_else(|| {
-                Error::explain(
-                    ErrorType::InvalidHTTPHeader,
-                    "the request cannot be written as HTTP/1.1",
-                )
-            })?;
-        // The client's version stays its own (the upstream's is 1.1).
-        req.set_version(version);
-        let head_request = req.method == http::Method::HEAD;
-        if let Some(body) = session.get_retry_buffer() {
-            wire.extend_from_slice(&body);
-        }
+        let body = session.get_retry_buffer();
+        let (head, mut conn) = self
+            .exchange(session.req_header_mut(), body.as_deref(), ctx)
+            .await?;
         let timeout = ctx.route.timeout;
-        let addr = self.upstream_addr(ctx).map_err(|e| e.into_up())?;
-        ctx.upstream = addr.as_inet().copied();
-        ctx.upstream_started = Some(Instant::now());
-        let mut conn = match ctx.upstream.and_then(crate::forward::take) {
-            Some(conn) => conn,
-            None => self.open(ctx).await?,
-        };
-        let mut head = match conn.exchange(&wire, head_request, timeout).await {
-            Ok(head) => head,
-            // The upstream closed its idle connection as the request left.
-            Err(e) if conn.retry_on_new(&e) => {
-                conn = self.open(ctx).await?;
-                conn.exchange(&wire, head_request, timeout)
-                    .await
-                    .map_err(upstream_failure)?
-            }
-            Err(e) => return Err(upstream_failure(e)),
-        };
-        self.filter_response(&mut head, ctx)?;
         let down = |e: Box<Error>| e.into_down();
         // The upstream connection goes back to the pool as soon as the
         // body has been read, before the last write to the client: the
@@ -888,6 +951,68 @@ impl Edge {
         conn.release();
         session.write_response_body(last, true).await.map_err(down)?;
         Ok(true)
+    }
+
+    /// Sends a plain request (`req` and its whole `body`) upstream on a
+    /// connection from this thread's pool and reads the response head:
+    /// the head as the client gets it, and the connection whose body is
+    /// still to be read ([`crate::forward::Conn::next_body`]).
+    pub(crate) async fn exchange(
+        &self,
+        req: &mut RequestHeader,
+        body: Option<&[u8]>,
+        ctx: &mut Ctx,
+    ) -> Result<(ResponseHeader, crate::forward::Conn)> {
+        let host = authority(req).map(str::to_string);
+        // The client's head becomes the upstream's in place, not in a copy:
+        // what is read of it from here on (method and path for the log, the
+        // method for the response's framing) does not change.
+        let version = req.version;
+        // HTTP/2 names the host in `:authority`; HTTP/1.1 needs `Host`.
+        if let Some(authority) = req
+            .uri
+            .authority()
+            .filter(|_| !req.headers.contains_key(http::header::HOST))
+        {
+            let host = authority.as_str().to_string();
+            req.insert_header(http::header::HOST, host)?;
+        }
+        crate::forward::strip_hop_by_hop(req);
+        self.forward_headers(req, host, ctx)?;
+        let mut wire =
+            pingora::protocols::http::v1::client::http_req_header_to_wire(req).ok_or_else(|| {
+                Error::explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "the request cannot be written as HTTP/1.1",
+                )
+            })?;
+        // The client's version stays its own (the upstream's is 1.1).
+        req.set_version(version);
+        let head_request = req.method == http::Method::HEAD;
+        if let Some(body) = body {
+            wire.extend_from_slice(body);
+        }
+        let timeout = ctx.route.timeout;
+        let addr = self.upstream_addr(ctx).map_err(|e| e.into_up())?;
+        ctx.upstream = addr.as_inet().copied();
+        ctx.upstream_started = Some(Instant::now());
+        let mut conn = match ctx.upstream.and_then(crate::forward::take) {
+            Some(conn) => conn,
+            None => self.open(ctx).await?,
+        };
+        let mut head = match conn.exchange(&wire, head_request, timeout).await {
+            Ok(head) => head,
+            // The upstream closed its idle connection as the request left.
+            Err(e) if conn.retry_on_new(&e) => {
+                conn = self.open(ctx).await?;
+                conn.exchange(&wire, head_request, timeout)
+                    .await
+                    .map_err(upstream_failure)?
+            }
+            Err(e) => return Err(upstream_failure(e)),
+        };
+        self.filter_response(&mut head, ctx)?;
+        Ok((head, conn))
     }
 
     /// A new connection for `forward`, failing as Pingora's would.
@@ -921,7 +1046,7 @@ impl Edge {
             Err((status, why)) => {
                 upstream_error(&route, "connect");
                 tracing::warn!(route = route.name(), error = why, "upgrade not passed on");
-                return respond(session, status, None).await;
+                return Canned::status(status).write(session).await;
             }
         };
         let mut req = session.req_header().clone();
@@ -933,11 +1058,11 @@ impl Edge {
             Ok(Err(e)) => {
                 upstream_error(&route, "io");
                 tracing::warn!(route = route.name(), upstream = ?ctx.upstream, error = %e, "upgrade not passed on");
-                return respond(session, 502, None).await;
+                return Canned::status(502).write(session).await;
             }
             Err(_) => {
                 upstream_error(&route, "timeout");
-                return respond(session, 504, None).await;
+                return Canned::status(504).write(session).await;
             }
         };
         let crate::tunnel::Answer { mut head, rest } = answer;
@@ -953,11 +1078,11 @@ impl Edge {
                 Ok(Err(e)) => {
                     upstream_error(&route, "io");
                     tracing::warn!(route = route.name(), upstream = ?ctx.upstream, error = %e, "refusal not passed on");
-                    return respond(session, 502, None).await;
+                    return Canned::status(502).write(session).await;
                 }
                 Err(_) => {
                     upstream_error(&route, "timeout");
-                    return respond(session, 504, None).await;
+                    return Canned::status(504).write(session).await;
                 }
             };
             let empty = body.is_empty();

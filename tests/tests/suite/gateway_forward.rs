@@ -283,3 +283,221 @@ async fn answers_that_break_http_end_in_502_and_silence_in_504() {
         "{metrics}"
     );
 }
+
+/// Reads `n` responses with `Content-Length` bodies (none after `HEAD`
+/// when `head` is set) from `r`, or what came before EOF or 10 s.
+async fn responses(r: &mut (impl tokio::io::AsyncRead + Unpin), n: usize, head: bool) -> Vec<String> {
+    use tokio::io::AsyncReadExt;
+    let mut raw = Vec::new();
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let read = async {
+        while out.len() < n {
+            if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                let text = String::from_utf8_lossy(&raw[..end + 4]).to_ascii_lowercase();
+                let len: usize = text
+                    .lines()
+                    .find_map(|l| {
+                        l.strip_prefix("content-length:")
+                            .and_then(|v| v.trim().parse().ok())
+                    })
+                    .unwrap_or(0);
+                let len = if head { 0 } else { len };
+                if raw.len() >= end + 4 + len {
+                    out.push(String::from_utf8_lossy(&raw[..end + 4 + len]).into_owned());
+                    raw.drain(..end + 4 + len);
+                    continue;
+                }
+            }
+            match r.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(k) => raw.extend_from_slice(&chunk[..k]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+    out
+}
+
+/// Sends `request` on `s`: its one answer, which must say `connection:
+/// close` and be followed by the connection's end.
+async fn last_answer(
+    s: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin),
+    request: &[u8],
+) -> String {
+    s.write_all(request).await.unwrap();
+    let got = responses(s, 2, false).await;
+    assert_eq!(got.len(), 1, "not one answer and the end: {got:?}");
+    assert!(
+        got[0].to_ascii_lowercase().contains("\r\nconnection: close\r\n"),
+        "{got:?}"
+    );
+    got[0].clone()
+}
+
+/// The gateway's own HTTP/1.1 loop (gateway/src/h1.rs) serves plain
+/// requests on a kept-alive connection: pipelined ones in order, a body
+/// that arrives in two pieces, `HEAD`, the edge's own refusals, and a
+/// `Connection: close`. It hands the connection to Pingora at the first
+/// request it leaves to it (here a client that accepts gzip on a page),
+/// with the bytes already read: that request and the next are answered.
+#[tokio::test]
+async fn the_gateways_own_loop_serves_plain_requests_and_hands_the_rest_over() {
+    use portico_tests::client::{metrics, sample, tls_connect};
+    let up = Scripted::start().await;
+    let port = up.port;
+    let (svc, edge) = tokio::task::spawn_blocking(move || gateway(port)).await.unwrap();
+    let ca = svc.certificate("localhost");
+    let handovers = |text: &str, why: &str| {
+        sample(
+            text,
+            &format!("portico_gateway_handovers_total{{reason=\"{why}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    let before = metrics(edge.admin).await;
+    let mut tls = tls_connect(edge.https, &ca, "127.0.0.1".parse().unwrap())
+        .await
+        .unwrap();
+
+    // Two requests in one write: two answers, in order.
+    tls.write_all(
+        b"GET /length HTTP/1.1\r\nHost: localhost\r\n\r\nGET /echo-head HTTP/1.1\r\nHost: localhost\r\nx-n: 2\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let got = responses(&mut tls, 2, false).await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(
+        got[0].starts_with("HTTP/1.1 200 OK\r\n") && got[0].ends_with("\r\n\r\nhello"),
+        "{}",
+        got[0]
+    );
+    let lower = got[0].to_ascii_lowercase();
+    for header in [
+        "\r\nconnection: keep-alive\r\n",
+        "\r\ndate: ",
+        "\r\nx-content-type-options: nosniff\r\n",
+    ] {
+        assert!(lower.contains(header), "{header:?} missing: {}", got[0]);
+    }
+    assert!(
+        got[1].to_ascii_lowercase().contains("\r\nx-n: 2\r\n"),
+        "{}",
+        got[1]
+    );
+
+    // A body in two writes reaches the upstream whole, with its head.
+    tls.write_all(b"POST /length HTTP/1.1\r\nHost: localhost\r\ncontent-length: 11\r\n\r\nhello")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tls.write_all(b" world").await.unwrap();
+    let got = responses(&mut tls, 1, false).await;
+    assert!(got[0].ends_with("hello"), "{got:?}");
+    assert_eq!(up.bodies.lock().unwrap().last().unwrap(), b"hello world");
+
+    // HEAD: the upstream's length, no body; then the next request is
+    // answered on the same connection.
+    tls.write_all(b"HEAD /head HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let got = responses(&mut tls, 1, true).await;
+    assert!(
+        got[0].to_ascii_lowercase().contains("content-length: 100\r\n"),
+        "{got:?}"
+    );
+    tls.write_all(b"GET /length HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(responses(&mut tls, 1, false).await[0].ends_with("hello"));
+    // The edge's own page (no such app): its body to GET, none to HEAD.
+    tls.write_all(b"GET /paas/nosuch/ HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let page = responses(&mut tls, 1, false).await;
+    assert!(
+        page[0].starts_with("HTTP/1.1 404 ") && page[0].ends_with("</html>\n"),
+        "{page:?}"
+    );
+    tls.write_all(b"HEAD /paas/nosuch/ HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let head = responses(&mut tls, 1, true).await;
+    let page_head = &page[0][..page[0].find("\r\n\r\n").unwrap() + 4];
+    let without_date = |h: &str| {
+        h.lines()
+            .filter(|l| !l.starts_with("date:"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(without_date(&head[0]), without_date(page_head));
+    tls.write_all(b"GET /length HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        responses(&mut tls, 1, false).await[0].ends_with("hello"),
+        "a body was sent to HEAD"
+    );
+
+    // The edge's own refusal, on a connection of its own: the answer, and
+    // the connection closes.
+    let mut other = tls_connect(edge.https, &ca, "127.0.0.1".parse().unwrap())
+        .await
+        .unwrap();
+    let got = last_answer(&mut other, b"GET /length HTTP/1.1\r\n\r\n").await;
+    assert!(got.starts_with("HTTP/1.1 400 "), "no Host: {got:?}");
+
+    let middle = metrics(edge.admin).await;
+    for why in [
+        "compressible",
+        "malformed",
+        "body",
+        "upgrade",
+        "connection",
+        "version",
+        "target",
+        "files",
+    ] {
+        assert_eq!(
+            handovers(&middle, why),
+            handovers(&before, why),
+            "plain requests handed over ({why})"
+        );
+    }
+
+    // A page for a client that accepts gzip is Pingora's (its compression
+    // module): the connection is handed over with the request read.
+    tls.write_all(b"GET /echo-head HTTP/1.1\r\nHost: localhost\r\naccept-encoding: gzip\r\n\r\n")
+        .await
+        .unwrap();
+    let got = responses(&mut tls, 1, false).await;
+    assert!(got[0].starts_with("HTTP/1.1 200 OK\r\n"), "{got:?}");
+    let got = last_answer(
+        &mut tls,
+        b"GET /length HTTP/1.1\r\nHost: localhost\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(got.ends_with("hello"), "{got:?}");
+    let after = metrics(edge.admin).await;
+    assert_eq!(
+        handovers(&after, "compressible"),
+        handovers(&before, "compressible") + 1.0
+    );
+
+    // `Connection: close` on the gateway's own loop too.
+    let mut third = tls_connect(edge.https, &ca, "127.0.0.1".parse().unwrap())
+        .await
+        .unwrap();
+    let got = last_answer(
+        &mut third,
+        b"GET /length HTTP/1.1\r\nHost: localhost\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(got.ends_with("hello"), "{got:?}");
+    let last = metrics(edge.admin).await;
+    assert_eq!(
+        handovers(&last, "compressible"),
+        handovers(&after, "compressible")
+    );
+}
