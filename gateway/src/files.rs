@@ -24,7 +24,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http::HeaderValue;
 use lru::LruCache;
-use pingora::http::ResponseHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::modules::http::compression::ResponseCompression;
 use pingora::prelude::*;
 use pingora::proxy::Session;
@@ -274,12 +274,8 @@ fn range(value: &str, len: u64) -> Result<Option<(u64, u64)>, ()> {
     Ok(Some((start, end)))
 }
 
-fn header<'a>(session: &'a Session, name: &str) -> Option<&'a str> {
-    session
-        .req_header()
-        .headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
+fn header<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
+    req.headers.get(name).and_then(|v| v.to_str().ok())
 }
 
 fn etag_matches(list: &str, etag: &str) -> bool {
@@ -287,34 +283,108 @@ fn etag_matches(list: &str, etag: &str) -> bool {
     list.trim() == "*" || list.split(',').any(|t| bare(t) == bare(etag))
 }
 
+/// A file route's answer to one request, written by either HTTP/1 path
+/// (Pingora's session, [`serve`]; the gateway's own loop, `h1`).
+pub struct Reply {
+    /// The head, with the security headers.
+    pub head: ResponseHeader,
+    pub body: Body,
+    /// Whether the edge's gzip would compress it (for a client that takes
+    /// gzip): never a precompressed variant, a range or a `304`, and only
+    /// the types and sizes of [`gzippable`].
+    pub gzip_ok: bool,
+}
+
+/// Where a reply's body comes from.
+pub enum Body {
+    /// None (`HEAD`, `304`, `416`, `405`, an empty file).
+    Empty,
+    /// The bytes, from the cache or a page of our own.
+    Bytes(Bytes),
+    /// `len` bytes of a large file from `start`, read as they are sent.
+    File { path: PathBuf, start: u64, len: u64 },
+}
+
+/// The reading of a large file's body, one [`CHUNK`] at a time.
+pub struct FileBody {
+    f: Arc<std::fs::File>,
+    at: u64,
+    end: u64,
+}
+
+impl FileBody {
+    /// Opened here, like the stat in `lookup`: a path just resolved.
+    pub fn open(path: &Path, start: u64, len: u64) -> Result<FileBody> {
+        let f = std::fs::File::open(path)
+            .map(Arc::new)
+            .map_err(|e| Error::because(ErrorType::InternalError, "open a served file", e))?;
+        Ok(FileBody {
+            f,
+            at: start,
+            end: start + len,
+        })
+    }
+
+    /// The next piece; `None` once the promised length has been read.
+    pub async fn next(&mut self) -> Result<Option<Bytes>> {
+        if self.at >= self.end {
+            return Ok(None);
+        }
+        let want = ((self.end - self.at) as usize).min(CHUNK);
+        let chunk = read_at(&self.f, self.at, want)
+            .await
+            .map_err(|e| Error::because(ErrorType::InternalError, "read a served file", e))?;
+        if chunk.is_empty() {
+            // Shortened under us: the length promised cannot be kept.
+            return Error::e_explain(ErrorType::InternalError, "a served file got shorter");
+        }
+        self.at += chunk.len() as u64;
+        Ok(Some(chunk))
+    }
+
+    /// Whether the last piece has been read.
+    pub fn is_done(&self) -> bool {
+        self.at >= self.end
+    }
+}
+
 /// Answers a request on a file route. Always answers (404 for anything
 /// that is not a servable file).
-pub async fn serve(session: &mut Session, files: &FileRoute) -> Result<bool> {
-    let method = session.req_header().method.clone();
-    let head = method == http::Method::HEAD;
-    if method != http::Method::GET && !head {
+pub async fn reply(req: &RequestHeader, files: &FileRoute) -> Result<Reply> {
+    let head = req.method == http::Method::HEAD;
+    if req.method != http::Method::GET && !head {
         let mut resp = ResponseHeader::build(405, Some(4))?;
         resp.insert_header("allow", "GET, HEAD")?;
         resp.insert_header("content-length", "0")?;
         crate::headers::secure(&mut resp)?;
-        session.write_response_header(Box::new(resp), true).await?;
-        return Ok(true);
+        return Ok(Reply {
+            head: resp,
+            body: Body::Empty,
+            gzip_ok: false,
+        });
     }
-    let path = session.req_header().uri.path().to_string();
-    let Some(rel) = files.relative(&path) else {
-        return not_found(session).await;
+    let not_found = || -> Result<Reply> {
+        let (head, body) = crate::proxy::not_found().response()?;
+        Ok(Reply {
+            head,
+            body: body.map_or(Body::Empty, Body::Bytes),
+            gzip_ok: true,
+        })
+    };
+    let Some(rel) = files.relative(req.uri.path()) else {
+        return not_found();
     };
     let Some(entry) = files.lookup(&rel, false).await else {
-        return not_found(session).await;
+        return not_found();
     };
-    let ranged = header(session, "range").map(str::to_string);
+    let ranged = header(req, "range");
     // A precompressed sibling, not older than the file, when the client
     // takes it (ranges are served from the file itself).
     let mut variant = None;
     if ranged.is_none() {
-        let accept = header(session, "accept-encoding").unwrap_or("").to_string();
+        let accept = header(req, "accept-encoding").unwrap_or("");
         for (coding, ext) in [("br", "br"), ("gzip", "gz")] {
-            if !accepts(&accept, coding) {
+            if !accepts(accept, coding) {
                 continue;
             }
             let mut name = rel.clone().into_os_string();
@@ -346,18 +416,8 @@ pub async fn serve(session: &mut Session, files: &FileRoute) -> Result<bool> {
         crate::headers::secure(resp)
     };
     let etag = etag.to_str().unwrap_or_default();
-    // Our own encodings (or none, for ranges and 304s): the edge's gzip
-    // must not touch them.
-    let no_gzip = |session: &mut Session| {
-        if let Some(c) = session.downstream_modules_ctx.get_mut::<ResponseCompression>() {
-            c.adjust_level(0);
-        }
-    };
 
-    let not_modified = match (
-        header(session, "if-none-match"),
-        header(session, "if-modified-since"),
-    ) {
+    let not_modified = match (header(req, "if-none-match"), header(req, "if-modified-since")) {
         (Some(list), _) => etag_matches(list, etag),
         (None, Some(since)) => httpdate::parse_http_date(since).is_ok_and(|t| {
             let secs = |t: SystemTime| {
@@ -368,31 +428,37 @@ pub async fn serve(session: &mut Session, files: &FileRoute) -> Result<bool> {
         }),
         (None, None) => false,
     };
+    // Our own encodings (or none, for ranges and 304s): the edge's gzip
+    // must not touch them.
     if not_modified {
-        no_gzip(session);
         let mut resp = ResponseHeader::build(304, Some(6))?;
         common(&mut resp)?;
-        session.write_response_header(Box::new(resp), true).await?;
-        return Ok(true);
+        return Ok(Reply {
+            head: resp,
+            body: Body::Empty,
+            gzip_ok: false,
+        });
     }
 
     let mut span = None;
-    if let Some(r) = &ranged {
+    if let Some(r) = ranged {
         // If-Range: the range holds only for the current version.
-        let current = header(session, "if-range").is_none_or(|v| {
+        let current = header(req, "if-range").is_none_or(|v| {
             v.trim() == etag || httpdate::parse_http_date(v).is_ok_and(|t| t >= entry.modified)
         });
         if current {
             match range(r, body.len) {
                 Ok(s) => span = s,
                 Err(()) => {
-                    no_gzip(session);
                     let mut resp = ResponseHeader::build(416, Some(6))?;
                     resp.insert_header("content-range", format!("bytes */{}", body.len))?;
                     resp.insert_header("content-length", "0")?;
                     common(&mut resp)?;
-                    session.write_response_header(Box::new(resp), true).await?;
-                    return Ok(true);
+                    return Ok(Reply {
+                        head: resp,
+                        body: Body::Empty,
+                        gzip_ok: false,
+                    });
                 }
             }
         }
@@ -414,35 +480,56 @@ pub async fn serve(session: &mut Session, files: &FileRoute) -> Result<bool> {
         resp.insert_header("content-encoding", *coding)?;
     }
     common(&mut resp)?;
-    if variant.is_some() || status == 206 {
-        no_gzip(session);
+    let body = match &body.bytes {
+        _ if head || len == 0 => Body::Empty,
+        Some(bytes) => Body::Bytes(bytes.slice(start as usize..(start + len) as usize)),
+        None => Body::File {
+            path: body.path.clone(),
+            start,
+            len,
+        },
+    };
+    Ok(Reply {
+        head: resp,
+        body,
+        gzip_ok: variant.is_none() && status == 200 && gzippable(entry.content_type.as_bytes(), len),
+    })
+}
+
+/// Whether Pingora's compression module, the edge's gzip, compresses an
+/// answer of this type and length: `text/`, `application/`, `font/`,
+/// three image types and `binary/octet-stream`, of 20 bytes or more (its
+/// rule, in pingora-core's `compression` module).
+fn gzippable(content_type: &[u8], len: u64) -> bool {
+    const TYPES: &[&[u8]] = &[
+        b"text/",
+        b"application/",
+        b"font/",
+        b"image/x-icon",
+        b"image/svg+xml",
+        b"image/nd.microsoft.icon",
+        b"binary/octet-stream",
+    ];
+    len >= 20 && TYPES.iter().any(|t| content_type.starts_with(t))
+}
+
+/// Answers a request on a file route through Pingora's session.
+pub async fn serve(session: &mut Session, files: &FileRoute) -> Result<bool> {
+    let Reply { head, body, gzip_ok } = reply(session.req_header(), files).await?;
+    if !gzip_ok && let Some(c) = session.downstream_modules_ctx.get_mut::<ResponseCompression>() {
+        c.adjust_level(0);
     }
-    let empty = head || len == 0;
-    session.write_response_header(Box::new(resp), empty).await?;
-    if empty {
-        return Ok(true);
-    }
-    if let Some(bytes) = &body.bytes {
-        let part = bytes.slice(start as usize..(start + len) as usize);
-        session.write_response_body(Some(part), true).await?;
-        return Ok(true);
-    }
-    // Opened here, like the stat in `lookup`: a path just resolved.
-    let f = std::fs::File::open(&body.path)
-        .map(Arc::new)
-        .map_err(|e| Error::because(ErrorType::InternalError, "open a served file", e))?;
-    let (mut at, end) = (start, start + len);
-    while at < end {
-        let want = ((end - at) as usize).min(CHUNK);
-        let chunk = read_at(&f, at, want)
-            .await
-            .map_err(|e| Error::because(ErrorType::InternalError, "read a served file", e))?;
-        if chunk.is_empty() {
-            // Shortened under us: the length promised cannot be kept.
-            return Error::e_explain(ErrorType::InternalError, "a served file got shorter");
+    let empty = matches!(body, Body::Empty);
+    session.write_response_header(Box::new(head), empty).await?;
+    match body {
+        Body::Empty => {}
+        Body::Bytes(bytes) => session.write_response_body(Some(bytes), true).await?,
+        Body::File { path, start, len } => {
+            let mut file = FileBody::open(&path, start, len)?;
+            while let Some(chunk) = file.next().await? {
+                session.write_response_body(Some(chunk), file.is_done()).await?;
+            }
         }
-        at += chunk.len() as u64;
-        session.write_response_body(Some(chunk), at == end).await?;
     }
     Ok(true)
 }
@@ -485,10 +572,6 @@ async fn read_at(f: &Arc<std::fs::File>, offset: u64, want: usize) -> std::io::R
     })
     .await
     .map_err(std::io::Error::other)?
-}
-
-async fn not_found(session: &mut Session) -> Result<bool> {
-    crate::proxy::not_found().write(session).await
 }
 
 #[cfg(test)]

@@ -15,13 +15,15 @@
 //! only `keep-alive` or `close`, with no `Upgrade`, `Expect` or
 //! `Transfer-Encoding`, and no body or one of at most
 //! [`crate::proxy::BUFFERED_BODY`] bytes declared by one `Content-Length`,
-//! routed to an upstream or a chat shard, whose answer is not to be
-//! compressed (the client accepts no content coding, or the path is an
-//! API's), and the gateway's own answers (refusals, rate limits, pages).
+//! routed to an upstream, a chat shard or a file route, whose answer the
+//! edge's gzip (Pingora's compression module) would not touch: the client
+//! accepts no content coding, the path is an API's, or the file is one it
+//! does not compress ([`crate::files::Reply::gzip_ok`]: images, variants,
+//! ranges); and the gateway's own answers (refusals, rate limits, pages).
 //! At any other request (HTTP/1.0, WebSocket upgrades, streamed or large
-//! bodies, file routes, compressible answers, a head `httparse` or `http`
-//! refuses) the connection goes to Pingora, with the bytes read so far put
-//! back, and stays there.
+//! bodies, answers to be gzipped, a head `httparse` or `http` refuses) the
+//! connection goes to Pingora, with the bytes read so far put back, and
+//! stays there ([`Client::hand_over`], counted by reason).
 //!
 //! The head's deadline and size limits are the guard's (the stream is a
 //! [`Guarded`]); a body must arrive within the same allowance as on
@@ -61,124 +63,296 @@ enum Head {
     Theirs(&'static str),
 }
 
+/// How a request ended for the connection.
+enum Next {
+    /// Ready for the next request.
+    KeepAlive,
+    /// Closed (or to be closed) after this answer.
+    Close,
+    /// Left to Pingora, and why; nothing of it was answered or counted.
+    Theirs(&'static str),
+}
+
+/// One client connection on the loop: the stream, the bytes read and not
+/// yet used, the answer being gathered, and the header offsets of `parse`.
+struct Client {
+    conn: Box<Guarded>,
+    buf: BytesMut,
+    out: BytesMut,
+    spans: Vec<(Range<usize>, Range<usize>)>,
+}
+
 #[async_trait]
 impl Lean for Edge {
-    async fn serve(&self, mut conn: Box<Guarded>, shutdown: &ShutdownWatch) -> Option<Box<Guarded>> {
+    async fn serve(&self, conn: Box<Guarded>, shutdown: &ShutdownWatch) -> Option<Box<Guarded>> {
         let peer = conn.peer_ip();
-        let mut buf = BytesMut::with_capacity(READ_SIZE);
-        let mut out = BytesMut::new();
-        let mut spans = Vec::with_capacity(32);
+        let mut c = Client {
+            conn,
+            buf: BytesMut::with_capacity(READ_SIZE),
+            out: BytesMut::new(),
+            spans: Vec::with_capacity(32),
+        };
         loop {
-            let (mut req, head, body_len) = loop {
-                if !buf.is_empty() {
-                    match parse(&mut buf, &mut spans) {
+            let (req, head, body_len) = loop {
+                if !c.buf.is_empty() {
+                    match parse(&mut c.buf, &mut c.spans) {
                         Head::Ours(req, head, body_len) => break (req, head, body_len),
                         Head::Partial => {}
-                        Head::Theirs(why) => return Some(hand_over(conn, buf, why)),
+                        Head::Theirs(why) => return Some(c.hand_over(why)),
                     }
                 }
-                buf.reserve(READ_SIZE);
+                c.buf.reserve(READ_SIZE);
                 // The guard answers a head too slow or too large itself
                 // (408, 431) and fails the read; a departure is an end.
-                match conn.read_buf(&mut buf).await {
+                match c.conn.read_buf(&mut c.buf).await {
                     Ok(0) | Err(_) => return None,
                     Ok(_) => {}
                 }
             };
-            let mut ctx = pingora::proxy::ProxyHttp::new_ctx(self);
-            ctx.client_ip = self.client_ip(peer, &req);
-            let routed = self.route(&mut req, &mut ctx);
-            let theirs = match () {
-                _ if routed.is_some() => None,
-                _ if ctx.route.target == Target::Files => Some("files"),
-                _ if compressible(&req) => Some("compressible"),
-                _ => None,
-            };
-            if let Some(why) = theirs {
-                // `route` counted nothing: Pingora's path decides again.
-                return Some(hand_over(conn, rejoin(&head, &buf), why));
-            }
-            let mut close = *shutdown.borrow() || closes(&req);
-            let mut answer = routed
-                .or_else(|| self.admit(&req, false, &mut ctx))
-                .or_else(|| Edge::body_limit(Some(body_len).filter(|n| *n > 0), &ctx));
-            let body_len = body_len as usize;
-            if answer.is_none() && buf.len() < body_len {
-                // Small bodies arrive whole before an upstream connection is
-                // taken, as on Pingora's path.
-                let allowed = self.body_timeout + Duration::from_secs(body_len as u64 / self.body_min_rate);
-                let read = async {
-                    while buf.len() < body_len {
-                        buf.reserve(body_len - buf.len());
-                        if conn.read_buf(&mut buf).await? == 0 {
-                            return Err(std::io::ErrorKind::UnexpectedEof.into());
-                        }
-                    }
-                    Ok::<_, std::io::Error>(())
-                };
-                match tokio::time::timeout(allowed, read).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => return None,
-                    Err(_) => answer = Some(Edge::body_too_slow()),
+            match self.answer(&mut c, req, body_len, peer, shutdown).await {
+                Next::KeepAlive => {}
+                Next::Close => {
+                    let _ = c.conn.shutdown().await;
+                    return None;
+                }
+                Next::Theirs(why) => {
+                    c.buf = rejoin(&head, &c.buf);
+                    return Some(c.hand_over(why));
                 }
             }
-            // An answer given before the body is read closes the connection
-            // unless the whole body is here to be skipped.
-            close |= answer.is_some() && buf.len() < body_len;
-            let (status, error) = match answer {
-                Some(answer) => {
-                    close |= answer.closes();
-                    let status = write_canned(&mut conn, &mut out, &answer, &req, close).await;
-                    (status, None)
-                }
-                None => {
-                    let body = (body_len > 0).then(|| &buf[..body_len]);
-                    match self.exchange(&mut req, body, &mut ctx).await {
-                        Ok((head, up)) => {
-                            let timeout = ctx.route.timeout;
-                            let head_request = req.method == http::Method::HEAD;
-                            match relay(&mut conn, &mut out, head, up, head_request, close, timeout).await {
-                                Ok(status) => (status, None),
-                                Err((status, e)) => {
-                                    close = true;
-                                    let e = e.map(|e| {
-                                        let e = crate::proxy::upstream_failure(e);
-                                        let _ = failure(&e, &ctx);
-                                        e
-                                    });
-                                    (status, e)
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            let (code, answer) = failure(&e, &ctx);
-                            close = true;
-                            let status = match answer {
-                                Some(answer) => write_canned(&mut conn, &mut out, &answer, &req, close).await,
-                                None => code,
-                            };
-                            (status, Some(e))
-                        }
-                    }
-                }
-            };
-            log_request(&req, status, &ctx, error.as_deref());
-            conn.request_done();
-            if close {
-                let _ = conn.shutdown().await;
-                return None;
-            }
-            buf.advance(body_len.min(buf.len()));
         }
     }
 }
 
-/// Gives the connection to Pingora with `buf` to be read again, counted
-/// by `why`.
-fn hand_over(mut conn: Box<Guarded>, buf: BytesMut, why: &'static str) -> Box<Guarded> {
-    metrics::counter!("portico_gateway_handovers_total", "reason" => why).increment(1);
-    conn.unread(buf);
-    conn
+impl Edge {
+    /// Answers one request whose head was just read (its body, if any, is
+    /// at the start of `c.buf`, whole or in part).
+    async fn answer(
+        &self,
+        c: &mut Client,
+        mut req: Box<RequestHeader>,
+        body_len: u64,
+        peer: Option<std::net::IpAddr>,
+        shutdown: &ShutdownWatch,
+    ) -> Next {
+        let mut ctx = pingora::proxy::ProxyHttp::new_ctx(self);
+        ctx.client_ip = self.client_ip(peer, &req);
+        let mut answer = self.route(&mut req, &mut ctx);
+        // Until `admit`, nothing is counted: Pingora's path may still take
+        // the request and decide again.
+        let mut file = None;
+        if answer.is_none() && ctx.route.target == Target::Files {
+            if let Some(files) = ctx.route.files.clone() {
+                match crate::files::reply(&req, &files).await {
+                    Ok(reply) if reply.gzip_ok && compressible(&req) => return Next::Theirs("compressible"),
+                    Ok(reply) => file = Some(reply),
+                    Err(_) => return Next::Theirs("files"),
+                }
+            }
+        } else if answer.is_none() && compressible(&req) {
+            return Next::Theirs("compressible");
+        }
+        let mut close = *shutdown.borrow() || closes(&req);
+        answer = answer.or_else(|| self.admit(&req, false, &mut ctx));
+        if ctx.route.target != Target::Files {
+            answer = answer.or_else(|| Edge::body_limit(Some(body_len).filter(|n| *n > 0), &ctx));
+        }
+        let body_len = body_len as usize;
+        if answer.is_none() && c.buf.len() < body_len {
+            // Small bodies arrive whole before an upstream connection is
+            // taken, as on Pingora's path.
+            let allowed = self.body_timeout + Duration::from_secs(body_len as u64 / self.body_min_rate);
+            match tokio::time::timeout(allowed, c.read_body(body_len)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Next::Close,
+                Err(_) => answer = Some(Edge::body_too_slow()),
+            }
+        }
+        // An answer given before the body is read closes the connection
+        // unless the whole body is here to be skipped.
+        close |= answer.is_some() && c.buf.len() < body_len;
+        let head_request = req.method == http::Method::HEAD;
+        let (status, error) = match (answer, file) {
+            (Some(answer), _) => {
+                close |= answer.closes();
+                (c.write_canned(&answer, head_request, close).await, None)
+            }
+            (None, Some(reply)) => match c.write_file(reply, head_request, close).await {
+                Ok(status) => (status, None),
+                Err((status, e)) => {
+                    close = true;
+                    (status, e)
+                }
+            },
+            (None, None) if ctx.route.target == Target::Files => (
+                c.write_canned(&crate::proxy::not_found(), head_request, close)
+                    .await,
+                None,
+            ),
+            (None, None) => {
+                let body = (body_len > 0).then(|| &c.buf[..body_len]);
+                match self.exchange(&mut req, body, &mut ctx).await {
+                    Ok((head, up)) => match c.relay(head, up, head_request, close, ctx.route.timeout).await {
+                        Ok(status) => (status, None),
+                        Err((status, e)) => {
+                            close = true;
+                            let e = e.map(|e| {
+                                let e = crate::proxy::upstream_failure(e);
+                                let _ = failure(&e, &ctx);
+                                e
+                            });
+                            (status, e)
+                        }
+                    },
+                    Err(e) => {
+                        let (code, answer) = failure(&e, &ctx);
+                        close = true;
+                        let status = match answer {
+                            Some(answer) => c.write_canned(&answer, head_request, close).await,
+                            None => code,
+                        };
+                        (status, Some(e))
+                    }
+                }
+            }
+        };
+        log_request(&req, status, &ctx, error.as_deref());
+        c.conn.request_done();
+        if close {
+            return Next::Close;
+        }
+        c.buf.advance(body_len.min(c.buf.len()));
+        Next::KeepAlive
+    }
+}
+
+impl Client {
+    /// Reads until the buffer holds `len` bytes (a request's body).
+    async fn read_body(&mut self, len: usize) -> std::io::Result<()> {
+        while self.buf.len() < len {
+            self.buf.reserve(len - self.buf.len());
+            if self.conn.read_buf(&mut self.buf).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives the connection to Pingora with the buffer to be read again,
+    /// counted by `why`.
+    fn hand_over(mut self, why: &'static str) -> Box<Guarded> {
+        metrics::counter!("portico_gateway_handovers_total", "reason" => why).increment(1);
+        self.conn.unread(self.buf);
+        self.conn
+    }
+
+    /// Writes one of the gateway's own answers (its head alone to a
+    /// `HEAD`); its status.
+    async fn write_canned(&mut self, answer: &Canned, head_request: bool, close: bool) -> u16 {
+        let Ok((mut head, body)) = answer.response() else {
+            return 500;
+        };
+        self.out.clear();
+        put_head(&mut self.out, &mut head, close);
+        if let Some(body) = body.filter(|_| !head_request) {
+            self.out.put_slice(&body);
+        }
+        let _ = self.write_out().await;
+        head.status.as_u16()
+    }
+
+    /// Writes a file route's reply; its status, or the status and the
+    /// failure once the head has left.
+    async fn write_file(
+        &mut self,
+        reply: crate::files::Reply,
+        head_request: bool,
+        close: bool,
+    ) -> Result<u16, (u16, Option<Box<pingora::Error>>)> {
+        let crate::files::Reply { mut head, body, .. } = reply;
+        let status = head.status.as_u16();
+        let client = |_: std::io::Error| (status, None);
+        self.out.clear();
+        put_head(&mut self.out, &mut head, close);
+        match body {
+            _ if head_request => {}
+            crate::files::Body::Empty => {}
+            crate::files::Body::Bytes(bytes) => self.put_piece(&bytes, false).await.map_err(client)?,
+            crate::files::Body::File { path, start, len } => {
+                let mut file =
+                    crate::files::FileBody::open(&path, start, len).map_err(|e| (status, Some(e)))?;
+                while let Some(piece) = file.next().await.map_err(|e| (status, Some(e)))? {
+                    self.put_piece(&piece, false).await.map_err(client)?;
+                }
+            }
+        }
+        self.write_out().await.map_err(client)?;
+        Ok(status)
+    }
+
+    /// Adds a piece of a body (as a chunk if `chunked`) behind what `out`
+    /// holds; a large piece is written as it is, after `out`.
+    async fn put_piece(&mut self, piece: &[u8], chunked: bool) -> std::io::Result<()> {
+        if chunked {
+            self.out.put_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        }
+        if piece.len() > COPY_UP_TO {
+            self.conn.write_all(&self.out).await?;
+            self.out.clear();
+            self.conn.write_all(piece).await?;
+        } else {
+            self.out.put_slice(piece);
+        }
+        if chunked {
+            self.out.put_slice(b"\r\n");
+        }
+        Ok(())
+    }
+
+    /// Writes what `out` holds and flushes it to the client.
+    async fn write_out(&mut self) -> std::io::Result<()> {
+        self.conn.write_all(&self.out).await?;
+        self.out.clear();
+        self.conn.flush().await
+    }
+
+    /// Passes the upstream's answer on: its status, or the status and the
+    /// upstream's failure (`None`: the client's) once the head has left.
+    async fn relay(
+        &mut self,
+        mut head: ResponseHeader,
+        mut up: Conn,
+        head_request: bool,
+        close: bool,
+        timeout: Duration,
+    ) -> Result<u16, (u16, Option<crate::forward::ForwardError>)> {
+        let status = head.status.as_u16();
+        let no_body = head_request || matches!(status, 204 | 304);
+        let chunked = !no_body
+            && head
+                .headers
+                .get(header::TRANSFER_ENCODING)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
+        self.out.clear();
+        put_head(&mut self.out, &mut head, close);
+        let client = |_: std::io::Error| (status, None);
+        while !up.is_done() {
+            match up.next_body(timeout).await {
+                Ok(Some(piece)) if !piece.is_empty() && !no_body => {
+                    self.put_piece(&piece, chunked).await.map_err(client)?;
+                }
+                Ok(_) => {}
+                Err(e) => return Err((status, Some(e))),
+            }
+        }
+        // Back to the pool before the last write (see `proxy::Edge::forward`).
+        up.release();
+        if chunked {
+            self.out.put_slice(b"0\r\n\r\n");
+        }
+        self.write_out().await.map_err(client)?;
+        Ok(status)
+    }
 }
 
 /// A head split off the buffer, put back in front of the rest.
@@ -306,90 +480,4 @@ fn put_head(out: &mut BytesMut, head: &mut ResponseHeader, close: bool) {
     out.put_slice(b"\r\n");
     head.header_to_h1_wire(out);
     out.put_slice(b"\r\n");
-}
-
-/// Writes one of the gateway's own answers (its head alone to a `HEAD`);
-/// its status.
-async fn write_canned(
-    conn: &mut Guarded,
-    out: &mut BytesMut,
-    answer: &Canned,
-    req: &RequestHeader,
-    close: bool,
-) -> u16 {
-    let Ok((mut head, body)) = answer.response() else {
-        return 500;
-    };
-    out.clear();
-    put_head(out, &mut head, close);
-    if let Some(body) = body.filter(|_| req.method != http::Method::HEAD) {
-        out.put_slice(&body);
-    }
-    let _ = write_out(conn, out).await;
-    head.status.as_u16()
-}
-
-/// Writes what `out` holds and flushes it to the client.
-async fn write_out(conn: &mut Guarded, out: &mut BytesMut) -> std::io::Result<()> {
-    conn.write_all(out).await?;
-    out.clear();
-    conn.flush().await
-}
-
-/// Passes the upstream's answer on: its status, or the status and the
-/// upstream's failure (`None`: the client's) once the head has left.
-async fn relay(
-    conn: &mut Guarded,
-    out: &mut BytesMut,
-    mut head: ResponseHeader,
-    mut up: Conn,
-    head_request: bool,
-    close: bool,
-    timeout: Duration,
-) -> Result<u16, (u16, Option<crate::forward::ForwardError>)> {
-    let status = head.status.as_u16();
-    let no_body = head_request || matches!(status, 204 | 304);
-    let chunked = !no_body
-        && head
-            .headers
-            .get(header::TRANSFER_ENCODING)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
-    out.clear();
-    put_head(out, &mut head, close);
-    let client = |_: std::io::Error| (status, None);
-    loop {
-        let piece = if up.is_done() {
-            None
-        } else {
-            match up.next_body(timeout).await {
-                Ok(piece) => piece,
-                Err(e) => return Err((status, Some(e))),
-            }
-        };
-        let Some(piece) = piece.filter(|p| !p.is_empty() && !no_body) else {
-            if up.is_done() {
-                // Back to the pool before the last write (see `forward`).
-                up.release();
-                if chunked {
-                    out.put_slice(b"0\r\n\r\n");
-                }
-                write_out(conn, out).await.map_err(client)?;
-                return Ok(status);
-            }
-            continue;
-        };
-        if chunked {
-            out.put_slice(format!("{:x}\r\n", piece.len()).as_bytes());
-        }
-        if piece.len() > COPY_UP_TO {
-            conn.write_all(out).await.map_err(client)?;
-            out.clear();
-            conn.write_all(&piece).await.map_err(client)?;
-        } else {
-            out.put_slice(&piece);
-        }
-        if chunked {
-            out.put_slice(b"\r\n");
-        }
-    }
 }

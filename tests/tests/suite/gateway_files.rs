@@ -7,7 +7,7 @@
 use std::io::Read;
 use std::time::Duration;
 
-use portico_tests::client::{https_client, tls_connect};
+use portico_tests::client::{metrics, sample, tls_connect};
 use portico_tests::servers::{EdgePorts, Service};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -19,7 +19,10 @@ struct Files {
     http: reqwest::Client,
 }
 
-fn start() -> Files {
+/// A gateway with two file routes on one root, and a client that speaks
+/// HTTP/1.1 only (the gateway's own loop, `h1`) or, with `h2`, HTTP/2
+/// (Pingora's session).
+fn start(h2: bool) -> Files {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("site");
     let outside = dir.path().join("outside");
@@ -50,7 +53,16 @@ fn start() -> Files {
         r = root.display()
     );
     let (gw, edge) = Service::gateway_with_routes(&routes, &[]);
-    let http = https_client(&gw.certificate("localhost"));
+    let ca = reqwest::Certificate::from_pem(&gw.certificate("localhost")).unwrap();
+    let http = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .timeout(Duration::from_secs(10));
+    let http = if h2 {
+        http.http2_prior_knowledge()
+    } else {
+        http.http1_only()
+    };
+    let http = http.build().unwrap();
     Files {
         gw,
         edge,
@@ -103,7 +115,13 @@ fn h<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
 
 #[tokio::test]
 async fn files_are_served_with_types_validators_and_each_routes_cache_policy() {
-    let f = start();
+    for h2 in [false, true] {
+        served_with_types_validators_and_cache_policy(h2).await;
+    }
+}
+
+async fn served_with_types_validators_and_cache_policy(h2: bool) {
+    let f = start(h2);
     let r = f.get("/static/css/app.css", &[]).await;
     assert_eq!(r.status(), 200);
     assert_eq!(h(&r, "content-type"), "text/css; charset=utf-8");
@@ -169,7 +187,13 @@ async fn files_are_served_with_types_validators_and_each_routes_cache_policy() {
 
 #[tokio::test]
 async fn ranges_and_precompressed_variants() {
-    let f = start();
+    for h2 in [false, true] {
+        ranges_and_variants(h2).await;
+    }
+}
+
+async fn ranges_and_variants(h2: bool) {
+    let f = start(h2);
     let whole = std::fs::read(f.root.join("video.bin")).unwrap();
     // A large file, streamed, whole and in ranges.
     let r = f.get("/static/video.bin", &[]).await;
@@ -209,9 +233,13 @@ async fn ranges_and_precompressed_variants() {
     let client = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(&f.gw.certificate("localhost")).unwrap())
         .no_gzip()
-        .no_brotli()
-        .build()
-        .unwrap();
+        .no_brotli();
+    let client = if h2 {
+        client.http2_prior_knowledge()
+    } else {
+        client.http1_only()
+    };
+    let client = client.build().unwrap();
     let get = |enc: &'static str, range: Option<&'static str>| {
         let mut req = client.get(f.url("/static/app.js")).header("accept-encoding", enc);
         if let Some(r) = range {
@@ -243,11 +271,33 @@ async fn ranges_and_precompressed_variants() {
     let r = get("br", None).await.unwrap();
     assert_eq!(h(&r, "content-encoding"), "");
     assert_eq!(r.text().await.unwrap(), "console.log('new');");
+
+    // A file the edge gzips itself (no sibling) is gzipped on either path:
+    // over HTTP/1.1 the connection goes to Pingora, whose module that is.
+    // Every other answer above came from the gateway's own loop.
+    let r = client
+        .get(f.url("/static/css/app.css"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(h(&r, "content-encoding"), "gzip");
+    if !h2 {
+        let text = metrics(f.edge.admin).await;
+        let handed = |why: &str| {
+            sample(
+                &text,
+                &format!("portico_gateway_handovers_total{{reason=\"{why}\"}}"),
+            )
+        };
+        assert_eq!(handed("compressible"), Some(1.0));
+        assert_eq!(handed("files"), None);
+    }
 }
 
 #[tokio::test]
 async fn nothing_outside_the_root_nor_hidden_nor_a_listing() {
-    let f = start();
+    let f = start(false);
     assert_eq!(f.raw("/static/css/app.css").await.0, 200);
     // Doubled slashes are merged by the edge's normalization, as nginx does.
     assert_eq!(f.raw("/static/css//app.css").await.0, 200);
