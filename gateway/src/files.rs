@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::HeaderValue;
+use http::{HeaderValue, header};
 use lru::LruCache;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::modules::http::compression::ResponseCompression;
@@ -101,16 +101,18 @@ impl FileRoute {
     fn relative(&self, path: &str) -> Option<PathBuf> {
         let rest = path.strip_prefix(&self.prefix)?;
         let rest = rest.strip_prefix('/').unwrap_or(rest);
-        let mut out = PathBuf::new();
-        let segments: Vec<&str> = rest.split('/').collect();
-        for (i, seg) in segments.iter().enumerate() {
-            let last = i + 1 == segments.len();
-            if seg.is_empty() && last {
+        let mut out = PathBuf::with_capacity(rest.len() + 16);
+        let mut segments = rest.split('/').peekable();
+        while let Some(seg) = segments.next() {
+            if seg.is_empty() && segments.peek().is_none() {
                 // A directory: its index.
                 out.push("index.html");
                 continue;
             }
-            let name = percent_decode(seg)?;
+            let name = match seg.contains('%') {
+                true => std::borrow::Cow::Owned(percent_decode(seg)?),
+                false => std::borrow::Cow::Borrowed(seg),
+            };
             if name.is_empty()
                 || name.starts_with('.')
                 || name.contains(['/', '\\', '\0'])
@@ -118,7 +120,7 @@ impl FileRoute {
             {
                 return None;
             }
-            out.push(name);
+            out.push(&*name);
         }
         Some(out)
     }
@@ -354,8 +356,8 @@ pub async fn reply(req: &RequestHeader, files: &FileRoute) -> Result<Reply> {
     let head = req.method == http::Method::HEAD;
     if req.method != http::Method::GET && !head {
         let mut resp = ResponseHeader::build(405, Some(4))?;
-        resp.insert_header("allow", "GET, HEAD")?;
-        resp.insert_header("content-length", "0")?;
+        resp.insert_header(header::ALLOW, HeaderValue::from_static("GET, HEAD"))?;
+        resp.insert_header(header::CONTENT_LENGTH, HeaderValue::from_static("0"))?;
         crate::headers::secure(&mut resp)?;
         return Ok(Reply {
             head: resp,
@@ -408,11 +410,11 @@ pub async fn reply(req: &RequestHeader, files: &FileRoute) -> Result<Reply> {
     };
     let last_modified = entry.last_modified.clone();
     let common = |resp: &mut ResponseHeader| -> Result<()> {
-        resp.insert_header("etag", etag.clone())?;
-        resp.insert_header("last-modified", last_modified.clone())?;
-        resp.insert_header("cache-control", files.cache_control.clone())?;
-        resp.insert_header("vary", HeaderValue::from_static("Accept-Encoding"))?;
-        resp.insert_header("accept-ranges", HeaderValue::from_static("bytes"))?;
+        resp.insert_header(header::ETAG, etag.clone())?;
+        resp.insert_header(header::LAST_MODIFIED, last_modified.clone())?;
+        resp.insert_header(header::CACHE_CONTROL, files.cache_control.clone())?;
+        resp.insert_header(header::VARY, HeaderValue::from_static("Accept-Encoding"))?;
+        resp.insert_header(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"))?;
         crate::headers::secure(resp)
     };
     let etag = etag.to_str().unwrap_or_default();
@@ -451,8 +453,8 @@ pub async fn reply(req: &RequestHeader, files: &FileRoute) -> Result<Reply> {
                 Ok(s) => span = s,
                 Err(()) => {
                     let mut resp = ResponseHeader::build(416, Some(6))?;
-                    resp.insert_header("content-range", format!("bytes */{}", body.len))?;
-                    resp.insert_header("content-length", "0")?;
+                    resp.insert_header(header::CONTENT_RANGE, format!("bytes */{}", body.len))?;
+                    resp.insert_header(header::CONTENT_LENGTH, HeaderValue::from_static("0"))?;
                     common(&mut resp)?;
                     return Ok(Reply {
                         head: resp,
@@ -468,16 +470,16 @@ pub async fn reply(req: &RequestHeader, files: &FileRoute) -> Result<Reply> {
         None => (200, 0, body.len),
     };
     let mut resp = ResponseHeader::build(status, Some(8))?;
-    resp.insert_header("content-type", entry.content_type.clone())?;
-    resp.insert_header("content-length", HeaderValue::from(len))?;
+    resp.insert_header(header::CONTENT_TYPE, entry.content_type.clone())?;
+    resp.insert_header(header::CONTENT_LENGTH, HeaderValue::from(len))?;
     if status == 206 {
         resp.insert_header(
-            "content-range",
+            header::CONTENT_RANGE,
             format!("bytes {start}-{}/{}", start + len - 1, body.len),
         )?;
     }
     if let Some((coding, _)) = &variant {
-        resp.insert_header("content-encoding", *coding)?;
+        resp.insert_header(header::CONTENT_ENCODING, HeaderValue::from_static(coding))?;
     }
     common(&mut resp)?;
     let body = match &body.bytes {

@@ -39,6 +39,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderName};
 use pingora::http::{RequestHeader, ResponseHeader};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -207,8 +208,8 @@ impl Conn {
             }
             self.body = framing(&head, head_request)?;
             self.keep_alive = keeps_alive(&head);
-            for name in HOP_BY_HOP_RESPONSE {
-                head.remove_header(*name);
+            for name in &HOP_BY_HOP_RESPONSE {
+                head.remove_header(name);
             }
             if self.body == Body::Close {
                 // Chunked for the client, whose connection then stays open
@@ -307,26 +308,29 @@ fn clamp(left: u64) -> usize {
 
 /// Response headers about this connection, not for the client (Pingora
 /// writes the client's own `Connection`; trailers are not passed on).
-const HOP_BY_HOP_RESPONSE: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "trailer",
-    "upgrade",
+const HOP_BY_HOP_RESPONSE: [HeaderName; 5] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::TRAILER,
+    header::UPGRADE,
 ];
 
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
 /// Request headers about the client's connection, not for the upstream's.
-const HOP_BY_HOP_REQUEST: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "http2-settings",
+const HOP_BY_HOP_REQUEST: [HeaderName; 10] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("http2-settings"),
 ];
 
 /// Whether a request's `Connection` header names only `keep-alive` or
@@ -347,8 +351,8 @@ pub fn plain_connection(req: &RequestHeader) -> bool {
 /// headers about the client's own connection.
 pub fn strip_hop_by_hop(req: &mut RequestHeader) {
     req.set_version(http::Version::HTTP_11);
-    for name in HOP_BY_HOP_REQUEST {
-        req.remove_header(*name);
+    for name in &HOP_BY_HOP_REQUEST {
+        req.remove_header(name);
     }
 }
 

@@ -343,7 +343,9 @@ fn own_error_head(buf: &[u8]) -> Option<Vec<u8>> {
     out.extend_from_slice(&buf[..at + 2]);
     out.extend_from_slice(&buf[at + SERVER.len()..end]);
     for (name, value) in crate::headers::SECURITY_HEADERS {
-        out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+        for part in [name.as_str().as_bytes(), b": ", value.as_bytes(), b"\r\n"] {
+            out.extend_from_slice(part);
+        }
     }
     out.extend_from_slice(&buf[end..]);
     Some(out)
@@ -419,6 +421,18 @@ impl Guarded {
     /// Puts bytes already read (and watched) back in front of the stream.
     pub fn unread(&mut self, bytes: bytes::BytesMut) {
         self.unread = bytes;
+    }
+
+    /// The stream below the guard, for answers the lean server gathers
+    /// whole: written as they are, not copied into [`Guarded::out`] (which
+    /// holds nothing between Pingora's responses) nor checked as Pingora's
+    /// heads are.
+    pub fn unbuffered(&mut self) -> &mut Stream {
+        debug_assert!(
+            self.out.is_empty(),
+            "bytes of Pingora's left in the response buffer"
+        );
+        &mut self.inner
     }
 
     /// The request is over: the next read waits for a new one under the
@@ -544,7 +558,13 @@ impl AsyncRead for Guarded {
         let this = self.get_mut();
         if !this.unread.is_empty() {
             let n = this.unread.len().min(buf.remaining());
-            buf.put_slice(&this.unread.split_to(n));
+            buf.put_slice(&this.unread[..n]);
+            bytes::Buf::advance(&mut this.unread, n);
+            if this.unread.is_empty() {
+                // Its allocation goes with it (a WebSocket would hold it
+                // for its whole life otherwise).
+                this.unread = bytes::BytesMut::new();
+            }
             return Poll::Ready(Ok(()));
         }
         if this.reject.is_some() {

@@ -297,9 +297,9 @@ impl Client {
             self.out.put_slice(format!("{:x}\r\n", piece.len()).as_bytes());
         }
         if piece.len() > COPY_UP_TO {
-            self.conn.write_all(&self.out).await?;
+            self.conn.unbuffered().write_all(&self.out).await?;
             self.out.clear();
-            self.conn.write_all(piece).await?;
+            self.conn.unbuffered().write_all(piece).await?;
         } else {
             self.out.put_slice(piece);
         }
@@ -311,9 +311,10 @@ impl Client {
 
     /// Writes what `out` holds and flushes it to the client.
     async fn write_out(&mut self) -> std::io::Result<()> {
-        self.conn.write_all(&self.out).await?;
+        let stream = self.conn.unbuffered();
+        stream.write_all(&self.out).await?;
         self.out.clear();
-        self.conn.flush().await
+        stream.flush().await
     }
 
     /// Passes the upstream's answer on: its status, or the status and the

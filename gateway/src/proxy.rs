@@ -28,6 +28,10 @@ const CHAT_SUBPROTOCOL: &str = "portico.v1";
 const STICKY_COOKIE: &str = "portico_route";
 /// Upgraded connections may stay idle this long (above the chat heartbeat).
 const WS_IDLE: Duration = Duration::from_secs(120);
+const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: http::HeaderName = http::HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: http::HeaderName = http::HeaderName::from_static("x-real-ip");
 /// How long connecting to an upstream may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -855,12 +859,12 @@ impl Edge {
         if let Some(ip) = ctx.client_ip {
             let ip = http::HeaderValue::try_from(ip.to_string())
                 .or_err(ErrorType::InternalError, "client address")?;
-            upstream.insert_header("x-forwarded-for", ip.clone())?;
-            upstream.insert_header("x-real-ip", ip)?;
+            upstream.insert_header(X_FORWARDED_FOR, ip.clone())?;
+            upstream.insert_header(X_REAL_IP, ip)?;
         }
-        upstream.insert_header("x-forwarded-proto", http::HeaderValue::from_static("https"))?;
+        upstream.insert_header(X_FORWARDED_PROTO, http::HeaderValue::from_static("https"))?;
         if let Some(host) = host {
-            upstream.insert_header("x-forwarded-host", host)?;
+            upstream.insert_header(X_FORWARDED_HOST, host)?;
         }
         Ok(())
     }
