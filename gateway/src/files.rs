@@ -276,7 +276,7 @@ fn range(value: &str, len: u64) -> Result<Option<(u64, u64)>, ()> {
     Ok(Some((start, end)))
 }
 
-fn header<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
+fn header(req: &RequestHeader, name: header::HeaderName) -> Option<&str> {
     req.headers.get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -379,12 +379,12 @@ pub async fn reply(req: &RequestHeader, files: &FileRoute) -> Result<Reply> {
     let Some(entry) = files.lookup(&rel, false).await else {
         return not_found();
     };
-    let ranged = header(req, "range");
+    let ranged = header(req, header::RANGE);
     // A precompressed sibling, not older than the file, when the client
     // takes it (ranges are served from the file itself).
     let mut variant = None;
     if ranged.is_none() {
-        let accept = header(req, "accept-encoding").unwrap_or("");
+        let accept = header(req, header::ACCEPT_ENCODING).unwrap_or("");
         for (coding, ext) in [("br", "br"), ("gzip", "gz")] {
             if !accepts(accept, coding) {
                 continue;
@@ -419,7 +419,10 @@ pub async fn reply(req: &RequestHeader, files: &FileRoute) -> Result<Reply> {
     };
     let etag = etag.to_str().unwrap_or_default();
 
-    let not_modified = match (header(req, "if-none-match"), header(req, "if-modified-since")) {
+    let not_modified = match (
+        header(req, header::IF_NONE_MATCH),
+        header(req, header::IF_MODIFIED_SINCE),
+    ) {
         (Some(list), _) => etag_matches(list, etag),
         (None, Some(since)) => httpdate::parse_http_date(since).is_ok_and(|t| {
             let secs = |t: SystemTime| {
@@ -445,7 +448,7 @@ pub async fn reply(req: &RequestHeader, files: &FileRoute) -> Result<Reply> {
     let mut span = None;
     if let Some(r) = ranged {
         // If-Range: the range holds only for the current version.
-        let current = header(req, "if-range").is_none_or(|v| {
+        let current = header(req, header::IF_RANGE).is_none_or(|v| {
             v.trim() == etag || httpdate::parse_http_date(v).is_ok_and(|t| t >= entry.modified)
         });
         if current {
