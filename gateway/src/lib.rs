@@ -337,7 +337,11 @@ fn describe_metrics() {
     );
     metrics::describe_gauge!(
         "portico_gateway_connections",
-        "Client connections open on the HTTPS listener."
+        "Client connections open on the HTTPS and plain-HTTP listeners."
+    );
+    describe_counter!(
+        "portico_gateway_handovers_total",
+        "HTTP/1 connections the gateway's own loop handed to Pingora, by the request that made it: compressible, upgrade, body, connection, version, target, malformed, files."
     );
     describe_counter!(
         "portico_gateway_client_disconnects_total",
