@@ -50,8 +50,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dashmap::DashMap;
-use pingora::apps::ServerApp;
+use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::listeners::tls::Acceptor;
+use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::{SslDigest, TlsRef};
@@ -150,8 +151,9 @@ impl Drop for Permit {
 /// A Pingora app behind the guard, on a plain TCP listener: the guard
 /// admits, then terminates TLS with `tls` if there is one (HTTPS; the
 /// plain-HTTP listener has none). An HTTP/1 connection is served by
-/// `lean` first, if there is one, and by the app from the request `lean`
-/// hands over.
+/// `lean`, if there is one, and each request `lean` hands over by the app,
+/// on a session of its own: the connection comes back to `lean` after it
+/// if it stays open.
 pub struct GuardedApp<A> {
     pub inner: Arc<A>,
     pub guard: Arc<Guard>,
@@ -163,10 +165,25 @@ pub struct GuardedApp<A> {
 /// the Pingora app (the gateway's is [`crate::h1`]).
 #[async_trait]
 pub trait Lean: Send + Sync {
-    /// Serves requests until the connection ends (`None`), or gives it
-    /// back (`Some`) at a request it leaves to the app, whose bytes read so
+    /// Serves requests until the connection ends (`None`), or hands it
+    /// over (`Some`) at a request it leaves to the app, whose bytes read so
     /// far it has put back ([`Guarded::unread`]).
     async fn serve(&self, conn: Box<Guarded>, shutdown: &ShutdownWatch) -> Option<Box<Guarded>>;
+}
+
+impl<A: HttpServerApp + Send + Sync + 'static> GuardedApp<A> {
+    /// One HTTP/1 request served by the app, as Pingora's own loop would
+    /// serve it; the connection back if it stays open.
+    async fn one_request(&self, stream: Box<Guarded>, shutdown: &ShutdownWatch) -> Option<Box<Guarded>> {
+        let mut session = ServerSession::new_http1(stream);
+        // Pingora's own settings for a new HTTP/1 session.
+        session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
+        let reused = self.inner.process_new_http(session, shutdown).await?;
+        // Pipelining is off on the session: no request rides in the
+        // settings, which hold nothing else of ours.
+        let (stream, _settings) = reused.consume();
+        stream.into_any().downcast::<Guarded>().ok()
+    }
 }
 
 impl<A> GuardedApp<A> {
@@ -235,7 +252,7 @@ fn served_here(l4: Box<L4Stream>) -> Box<L4Stream> {
 }
 
 #[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
+impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
     async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         let ip = stream
             .get_socket_digest()
@@ -251,10 +268,13 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
         let stream = self.handshake(stream, ip).await?;
         let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
         let mut stream = Box::new(Guarded::new(stream, permit, &self.guard, h2));
-        if let Some(lean) = self.lean.as_ref().filter(|_| !h2) {
+        let Some(lean) = self.lean.as_ref().filter(|_| !h2) else {
+            return self.inner.process_new(stream, shutdown).await;
+        };
+        loop {
             stream = lean.serve(stream, shutdown).await?;
+            stream = self.one_request(stream, shutdown).await?;
         }
-        self.inner.process_new(stream, shutdown).await
     }
 
     /// Called once the listeners have stopped. Not passed on to the inner

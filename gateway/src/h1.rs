@@ -20,10 +20,11 @@
 //! accepts no content coding, the path is an API's, or the file is one it
 //! does not compress ([`crate::files::Reply::gzip_ok`]: images, variants,
 //! ranges); and the gateway's own answers (refusals, rate limits, pages).
-//! At any other request (HTTP/1.0, WebSocket upgrades, streamed or large
-//! bodies, answers to be gzipped, a head `httparse` or `http` refuses) the
-//! connection goes to Pingora, with the bytes read so far put back, and
-//! stays there ([`Client::hand_over`], counted by reason).
+//! Any other request (HTTP/1.0, a WebSocket upgrade, a streamed or large
+//! body, an answer to be gzipped, a head `httparse` or `http` refuses) is
+//! handed to Pingora with the bytes read so far put back
+//! ([`Client::hand_over`], counted by reason); the connection comes back
+//! here after it if it stays open (`guard::GuardedApp`).
 //!
 //! The head's deadline and size limits are the guard's (the stream is a
 //! [`Guarded`]); a body must arrive within the same allowance as on
