@@ -366,7 +366,7 @@ pub async fn reply(req: &RequestHeader, files: &FileRoute) -> Result<Reply> {
         });
     }
     let not_found = || -> Result<Reply> {
-        let (head, body) = crate::proxy::not_found().response()?;
+        let (head, body) = crate::answer::not_found().response()?;
         Ok(Reply {
             head,
             body: body.map_or(Body::Empty, Body::Bytes),

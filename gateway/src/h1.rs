@@ -40,9 +40,10 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::answer::Canned;
 use crate::forward::Conn;
 use crate::guard::{Guarded, Lean};
-use crate::proxy::{BUFFERED_BODY, Canned, Edge, failure, log_request, never_compressed};
+use crate::proxy::{BUFFERED_BODY, Edge, failure, log_request, never_compressed};
 use crate::routes::Target;
 
 /// Header lines parsed in place; a head with more goes to Pingora.
@@ -186,7 +187,7 @@ impl Edge {
                 }
             },
             (None, None) if ctx.route.target == Target::Files => (
-                c.write_canned(&crate::proxy::not_found(), head_request, close)
+                c.write_canned(&crate::answer::not_found(), head_request, close)
                     .await,
                 None,
             ),

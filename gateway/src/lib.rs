@@ -9,6 +9,7 @@
 //! started with `--upgrade` (zero-downtime restart).
 
 pub mod acme;
+pub mod answer;
 pub mod drain;
 pub mod files;
 pub mod forward;
