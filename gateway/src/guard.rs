@@ -304,7 +304,9 @@ pub struct Guarded {
     /// first wait between requests, so a connection that never waits for a
     /// second request (or is upgraded) holds none.
     closing: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
-    deadline: Pin<Box<Sleep>>,
+    /// The head's, the keep-alive's or a reject's deadline; dropped once
+    /// the connection is upgraded (a WebSocket keeps no timer here).
+    deadline: Option<Pin<Box<Sleep>>>,
     header_timeout: Duration,
     keepalive_idle: Duration,
     max_bytes: usize,
@@ -417,7 +419,7 @@ impl Guarded {
             phase: if h2 { Phase::Passthrough } else { Phase::Head },
             // The first request's head counts from the accept: a client that
             // connects and sends nothing is cut off too.
-            deadline: Box::pin(tokio::time::sleep(header_timeout)),
+            deadline: Some(Box::pin(tokio::time::sleep(header_timeout))),
             header_timeout,
             keepalive_idle: Duration::from_secs(cfg.keepalive_idle_secs),
             max_bytes: cfg.max_header_bytes,
@@ -477,7 +479,23 @@ impl Guarded {
         self.lines = 0;
         self.line_len = 0;
         self.overread = 0;
-        self.deadline.as_mut().reset(Instant::now() + self.keepalive_idle);
+        self.reset_deadline(self.keepalive_idle);
+    }
+
+    /// Sets the deadline `after` from now.
+    fn reset_deadline(&mut self, after: Duration) {
+        let at = Instant::now() + after;
+        match self.deadline.as_mut() {
+            Some(d) => d.as_mut().reset(at),
+            None => self.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+    }
+
+    /// Whether the deadline has passed (registering the wake-up if not).
+    fn deadline_passed(&mut self, cx: &mut Context<'_>) -> bool {
+        self.deadline
+            .as_mut()
+            .is_some_and(|d| d.as_mut().poll(cx).is_ready())
     }
 
     /// Follows the head through `bytes`; `Err` when it breaks a limit.
@@ -515,7 +533,7 @@ impl Guarded {
 
     fn start_reject(&mut self, response: &'static [u8], error: io::ErrorKind, why: &'static str) {
         metrics::counter!("portico_gateway_requests_rejected_total", "reason" => why).increment(1);
-        self.deadline.as_mut().reset(Instant::now() + REJECT_WRITE);
+        self.reset_deadline(REJECT_WRITE);
         self.reject = Some(Reject {
             response,
             written: 0,
@@ -557,9 +575,10 @@ impl Guarded {
 
     /// Writes the pending 408/431, then fails the read so Pingora closes.
     fn poll_reject(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let passed = self.deadline_passed(cx);
         let r = self.reject.as_mut().expect("called with a reject pending");
         let fail = |r: &Reject| Poll::Ready(Err(io::Error::new(r.error, r.why)));
-        if self.deadline.as_mut().poll(cx).is_ready() {
+        if passed {
             return fail(r);
         }
         while r.written < r.response.len() {
@@ -619,7 +638,7 @@ impl AsyncRead for Guarded {
                 }
                 if this.phase == Phase::Idle {
                     this.phase = Phase::Head;
-                    this.deadline.as_mut().reset(Instant::now() + this.header_timeout);
+                    this.reset_deadline(this.header_timeout);
                 }
                 if this.scan(&buf.filled()[before..]).is_err() {
                     // Pingora never sees this head.
@@ -639,7 +658,7 @@ impl AsyncRead for Guarded {
                     // The service stopped: an idle connection ends (EOF).
                     return Poll::Ready(Ok(()));
                 }
-                if this.deadline.as_mut().poll(cx).is_pending() {
+                if !this.deadline_passed(cx) {
                     return Poll::Pending;
                 }
                 if this.phase == Phase::Idle {
@@ -693,8 +712,10 @@ impl AsyncWrite for Guarded {
             if let Some(head) = own_error_head(buf) {
                 this.rewritten = Some((head, 0, buf.len()));
             } else if let Some(len) = switching_head(buf) {
-                // A tunnel from now on: frames leave as they come.
+                // A tunnel from now on: frames leave as they come, and no
+                // deadline of the guard's applies.
                 this.out = Vec::new();
+                this.deadline = None;
                 let mut up = Box::new(Upgraded::new(this.drain.clone(), len));
                 let polled = up.poll_write(&mut this.inner, cx, buf);
                 this.upgraded = Some(up);
