@@ -342,7 +342,7 @@ fn describe_metrics() {
     );
     describe_counter!(
         "portico_gateway_handovers_total",
-        "HTTP/1 connections the gateway's own loop handed to Pingora, by the request that made it: compressible, upgrade, body, connection, version, target, malformed, files."
+        "HTTP/1 requests the gateway's own loop handed to Pingora (the connection comes back after each), by why: compressible, upgrade, body, connection, version, target, malformed, files."
     );
     describe_counter!(
         "portico_gateway_client_disconnects_total",
