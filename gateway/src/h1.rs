@@ -484,3 +484,111 @@ fn put_head(out: &mut BytesMut, head: &mut ResponseHeader, close: bool) {
     head.header_to_h1_wire(out);
     out.put_slice(b"\r\n");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(bytes: &[u8]) -> (Head, BytesMut) {
+        let mut buf = BytesMut::from(bytes);
+        let mut spans = Vec::new();
+        let head = parse(&mut buf, &mut spans);
+        (head, buf)
+    }
+
+    /// A head served here is split off the buffer, which keeps its body
+    /// and what follows; header values are the head's own bytes.
+    #[test]
+    fn a_plain_head_is_split_off_with_its_body_left_behind() {
+        let (head, rest) =
+            parsed(b"POST /a?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nX-Y: z\r\n\r\nabcGET");
+        let Head::Ours(req, bytes, body) = head else {
+            panic!("not served here");
+        };
+        assert_eq!(
+            (req.method.as_str(), req.uri.path(), req.uri.query()),
+            ("POST", "/a", Some("b=1"))
+        );
+        assert_eq!(req.headers["x-y"], "z");
+        assert_eq!(body, 3);
+        assert!(bytes.ends_with(b"\r\n\r\n"));
+        assert_eq!(&rest[..], b"abcGET");
+    }
+
+    /// Whatever is left to Pingora leaves the buffer exactly as it was, so
+    /// Pingora reads the request whole; each says why.
+    #[test]
+    fn heads_left_to_pingora_are_put_back_untouched() {
+        let big = format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            BUFFERED_BODY + 1
+        );
+        let cases: &[(&[u8], &str)] = &[
+            (b"GET / HTTP/1.0\r\n\r\n", "version"),
+            (b"GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n", "target"),
+            (b"CONNECT x:443 HTTP/1.1\r\nHost: x\r\n\r\n", "target"),
+            (
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+                "upgrade",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: x-secret\r\n\r\n",
+                "connection",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                "body",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nab",
+                "body",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +1\r\n\r\na",
+                "body",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+                "body",
+            ),
+            (big.as_bytes(), "body"),
+            (b"GET / HTTP/1.1\r\nHo st: x\r\n\r\n", "malformed"),
+        ];
+        for (bytes, why) in cases {
+            let (head, rest) = parsed(bytes);
+            match head {
+                Head::Theirs(got) => assert_eq!(got, *why, "{}", String::from_utf8_lossy(bytes)),
+                _ => panic!("served here: {}", String::from_utf8_lossy(bytes)),
+            }
+            assert_eq!(&rest[..], *bytes, "bytes changed");
+        }
+    }
+
+    #[test]
+    fn a_head_cut_short_waits_for_more() {
+        let (head, rest) = parsed(b"GET / HTTP/1.1\r\nHost: x\r\n");
+        assert!(matches!(head, Head::Partial));
+        assert_eq!(&rest[..], b"GET / HTTP/1.1\r\nHost: x\r\n");
+    }
+
+    #[test]
+    fn compression_and_close_are_read_from_the_head() {
+        let head = |extra: &str, path: &str| {
+            let (Head::Ours(req, ..), _) =
+                parsed(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n").as_bytes())
+            else {
+                panic!("not served here");
+            };
+            req
+        };
+        assert!(compressible(&head("Accept-Encoding: gzip, br\r\n", "/page")));
+        assert!(!compressible(&head("Accept-Encoding: identity\r\n", "/page")));
+        assert!(!compressible(&head("", "/page")));
+        assert!(!compressible(&head(
+            "Accept-Encoding: gzip\r\n",
+            "/api/conversations"
+        )));
+        assert!(closes(&head("Connection: keep-alive, close\r\n", "/")));
+        assert!(!closes(&head("Connection: keep-alive\r\n", "/")));
+    }
+}
