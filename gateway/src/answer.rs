@@ -98,6 +98,16 @@ impl Canned {
     }
 }
 
+/// The 503 page of a hosted app that does not answer (down, or failing
+/// the request).
+pub(crate) fn app_unavailable(name: &str) -> Canned {
+    Canned::page(
+        503,
+        "App unavailable",
+        format!("The app {name} is not answering right now. Try again in a moment."),
+    )
+}
+
 /// The 404 page of an address with nothing behind it.
 pub(crate) fn not_found() -> Canned {
     Canned::page(404, "Not found", "There is nothing at this address.")

@@ -337,14 +337,18 @@ const HOP_BY_HOP_REQUEST: [HeaderName; 10] = [
 /// `close`: one that names other headers (to be dropped on the way) is
 /// left to Pingora's path, which knows which of them may go.
 pub fn plain_connection(req: &RequestHeader) -> bool {
-    req.headers.get_all(http::header::CONNECTION).iter().all(|v| {
-        v.as_bytes().split(|&b| b == b',').all(|token| {
-            let token = token.trim_ascii();
-            token.is_empty()
-                || token.eq_ignore_ascii_case(b"keep-alive")
-                || token.eq_ignore_ascii_case(b"close")
-        })
+    connection_tokens(req).all(|token| {
+        token.is_empty() || token.eq_ignore_ascii_case(b"keep-alive") || token.eq_ignore_ascii_case(b"close")
     })
+}
+
+/// The tokens a request's `Connection` headers name, trimmed (empty list
+/// elements included).
+pub fn connection_tokens(req: &RequestHeader) -> impl Iterator<Item = &[u8]> {
+    req.headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii))
 }
 
 /// The client's request as the upstream gets it over HTTP/1.1: without the

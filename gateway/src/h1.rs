@@ -157,7 +157,7 @@ impl Edge {
         let mut close = *shutdown.borrow() || closes(&req);
         answer = answer.or_else(|| self.admit(&req, false, &mut ctx));
         if ctx.route.target != Target::Files {
-            answer = answer.or_else(|| Edge::body_limit(Some(body_len).filter(|n| *n > 0), &ctx));
+            answer = answer.or_else(|| Edge::body_limit(Some(body_len), &ctx));
         }
         let body_len = body_len as usize;
         if answer.is_none() && c.buf.len() < body_len {
@@ -435,13 +435,7 @@ fn plain(req: &RequestHeader) -> Result<u64, &'static str> {
     }
     let n = match h.get(header::CONTENT_LENGTH) {
         None => 0,
-        Some(v) => {
-            let digits = v.as_bytes();
-            if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-                return Err("body");
-            }
-            digits.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'))
-        }
+        Some(v) => crate::screen::content_length(v.as_bytes()).ok_or("body")?,
     };
     if n > BUFFERED_BODY {
         return Err("body");
@@ -451,11 +445,7 @@ fn plain(req: &RequestHeader) -> Result<u64, &'static str> {
 
 /// Whether the client asked to close the connection after this request.
 fn closes(req: &RequestHeader) -> bool {
-    req.headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-    })
+    crate::forward::connection_tokens(req).any(|t| t.eq_ignore_ascii_case(b"close"))
 }
 
 /// Whether the answer may be compressed (Pingora's compression module does

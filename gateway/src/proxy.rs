@@ -245,13 +245,7 @@ impl Edge {
                         format!("The app {} is stopped.", m.name),
                     ));
                 }
-                Some(AppState::Down) => {
-                    let text = format!(
-                        "The app {} is not answering right now. Try again in a moment.",
-                        m.name
-                    );
-                    return Some(Canned::page(503, "App unavailable", text));
-                }
+                Some(AppState::Down) => return Some(crate::answer::app_unavailable(&m.name)),
                 Some(AppState::NotDeployed) => {
                     let text = format!("The app {} has not been deployed yet.", m.name);
                     return Some(Canned::page(503, "App not deployed", text));
@@ -327,8 +321,7 @@ impl Edge {
 pub(crate) fn declared_length(req: &RequestHeader) -> Option<u64> {
     req.headers
         .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
+        .and_then(|v| crate::screen::content_length(v.as_bytes()))
 }
 
 /// Whether an answer to this path is never compressed: API answers carry
@@ -645,13 +638,7 @@ pub(crate) fn failure(e: &Error, ctx: &Ctx) -> (u16, Option<Canned>) {
         upstream_error(&ctx.route, kind);
     }
     let answer = match &ctx.app {
-        Some(app) if code == 503 => {
-            let text = format!(
-                "The app {} is not answering right now. Try again in a moment.",
-                app.name
-            );
-            Some(Canned::page(503, "App unavailable", text))
-        }
+        Some(app) if code == 503 => Some(crate::answer::app_unavailable(&app.name)),
         _ if code > 0 => Some(Canned::status(code)),
         _ => None,
     };

@@ -43,20 +43,24 @@ pub fn check_head(req: &RequestHeader, max_headers: usize) -> Result<(), Refusal
         return Err(refuse(400, "host"));
     }
     let mut lengths = req.headers.get_all(http::header::CONTENT_LENGTH).iter();
-    if let Some(first) = lengths.next() {
-        let digits = first.as_bytes();
-        if lengths.next().is_some()
-            || digits.is_empty()
-            || digits.len() > 19
-            || !digits.iter().all(u8::is_ascii_digit)
-        {
-            return Err(refuse(400, "content_length"));
-        }
+    if let Some(first) = lengths.next()
+        && (lengths.next().is_some() || content_length(first.as_bytes()).is_none())
+    {
+        return Err(refuse(400, "content_length"));
     }
     if req.headers.len() > max_headers {
         return Err(refuse(431, "header_count"));
     }
     Ok(())
+}
+
+/// The value of a `Content-Length` header if it is one well-formed number:
+/// digits only (no sign, space or list), at most 19 of them (fits a u64).
+pub fn content_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(value.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
 /// Client headers never passed upstream (the gateway sets its own
