@@ -35,6 +35,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -169,7 +170,7 @@ impl Conn {
         wire: &[u8],
         head_request: bool,
         timeout: Duration,
-    ) -> Result<ResponseHeader, ForwardError> {
+    ) -> Result<Head, ForwardError> {
         match tokio::time::timeout(timeout, self.tcp.write_all(wire)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(ForwardError::Write(e)),
@@ -179,9 +180,9 @@ impl Conn {
         // An interim answer was read: the upstream has the request.
         let mut heard = false;
         loop {
-            let (mut head, len) = loop {
-                if let Some(parsed) = parse_head(&self.buf).map_err(ForwardError::Malformed)? {
-                    break parsed;
+            let head = loop {
+                if let Some(head) = Head::parse(&mut self.buf).map_err(ForwardError::Malformed)? {
+                    break head;
                 }
                 if self.buf.len() >= MAX_HEAD {
                     return Err(ForwardError::HeadTooLarge);
@@ -196,7 +197,6 @@ impl Conn {
                     });
                 }
             };
-            self.buf.advance(len);
             if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
                 return Err(ForwardError::Malformed(
                     "a 101 to a request that asked no upgrade".into(),
@@ -208,17 +208,12 @@ impl Conn {
             }
             self.body = framing(&head, head_request)?;
             self.keep_alive = keeps_alive(&head);
-            for name in &HOP_BY_HOP_RESPONSE {
-                head.remove_header(name);
-            }
-            if self.body == Body::Close {
-                // Chunked for the client, whose connection then stays open
-                // (Pingora's proxy does the same).
-                head.set_version(http::Version::HTTP_11);
-                head.insert_header(http::header::TRANSFER_ENCODING, "chunked")
-                    .map_err(|e| ForwardError::Malformed(e.to_string()))?;
-            }
-            return Ok(head);
+            return Ok(Head {
+                // Chunked for the client, whose connection then stays
+                // open (Pingora's proxy does the same).
+                rechunked: self.body == Body::Close,
+                ..head
+            });
         }
     }
 
@@ -351,6 +346,13 @@ pub fn connection_tokens(req: &RequestHeader) -> impl Iterator<Item = &[u8]> {
         .flat_map(|v| v.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii))
 }
 
+/// Whether a request header is about the client's connection (any case).
+pub fn is_hop_by_hop_request(name: &[u8]) -> bool {
+    HOP_BY_HOP_REQUEST
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h.as_str().as_bytes()))
+}
+
 /// The client's request as the upstream gets it over HTTP/1.1: without the
 /// headers about the client's own connection.
 pub fn strip_hop_by_hop(req: &mut RequestHeader) {
@@ -360,52 +362,151 @@ pub fn strip_hop_by_hop(req: &mut RequestHeader) {
     }
 }
 
-/// Parses a response head at the start of `buf`: the head and its length,
-/// or `None` if more bytes are needed.
-/// `Err`: what is wrong with it.
+/// An upstream's response head as it was read: its bytes and where each
+/// header's name and value lie in them. The client's head is written from
+/// it ([`Head::passed`]) or, for Pingora's session, made from it
+/// ([`Head::to_response_header`]); no header map is built on the way.
+#[derive(Debug)]
+pub struct Head {
+    raw: Bytes,
+    pub status: http::StatusCode,
+    http10: bool,
+    /// Name and value of each header line, as offsets into `raw`.
+    lines: Vec<(Range<usize>, Range<usize>)>,
+    /// The body is read to the connection's end and passed on chunked.
+    rechunked: bool,
+}
+
+impl Head {
+    /// Splits the response head at the start of `buf` off it; `None` if
+    /// more bytes are needed. `Err`: what is wrong with it.
+    pub fn parse(buf: &mut BytesMut) -> Result<Option<Head>, String> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut headers);
+        let len = match parsed.parse(buf) {
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Ok(httparse::Status::Complete(len)) => len,
+            Err(e) => return Err(e.to_string()),
+        };
+        let status =
+            http::StatusCode::from_u16(parsed.code.ok_or("no status")?).map_err(|e| e.to_string())?;
+        // httparse has checked names (tokens) and values (no control bytes
+        // but tab): what `http` would take.
+        let base = buf.as_ptr() as usize;
+        let at = |s: &[u8]| {
+            let start = s.as_ptr() as usize - base;
+            start..start + s.len()
+        };
+        let lines = parsed
+            .headers
+            .iter()
+            .map(|h| (at(h.name.as_bytes()), at(h.value)))
+            .collect();
+        let http10 = parsed.version == Some(0);
+        Ok(Some(Head {
+            raw: buf.split_to(len).freeze(),
+            status,
+            http10,
+            lines,
+            rechunked: false,
+        }))
+    }
+
+    /// Every header line, as it came.
+    fn all(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.lines
+            .iter()
+            .map(|(name, value)| (&self.raw[name.clone()], &self.raw[value.clone()]))
+    }
+
+    /// The values of the header `name`, in order.
+    pub fn values<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> {
+        let name = name.as_str().as_bytes();
+        self.all()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
+    /// Whether the head has the header `name`.
+    pub fn has(&self, name: &HeaderName) -> bool {
+        self.values(name).next().is_some()
+    }
+
+    /// The header lines the client gets (all but those about the upstream's
+    /// connection), and a `Transfer-Encoding: chunked` of ours when the
+    /// body is re-chunked.
+    pub fn passed(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let hop_by_hop = |n: &[u8]| {
+            HOP_BY_HOP_RESPONSE
+                .iter()
+                .any(|h| n.eq_ignore_ascii_case(h.as_str().as_bytes()))
+        };
+        let ours = self
+            .rechunked
+            .then_some((header::TRANSFER_ENCODING.as_str().as_bytes(), &b"chunked"[..]));
+        self.all().filter(move |(n, _)| !hop_by_hop(n)).chain(ours)
+    }
+
+    /// Whether the body goes to the client chunked.
+    pub fn chunked(&self) -> bool {
+        self.rechunked || self.has(&header::TRANSFER_ENCODING)
+    }
+
+    /// The client's head as Pingora's session takes it.
+    pub fn to_response_header(&self) -> Result<ResponseHeader, ForwardError> {
+        self.response_header(self.passed())
+    }
+
+    /// A Pingora head of this status and `lines`.
+    fn response_header<'a>(
+        &self,
+        lines: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> Result<ResponseHeader, ForwardError> {
+        let malformed = |e: &dyn std::fmt::Display| ForwardError::Malformed(e.to_string());
+        // Built as `http` parts, without Pingora's header-case map: a known
+        // name costs no allocation and no second parse.
+        let (mut head, ()) = http::Response::new(()).into_parts();
+        head.status = self.status;
+        if self.http10 && !self.rechunked {
+            head.version = http::Version::HTTP_10;
+        }
+        head.headers.reserve(self.lines.len() + 1);
+        for (name, value) in lines {
+            let name = HeaderName::from_bytes(name).map_err(|e| malformed(&e))?;
+            let value = http::HeaderValue::from_bytes(value).map_err(|e| malformed(&e))?;
+            head.headers.append(name, value);
+        }
+        Ok(ResponseHeader::from(head))
+    }
+}
+
+/// Parses a response head at the start of `buf` (an upgrade's answer,
+/// every line kept): the head and its length, or `None` if more bytes are
+/// needed (see [`Head::parse`]). `Err`: what is wrong with it.
 pub fn parse_head(buf: &[u8]) -> Result<Option<(ResponseHeader, usize)>, String> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut headers);
-    let len = match parsed.parse(buf) {
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Ok(httparse::Status::Complete(len)) => len,
-        Err(e) => return Err(e.to_string()),
+    let mut buf = BytesMut::from(buf);
+    let Some(head) = Head::parse(&mut buf)? else {
+        return Ok(None);
     };
-    let malformed = |e: &dyn std::fmt::Display| e.to_string();
-    // Built as `http` parts, without Pingora's header-case map: a known
-    // name costs no allocation and no second parse, a value one copy.
-    let (mut head, ()) = http::Response::new(()).into_parts();
-    head.status = http::StatusCode::from_u16(parsed.code.ok_or_else(|| malformed(&"no status"))?)
-        .map_err(|e| malformed(&e))?;
-    if parsed.version == Some(0) {
-        head.version = http::Version::HTTP_10;
-    }
-    head.headers.reserve(parsed.headers.len());
-    for h in parsed.headers.iter() {
-        let name = http::HeaderName::from_bytes(h.name.as_bytes()).map_err(|e| malformed(&e))?;
-        let value = http::HeaderValue::from_bytes(h.value).map_err(|e| malformed(&e))?;
-        head.headers.append(name, value);
-    }
-    Ok(Some((ResponseHeader::from(head), len)))
+    let resp = head.response_header(head.all()).map_err(|e| e.to_string())?;
+    Ok(Some((resp, head.raw.len())))
 }
 
 /// How the body of `head` is delimited (RFC 9112, section 6.3).
-fn framing(head: &ResponseHeader, head_request: bool) -> Result<Body, ForwardError> {
+fn framing(head: &Head, head_request: bool) -> Result<Body, ForwardError> {
     if head_request || matches!(head.status.as_u16(), 204 | 304) {
         return Ok(Body::Done);
     }
-    let h = &head.headers;
-    let coding = h.get_all(http::header::TRANSFER_ENCODING);
-    if coding.iter().next().is_some() {
-        if h.contains_key(http::header::CONTENT_LENGTH) {
+    if head.has(&header::TRANSFER_ENCODING) {
+        if head.has(&header::CONTENT_LENGTH) {
             return Err(ForwardError::Malformed(
                 "both Transfer-Encoding and Content-Length".into(),
             ));
         }
-        let mut codings = coding.iter();
+        let mut codings = head.values(&header::TRANSFER_ENCODING);
         let only_chunked = codings
             .next()
-            .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"))
+            .is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"chunked"))
             && codings.next().is_none();
         if !only_chunked {
             return Err(ForwardError::Malformed(
@@ -415,8 +516,8 @@ fn framing(head: &ResponseHeader, head_request: bool) -> Result<Body, ForwardErr
         return Ok(Body::Chunked(Chunk::Size));
     }
     let mut length = None;
-    for value in h.get_all(http::header::CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|&b| b == b',') {
+    for value in head.values(&header::CONTENT_LENGTH) {
+        for part in value.split(|&b| b == b',') {
             let n = std::str::from_utf8(part.trim_ascii())
                 .ok()
                 .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
@@ -438,17 +539,16 @@ fn framing(head: &ResponseHeader, head_request: bool) -> Result<Body, ForwardErr
 }
 
 /// Whether the upstream keeps the connection open after this response.
-fn keeps_alive(head: &ResponseHeader) -> bool {
+fn keeps_alive(head: &Head) -> bool {
     let says = |token: &[u8]| {
-        head.headers.get_all(http::header::CONNECTION).iter().any(|v| {
-            v.as_bytes()
-                .split(|&b| b == b',')
+        head.values(&header::CONNECTION).any(|v| {
+            v.split(|&b| b == b',')
                 .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
         })
     };
-    match head.version {
-        http::Version::HTTP_11 => !says(b"close"),
-        _ => says(b"keep-alive") && !says(b"close"),
+    match head.http10 {
+        false => !says(b"close"),
+        true => says(b"keep-alive") && !says(b"close"),
     }
 }
 
@@ -634,7 +734,8 @@ mod tests {
         let mut conn = Conn::new(tcp, addr);
         let head = conn
             .exchange(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", head_request, T)
-            .await?;
+            .await?
+            .to_response_header()?;
         let mut body = Vec::new();
         while let Some(piece) = conn.next_body(T).await? {
             body.extend_from_slice(&piece);

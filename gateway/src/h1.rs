@@ -41,10 +41,15 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::answer::Canned;
-use crate::forward::Conn;
+use crate::forward::{Conn, Head as Upstream, is_hop_by_hop_request};
 use crate::guard::{Guarded, Lean};
-use crate::proxy::{BUFFERED_BODY, Edge, failure, log_request, never_compressed};
+use crate::headers::DROPPED;
+use crate::proxy::{
+    BUFFERED_BODY, Ctx, Edge, authority, failure, forwarded, log_request, never_compressed,
+    new_sticky_cookie, upstream_heard,
+};
 use crate::routes::Target;
+use crate::screen::is_spoofable;
 
 /// Header lines parsed in place; a head with more goes to Pingora.
 const MAX_HEADERS: usize = 100;
@@ -81,8 +86,11 @@ struct Client {
     conn: Box<Guarded>,
     buf: BytesMut,
     out: BytesMut,
-    spans: Vec<(Range<usize>, Range<usize>)>,
+    spans: Spans,
 }
+
+/// Where each header line's name and value lie in a head's bytes.
+type Spans = Vec<(Range<usize>, Range<usize>)>;
 
 #[async_trait]
 impl Lean for Edge {
@@ -111,7 +119,7 @@ impl Lean for Edge {
                     Ok(_) => {}
                 }
             };
-            match self.answer(&mut c, req, body_len, peer, shutdown).await {
+            match self.answer(&mut c, req, &head, body_len, peer, shutdown).await {
                 Next::KeepAlive => {}
                 Next::Close => {
                     let _ = c.conn.shutdown().await;
@@ -127,12 +135,14 @@ impl Lean for Edge {
 }
 
 impl Edge {
-    /// Answers one request whose head was just read (its body, if any, is
-    /// at the start of `c.buf`, whole or in part).
+    /// Answers one request whose head (`req`, read from the bytes `head`
+    /// whose lines `c.spans` locates) was just read; its body, if any, is
+    /// at the start of `c.buf`, whole or in part.
     async fn answer(
         &self,
         c: &mut Client,
         mut req: Box<RequestHeader>,
+        head: &[u8],
         body_len: u64,
         peer: Option<std::net::IpAddr>,
         shutdown: &ShutdownWatch,
@@ -192,9 +202,20 @@ impl Edge {
                 None,
             ),
             (None, None) => {
-                let body = (body_len > 0).then(|| &c.buf[..body_len]);
-                match self.exchange(&mut req, body, &mut ctx).await {
-                    Ok((head, up)) => match c.relay(head, up, head_request, close, ctx.route.timeout).await {
+                c.out.clear();
+                put_upstream_head(&mut c.out, &req, head, &c.spans, &ctx);
+                c.out.extend_from_slice(&c.buf[..body_len]);
+                let sent = self.send(&c.out, head_request, &mut ctx).await;
+                let exchanged = sent.and_then(|(head, up)| {
+                    c.out.clear();
+                    self.put_client_head(&mut c.out, &head, &mut ctx, close)?;
+                    Ok((head.status.as_u16(), head.chunked(), up))
+                });
+                match exchanged {
+                    Ok((status, chunked, up)) => match c
+                        .relay(status, chunked, up, head_request, ctx.route.timeout)
+                        .await
+                    {
                         Ok(status) => (status, None),
                         Err((status, e)) => {
                             close = true;
@@ -225,6 +246,49 @@ impl Edge {
         }
         c.buf.advance(body_len.min(c.buf.len()));
         Next::KeepAlive
+    }
+
+    /// Writes an upstream's head as the client gets it: the rules of the
+    /// proxy's response filter (`Edge::filter_response`) applied to the
+    /// lines as they came, with no header map built; a hosted app's head,
+    /// which `paas` confines, goes through the filter itself.
+    fn put_client_head(
+        &self,
+        out: &mut BytesMut,
+        head: &Upstream,
+        ctx: &mut Ctx,
+        close: bool,
+    ) -> pingora::Result<()> {
+        if ctx.app.is_some() {
+            let mut resp = self.client_head(head, ctx)?;
+            put_head(out, &mut resp, close);
+            return Ok(());
+        }
+        upstream_heard(ctx);
+        put_status(out, head.status);
+        let ours = |name: &[u8]| {
+            name.eq_ignore_ascii_case(header::DATE.as_str().as_bytes())
+                || DROPPED
+                    .iter()
+                    .any(|d| name.eq_ignore_ascii_case(d.as_str().as_bytes()))
+        };
+        for (name, value) in head.passed().filter(|(name, _)| !ours(name)) {
+            put_line(out, name, value);
+        }
+        for (name, value) in crate::headers::missing(|name| head.has(name)) {
+            put_line(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+        if let Some(cookie) = new_sticky_cookie(ctx) {
+            put_line(out, header::SET_COOKIE.as_str().as_bytes(), cookie.as_bytes());
+        }
+        put_line(
+            out,
+            header::DATE.as_str().as_bytes(),
+            pingora::protocols::http::date::get_cached_date().as_bytes(),
+        );
+        put_connection(out, close);
+        out.put_slice(b"\r\n");
+        Ok(())
     }
 }
 
@@ -321,23 +385,17 @@ impl Client {
 
     /// Passes the upstream's answer on: its status, or the status and the
     /// upstream's failure (`None`: the client's) once the head has left.
+    /// Its head (`status`, body `chunked` or not) is in `out`.
     async fn relay(
         &mut self,
-        mut head: ResponseHeader,
+        status: u16,
+        chunked: bool,
         mut up: Conn,
         head_request: bool,
-        close: bool,
         timeout: Duration,
     ) -> Result<u16, (u16, Option<crate::forward::ForwardError>)> {
-        let status = head.status.as_u16();
         let no_body = head_request || matches!(status, 204 | 304);
-        let chunked = !no_body
-            && head
-                .headers
-                .get(header::TRANSFER_ENCODING)
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
-        self.out.clear();
-        put_head(&mut self.out, &mut head, close);
+        let chunked = chunked && !no_body;
         let client = |_: std::io::Error| (status, None);
         while !up.is_done() {
             match up.next_body(timeout).await {
@@ -368,7 +426,7 @@ fn rejoin(head: &[u8], rest: &[u8]) -> BytesMut {
 
 /// Parses the request head at the start of `buf`; a head served here is
 /// split off `buf` (which keeps the body and what follows).
-fn parse(buf: &mut BytesMut, spans: &mut Vec<(Range<usize>, Range<usize>)>) -> Head {
+fn parse(buf: &mut BytesMut, spans: &mut Spans) -> Head {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
     let head_len = match parsed.parse(buf) {
@@ -464,15 +522,59 @@ fn compressible(req: &RequestHeader) -> bool {
 /// `Connection` set as Pingora's server sets them.
 fn put_head(out: &mut BytesMut, head: &mut ResponseHeader, close: bool) {
     let _ = head.insert_header(header::DATE, pingora::protocols::http::date::get_cached_date());
-    let connection = if close { "close" } else { "keep-alive" };
-    let _ = head.insert_header(header::CONNECTION, connection);
-    out.put_slice(b"HTTP/1.1 ");
-    out.put_slice(head.status.as_str().as_bytes());
-    out.put_u8(b' ');
-    out.put_slice(head.get_reason_phrase().unwrap_or_default().as_bytes());
-    out.put_slice(b"\r\n");
+    head.remove_header(&header::CONNECTION);
+    put_status(out, head.status);
     head.header_to_h1_wire(out);
+    put_connection(out, close);
     out.put_slice(b"\r\n");
+}
+
+/// The request head as the upstream gets it (the rules of
+/// `Edge::exchange`), written from the client's lines as they came: the
+/// request line with the screened target, every line but those about the
+/// client's connection and its claims about itself, then what the gateway
+/// says ([`forwarded`]).
+fn put_upstream_head(out: &mut BytesMut, req: &RequestHeader, head: &[u8], spans: &Spans, ctx: &Ctx) {
+    out.put_slice(req.method.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(req.raw_path());
+    out.put_slice(b" HTTP/1.1\r\n");
+    for (name, value) in spans {
+        let name = &head[name.clone()];
+        if !is_hop_by_hop_request(name) && !is_spoofable(name) {
+            put_line(out, name, &head[value.clone()]);
+        }
+    }
+    forwarded(ctx, authority(req), |name, value| {
+        put_line(out, name.as_str().as_bytes(), value)
+    });
+    out.put_slice(b"\r\n");
+}
+
+/// An HTTP/1.1 status line.
+fn put_status(out: &mut BytesMut, status: http::StatusCode) {
+    out.put_slice(b"HTTP/1.1 ");
+    out.put_slice(status.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(status.canonical_reason().unwrap_or_default().as_bytes());
+    out.put_slice(b"\r\n");
+}
+
+/// One header line.
+fn put_line(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    out.put_slice(name);
+    out.put_slice(b": ");
+    out.put_slice(value);
+    out.put_slice(b"\r\n");
+}
+
+/// The `Connection` line, as Pingora's server writes it.
+fn put_connection(out: &mut BytesMut, close: bool) {
+    out.put_slice(if close {
+        b"connection: close\r\n"
+    } else {
+        b"connection: keep-alive\r\n"
+    });
 }
 
 #[cfg(test)]

@@ -28,14 +28,26 @@ pub const SECURITY_HEADERS: [(HeaderName, HeaderValue); 5] = [
     ),
 ];
 
-/// Adds the security headers an upstream did not set itself.
+/// Response headers of an upstream's never passed on (its software).
+pub const DROPPED: [HeaderName; 1] = [http::header::SERVER];
+
+/// The security headers a response without them gets: those for which
+/// `has` says no.
+pub fn missing(has: impl Fn(&HeaderName) -> bool) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
+    SECURITY_HEADERS.into_iter().filter(move |(name, _)| !has(name))
+}
+
+/// Adds the security headers an upstream did not set itself, and drops
+/// the [`DROPPED`] ones.
 pub fn secure(resp: &mut ResponseHeader) -> pingora::Result<()> {
     for (name, value) in SECURITY_HEADERS {
         if !resp.headers.contains_key(&name) {
             resp.insert_header(name, value)?;
         }
     }
-    resp.remove_header(&http::header::SERVER);
+    for name in &DROPPED {
+        resp.remove_header(name);
+    }
     Ok(())
 }
 

@@ -88,14 +88,14 @@ pub struct Ctx {
     /// it ends; Pingora's session holds a stand-in.
     tunnel: bool,
     /// Set when the request is for a hosted app.
-    app: Option<AppCtx>,
+    pub(crate) app: Option<AppCtx>,
     /// When the first byte of a streamed request body arrived.
     body_started: Option<Instant>,
 }
 
 /// The host (and port) the client addressed: the URI's authority (HTTP/2
 /// `:authority`, absolute-form HTTP/1) or else the `Host` header.
-fn authority(req: &RequestHeader) -> Option<&str> {
+pub(crate) fn authority(req: &RequestHeader) -> Option<&str> {
     req.uri
         .authority()
         .map(|a| a.as_str().rsplit('@').next().unwrap_or_default())
@@ -685,6 +685,44 @@ fn forwardable(session: &mut Session, declared: Option<u64>) -> bool {
     }
 }
 
+/// What the gateway tells an upstream about a request (once the client's
+/// own claims, [`crate::screen::is_spoofable`], are gone): each header and
+/// its value given to `put`. `host`: the one the client addressed.
+pub(crate) fn forwarded(ctx: &Ctx, host: Option<&str>, mut put: impl FnMut(http::HeaderName, &[u8])) {
+    if let Some(ip) = ctx.client_ip {
+        // Written in place: an address is at most 45 bytes of text.
+        let mut text = [0u8; 48];
+        let len = {
+            let mut w = &mut text[..];
+            let _ = std::io::Write::write_fmt(&mut w, format_args!("{ip}"));
+            48 - w.len()
+        };
+        put(X_FORWARDED_FOR, &text[..len]);
+        put(X_REAL_IP, &text[..len]);
+    }
+    put(X_FORWARDED_PROTO, b"https");
+    if let Some(host) = host {
+        put(X_FORWARDED_HOST, host.as_bytes());
+    }
+}
+
+/// Records how long the upstream took to answer, once.
+pub(crate) fn upstream_heard(ctx: &mut Ctx) {
+    if let Some(started) = ctx.upstream_started.take() {
+        ctx.route.upstream_answered(started.elapsed());
+    }
+}
+
+/// The `Set-Cookie` of a sticky cookie made for this request, if one was.
+pub(crate) fn new_sticky_cookie(ctx: &Ctx) -> Option<String> {
+    match &ctx.sticky {
+        Some((cookie, true)) => Some(format!(
+            "{STICKY_COOKIE}={cookie}; Path=/; Secure; HttpOnly; SameSite=Lax"
+        )),
+        _ => None,
+    }
+}
+
 /// An error of the forwarding path as Pingora's proxy would have named it
 /// (`fail_to_proxy` turns it into a 502 or 504 and counts it).
 pub(crate) fn upstream_failure(e: crate::forward::ForwardError) -> Box<Error> {
@@ -742,30 +780,28 @@ impl Edge {
         let spoofed: Vec<http::HeaderName> = upstream
             .headers
             .keys()
-            .filter(|name| crate::screen::is_spoofable(name.as_str()))
+            .filter(|name| crate::screen::is_spoofable(name.as_str().as_bytes()))
             .cloned()
             .collect();
         for name in spoofed {
             upstream.remove_header(&name);
         }
-        if let Some(ip) = ctx.client_ip {
-            let ip = http::HeaderValue::try_from(ip.to_string())
-                .or_err(ErrorType::InternalError, "client address")?;
-            upstream.insert_header(X_FORWARDED_FOR, ip.clone())?;
-            upstream.insert_header(X_REAL_IP, ip)?;
-        }
-        upstream.insert_header(X_FORWARDED_PROTO, http::HeaderValue::from_static("https"))?;
-        if let Some(host) = host {
-            upstream.insert_header(X_FORWARDED_HOST, host)?;
-        }
-        Ok(())
+        let mut result = Ok(());
+        forwarded(ctx, host.as_deref(), |name, value| {
+            let set = http::HeaderValue::from_bytes(value)
+                .or_err(ErrorType::InternalError, "a forwarded header")
+                .and_then(|value| upstream.insert_header(name, value));
+            if let Err(e) = set {
+                result = Err(e);
+            }
+        });
+        result
     }
 
-    /// The upstream's response head as the client gets it.
+    /// The upstream's response head as the client gets it (the loop's
+    /// writer, `h1`, applies the same rules to a head it writes itself).
     fn filter_response(&self, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
-        if let Some(started) = ctx.upstream_started.take() {
-            ctx.route.upstream_answered(started.elapsed());
-        }
+        upstream_heard(ctx);
         if let Some(app) = &ctx.app {
             let site = crate::paas::Site {
                 origin: &app.origin,
@@ -774,13 +810,17 @@ impl Edge {
             };
             crate::paas::confine_response(resp, &site)?;
         }
-        if let Some((cookie, true)) = &ctx.sticky {
-            resp.append_header(
-                http::header::SET_COOKIE,
-                format!("{STICKY_COOKIE}={cookie}; Path=/; Secure; HttpOnly; SameSite=Lax"),
-            )?;
+        if let Some(cookie) = new_sticky_cookie(ctx) {
+            resp.append_header(http::header::SET_COOKIE, cookie)?;
         }
         crate::headers::secure(resp)
+    }
+
+    /// An upstream's head made for Pingora's session, filtered.
+    pub(crate) fn client_head(&self, head: &crate::forward::Head, ctx: &mut Ctx) -> Result<ResponseHeader> {
+        let mut resp = head.to_response_header().map_err(upstream_failure)?;
+        self.filter_response(&mut resp, ctx)?;
+        Ok(resp)
     }
 
     /// Connects to the request's upstream; a chat shard that refuses is
@@ -820,6 +860,7 @@ impl Edge {
         let (head, mut conn) = self
             .exchange(session.req_header_mut(), body.as_deref(), ctx)
             .await?;
+        let head = self.client_head(&head, ctx)?;
         let timeout = ctx.route.timeout;
         let down = |e: Box<Error>| e.into_down();
         // The upstream connection goes back to the pool as soon as the
@@ -851,14 +892,15 @@ impl Edge {
 
     /// Sends a plain request (`req` and its whole `body`) upstream on a
     /// connection from this thread's pool and reads the response head:
-    /// the head as the client gets it, and the connection whose body is
-    /// still to be read ([`crate::forward::Conn::next_body`]).
+    /// the head as the upstream sent it (to be filtered for the client),
+    /// and the connection whose body is still to be read
+    /// ([`crate::forward::Conn::next_body`]).
     pub(crate) async fn exchange(
         &self,
         req: &mut RequestHeader,
         body: Option<&[u8]>,
         ctx: &mut Ctx,
-    ) -> Result<(ResponseHeader, crate::forward::Conn)> {
+    ) -> Result<(crate::forward::Head, crate::forward::Conn)> {
         let host = authority(req).map(str::to_string);
         // The client's head becomes the upstream's in place, not in a copy:
         // what is read of it from here on (method and path for the log, the
@@ -875,19 +917,34 @@ impl Edge {
         }
         crate::forward::strip_hop_by_hop(req);
         self.forward_headers(req, host, ctx)?;
-        let mut wire =
-            pingora::protocols::http::v1::client::http_req_header_to_wire(req).ok_or_else(|| {
-                Error::explain(
-                    ErrorType::InvalidHTTPHeader,
-                    "the request cannot be written as HTTP/1.1",
-                )
-            })?;
+        let wire = pingora::protocols::http::v1::client::http_req_header_to_wire(req).ok_or_else(|| {
+            Error::explain(
+                ErrorType::InvalidHTTPHeader,
+                "the request cannot be written as HTTP/1.1",
+            )
+        })?;
         // The client's version stays its own (the upstream's is 1.1).
         req.set_version(version);
         let head_request = req.method == http::Method::HEAD;
-        if let Some(body) = body {
-            wire.extend_from_slice(body);
+        match body {
+            Some(body) => {
+                let mut wire = wire;
+                wire.extend_from_slice(body);
+                self.send(&wire, head_request, ctx).await
+            }
+            None => self.send(&wire, head_request, ctx).await,
         }
+    }
+
+    /// Sends `wire` (a request head for the upstream and its whole body)
+    /// on a connection from this thread's pool, or a new one if the pooled
+    /// one turns out closed, and reads the response head (see `exchange`).
+    pub(crate) async fn send(
+        &self,
+        wire: &[u8],
+        head_request: bool,
+        ctx: &mut Ctx,
+    ) -> Result<(crate::forward::Head, crate::forward::Conn)> {
         let timeout = ctx.route.timeout;
         let addr = self.upstream_addr(ctx).map_err(|e| e.into_up())?;
         ctx.upstream = addr.as_inet().copied();
@@ -896,18 +953,17 @@ impl Edge {
             Some(conn) => conn,
             None => self.open(ctx).await?,
         };
-        let mut head = match conn.exchange(&wire, head_request, timeout).await {
+        let head = match conn.exchange(wire, head_request, timeout).await {
             Ok(head) => head,
             // The upstream closed its idle connection as the request left.
             Err(e) if conn.retry_on_new(&e) => {
                 conn = self.open(ctx).await?;
-                conn.exchange(&wire, head_request, timeout)
+                conn.exchange(wire, head_request, timeout)
                     .await
                     .map_err(upstream_failure)?
             }
             Err(e) => return Err(upstream_failure(e)),
         };
-        self.filter_response(&mut head, ctx)?;
         Ok((head, conn))
     }
 

@@ -65,7 +65,7 @@ pub fn content_length(value: &[u8]) -> Option<u64> {
 
 /// Client headers never passed upstream (the gateway sets its own
 /// `X-Forwarded-For/Proto/Host` and `X-Real-IP` after removing these).
-pub fn is_spoofable(name: &str) -> bool {
+pub fn is_spoofable(name: &[u8]) -> bool {
     const NAMES: &[&str] = &[
         "x-real-ip",
         "forwarded",
@@ -81,8 +81,13 @@ pub fn is_spoofable(name: &str) -> bool {
         "x-host",
         "x-http-method-override",
     ];
-    // Names arrive lowercased (HTTP/2 requires it; `http` folds HTTP/1).
-    name.contains('_') || name.starts_with("x-forwarded-") || NAMES.contains(&name)
+    // Any case: the gateway's loop (`h1`) reads names as they came.
+    let prefix = b"x-forwarded-";
+    name.contains(&b'_')
+        || name
+            .get(..prefix.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+        || NAMES.iter().any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
 }
 
 /// The normalized form of a request path (no query), or why it is refused.
@@ -247,10 +252,18 @@ mod tests {
             "x_forwarded_for",
             "any_underscore",
         ] {
-            assert!(is_spoofable(h), "{h}");
+            assert!(is_spoofable(h.as_bytes()), "{h}");
+            assert!(is_spoofable(h.to_ascii_uppercase().as_bytes()), "{h}");
         }
-        for h in ["host", "cookie", "authorization", "x-request-id", "content-type"] {
-            assert!(!is_spoofable(h), "{h}");
+        for h in [
+            "host",
+            "cookie",
+            "authorization",
+            "x-request-id",
+            "content-type",
+            "x-forwarded",
+        ] {
+            assert!(!is_spoofable(h.as_bytes()), "{h}");
         }
     }
 

@@ -168,6 +168,12 @@ async fn spoofable_client_headers_never_reach_the_upstream() {
         "X-Forwarded-Proto: http",
         "X-Forwarded-Host: evil.example",
         "Some_Header: underscored",
+        "x-REAL-ip: 6.6.6.8",
+        "X-FORWARDED-FOR: 6.6.6.9",
+        // About the client's connection: not the upstream's business.
+        "Proxy-Authorization: Basic NjY2Ng==",
+        "Keep-Alive: timeout=6666",
+        "TE: trailers",
     ];
     let request = format!(
         "GET /x HTTP/1.1\r\nHost: localhost\r\n{}\r\n\r\n",
@@ -181,7 +187,70 @@ async fn spoofable_client_headers_never_reach_the_upstream() {
     }
     let lower = seen.to_ascii_lowercase();
     assert!(lower.contains("x-forwarded-for: 127.0.0.1\r\n"), "{seen}");
+    assert!(lower.contains("x-real-ip: 127.0.0.1\r\n"), "{seen}");
     assert!(lower.contains("x-forwarded-proto: https\r\n"), "{seen}");
+    assert!(lower.contains("x-forwarded-host: localhost\r\n"), "{seen}");
+    for h in ["proxy-authorization", "keep-alive", "te:"] {
+        assert!(!lower.contains(h), "{h} reached the upstream:\n{seen}");
+    }
+}
+
+#[tokio::test]
+async fn the_upstreams_answer_reaches_the_client_with_our_headers_over_either_protocol() {
+    let up = Upstream::start(&[
+        ("Server", "secret-httpd/6.6"),
+        ("Date", "Mon, 01 Jan 1990 00:00:00 GMT"),
+        ("Keep-Alive", "timeout=6666"),
+        ("Proxy-Connection", "keep-alive"),
+        ("X-Frame-Options", "SAMEORIGIN"),
+        ("X-App", "kept"),
+    ])
+    .await;
+    let (svc, edge, _dir) = gateway(up.port, &[]);
+    let ca = svc.certificate("localhost");
+    // HTTP/1.1 (the gateway's own loop), then HTTP/2 (Pingora's session).
+    let r = raw(&edge, &ca, 1, &get("/x")).await;
+    assert_eq!(status(&r), 200, "{r}");
+    let h1 = r.to_ascii_lowercase();
+    let h2 = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .http2_prior_knowledge()
+        .build()
+        .unwrap()
+        .get(format!("https://localhost:{}/x", edge.https))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(h2.status(), 200);
+    let h2: String = h2
+        .headers()
+        .iter()
+        .map(|(k, v)| format!("\r\n{k}: {}", v.to_str().unwrap()))
+        .collect::<String>()
+        .to_ascii_lowercase();
+    for (protocol, head) in [("HTTP/1.1", &h1), ("HTTP/2", &h2)] {
+        for gone in ["secret-httpd", "1990", "6666", "proxy-connection"] {
+            assert!(!head.contains(gone), "{protocol}: {gone} passed on:\n{head}");
+        }
+        assert_eq!(
+            head.matches("\r\nx-frame-options:").count(),
+            1,
+            "{protocol}: the app's own policy kept, not doubled:\n{head}"
+        );
+        for kept in [
+            "x-frame-options: sameorigin",
+            "x-app: kept",
+            "content-type: text/plain",
+        ] {
+            assert!(
+                head.contains(&format!("\r\n{kept}")),
+                "{protocol}: {kept}:\n{head}"
+            );
+        }
+        assert!(head.contains("\r\ndate: "), "{protocol}: our date:\n{head}");
+    }
+    assert_ours(&r);
+    assert!(h1.contains("\r\nconnection: keep-alive\r\n"), "{h1}");
 }
 
 #[tokio::test]
