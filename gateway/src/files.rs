@@ -285,11 +285,57 @@ fn etag_matches(list: &str, etag: &str) -> bool {
     list.trim() == "*" || list.split(',').any(|t| bare(t) == bare(etag))
 }
 
+/// A reply's head: its status and header lines in order, all known to be
+/// distinct names. No header map: the gateway's loop writes the lines as
+/// they are, and Pingora's session gets a map made of them
+/// ([`Head::to_response_header`]).
+pub struct Head {
+    pub status: http::StatusCode,
+    pub lines: Vec<(header::HeaderName, HeaderValue)>,
+}
+
+impl Head {
+    fn new(status: u16) -> Head {
+        Head {
+            status: http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR),
+            lines: Vec::with_capacity(16),
+        }
+    }
+
+    fn push(&mut self, name: header::HeaderName, value: HeaderValue) {
+        self.lines.push((name, value));
+    }
+
+    /// Adds the security headers (a file route has no upstream to set its
+    /// own).
+    fn secure(&mut self) {
+        self.lines.extend(crate::headers::SECURITY_HEADERS);
+    }
+
+    /// The head as Pingora's session takes it.
+    pub fn to_response_header(&self) -> Result<ResponseHeader> {
+        let mut resp = ResponseHeader::build_no_case(self.status, Some(self.lines.len()))?;
+        for (name, value) in &self.lines {
+            resp.append_header(name.clone(), value.clone())?;
+        }
+        Ok(resp)
+    }
+}
+
+impl From<&ResponseHeader> for Head {
+    fn from(resp: &ResponseHeader) -> Head {
+        Head {
+            status: resp.status,
+            lines: resp.headers.iter().map(|(n, v)| (n.clone(), v.clone())).collect(),
+        }
+    }
+}
+
 /// A file route's answer to one request, written by either HTTP/1 path
 /// (Pingora's session, [`serve`]; the gateway's own loop, `h1`).
 pub struct Reply {
     /// The head, with the security headers.
-    pub head: ResponseHeader,
+    pub head: Head,
     pub body: Body,
     /// Whether the edge's gzip would compress it (for a client that takes
     /// gzip): never a precompressed variant, a range or a `304`, and only
@@ -355,10 +401,10 @@ impl FileBody {
 pub async fn reply(req: &RequestHeader, files: &FileRoute) -> Result<Reply> {
     let head = req.method == http::Method::HEAD;
     if req.method != http::Method::GET && !head {
-        let mut resp = ResponseHeader::build(405, Some(4))?;
-        resp.insert_header(header::ALLOW, HeaderValue::from_static("GET, HEAD"))?;
-        resp.insert_header(header::CONTENT_LENGTH, HeaderValue::from_static("0"))?;
-        crate::headers::secure(&mut resp)?;
+        let mut resp = Head::new(405);
+        resp.push(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        resp.push(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        resp.secure();
         return Ok(Reply {
             head: resp,
             body: Body::Empty,
@@ -368,7 +414,7 @@ pub async fn reply(req: &RequestHeader, files: &FileRoute) -> Result<Reply> {
     let not_found = || -> Result<Reply> {
         let (head, body) = crate::answer::not_found().response()?;
         Ok(Reply {
-            head,
+            head: Head::from(&head),
             body: body.map_or(Body::Empty, Body::Bytes),
             gzip_ok: true,
         })
@@ -409,13 +455,13 @@ pub async fn reply(req: &RequestHeader, files: &FileRoute) -> Result<Reply> {
         None => (entry.clone(), entry.etag.clone()),
     };
     let last_modified = entry.last_modified.clone();
-    let common = |resp: &mut ResponseHeader| -> Result<()> {
-        resp.insert_header(header::ETAG, etag.clone())?;
-        resp.insert_header(header::LAST_MODIFIED, last_modified.clone())?;
-        resp.insert_header(header::CACHE_CONTROL, files.cache_control.clone())?;
-        resp.insert_header(header::VARY, HeaderValue::from_static("Accept-Encoding"))?;
-        resp.insert_header(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"))?;
-        crate::headers::secure(resp)
+    let common = |resp: &mut Head| {
+        resp.push(header::ETAG, etag.clone());
+        resp.push(header::LAST_MODIFIED, last_modified.clone());
+        resp.push(header::CACHE_CONTROL, files.cache_control.clone());
+        resp.push(header::VARY, HeaderValue::from_static("Accept-Encoding"));
+        resp.push(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        resp.secure();
     };
     let etag = etag.to_str().unwrap_or_default();
 
@@ -436,8 +482,8 @@ pub async fn reply(req: &RequestHeader, files: &FileRoute) -> Result<Reply> {
     // Our own encodings (or none, for ranges and 304s): the edge's gzip
     // must not touch them.
     if not_modified {
-        let mut resp = ResponseHeader::build(304, Some(6))?;
-        common(&mut resp)?;
+        let mut resp = Head::new(304);
+        common(&mut resp);
         return Ok(Reply {
             head: resp,
             body: Body::Empty,
@@ -455,10 +501,12 @@ pub async fn reply(req: &RequestHeader, files: &FileRoute) -> Result<Reply> {
             match range(r, body.len) {
                 Ok(s) => span = s,
                 Err(()) => {
-                    let mut resp = ResponseHeader::build(416, Some(6))?;
-                    resp.insert_header(header::CONTENT_RANGE, format!("bytes */{}", body.len))?;
-                    resp.insert_header(header::CONTENT_LENGTH, HeaderValue::from_static("0"))?;
-                    common(&mut resp)?;
+                    let mut resp = Head::new(416);
+                    let range = HeaderValue::try_from(format!("bytes */{}", body.len))
+                        .or_err(ErrorType::InternalError, "a Content-Range")?;
+                    resp.push(header::CONTENT_RANGE, range);
+                    resp.push(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+                    common(&mut resp);
                     return Ok(Reply {
                         head: resp,
                         body: Body::Empty,
@@ -472,19 +520,18 @@ pub async fn reply(req: &RequestHeader, files: &FileRoute) -> Result<Reply> {
         Some((a, b)) => (206, a, b - a + 1),
         None => (200, 0, body.len),
     };
-    let mut resp = ResponseHeader::build(status, Some(8))?;
-    resp.insert_header(header::CONTENT_TYPE, entry.content_type.clone())?;
-    resp.insert_header(header::CONTENT_LENGTH, HeaderValue::from(len))?;
+    let mut resp = Head::new(status);
+    resp.push(header::CONTENT_TYPE, entry.content_type.clone());
+    resp.push(header::CONTENT_LENGTH, HeaderValue::from(len));
     if status == 206 {
-        resp.insert_header(
-            header::CONTENT_RANGE,
-            format!("bytes {start}-{}/{}", start + len - 1, body.len),
-        )?;
+        let range = HeaderValue::try_from(format!("bytes {start}-{}/{}", start + len - 1, body.len))
+            .or_err(ErrorType::InternalError, "a Content-Range")?;
+        resp.push(header::CONTENT_RANGE, range);
     }
     if let Some((coding, _)) = &variant {
-        resp.insert_header(header::CONTENT_ENCODING, HeaderValue::from_static(coding))?;
+        resp.push(header::CONTENT_ENCODING, HeaderValue::from_static(coding));
     }
-    common(&mut resp)?;
+    common(&mut resp);
     let body = match &body.bytes {
         _ if head || len == 0 => Body::Empty,
         Some(bytes) => Body::Bytes(bytes.slice(start as usize..(start + len) as usize)),
@@ -521,6 +568,7 @@ fn gzippable(content_type: &[u8], len: u64) -> bool {
 /// Answers a request on a file route through Pingora's session.
 pub async fn serve(session: &mut Session, files: &FileRoute) -> Result<bool> {
     let Reply { head, body, gzip_ok } = reply(session.req_header(), files).await?;
+    let head = head.to_response_header()?;
     if !gzip_ok && let Some(c) = session.downstream_modules_ctx.get_mut::<ResponseCompression>() {
         c.adjust_level(0);
     }

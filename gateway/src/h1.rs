@@ -281,13 +281,7 @@ impl Edge {
         if let Some(cookie) = new_sticky_cookie(ctx) {
             put_line(out, header::SET_COOKIE.as_str().as_bytes(), cookie.as_bytes());
         }
-        put_line(
-            out,
-            header::DATE.as_str().as_bytes(),
-            pingora::protocols::http::date::get_cached_date().as_bytes(),
-        );
-        put_connection(out, close);
-        out.put_slice(b"\r\n");
+        end_head(out, close);
         Ok(())
     }
 }
@@ -335,11 +329,15 @@ impl Client {
         head_request: bool,
         close: bool,
     ) -> Result<u16, (u16, Option<Box<pingora::Error>>)> {
-        let crate::files::Reply { mut head, body, .. } = reply;
+        let crate::files::Reply { head, body, .. } = reply;
         let status = head.status.as_u16();
         let client = |_: std::io::Error| (status, None);
         self.out.clear();
-        put_head(&mut self.out, &mut head, close);
+        put_status(&mut self.out, head.status);
+        for (name, value) in &head.lines {
+            put_line(&mut self.out, name.as_str().as_bytes(), value.as_bytes());
+        }
+        end_head(&mut self.out, close);
         match body {
             _ if head_request => {}
             crate::files::Body::Empty => {}
@@ -521,10 +519,21 @@ fn compressible(req: &RequestHeader) -> bool {
 /// Appends `head` as an HTTP/1.1 response head, with `Date` and
 /// `Connection` set as Pingora's server sets them.
 fn put_head(out: &mut BytesMut, head: &mut ResponseHeader, close: bool) {
-    let _ = head.insert_header(header::DATE, pingora::protocols::http::date::get_cached_date());
+    head.remove_header(&header::DATE);
     head.remove_header(&header::CONNECTION);
     put_status(out, head.status);
     head.header_to_h1_wire(out);
+    end_head(out, close);
+}
+
+/// The `Date` and `Connection` lines Pingora's server would write, and the
+/// end of the head.
+fn end_head(out: &mut BytesMut, close: bool) {
+    put_line(
+        out,
+        header::DATE.as_str().as_bytes(),
+        pingora::protocols::http::date::get_cached_date().as_bytes(),
+    );
     put_connection(out, close);
     out.put_slice(b"\r\n");
 }
