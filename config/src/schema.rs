@@ -214,6 +214,11 @@ pub struct ConnectionLimits {
     /// The slowest average rate a request body may arrive at (after the
     /// `body_timeout_secs` allowance).
     pub body_min_bytes_per_sec: u64,
+    /// A response may wait this long for the client to take more of it
+    /// (between two writes that progress); else the connection is closed,
+    /// so a client that stops reading holds nothing longer (nginx's
+    /// `send_timeout`).
+    pub send_timeout_secs: u64,
 }
 
 impl Default for ConnectionLimits {
@@ -229,6 +234,7 @@ impl Default for ConnectionLimits {
             h2_max_concurrent_streams: 100,
             body_timeout_secs: 30,
             body_min_bytes_per_sec: 1024,
+            send_timeout_secs: 60,
         }
     }
 }
@@ -896,6 +902,10 @@ impl PorticoConfig {
             (
                 "gateway.connections.body_min_bytes_per_sec",
                 cl.body_min_bytes_per_sec as usize,
+            ),
+            (
+                "gateway.connections.send_timeout_secs",
+                cl.send_timeout_secs as usize,
             ),
             (
                 "gateway.connections.header_timeout_secs",

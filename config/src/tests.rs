@@ -196,6 +196,11 @@ fn connection_limits_are_checked() {
             "0",
             "gateway.connections.body_min_bytes_per_sec",
         ),
+        (
+            "PORTICO_GATEWAY__CONNECTIONS__SEND_TIMEOUT_SECS",
+            "0",
+            "gateway.connections.send_timeout_secs",
+        ),
     ]);
 }
 

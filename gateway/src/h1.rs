@@ -84,6 +84,10 @@ enum Next {
 /// yet used, the answer being gathered, and the header offsets of `parse`.
 struct Client {
     conn: Box<Guarded>,
+    /// How long each write to the client may take (`send_timeout_secs`).
+    send_timeout: Duration,
+    /// A write to the client failed or timed out: the connection closes.
+    broken: bool,
     buf: BytesMut,
     out: BytesMut,
     spans: Spans,
@@ -98,6 +102,8 @@ impl Lean for Edge {
         let peer = conn.peer_ip();
         let mut c = Client {
             conn,
+            send_timeout: self.send_timeout,
+            broken: false,
             buf: BytesMut::with_capacity(READ_SIZE),
             out: BytesMut::new(),
             spans: Vec::with_capacity(32),
@@ -122,7 +128,11 @@ impl Lean for Edge {
             match self.answer(&mut c, req, &head, body_len, peer, shutdown).await {
                 Next::KeepAlive => {}
                 Next::Close => {
-                    let _ = c.conn.shutdown().await;
+                    // A client that stopped reading gets no farewell: it
+                    // would wait for the room it does not make.
+                    if !c.broken {
+                        let _ = tokio::time::timeout(c.send_timeout, c.conn.shutdown()).await;
+                    }
                     return None;
                 }
                 Next::Theirs(why) => {
@@ -241,7 +251,7 @@ impl Edge {
         };
         log_request(&req, status, &ctx, error.as_deref());
         c.conn.request_done();
-        if close {
+        if close || c.broken {
             return Next::Close;
         }
         c.buf.advance(body_len.min(c.buf.len()));
@@ -361,9 +371,16 @@ impl Client {
             self.out.put_slice(format!("{:x}\r\n", piece.len()).as_bytes());
         }
         if piece.len() > COPY_UP_TO {
-            self.conn.unbuffered().write_all(&self.out).await?;
+            let limit = self.send_timeout;
+            let stream = self.conn.unbuffered();
+            let written = async {
+                within(limit, stream.write_all(&self.out)).await?;
+                within(limit, stream.write_all(piece)).await
+            }
+            .await;
+            self.broken |= written.is_err();
+            written?;
             self.out.clear();
-            self.conn.unbuffered().write_all(piece).await?;
         } else {
             self.out.put_slice(piece);
         }
@@ -375,10 +392,16 @@ impl Client {
 
     /// Writes what `out` holds and flushes it to the client.
     async fn write_out(&mut self) -> std::io::Result<()> {
+        let limit = self.send_timeout;
         let stream = self.conn.unbuffered();
-        stream.write_all(&self.out).await?;
+        let written = async {
+            within(limit, stream.write_all(&self.out)).await?;
+            within(limit, stream.flush()).await
+        }
+        .await;
+        self.broken |= written.is_err();
         self.out.clear();
-        stream.flush().await
+        written
     }
 
     /// Passes the upstream's answer on: its status, or the status and the
@@ -412,6 +435,14 @@ impl Client {
         self.write_out().await.map_err(client)?;
         Ok(status)
     }
+}
+
+/// A write to the client that must be done within `limit`: one that
+/// stops reading is let go (the caller closes the connection).
+async fn within(limit: Duration, write: impl Future<Output = std::io::Result<()>>) -> std::io::Result<()> {
+    tokio::time::timeout(limit, write)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 /// A head split off the buffer, put back in front of the rest.

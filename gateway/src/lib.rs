@@ -140,6 +140,7 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Gatew
         max_headers: g.connections.max_headers,
         body_timeout: Duration::from_secs(g.connections.body_timeout_secs),
         body_min_rate: g.connections.body_min_bytes_per_sec,
+        send_timeout: Duration::from_secs(g.connections.send_timeout_secs),
     };
     let conns = &g.connections;
     // Plain HTTP/1.1 requests are served by the gateway's own loop (`h1`).

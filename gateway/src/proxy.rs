@@ -51,6 +51,8 @@ pub struct Edge {
     pub max_headers: usize,
     /// Request bodies: pause allowance and slowest average rate.
     pub body_timeout: Duration,
+    /// How long a response may wait for the client to read (both paths).
+    pub send_timeout: Duration,
     pub body_min_rate: u64,
 }
 
@@ -361,6 +363,8 @@ impl ProxyHttp for Edge {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
         ctx.client_ip = self.client_ip(peer, session.req_header());
+        // A client that stops reading its answer is let go.
+        session.set_write_timeout(Some(self.send_timeout));
         let upgrade = session.is_upgrade_req();
         if let Some(answer) = self
             .route(session.req_header_mut(), ctx)

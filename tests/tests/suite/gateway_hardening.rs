@@ -435,3 +435,53 @@ async fn silent_connections_count_toward_the_cap_and_the_handshake_has_a_deadlin
         "the open-connections gauge never goes negative: {text}"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_let_go_after_the_send_timeout() {
+    // 32 MiB: more than the loopback's socket buffers on both sides hold.
+    const SIZE: usize = 32 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("big.bin"), vec![7u8; SIZE]).unwrap();
+    let routes = format!(
+        "[[gateway.routes]]\nname = \"files\"\npath_prefix = \"/files\"\nroot = \"{}\"\n",
+        dir.path().display()
+    );
+    let (gw, edge) = Service::gateway_with_routes(
+        &routes,
+        &[("PORTICO_GATEWAY__CONNECTIONS__SEND_TIMEOUT_SECS", "1".to_string())],
+    );
+    let ca = gw.certificate("localhost");
+    // HTTP/1.1: the gateway's own loop; HTTP/1.0: Pingora's session.
+    for version in ["1.1", "1.0"] {
+        let mut tls = tls_connect(edge.https, &ca, ip(1)).await.unwrap();
+        tls.write_all(format!("GET /files/big.bin HTTP/{version}\r\nHost: localhost\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        // Not a byte read for three times the timeout…
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        // …then what was already on its way arrives, and the end.
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 64 * 1024];
+        let ended = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match tls.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "HTTP/{version}: the connection was held open");
+        assert!(
+            got > 0 && got < SIZE,
+            "HTTP/{version}: {got} bytes of {SIZE}: the answer should have been cut"
+        );
+    }
+    // The gateway serves on.
+    let r = https_client(&ca)
+        .get(format!("https://localhost:{}/files/none", edge.https))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
