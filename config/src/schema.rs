@@ -215,7 +215,8 @@ pub struct ConnectionLimits {
     /// `body_timeout_secs` allowance).
     pub body_min_bytes_per_sec: u64,
     /// A response may wait this long for the client to take more of it
-    /// (between two writes that progress); else the connection is closed,
+    /// (each piece written, at most 64 KiB and the head before it, must be
+    /// taken within it); else the connection is closed,
     /// so a client that stops reading holds nothing longer (nginx's
     /// `send_timeout`).
     pub send_timeout_secs: u64,

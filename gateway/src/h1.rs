@@ -373,10 +373,10 @@ impl Client {
         if piece.len() > COPY_UP_TO {
             let limit = self.send_timeout;
             let stream = self.conn.unbuffered();
-            let written = async {
-                within(limit, stream.write_all(&self.out)).await?;
-                within(limit, stream.write_all(piece)).await
-            }
+            let written = within(limit, async {
+                stream.write_all(&self.out).await?;
+                stream.write_all(piece).await
+            })
             .await;
             self.broken |= written.is_err();
             written?;
@@ -394,10 +394,10 @@ impl Client {
     async fn write_out(&mut self) -> std::io::Result<()> {
         let limit = self.send_timeout;
         let stream = self.conn.unbuffered();
-        let written = async {
-            within(limit, stream.write_all(&self.out)).await?;
-            within(limit, stream.flush()).await
-        }
+        let written = within(limit, async {
+            stream.write_all(&self.out).await?;
+            stream.flush().await
+        })
         .await;
         self.broken |= written.is_err();
         self.out.clear();
