@@ -46,6 +46,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::headers::is_one_of;
+
 /// Idle connections kept per upstream on each thread (nginx's `keepalive`).
 pub const IDLE_PER_UPSTREAM: usize = 64;
 /// An idle connection older than this is closed, not used: upstreams close
@@ -348,9 +350,7 @@ pub fn connection_tokens(req: &RequestHeader) -> impl Iterator<Item = &[u8]> {
 
 /// Whether a request header is about the client's connection (any case).
 pub fn is_hop_by_hop_request(name: &[u8]) -> bool {
-    HOP_BY_HOP_REQUEST
-        .iter()
-        .any(|h| name.eq_ignore_ascii_case(h.as_str().as_bytes()))
+    is_one_of(name, &HOP_BY_HOP_REQUEST)
 }
 
 /// The client's request as the upstream gets it over HTTP/1.1: without the
@@ -436,15 +436,12 @@ impl Head {
     /// connection), and a `Transfer-Encoding: chunked` of ours when the
     /// body is re-chunked.
     pub fn passed(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        let hop_by_hop = |n: &[u8]| {
-            HOP_BY_HOP_RESPONSE
-                .iter()
-                .any(|h| n.eq_ignore_ascii_case(h.as_str().as_bytes()))
-        };
         let ours = self
             .rechunked
             .then_some((header::TRANSFER_ENCODING.as_str().as_bytes(), &b"chunked"[..]));
-        self.all().filter(move |(n, _)| !hop_by_hop(n)).chain(ours)
+        self.all()
+            .filter(|(n, _)| !is_one_of(n, &HOP_BY_HOP_RESPONSE))
+            .chain(ours)
     }
 
     /// Whether the body goes to the client chunked.
@@ -455,14 +452,22 @@ impl Head {
     /// The client's head as Pingora's session takes it.
     pub fn to_response_header(&self) -> Result<ResponseHeader, ForwardError> {
         self.response_header(self.passed())
+            .map_err(ForwardError::Malformed)
+    }
+
+    /// The head with every line it came with (an upgrade's answer, whose
+    /// `Connection` and `Upgrade` the client must get). `Err`: what is
+    /// wrong with it.
+    pub fn to_upgrade_header(&self) -> Result<ResponseHeader, String> {
+        self.response_header(self.all())
     }
 
     /// A Pingora head of this status and `lines`.
     fn response_header<'a>(
         &self,
         lines: impl Iterator<Item = (&'a [u8], &'a [u8])>,
-    ) -> Result<ResponseHeader, ForwardError> {
-        let malformed = |e: &dyn std::fmt::Display| ForwardError::Malformed(e.to_string());
+    ) -> Result<ResponseHeader, String> {
+        let malformed = |e: &dyn std::fmt::Display| e.to_string();
         // Built as `http` parts, without Pingora's header-case map: a known
         // name costs no allocation and no second parse.
         let (mut head, ()) = http::Response::new(()).into_parts();
@@ -478,18 +483,6 @@ impl Head {
         }
         Ok(ResponseHeader::from(head))
     }
-}
-
-/// Parses a response head at the start of `buf` (an upgrade's answer,
-/// every line kept): the head and its length, or `None` if more bytes are
-/// needed (see [`Head::parse`]). `Err`: what is wrong with it.
-pub fn parse_head(buf: &[u8]) -> Result<Option<(ResponseHeader, usize)>, String> {
-    let mut buf = BytesMut::from(buf);
-    let Some(head) = Head::parse(&mut buf)? else {
-        return Ok(None);
-    };
-    let resp = head.response_header(head.all()).map_err(|e| e.to_string())?;
-    Ok(Some((resp, head.raw.len())))
 }
 
 /// How the body of `head` is delimited (RFC 9112, section 6.3).

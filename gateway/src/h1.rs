@@ -43,7 +43,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::answer::Canned;
 use crate::forward::{Conn, Head as Upstream, is_hop_by_hop_request};
 use crate::guard::{Guarded, Lean};
-use crate::headers::DROPPED;
+use crate::headers::{DROPPED, is_one_of};
 use crate::proxy::{
     BUFFERED_BODY, Ctx, Edge, authority, failure, forwarded, log_request, never_compressed,
     new_sticky_cookie, upstream_heard,
@@ -276,13 +276,12 @@ impl Edge {
         }
         upstream_heard(ctx);
         put_status(out, head.status);
-        let ours = |name: &[u8]| {
-            name.eq_ignore_ascii_case(header::DATE.as_str().as_bytes())
-                || DROPPED
-                    .iter()
-                    .any(|d| name.eq_ignore_ascii_case(d.as_str().as_bytes()))
-        };
-        for (name, value) in head.passed().filter(|(name, _)| !ours(name)) {
+        // `Date` is ours (`end_head`).
+        let ours = |name: &[u8]| name.eq_ignore_ascii_case(header::DATE.as_str().as_bytes());
+        for (name, value) in head
+            .passed()
+            .filter(|(name, _)| !ours(name) && !is_one_of(name, &DROPPED))
+        {
             put_line(out, name, value);
         }
         for (name, value) in crate::headers::missing(|name| head.has(name)) {

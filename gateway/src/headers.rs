@@ -28,6 +28,13 @@ pub const SECURITY_HEADERS: [(HeaderName, HeaderValue); 5] = [
     ),
 ];
 
+/// Whether `name` (as it came, in any case) is one of `names`.
+pub fn is_one_of(name: &[u8], names: &[HeaderName]) -> bool {
+    names
+        .iter()
+        .any(|n| name.eq_ignore_ascii_case(n.as_str().as_bytes()))
+}
+
 /// Response headers of an upstream's never passed on (its software).
 pub const DROPPED: [HeaderName; 1] = [http::header::SERVER];
 

@@ -921,23 +921,20 @@ impl Edge {
         }
         crate::forward::strip_hop_by_hop(req);
         self.forward_headers(req, host, ctx)?;
-        let wire = pingora::protocols::http::v1::client::http_req_header_to_wire(req).ok_or_else(|| {
-            Error::explain(
-                ErrorType::InvalidHTTPHeader,
-                "the request cannot be written as HTTP/1.1",
-            )
-        })?;
+        let mut wire =
+            pingora::protocols::http::v1::client::http_req_header_to_wire(req).ok_or_else(|| {
+                Error::explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "the request cannot be written as HTTP/1.1",
+                )
+            })?;
         // The client's version stays its own (the upstream's is 1.1).
         req.set_version(version);
         let head_request = req.method == http::Method::HEAD;
-        match body {
-            Some(body) => {
-                let mut wire = wire;
-                wire.extend_from_slice(body);
-                self.send(&wire, head_request, ctx).await
-            }
-            None => self.send(&wire, head_request, ctx).await,
+        if let Some(body) = body {
+            wire.extend_from_slice(body);
         }
+        self.send(&wire, head_request, ctx).await
     }
 
     /// Sends `wire` (a request head for the upstream and its whole body)

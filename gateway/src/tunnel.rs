@@ -105,7 +105,7 @@ where
     let wire = pingora::protocols::http::v1::client::http_req_header_to_wire(req)
         .ok_or(HandshakeError::BadRequest)?;
     upstream.write_all(&wire).await.map_err(HandshakeError::Write)?;
-    let mut buf = Vec::with_capacity(1024);
+    let mut buf = bytes::BytesMut::with_capacity(1024);
     loop {
         if buf.len() >= MAX_HEAD {
             return Err(HandshakeError::HeadTooLarge);
@@ -117,9 +117,12 @@ where
         if n == 0 {
             return Err(HandshakeError::Closed);
         }
-        if let Some((head, len)) = crate::forward::parse_head(&buf).map_err(HandshakeError::Malformed)? {
-            let rest = buf.split_off(len);
-            return Ok(Answer { head, rest });
+        if let Some(head) = crate::forward::Head::parse(&mut buf).map_err(HandshakeError::Malformed)? {
+            let head = head.to_upgrade_header().map_err(HandshakeError::Malformed)?;
+            return Ok(Answer {
+                head,
+                rest: buf.to_vec(),
+            });
         }
     }
 }
