@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::{HeaderValue, header};
+use http::{HeaderValue, StatusCode, header};
 use lru::LruCache;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::modules::http::compression::ResponseCompression;
@@ -290,14 +290,14 @@ fn etag_matches(list: &str, etag: &str) -> bool {
 /// they are, and Pingora's session gets a map made of them
 /// ([`Head::to_response_header`]).
 pub struct Head {
-    pub status: http::StatusCode,
+    pub status: StatusCode,
     pub lines: Vec<(header::HeaderName, HeaderValue)>,
 }
 
 impl Head {
-    fn new(status: u16) -> Head {
+    fn new(status: StatusCode) -> Head {
         Head {
-            status: http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR),
+            status,
             lines: Vec::with_capacity(16),
         }
     }
@@ -401,7 +401,7 @@ impl FileBody {
 pub async fn reply(req: &RequestHeader, files: &FileRoute) -> Result<Reply> {
     let head = req.method == http::Method::HEAD;
     if req.method != http::Method::GET && !head {
-        let mut resp = Head::new(405);
+        let mut resp = Head::new(StatusCode::METHOD_NOT_ALLOWED);
         resp.push(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         resp.push(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
         resp.secure();
@@ -482,7 +482,7 @@ pub async fn reply(req: &RequestHeader, files: &FileRoute) -> Result<Reply> {
     // Our own encodings (or none, for ranges and 304s): the edge's gzip
     // must not touch them.
     if not_modified {
-        let mut resp = Head::new(304);
+        let mut resp = Head::new(StatusCode::NOT_MODIFIED);
         common(&mut resp);
         return Ok(Reply {
             head: resp,
@@ -501,7 +501,7 @@ pub async fn reply(req: &RequestHeader, files: &FileRoute) -> Result<Reply> {
             match range(r, body.len) {
                 Ok(s) => span = s,
                 Err(()) => {
-                    let mut resp = Head::new(416);
+                    let mut resp = Head::new(StatusCode::RANGE_NOT_SATISFIABLE);
                     let range = HeaderValue::try_from(format!("bytes */{}", body.len))
                         .or_err(ErrorType::InternalError, "a Content-Range")?;
                     resp.push(header::CONTENT_RANGE, range);
@@ -517,13 +517,13 @@ pub async fn reply(req: &RequestHeader, files: &FileRoute) -> Result<Reply> {
         }
     }
     let (status, start, len) = match span {
-        Some((a, b)) => (206, a, b - a + 1),
-        None => (200, 0, body.len),
+        Some((a, b)) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
+        None => (StatusCode::OK, 0, body.len),
     };
     let mut resp = Head::new(status);
     resp.push(header::CONTENT_TYPE, entry.content_type.clone());
     resp.push(header::CONTENT_LENGTH, HeaderValue::from(len));
-    if status == 206 {
+    if status == StatusCode::PARTIAL_CONTENT {
         let range = HeaderValue::try_from(format!("bytes {start}-{}/{}", start + len - 1, body.len))
             .or_err(ErrorType::InternalError, "a Content-Range")?;
         resp.push(header::CONTENT_RANGE, range);
@@ -544,7 +544,9 @@ pub async fn reply(req: &RequestHeader, files: &FileRoute) -> Result<Reply> {
     Ok(Reply {
         head: resp,
         body,
-        gzip_ok: variant.is_none() && status == 200 && gzippable(entry.content_type.as_bytes(), len),
+        gzip_ok: variant.is_none()
+            && status == StatusCode::OK
+            && gzippable(entry.content_type.as_bytes(), len),
     })
 }
 
