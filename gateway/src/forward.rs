@@ -10,9 +10,12 @@
 //! already read whole — nearly every request — takes this path instead
 //! (`proxy::Edge::forward`): its head and body go upstream in one write on
 //! a connection from this thread's own pool ([`take`], [`Conn::release`]),
-//! the response head is read with `httparse`, and the body is passed on as
-//! it arrives through Pingora's session, so the client side (framing,
-//! keep-alive, gzip, timeouts) is Pingora's as before.
+//! the response head is read with `httparse` and kept as it came
+//! ([`Head`]: its bytes and where each line lies), and the body is passed
+//! on as it arrives, through Pingora's session (whose client side —
+//! framing, keep-alive, gzip, timeouts — is Pingora's as before) or by the
+//! gateway's own HTTP/1.1 loop (`h1`), which writes the client's head from
+//! the upstream's lines.
 //!
 //! The upstream's answer is held to RFC 9112: interim `1xx` answers are
 //! skipped, `HEAD`, `204` and `304` have no body, a body is framed by

@@ -28,7 +28,14 @@
 //!
 //! The head's deadline and size limits are the guard's (the stream is a
 //! [`Guarded`]); a body must arrive within the same allowance as on
-//! Pingora's path.
+//! Pingora's path, and each write of an answer must be taken within
+//! `send_timeout_secs`, as Pingora's session is told to.
+//!
+//! A proxied request builds no header map on its way out or back: the
+//! upstream gets the client's lines as they came ([`put_upstream_head`]),
+//! the client the upstream's ([`forward::Head`](crate::forward::Head),
+//! `Edge::put_client_head`), under the rules Pingora's path applies to
+//! its maps.
 
 use std::ops::Range;
 use std::time::Duration;
