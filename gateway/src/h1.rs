@@ -32,7 +32,7 @@
 //! `send_timeout_secs`, as Pingora's session is told to.
 //!
 //! A proxied request builds no header map on its way out or back: the
-//! upstream gets the client's lines as they came ([`put_upstream_head`]),
+//! upstream gets the client's lines as they came (`put_upstream_head`),
 //! the client the upstream's ([`forward::Head`](crate::forward::Head),
 //! `Edge::put_client_head`), under the rules Pingora's path applies to
 //! its maps.
