@@ -280,10 +280,12 @@ impl Upgraded {
         }
         self.phase = Phase::Closed;
         if let Poll::Ready(Ok(n)) = Pin::new(&mut *inner).poll_write(cx, UPSTREAM_GONE) {
-            let _ = Pin::new(&mut *inner).poll_flush(cx);
+            // Counted before the flush: once the client has the frame, the
+            // count must already say so.
             if n == UPSTREAM_GONE.len() {
                 metrics::counter!("portico_gateway_websockets_upstream_lost_total").increment(1);
             }
+            let _ = Pin::new(&mut *inner).poll_flush(cx);
         }
     }
 

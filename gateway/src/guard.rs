@@ -51,7 +51,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use dashmap::DashMap;
 use pingora::apps::{HttpServerApp, ServerApp};
-use pingora::listeners::tls::Acceptor;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::raw_connect::ProxyDigest;
@@ -68,6 +67,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::drain::{Drain, ReadGate, Upgraded};
 use crate::limits::ClientKey;
+use crate::tls_stream::TlsStream;
 
 const TIMEOUT_408: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 const TOO_LARGE_431: &[u8] =
@@ -157,7 +157,7 @@ impl Drop for Permit {
 pub struct GuardedApp<A> {
     pub inner: Arc<A>,
     pub guard: Arc<Guard>,
-    pub tls: Option<Arc<Acceptor>>,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub lean: Option<Arc<dyn Lean>>,
 }
 
@@ -203,7 +203,7 @@ impl<A> GuardedApp<A> {
             metrics::counter!("portico_gateway_tls_handshake_failures_total", "reason" => reason)
                 .increment(1);
         };
-        match tokio::time::timeout(deadline, tls.tls_handshake(*l4)).await {
+        match tokio::time::timeout(deadline, TlsStream::accept(tls, *l4)).await {
             Ok(Ok(tls)) => Some(Box::new(tls)),
             Ok(Err(e)) => {
                 // Scanners and clients that distrust the certificate do this

@@ -24,6 +24,7 @@ pub mod reload;
 pub mod routes;
 pub mod screen;
 pub mod tls;
+pub mod tls_stream;
 pub mod tunnel;
 
 use std::sync::Arc;
@@ -36,7 +37,6 @@ use pingora::apps::HttpServerOptions;
 use pingora::lb::LoadBalancer;
 use pingora::lb::health_check::TcpHealthCheck;
 use pingora::lb::selection::consistent::KetamaHashing;
-use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::protocols::http::v2::server::default_h2_options;
 use pingora::server::configuration::{Opt, ServerConf};
@@ -60,6 +60,8 @@ pub enum GatewayError {
     Shards(std::io::Error),
     #[error("pingora: {0}")]
     Pingora(String),
+    #[error("TLS configuration: {0}")]
+    TlsConfig(rustls::Error),
 }
 
 /// Builds the gateway. `upgrade`: take the listening sockets over from a
@@ -154,10 +156,7 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Gatew
     h2.max_header_list_size(conns.max_header_bytes as u32);
     proxy.h2_options = Some(h2);
     let drain = drain::Drain::new(Duration::from_secs(g.grace_period_secs));
-    let mut settings = TlsSettings::with_callbacks(Box::new(NoCallbacks))
-        .map_err(|e| GatewayError::Pingora(e.to_string()))?;
-    settings.set_cert_resolver(certs.resolver());
-    settings.enable_h2();
+    let acceptor = tls_stream::acceptor(certs.resolver()).map_err(GatewayError::TlsConfig)?;
     // The guard terminates TLS itself (after its caps, under its deadline).
     // One guard for both listeners: the caps count a client's connections
     // on either port.
@@ -165,7 +164,7 @@ pub fn build(cfg: &PorticoConfig, reload: Reload, upgrade: bool) -> Result<Gatew
     let app = guard::GuardedApp {
         inner: Arc::new(proxy),
         guard: guard.clone(),
-        tls: Some(Arc::new(settings.build())),
+        tls: Some(acceptor),
         lean: Some(lean),
     };
     let mut https = Service::new("https".to_string(), app);
@@ -430,12 +429,6 @@ impl BackgroundService for Notify {
         }
     }
 }
-
-/// TLS callbacks: none yet (the certificate comes from the resolver).
-struct NoCallbacks;
-
-#[async_trait]
-impl pingora::listeners::TlsAccept for NoCallbacks {}
 
 /// `/metrics`, `/healthz`, `/readyz` on the private admin address. Ready
 /// means at least one chat shard passes its health check (503 names the
