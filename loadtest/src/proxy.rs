@@ -17,7 +17,7 @@ use std::time::Duration;
 use portico_tests::servers::Service;
 use serde_json::{Value, json};
 
-use crate::measure::{Served, wrk, wrk_cpu};
+use crate::measure::{Best, wrk, wrk_cpu};
 use crate::nginx::Nginx;
 
 /// Runs the scenario; `None` (said loudly) without nginx. With `profiles`
@@ -52,20 +52,7 @@ pub async fn run(profiles: Option<&Path>) -> anyhow::Result<Option<Value>> {
     )?;
 
     let direct = wrk(format!("http://127.0.0.1:{}/", origin.port), None).await?;
-    // The better run of each by requests/s; CPU time per request is the
-    // lowest seen (the profiled run, slowed by perf, aside).
-    let (mut ours, mut theirs): (Option<Served>, Option<Served>) = (None, None);
-    let (mut ours_cpu, mut theirs_cpu): (Option<Served>, Option<Served>) = (None, None);
-    let least_cpu = |kept: &mut Option<Served>, s: Served| {
-        if kept.is_none_or(|k| s.cpu_us < k.cpu_us) {
-            *kept = Some(s);
-        }
-    };
-    let faster = |kept: &mut Option<Served>, s: Served| {
-        if kept.is_none_or(|k| s.rps > k.rps) {
-            *kept = Some(s);
-        }
-    };
+    let (mut ours, mut theirs) = (Best::default(), Best::default());
     for round in 0..2 {
         let recording = match profiles {
             Some(_) if round == 0 => Some(crate::profile::record(gw.proc.pid(), "proxy-gateway")?),
@@ -75,26 +62,21 @@ pub async fn run(profiles: Option<&Path>) -> anyhow::Result<Option<Value>> {
             crate::sys::cpu(gw.proc.pid()).unwrap_or_default()
         })
         .await?;
+        let profiled = recording.is_some();
         if let (Some(r), Some(out)) = (recording, profiles) {
             r.finish(out)?;
-        } else {
-            least_cpu(&mut ours_cpu, g);
         }
+        ours.add(g, profiled);
         let n = wrk_cpu(format!("https://localhost:{}/", nginx.port), || {
             nginx.workers_cpu()
         })
         .await?;
-        least_cpu(&mut theirs_cpu, n);
+        theirs.add(n, false);
         println!("proxy: gateway {g}; nginx {n}");
-        faster(&mut ours, g);
-        faster(&mut theirs, n);
     }
-    let (Some(ours), Some(theirs)) = (ours, theirs) else {
+    let (Some(ours), Some(theirs)) = (ours.kept(), theirs.kept()) else {
         anyhow::bail!("proxy: no run was measured");
     };
-    // Set after two rounds (only the first may be profiled).
-    let ours_cpu = ours_cpu.unwrap_or(ours);
-    let theirs_cpu = theirs_cpu.unwrap_or(theirs);
     tokio::task::spawn_blocking(move || drop((gw, nginx, origin))).await?;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut result = json!({
@@ -105,7 +87,7 @@ pub async fn run(profiles: Option<&Path>) -> anyhow::Result<Option<Value>> {
         "rps_ratio": ours.rps / theirs.rps.max(1.0),
         "p99_ratio": ours.p99_ms / theirs.p99_ms.max(0.001),
     });
-    ours_cpu.put_cpu(&mut result, "gateway");
-    theirs_cpu.put_cpu(&mut result, "nginx");
+    ours.put_cpu(&mut result, "gateway");
+    theirs.put_cpu(&mut result, "nginx");
     Ok(Some(result))
 }
