@@ -12,7 +12,7 @@ use std::path::Path;
 use portico_tests::servers::Service;
 use serde_json::json;
 
-use crate::measure::{Best, commit, wrk_cpu};
+use crate::measure::{commit, side_by_side};
 use crate::nginx::Nginx;
 
 /// With `profiles`, the gateway serving each file is profiled.
@@ -46,35 +46,17 @@ pub async fn run(out: &Path, profiles: Option<&Path>) -> anyhow::Result<bool> {
     let mut rows = Vec::new();
     let mut results = Vec::new();
     for name in ["small.png", "big.bin"] {
-        let (mut ours, mut theirs) = (Best::default(), Best::default());
-        for round in 0..2 {
-            // Only the first round may be profiled.
-            let recording = match profiles {
-                Some(_) if round == 0 => Some(crate::profile::record(
-                    gw.proc.pid(),
-                    &format!("static-{name}-gateway"),
-                )?),
-                _ => None,
-            };
-            let g = wrk_cpu(format!("https://localhost:{}/static/{name}", edge.https), || {
-                crate::sys::cpu(gw.proc.pid()).unwrap_or_default()
-            })
-            .await?;
-            let profiled = recording.is_some();
-            if let (Some(r), Some(out)) = (recording, profiles) {
-                r.finish(out)?;
-            }
-            ours.add(g, profiled);
-            let n = wrk_cpu(format!("https://localhost:{}/static/{name}", nginx.port), || {
-                nginx.workers_cpu()
-            })
-            .await?;
-            theirs.add(n, false);
-            println!("static {name}: gateway {g}; nginx {n}");
-        }
-        let (Some(ours), Some(theirs)) = (ours.kept(), theirs.kept()) else {
-            anyhow::bail!("static {name}: no run was measured");
-        };
+        let profile_name = format!("static-{name}-gateway");
+        let (ours, theirs) = side_by_side(
+            &format!("static {name}"),
+            (
+                gw.proc.pid(),
+                &format!("https://localhost:{}/static/{name}", edge.https),
+            ),
+            (&nginx, &format!("https://localhost:{}/static/{name}", nginx.port)),
+            profiles.map(|p| (p, profile_name.as_str())),
+        )
+        .await?;
         let ratio = ours.rps / theirs.rps.max(1.0);
         println!("static {name}: kept gateway {ours}; nginx {theirs}; ratio {ratio:.2}");
         rows.push(format!(

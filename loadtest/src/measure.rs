@@ -113,6 +113,38 @@ impl Best {
     }
 }
 
+/// Two rounds of `wrk`, the gateway (process `pid`, at `ours`) then nginx
+/// (at `theirs`) in each, printed as they come under `label`; each side's
+/// kept run ([`Best`]). With `profile` (the profiles' directory and a
+/// name), the gateway's first run is profiled.
+pub async fn side_by_side(
+    label: &str,
+    (pid, ours): (u32, &str),
+    (nginx, theirs): (&crate::nginx::Nginx, &str),
+    profile: Option<(&std::path::Path, &str)>,
+) -> anyhow::Result<(Served, Served)> {
+    let (mut kept_ours, mut kept_theirs) = (Best::default(), Best::default());
+    for round in 0..2 {
+        let recording = match profile {
+            Some((_, name)) if round == 0 => Some(crate::profile::record(pid, name)?),
+            _ => None,
+        };
+        let g = wrk_cpu(ours.to_string(), || crate::sys::cpu(pid).unwrap_or_default()).await?;
+        let profiled = recording.is_some();
+        if let (Some(r), Some((out, _))) = (recording, profile) {
+            r.finish(out)?;
+        }
+        kept_ours.add(g, profiled);
+        let n = wrk_cpu(theirs.to_string(), || nginx.workers_cpu()).await?;
+        kept_theirs.add(n, false);
+        println!("{label}: gateway {g}; nginx {n}");
+    }
+    match (kept_ours.kept(), kept_theirs.kept()) {
+        (Some(g), Some(n)) => Ok((g, n)),
+        _ => anyhow::bail!("{label}: no run was measured"),
+    }
+}
+
 /// One `wrk` run on `url`, with the CPU time `cpu` (of the server under
 /// test, read before and after) spent per request.
 pub async fn wrk_cpu(url: String, cpu: impl Fn() -> Cpu) -> anyhow::Result<Served> {

@@ -17,7 +17,7 @@ use std::time::Duration;
 use portico_tests::servers::Service;
 use serde_json::{Value, json};
 
-use crate::measure::{Best, wrk, wrk_cpu};
+use crate::measure::{side_by_side, wrk};
 use crate::nginx::Nginx;
 
 /// Runs the scenario; `None` (said loudly) without nginx. With `profiles`
@@ -52,31 +52,13 @@ pub async fn run(profiles: Option<&Path>) -> anyhow::Result<Option<Value>> {
     )?;
 
     let direct = wrk(format!("http://127.0.0.1:{}/", origin.port), None).await?;
-    let (mut ours, mut theirs) = (Best::default(), Best::default());
-    for round in 0..2 {
-        let recording = match profiles {
-            Some(_) if round == 0 => Some(crate::profile::record(gw.proc.pid(), "proxy-gateway")?),
-            _ => None,
-        };
-        let g = wrk_cpu(format!("https://localhost:{https}/"), || {
-            crate::sys::cpu(gw.proc.pid()).unwrap_or_default()
-        })
-        .await?;
-        let profiled = recording.is_some();
-        if let (Some(r), Some(out)) = (recording, profiles) {
-            r.finish(out)?;
-        }
-        ours.add(g, profiled);
-        let n = wrk_cpu(format!("https://localhost:{}/", nginx.port), || {
-            nginx.workers_cpu()
-        })
-        .await?;
-        theirs.add(n, false);
-        println!("proxy: gateway {g}; nginx {n}");
-    }
-    let (Some(ours), Some(theirs)) = (ours.kept(), theirs.kept()) else {
-        anyhow::bail!("proxy: no run was measured");
-    };
+    let (ours, theirs) = side_by_side(
+        "proxy",
+        (gw.proc.pid(), &format!("https://localhost:{https}/")),
+        (&nginx, &format!("https://localhost:{}/", nginx.port)),
+        profiles.map(|p| (p, "proxy-gateway")),
+    )
+    .await?;
     tokio::task::spawn_blocking(move || drop((gw, nginx, origin))).await?;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut result = json!({
