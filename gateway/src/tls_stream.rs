@@ -6,7 +6,7 @@
 //! it keeps the handshake futures of both sides (a client connection and
 //! a server connection, each with its socket) inline beside the finished
 //! stream, for the life of every connection. This one holds the finished
-//! server connection and its socket, 1.7 KiB, in one allocation (heaptrack,
+//! server connection and its socket, 1.6 KiB, in one allocation (heaptrack,
 //! 9,000 idle WebSockets: the largest of a connection's allocations). The
 //! handshake is [`TlsAcceptor::accept`]'s, with the configuration Pingora
 //! built (TLS 1.2 and 1.3, ALPN `h2` then `http/1.1`, certificates by SNI).
@@ -31,6 +31,10 @@ use rustls::server::ResolvesServerCert;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_rustls::TlsAcceptor;
 
+/// The protocols offered by ALPN, in order of preference, by their wire
+/// names (Pingora keeps its own mapping private).
+const PROTOCOLS: [(&[u8], ALPN); 2] = [(b"h2", ALPN::H2), (b"http/1.1", ALPN::H1)];
+
 /// The acceptor of the HTTPS listener: TLS 1.2 and 1.3 with ring, no
 /// client certificates, `resolver` choosing the certificate by SNI, and
 /// ALPN offering HTTP/2 first.
@@ -40,7 +44,7 @@ pub fn acceptor(resolver: Arc<dyn ResolvesServerCert>) -> Result<TlsAcceptor, ru
         .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = PROTOCOLS.iter().map(|(wire, _)| wire.to_vec()).collect();
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -146,11 +150,11 @@ impl Ssl for TlsStream {
     }
 
     fn selected_alpn_proto(&self) -> Option<ALPN> {
-        match self.tls.get_ref().1.alpn_protocol()? {
-            b"h2" => Some(ALPN::H2),
-            b"http/1.1" => Some(ALPN::H1),
-            _ => None,
-        }
+        let chosen = self.tls.get_ref().1.alpn_protocol()?;
+        PROTOCOLS
+            .iter()
+            .find(|(wire, _)| *wire == chosen)
+            .map(|(_, alpn)| alpn.clone())
     }
 }
 

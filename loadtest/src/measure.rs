@@ -84,13 +84,13 @@ impl std::fmt::Display for Served {
 /// requests/s, and the lowest CPU time per request of the runs that were
 /// not profiled (perf slows the one it samples).
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Best {
+struct Best {
     fastest: Option<Served>,
     leanest: Option<Served>,
 }
 
 impl Best {
-    pub fn add(&mut self, s: Served, profiled: bool) {
+    fn add(&mut self, s: Served, profiled: bool) {
         if self.fastest.is_none_or(|k| s.rps > k.rps) {
             self.fastest = Some(s);
         }
@@ -101,7 +101,7 @@ impl Best {
 
     /// The fastest run, with the CPU time of the leanest: `None` before
     /// any run.
-    pub fn kept(&self) -> Option<Served> {
+    fn kept(&self) -> Option<Served> {
         let fastest = self.fastest?;
         let lean = self.leanest.unwrap_or(fastest);
         Some(Served {
